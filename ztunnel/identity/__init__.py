@@ -1,0 +1,32 @@
+"""Identity layer: the CA seam, workload certificates, their cache, and HBONE TLS contexts."""
+
+from __future__ import annotations
+
+from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA, init_ca_dir, new_root
+from ztunnel.identity.certificate import WorkloadCertificate, new_csr
+from ztunnel.identity.errors import CAError, CertificateError, TLSIdentityError
+from ztunnel.identity.tls import (
+    client_context,
+    peer_identity,
+    server_context,
+    verify_client_trust_domain,
+    verify_server_identity,
+)
+
+__all__ = [
+    "CAError",
+    "CertificateAuthority",
+    "CertificateError",
+    "FakeCA",
+    "FileCA",
+    "TLSIdentityError",
+    "WorkloadCertificate",
+    "client_context",
+    "init_ca_dir",
+    "new_csr",
+    "new_root",
+    "peer_identity",
+    "server_context",
+    "verify_client_trust_domain",
+    "verify_server_identity",
+]
