@@ -1,0 +1,401 @@
+"""Sans-IO HTTP/2 CONNECT (HBONE) engine around ``h2.H2Connection``.
+
+Theory of operation: the driver feeds received bytes to ``receive_data`` and gets
+our own events back (``ztunnel.hbone.events``); every call that produces output
+queues bytes the driver collects with ``data_to_send``. No I/O, no trio.
+
+Three deliberate departures from driving h2 naively:
+
+* **Flow control is released only on ``acknowledge``.** The driver acknowledges
+  bytes once they were written onward, so a slow reader stops the sender at the
+  window (bounded memory), as ztunnel's ``release_capacity`` does.
+* **Graceful GOAWAY.** h2 4.x moves its connection state machine to CLOSED on
+  sending or receiving any GOAWAY, which would kill the streams RFC 9113 §6.8 lets
+  finish. We write the graceful GOAWAY frame ourselves and receive the peer's
+  without the state change (``_H2Connection``); "no new streams" is enforced here.
+* **No eager frame repr.** h2 formats ``repr(frame)`` for a trace log line on
+  every received frame; for DATA that hexlifies a copy of the whole payload
+  (~75% of CPU on bulk data, perf-anchors §7). ``_cheap_data_body_repr`` replaces
+  ``DataFrame._body_repr`` process-wide with a length-only version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import itertools
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from hyperframe.exceptions import HyperframeError
+from hyperframe.frame import DataFrame, GoAwayFrame
+
+from ztunnel.hbone.errors import ConnectionGoneError, StreamClosedError
+from ztunnel.hbone.events import (
+    ConnectionClosed,
+    ConnectRequest,
+    Data,
+    ErrorCode,
+    Event,
+    GoAwayReceived,
+    Headers,
+    PingAcked,
+    Response,
+    SettingsChanged,
+    StreamEnded,
+    StreamReset,
+    WindowOpened,
+)
+
+KIB = 1024
+MIB = 1024 * KIB
+_DEFAULT_WINDOW = 65_535  # RFC 9113 initial connection window
+
+
+def _cheap_data_body_repr(self: DataFrame) -> str:
+    return f"<{len(self.data)} bytes>"
+
+
+# Why setattr: see the module docstring (eager repr of DATA payloads in h2).
+setattr(DataFrame, "_body_repr", _cheap_data_body_repr)  # noqa: B010
+
+
+@dataclass(frozen=True, slots=True)
+class H2Settings:
+    """HTTP/2 settings of one side (ztunnel reference §1.5)."""
+
+    stream_window: int = 4 * MIB
+    connection_window: int = 16 * MIB
+    max_frame_size: int = 1 * MIB
+    max_header_list_size: int = 16 * KIB
+    max_concurrent_streams: int | None = None  # advertised; server only
+
+    @classmethod
+    def client(cls, **overrides: int) -> H2Settings:
+        return cls(**overrides)
+
+    @classmethod
+    def server(cls, **overrides: int) -> H2Settings:
+        values: dict[str, int] = {"max_header_list_size": 64 * KIB, "max_concurrent_streams": 200}
+        values.update(overrides)
+        return cls(**values)
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2 with a receive-side GOAWAY that leaves existing streams usable."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
+        event = h2.events.ConnectionTerminated()
+        event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+def _h2_settings(settings: H2Settings, client: bool) -> h2.settings.Settings:
+    codes = h2.settings.SettingCodes
+    values = {
+        codes.INITIAL_WINDOW_SIZE: settings.stream_window,
+        codes.MAX_FRAME_SIZE: settings.max_frame_size,
+        codes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
+        codes.ENABLE_PUSH: 0,
+    }
+    if settings.max_concurrent_streams is not None:
+        values[codes.MAX_CONCURRENT_STREAMS] = settings.max_concurrent_streams
+    return h2.settings.Settings(client=client, initial_values=values)
+
+
+def _decode(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+
+
+def _split(headers: list[tuple[str, str]]) -> tuple[dict[str, str], Headers]:
+    pseudo = {k: v for k, v in headers if k.startswith(":")}
+    return pseudo, tuple((k, v) for k, v in headers if not k.startswith(":"))
+
+
+class HboneEngine:
+    """One HTTP/2 connection carrying CONNECT streams, client or server role."""
+
+    def __init__(self, *, client: bool, settings: H2Settings | None = None) -> None:
+        self.client = client
+        self.settings = settings or (H2Settings.client() if client else H2Settings.server())
+        config = h2.config.H2Configuration(client_side=client, header_encoding=None)
+        self._h2 = _H2Connection(config=config)
+        # Initial values take effect at once (no ACK round trip), so the limits h2
+        # derives from its settings in __init__ must be refreshed by hand.
+        self._h2.local_settings = _h2_settings(self.settings, client)
+        self._h2.max_inbound_frame_size = self.settings.max_frame_size
+        self._h2.decoder.max_header_list_size = self.settings.max_header_list_size
+        self._h2.initiate_connection()
+        extra = self.settings.connection_window - _DEFAULT_WINDOW
+        if extra > 0:
+            self._h2.increment_flow_control_window(extra)
+        self._out: list[bytes] = []
+        self._pings = itertools.count(1)
+        self.closed = False
+        self.goaway_received = False
+        self._goaway_sent_last: int | None = None
+
+    # -- output ---------------------------------------------------------------
+
+    def _pull(self) -> None:
+        chunk = self._h2.data_to_send()
+        if chunk:
+            self._out.append(chunk)
+
+    def data_to_send(self) -> bytes:
+        """All bytes queued for the peer, in order; empties the queue."""
+        self._pull()
+        out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out = []
+        return out
+
+    # -- state ----------------------------------------------------------------
+
+    @property
+    def accepting_streams(self) -> bool:
+        """False once closed, draining, or told by the peer to go away."""
+        return not (self.closed or self.goaway_received or self._goaway_sent_last is not None)
+
+    @property
+    def peer_max_concurrent_streams(self) -> int:
+        return int(self._h2.remote_settings.max_concurrent_streams)
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes ``send_data`` would accept now (0 if the stream cannot send)."""
+        try:
+            return int(self._h2.local_flow_control_window(stream_id))
+        except h2.exceptions.H2Error:
+            return 0
+
+    # -- streams --------------------------------------------------------------
+
+    def send_connect(self, authority: str, extra_headers: Iterable[tuple[str, str]] = ()) -> int:
+        """Client: open a CONNECT stream (no :scheme/:path, RFC 9113 §8.5)."""
+        if not self.client:
+            raise ValueError("send_connect is client-only")
+        if not self.accepting_streams:
+            raise ConnectionGoneError("connection is closed or draining")
+        stream_id: int = self._h2.get_next_available_stream_id()
+        headers = [(":method", "CONNECT"), (":authority", authority), *extra_headers]
+        self._h2.send_headers(stream_id, headers, end_stream=False)
+        return stream_id
+
+    def respond(
+        self,
+        stream_id: int,
+        status: int,
+        headers: Iterable[tuple[str, str]] = (),
+        *,
+        end_stream: bool = False,
+    ) -> None:
+        """Server: answer a CONNECT. A non-200 usually passes ``end_stream=True``."""
+        with self._stream_op(stream_id):
+            self._h2.send_headers(stream_id, [(":status", str(status)), *headers], end_stream)
+
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
+        """Queue as much of ``data`` as flow control allows; returns bytes taken."""
+        with self._stream_op(stream_id):
+            window = self._h2.local_flow_control_window(stream_id)
+            total = min(len(data), window)
+            frame = self._h2.max_outbound_frame_size
+            view = memoryview(data)
+            for start in range(0, total, frame):
+                self._h2.send_data(stream_id, view[start : min(start + frame, total)])
+            return total
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our direction (END_STREAM, an empty DATA frame)."""
+        with self._stream_op(stream_id):
+            self._h2.end_stream(stream_id)
+
+    def reset(self, stream_id: int, code: int = ErrorCode.CANCEL) -> None:
+        """RST_STREAM; a no-op on a stream that is already closed."""
+        if self.closed:
+            return
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self._h2.reset_stream(stream_id, code)
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        """Release ``n`` received bytes of flow-control window (stream and connection).
+        Still credits the connection window when the stream is already gone."""
+        if n <= 0 or self.closed:
+            return
+        self._h2.acknowledge_received_data(n, stream_id)
+
+    # -- connection -----------------------------------------------------------
+
+    def ping(self) -> bytes:
+        """Send a PING; returns its 8-byte payload (echoed in PingAcked)."""
+        payload = next(self._pings).to_bytes(8, "big")
+        if not self.closed:
+            self._h2.ping(payload)
+        return payload
+
+    def goaway(self) -> None:
+        """Graceful drain: GOAWAY(NO_ERROR); open streams may finish, new ones are refused."""
+        if self.closed or self._goaway_sent_last is not None:
+            return
+        last = int(self._h2.highest_inbound_stream_id)
+        self._goaway_sent_last = last
+        self._pull()  # keep frame order: everything h2 queued goes first
+        frame = GoAwayFrame(stream_id=0, last_stream_id=last, error_code=ErrorCode.NO_ERROR)
+        self._out.append(frame.serialize())
+
+    def close(self, code: int = ErrorCode.NO_ERROR) -> None:
+        """Final GOAWAY with ``code``; the engine accepts nothing afterwards."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+            self._h2.close_connection(error_code=code)
+
+    # -- input ----------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer; returns the events they caused."""
+        if self.closed:
+            return []
+        self._pull()  # h2 may clear its buffer on errors; keep what was queued
+        try:
+            h2_events = self._h2.receive_data(data)
+        except (h2.exceptions.H2Error, HyperframeError) as exc:
+            return [self._fail(exc)]
+        events: list[Event] = []
+        for h2_event in h2_events:
+            self._translate(h2_event, events)
+        return events
+
+    def _fail(self, exc: Exception) -> ConnectionClosed:
+        code = int(getattr(exc, "error_code", None) or ErrorCode.PROTOCOL_ERROR)
+        self.close(code)
+        last = int(self._h2.highest_inbound_stream_id)
+        return ConnectionClosed(code, last, f"{type(exc).__name__}: {exc}")
+
+    def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
+        handler = _HANDLERS.get(type(ev))
+        if handler is not None:
+            handler(self, ev, out)
+
+    def _on_request(self, ev: Any, out: list[Event]) -> None:
+        sid = int(ev.stream_id)
+        if self._goaway_sent_last is not None and sid > self._goaway_sent_last:
+            self.reset(sid, ErrorCode.REFUSED_STREAM)
+            return
+        pseudo, headers = _split(_decode(ev.headers))
+        method, authority = pseudo.get(":method", ""), pseudo.get(":authority", "")
+        out.append(ConnectRequest(sid, method, authority, headers))
+
+    def _on_response(self, ev: Any, out: list[Event]) -> None:
+        pseudo, headers = _split(_decode(ev.headers))
+        out.append(Response(int(ev.stream_id), int(pseudo.get(":status", "0")), headers))
+
+    def _on_data(self, ev: Any, out: list[Event]) -> None:
+        sid, data = int(ev.stream_id), bytes(ev.data)
+        padding = int(ev.flow_controlled_length) - len(data)
+        if padding > 0:
+            self.acknowledge(sid, padding)
+        if data:
+            out.append(Data(sid, data, int(ev.flow_controlled_length)))
+
+    def _on_stream_ended(self, ev: Any, out: list[Event]) -> None:
+        out.append(StreamEnded(int(ev.stream_id)))
+
+    def _on_reset(self, ev: Any, out: list[Event]) -> None:
+        out.append(StreamReset(int(ev.stream_id), int(ev.error_code), bool(ev.remote_reset)))
+
+    def _on_goaway(self, ev: Any, out: list[Event]) -> None:
+        self.goaway_received = True
+        out.append(GoAwayReceived(int(ev.error_code), int(ev.last_stream_id)))
+
+    def _on_ping_ack(self, ev: Any, out: list[Event]) -> None:
+        out.append(PingAcked(bytes(ev.ping_data)))
+
+    def _on_window(self, ev: Any, out: list[Event]) -> None:
+        out.append(WindowOpened(int(ev.stream_id) or None))
+
+    def _on_settings(self, ev: Any, out: list[Event]) -> None:
+        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
+            out.append(WindowOpened(None))
+        out.append(SettingsChanged(self.peer_max_concurrent_streams))
+
+    def _stream_op(self, stream_id: int) -> _StreamOp:
+        if self.closed:
+            raise StreamClosedError(f"stream {stream_id}: connection closed")
+        return _StreamOp(stream_id)
+
+
+class _StreamOp:
+    """Translate h2's errors for operations on a closed stream into ours."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, tp: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, h2.exceptions.StreamClosedError | h2.exceptions.ProtocolError):
+            raise StreamClosedError(f"stream {self.stream_id}: {exc}") from exc
+
+
+_HANDLERS: dict[type, Any] = {
+    h2.events.RequestReceived: HboneEngine._on_request,
+    h2.events.ResponseReceived: HboneEngine._on_response,
+    h2.events.DataReceived: HboneEngine._on_data,
+    h2.events.StreamEnded: HboneEngine._on_stream_ended,
+    h2.events.StreamReset: HboneEngine._on_reset,
+    h2.events.ConnectionTerminated: HboneEngine._on_goaway,
+    h2.events.PingAckReceived: HboneEngine._on_ping_ack,
+    h2.events.WindowUpdated: HboneEngine._on_window,
+    h2.events.RemoteSettingsChanged: HboneEngine._on_settings,
+}
+
+
+# -- CONNECT request validation (server side, reference §1.3) -------------------
+
+_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_PORT = re.compile(r"^[0-9]{1,5}$")
+
+
+def parse_authority(authority: str) -> tuple[str, int] | None:
+    """``ip:port``, ``[v6]:port`` or ``hostname:port`` -> (host, port); else None."""
+    host, sep, port_text = authority.rpartition(":")
+    if not sep or not _PORT.match(port_text) or not 1 <= int(port_text) <= 65535:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])), int(port_text)
+        except ValueError:
+            return None
+    if _valid_host(host):
+        return host, int(port_text)
+    return None
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.split(".")
+    return 0 < len(host) <= 253 and all(_LABEL.match(label) for label in labels)
+
+
+def validate_connect(req: ConnectRequest) -> tuple[int | None, str, int]:
+    """(None, host, port) for a well-formed CONNECT, else (400, "", 0)."""
+    if req.method != "CONNECT":
+        return 400, "", 0
+    parsed = parse_authority(req.authority)
+    if parsed is None:
+        return 400, "", 0
+    return None, parsed[0], parsed[1]
