@@ -1,0 +1,269 @@
+"""The connection registry the proxies report to: metrics, access logs, config dump.
+
+A proxy calls ``tracker.open(info)`` once it knows where a connection goes,
+feeds ``add_sent``/``add_received`` as bytes move (counted live, as ztunnel
+does, so long connections show up in scrapes), and ``close(...)`` at the end.
+Opened and byte counters carry ``response_flags="-"``; closed and failed carry
+the flag the connection ended with (ztunnel records the flag at close).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any, Literal, Protocol
+
+from prometheus_client import Counter
+
+from ztunnel.model.identity import Identity
+from ztunnel.model.workload import Service, Workload
+from ztunnel.telemetry.logging import ACCESS_LOGGER, Bare, get_logger
+from ztunnel.telemetry.metrics import FAILURE_FLAGS, TRAFFIC_LABELS, UNKNOWN, Metrics
+
+Direction = Literal["inbound", "outbound"]
+Reporter = Literal["source", "destination"]
+SecurityPolicy = Literal["mutual_tls", "unknown"]
+Host = str | IPv4Address | IPv6Address
+Addr = tuple[Host, int]
+
+_FLAGS_INDEX = TRAFFIC_LABELS.index("response_flags")
+
+
+class AccessLogger(Protocol):
+    """What the tracker needs from a logger (a structlog BoundLogger fits)."""
+
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any: ...
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any: ...
+    def warning(self, event: str | None = None, *args: Any, **kw: Any) -> Any: ...
+    def error(self, event: str | None = None, *args: Any, **kw: Any) -> Any: ...
+
+
+def format_addr(addr: Addr) -> str:
+    """``ip:port``, ``[v6]:port`` for IPv6 literals, ``host:port`` for hostnames."""
+    host, port = addr
+    text = str(host)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """Everything known about a proxied connection when it is opened.
+
+    ``dst_addr`` is the actual TCP destination (``podIP:15008`` for HBONE);
+    ``hbone_addr`` the CONNECT authority / original target, if tunnelled.
+    ``src_identity`` must be a *verified* identity (it becomes source_principal).
+    """
+
+    direction: Direction
+    reporter: Reporter
+    src_addr: Addr
+    dst_addr: Addr
+    hbone_addr: Addr | None = None
+    src_workload: Workload | None = None
+    dst_workload: Workload | None = None
+    dst_service: Service | None = None
+    src_identity: Identity | None = None
+    dst_identity: Identity | None = None
+    security_policy: SecurityPolicy = "unknown"
+    proxy_uid: str = ""
+
+
+def _or_unknown(value: object) -> str:
+    text = "" if value is None else str(value)
+    return text or UNKNOWN
+
+
+def _canonical(w: Workload) -> tuple[str, str]:
+    return w.canonical_name or w.workload_name or w.name, w.canonical_revision
+
+
+def traffic_labels(info: ConnectionInfo, response_flags: str = "-") -> tuple[str, ...]:
+    """CommonTrafficLabels values, in ``TRAFFIC_LABELS`` order (reference §6.3)."""
+    src, dst, svc = info.src_workload, info.dst_workload, info.dst_service
+    src_canon, src_rev = _canonical(src) if src else ("", "")
+    dst_canon, dst_rev = _canonical(dst) if dst else ("", "")
+    dst_identity = info.dst_identity or (dst.identity if dst else None)
+    values = (
+        info.reporter,
+        (src.workload_name or src.name) if src else "",
+        src_canon,
+        src_rev,
+        src.namespace if src else "",
+        info.src_identity,  # only the verified identity, never guessed from the workload
+        src_canon,
+        src_rev,
+        src.cluster_id if src else "",
+        svc.hostname if svc else "",
+        svc.namespace if svc else "",
+        svc.name if svc else "",
+        (dst.workload_name or dst.name) if dst else "",
+        dst_canon,
+        dst_rev,
+        dst.namespace if dst else "",
+        dst_identity,
+        dst_canon,
+        dst_rev,
+        dst.cluster_id if dst else "",
+        "tcp",
+        response_flags,
+        info.security_policy,
+        src.locality.region if src else "",
+        src.locality.zone if src else "",
+        dst.locality.region if dst else "",
+        dst.locality.zone if dst else "",
+    )
+    return tuple(_or_unknown(v) for v in values)
+
+
+class TrackedConnection:
+    """One open connection: live byte counters, totals, and an idempotent close."""
+
+    def __init__(self, tracker: ConnectionTracker, info: ConnectionInfo, labels: tuple[str, ...]):
+        self.info = info
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.started_at = time.time()
+        self.closed = False
+        # Set by the proxy so a policy watcher can tear the connection down.
+        self.cancel: Callable[[], None] | None = None
+        self._tracker = tracker
+        self._labels = labels
+        self._start = tracker.clock()
+        # Resolved once: add_sent/add_received are on the data path.
+        self._sent: Counter = tracker.metrics.sent_bytes.labels(*labels)
+        self._received: Counter = tracker.metrics.received_bytes.labels(*labels)
+
+    def add_sent(self, n: int) -> None:
+        """Bytes written towards the destination (app -> remote for outbound)."""
+        self.bytes_sent += n
+        self._sent.inc(n)
+
+    def add_received(self, n: int) -> None:
+        """Bytes read back from the destination."""
+        self.bytes_received += n
+        self._received.inc(n)
+
+    def duration(self) -> float:
+        return self._tracker.clock() - self._start
+
+    def close(self, error: str | None = None, response_flags: str = "-") -> None:
+        """Record the end of the connection; later calls do nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        self._tracker._closed(self, error, response_flags)
+
+    def labels(self, response_flags: str = "-") -> tuple[str, ...]:
+        if response_flags == "-":
+            return self._labels
+        i = _FLAGS_INDEX
+        return (*self._labels[:i], response_flags, *self._labels[i + 1 :])
+
+    def log_fields(self) -> dict[str, object]:
+        """ztunnel's access-log fields for this connection (absent ones are None)."""
+        i = self.info
+        src, dst = i.src_workload, i.dst_workload
+        return {
+            "src.addr": Bare(format_addr(i.src_addr)),
+            "src.workload": src.name if src else None,
+            "src.namespace": src.namespace if src else None,
+            "src.identity": str(i.src_identity) if i.src_identity else None,
+            "dst.addr": Bare(format_addr(i.dst_addr)),
+            "dst.hbone_addr": Bare(format_addr(i.hbone_addr)) if i.hbone_addr else None,
+            "dst.service": i.dst_service.hostname if i.dst_service else None,
+            "dst.workload": dst.name if dst else None,
+            "dst.namespace": dst.namespace if dst else None,
+            "dst.identity": str(i.dst_identity) if i.dst_identity else None,
+            "direction": i.direction,
+        }
+
+    def dump(self) -> dict[str, object]:
+        """The connection as the config dump shows it (camelCase)."""
+        i = self.info
+        return {
+            "direction": i.direction,
+            "reporter": i.reporter,
+            "src": format_addr(i.src_addr),
+            "originalDst": format_addr(i.hbone_addr or i.dst_addr),
+            "actualDst": format_addr(i.dst_addr),
+            "protocol": "HBONE" if i.security_policy == "mutual_tls" else "TCP",
+            "srcWorkload": i.src_workload.uid if i.src_workload else None,
+            "dstWorkload": i.dst_workload.uid if i.dst_workload else None,
+            "dstService": i.dst_service.hostname if i.dst_service else None,
+            "srcIdentity": str(i.src_identity) if i.src_identity else None,
+            "dstIdentity": str(i.dst_identity) if i.dst_identity else None,
+            "securityPolicy": i.security_policy,
+            "proxyUid": i.proxy_uid,
+            "bytesSent": self.bytes_sent,
+            "bytesRecv": self.bytes_received,
+            "durationSeconds": round(self.duration(), 3),
+        }
+
+
+class ConnectionTracker:
+    """Registry of open connections; the single place connection telemetry is emitted."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        logger: AccessLogger | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.metrics = metrics
+        self.clock = clock
+        self._log: AccessLogger = logger if logger is not None else get_logger(ACCESS_LOGGER)
+        self._open: dict[int, TrackedConnection] = {}
+
+    def open(self, info: ConnectionInfo) -> TrackedConnection:
+        labels = traffic_labels(info)
+        conn = TrackedConnection(self, info, labels)
+        self._open[id(conn)] = conn
+        self.metrics.connections_opened.labels(*labels).inc()
+        self.metrics.sockets_open.labels(info.reporter).inc()
+        self._log.debug("connection opened", **conn.log_fields())
+        return conn
+
+    def open_connections(self) -> list[TrackedConnection]:
+        return list(self._open.values())
+
+    def connections_for(self, proxy_uid: str) -> list[TrackedConnection]:
+        """Open connections handled by the proxy of pod ``proxy_uid``."""
+        return [c for c in self._open.values() if c.info.proxy_uid == proxy_uid]
+
+    def dump(self) -> list[dict[str, object]]:
+        return [c.dump() for c in self._open.values()]
+
+    def connection_failed(
+        self, src_addr: Addr, dst_addr: Addr, direction: Direction, error: str
+    ) -> None:
+        """An early denial (before a connection could be opened): WARN log only, as ztunnel."""
+        self._log.warning(
+            "connection failed",
+            **{
+                "src.addr": Bare(format_addr(src_addr)),
+                "dst.addr": Bare(format_addr(dst_addr)),
+                "direction": direction,
+                "error": error,
+            },
+        )
+
+    def _closed(self, conn: TrackedConnection, error: str | None, response_flags: str) -> None:
+        self._open.pop(id(conn), None)
+        labels = conn.labels(response_flags)
+        m = self.metrics
+        m.connections_closed.labels(*labels).inc()
+        if response_flags in FAILURE_FLAGS:
+            m.connections_failed.labels(*labels).inc()
+        m.sockets_open.labels(conn.info.reporter).dec()
+        fields = conn.log_fields()
+        fields.update(
+            bytes_sent=conn.bytes_sent,
+            bytes_recv=conn.bytes_received,
+            duration=f"{round(conn.duration() * 1000)}ms",
+            error=error,
+        )
+        emit = self._log.error if error else self._log.info
+        emit("connection complete", **fields)

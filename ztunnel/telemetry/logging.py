@@ -1,0 +1,222 @@
+"""Logging: structlog on top of stdlib ``logging``, with ztunnel's filter syntax.
+
+Why stdlib underneath: its logger hierarchy gives per-module levels that change
+at runtime without reconfiguring anything, and third-party stdlib loggers end up
+in the same stream and format. The filter syntax is ztunnel's (tracing's
+EnvFilter): ``debug`` or ``ztunnel::proxy=debug,access=off,info`` -- comma
+separated ``target=level`` directives plus at most one bare default level.
+Targets map to logger names: ``ztunnel::proxy`` and ``ztunnel.proxy`` are both
+the ``ztunnel.proxy`` logger; access logs use the ``access`` logger.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+ACCESS_LOGGER = "access"
+TRACE = 5  # tracing's TRACE; below stdlib DEBUG
+_OFF = logging.CRITICAL + 10
+
+LEVELS: Mapping[str, int] = {
+    "trace": TRACE,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "off": _OFF,
+}
+
+
+class Bare(str):
+    """A string rendered without quotes in the plain format (addresses, like ztunnel's ``%``)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LogFilter:
+    """A parsed filter: a default level and per-target overrides (``(spec target, level)``)."""
+
+    default: str
+    targets: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> LogFilter:
+        """Parse ``level`` / ``target=level,...,level``; raises ValueError on anything else."""
+        default: str | None = None
+        targets: list[tuple[str, str]] = []
+        for raw in spec.split(","):
+            directive = raw.strip()
+            if not directive:
+                continue
+            target, sep, level = directive.partition("=")
+            if not sep:
+                target, level = "", target
+            level = level.strip().lower()
+            if level not in LEVELS:
+                raise ValueError(f"invalid log level {level!r} in {directive!r}")
+            if not sep:
+                default = level
+            elif not target.strip():
+                raise ValueError(f"empty target in {directive!r}")
+            else:
+                targets.append((target.strip(), level))
+        if default is None and not targets:
+            raise ValueError(f"empty log filter {spec!r}")
+        return cls(default or "info", tuple(targets))
+
+    def __str__(self) -> str:
+        return ",".join([*(f"{t}={lvl}" for t, lvl in self.targets), self.default])
+
+
+def logger_name(target: str) -> str:
+    """ztunnel target (``ztunnel::proxy``) or Python module path -> stdlib logger name."""
+    return target.replace("::", ".")
+
+
+class _LogState:
+    """The process-wide logging state (logging itself is process-wide)."""
+
+    def __init__(self) -> None:
+        self.initial = LogFilter("info")
+        self.current = self.initial
+        self.handler: logging.Handler | None = None
+
+
+_state = _LogState()
+
+
+def configure_logging(
+    level: str = "info", fmt: str = "plain", stream: TextIO | None = None
+) -> None:
+    """Route structlog and stdlib logging to ``stream`` in ``fmt`` ("plain" or "json").
+
+    ``level`` is a filter spec (see module docstring); it is also what ``reset`` restores.
+    Calling again replaces the previous configuration.
+    """
+    if fmt not in ("plain", "json"):
+        raise ValueError(f"log format must be 'plain' or 'json', not {fmt!r}")
+    initial = LogFilter.parse(level)
+    shared: list[Processor] = [
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+    ]
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    renderer = render_json if fmt == "json" else render_plain
+    formatter = structlog.stdlib.ProcessorFormatter(
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        foreign_pre_chain=shared,
+    )
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    if _state.handler is not None:
+        root.removeHandler(_state.handler)
+    root.addHandler(handler)
+    _state.handler = handler
+    _state.initial = initial
+    _apply(initial)
+
+
+def set_filter(spec: str) -> str:
+    """Change levels at runtime (replacing the whole previous filter); returns the new filter."""
+    _apply(LogFilter.parse(spec))
+    return current_filter()
+
+
+def reset() -> str:
+    """Go back to the filter given to ``configure_logging``; returns it."""
+    _apply(_state.initial)
+    return current_filter()
+
+
+def current_filter() -> str:
+    return str(_state.current)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """A structlog logger bound to the stdlib logger ``name`` (a module path or ``access``)."""
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(logger_name(name))
+    return logger
+
+
+def _apply(new: LogFilter) -> None:
+    for target, _level in _state.current.targets:
+        logging.getLogger(logger_name(target)).setLevel(logging.NOTSET)
+    logging.getLogger().setLevel(LEVELS[new.default])
+    for target, level in new.targets:
+        logging.getLogger(logger_name(target)).setLevel(LEVELS[level])
+    _state.current = new
+
+
+def _level_name(event: EventDict) -> str:
+    level = str(event.pop("level", "info")).lower()
+    return "warn" if level == "warning" else level
+
+
+def _plain_value(value: object) -> str:
+    if isinstance(value, Bare | int | float):
+        return str(value)
+    return json.dumps(str(value))
+
+
+def render_plain(_logger: WrappedLogger, _name: str, event: EventDict) -> str:
+    """``<time>\\t<level>\\t<logger>\\t<message> k=v ...``, like ztunnel's text logs."""
+    head = "\t".join(
+        (
+            str(event.pop("timestamp", "")),
+            _level_name(event),
+            str(event.pop("logger", "")),
+            str(event.pop("event", "")),
+        )
+    )
+    exc = event.pop("exception", None)
+    fields = " ".join(f"{k}={_plain_value(v)}" for k, v in event.items() if v is not None)
+    line = f"{head} {fields}" if fields else head
+    return f"{line}\n{exc}" if exc else line
+
+
+def render_json(_logger: WrappedLogger, _name: str, event: EventDict) -> str:
+    """One JSON object per line: level, time, scope, message, then the fields."""
+    out: MutableMapping[str, object] = {
+        "level": _level_name(event),
+        "time": event.pop("timestamp", ""),
+        "scope": event.pop("logger", ""),
+        "message": event.pop("event", ""),
+    }
+    out.update((k, v) for k, v in event.items() if v is not None)
+    return json.dumps(out, default=str)
+
+
+def unconfigure_logging() -> None:
+    """Undo ``configure_logging`` (tests; embedding): drop our handler, reset levels."""
+    root = logging.getLogger()
+    if _state.handler is not None:
+        root.removeHandler(_state.handler)
+        _state.handler = None
+    _apply(LogFilter("warn"))  # stdlib's own default
+    _state.initial = _state.current
+    structlog.reset_defaults()
