@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -63,8 +64,15 @@ class FileCA:
     """Signs workload CSRs with a CA key held in memory (Istio's plugged-in CA files)."""
 
     def __init__(
-        self, ca_cert_pem: bytes, ca_key_pem: bytes, cert_chain_pem: bytes, root_cert_pem: bytes
+        self,
+        ca_cert_pem: bytes,
+        ca_key_pem: bytes,
+        cert_chain_pem: bytes,
+        root_cert_pem: bytes,
+        *,
+        clock: Callable[[], datetime.datetime] = utcnow,
     ) -> None:
+        self._clock = clock  # injectable so tests can move time for the CA and the cache together
         self._cert = _load_single_cert(ca_cert_pem, CA_CERT)
         self._key = _load_signing_key(ca_key_pem, self._cert)
         try:
@@ -105,7 +113,7 @@ class FileCA:
 
     async def create_certificate(self, csr_pem: bytes, validity: datetime.timedelta) -> list[bytes]:
         # Signing one ECDSA leaf takes well under a millisecond: no thread needed.
-        now = utcnow().replace(microsecond=0)
+        now = self._clock().replace(microsecond=0)
         return self.sign(csr_pem, not_before=now, not_after=min(now + validity, self._ca_not_after))
 
     def sign(
@@ -154,9 +162,14 @@ class FakeCA(FileCA):
     """An in-memory CA with a fresh root (FAKE_CA=true, tests, the demo)."""
 
     @classmethod
-    def ephemeral(cls, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> FakeCA:
+    def ephemeral(
+        cls,
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        *,
+        clock: Callable[[], datetime.datetime] = utcnow,
+    ) -> FakeCA:
         cert_pem_, key_pem = new_root(trust_domain)
-        return cls(cert_pem_, key_pem, cert_pem_, cert_pem_)
+        return cls(cert_pem_, key_pem, cert_pem_, cert_pem_, clock=clock)
 
     def workload_certificate(
         self,
@@ -168,7 +181,7 @@ class FakeCA(FileCA):
     ) -> WorkloadCertificate:
         """Synchronously issue a certificate for ``identity`` (tests; custom times allowed)."""
         key, csr = new_csr(identity)
-        start = not_before or utcnow().replace(microsecond=0)
+        start = not_before or self._clock().replace(microsecond=0)
         chain = self.sign(csr, not_before=start, not_after=not_after or start + validity)
         return WorkloadCertificate.from_chain(identity, key, chain)
 
