@@ -1,0 +1,215 @@
+"""Istio security CRDs → ztunnel authorization, as istiod translates them for ztunnel.
+
+Entry points: ``translate_documents`` (parsed YAML documents), ``load_policy_dir``
+(every ``*.yaml``/``*.yml`` under a directory, multi-document) and
+``attach_policies`` (fill each workload's ``authorization_policies`` with the
+keys of the selector-scoped policies that select it, as istiod does when it
+builds Workload resources). Valid-but-unsupported input (AUDIT/CUSTOM actions,
+``targetRefs``, unknown kinds) is skipped with a warning, or raises
+``PolicyTranslationError`` when ``strict=True``; malformed input always raises
+(a ``ConfigError`` naming the file, the policy and the field).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ztunnel.model.authorization import Authorization, Scope
+from ztunnel.model.workload import Workload
+from ztunnel.policy._fields import PolicyTranslationError, Where
+from ztunnel.policy.authz import ConvertedAuthz, Unsupported, convert_authorization_policy
+from ztunnel.policy.peerauth import (
+    PeerAuthn,
+    applicable,
+    convert_port_level,
+    parse_peer_authentication,
+    static_strict_policy,
+    workload_keys,
+)
+
+__all__ = [
+    "DEFAULT_ROOT_NAMESPACE",
+    "PolicyTranslationError",
+    "TranslatedPolicy",
+    "TranslationResult",
+    "attach_policies",
+    "load_policy_dir",
+    "translate_documents",
+]
+
+DEFAULT_ROOT_NAMESPACE = "istio-system"
+_API_VERSIONS = frozenset({"security.istio.io/v1", "security.istio.io/v1beta1"})
+_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
+
+
+@dataclass(frozen=True, slots=True)
+class TranslatedPolicy:
+    """One ztunnel policy and where it applies.
+
+    ``selector`` is the workload selector (None for namespace/global scope);
+    ``applies_to_namespace`` is the namespace whose workloads it can apply to,
+    or None for every namespace (policies in the root namespace).
+    """
+
+    authorization: Authorization
+    selector: Mapping[str, str] | None
+    applies_to_namespace: str | None
+
+
+@dataclass
+class TranslationResult:
+    policies: list[TranslatedPolicy] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    peer_authentications: list[PeerAuthn] = field(default_factory=list)
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
+
+    def extend(self, other: TranslationResult) -> None:
+        self.policies.extend(other.policies)
+        self.warnings.extend(other.warnings)
+        self.peer_authentications.extend(other.peer_authentications)
+
+
+def translate_documents(
+    docs: Iterable[Any],
+    *,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+    source: str = "<documents>",
+    strict: bool = False,
+) -> TranslationResult:
+    """Translate parsed Istio YAML documents (``None`` documents are ignored)."""
+    result = _translate(docs, root_namespace, source, strict, order_base=0)
+    _add_peer_auth_policies(result)
+    return result
+
+
+def load_policy_dir(
+    path: str | Path, *, root_namespace: str = DEFAULT_ROOT_NAMESPACE, strict: bool = False
+) -> TranslationResult:
+    """Translate every ``*.yaml``/``*.yml`` file under ``path`` (recursively, sorted)."""
+    base = Path(path)
+    files = sorted(p for p in base.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    result = TranslationResult(root_namespace=root_namespace)
+    order = 0  # document order across files breaks PeerAuthentication age ties
+    for file in files:
+        try:
+            docs = list(yaml.safe_load_all(file.read_text()))
+        except yaml.YAMLError as exc:
+            raise PolicyTranslationError(str(file), "", f"invalid YAML: {exc}") from exc
+        result.extend(_translate(docs, root_namespace, str(file), strict, order_base=order))
+        order += len(docs)
+    _add_peer_auth_policies(result)
+    return result
+
+
+def _translate(
+    docs: Iterable[Any], root: str, source: str, strict: bool, order_base: int
+) -> TranslationResult:
+    result = TranslationResult(root_namespace=root)
+    for index, doc in enumerate(docs):
+        if doc is None:
+            continue
+        where = Where(f"{source}: document {index}")
+        if not isinstance(doc, Mapping):
+            raise where.fail("", "a policy document must be a mapping")
+        kind, api = doc.get("kind"), doc.get("apiVersion")
+        if kind not in _KINDS or api not in _API_VERSIONS:
+            _unsupported(result, where.source, f"kind {api}/{kind} is not handled; skipped", strict)
+            continue
+        name, namespace = _identify(doc, where)
+        where = Where(f"{source}: {kind} {namespace}/{name}")
+        if kind == "PeerAuthentication":
+            pa = parse_peer_authentication(doc, name, namespace, order_base + index, where)
+            result.peer_authentications.append(pa)
+            continue
+        converted = convert_authorization_policy(doc, name, namespace, root, where)
+        if isinstance(converted, Unsupported):
+            _unsupported(result, where.source, converted.message, strict)
+            continue
+        result.policies.append(_placed(converted, root))
+        result.warnings.extend(f"{where.source}: {w}" for w in converted.warnings)
+    return result
+
+
+def _unsupported(result: TranslationResult, source: str, message: str, strict: bool) -> None:
+    if strict:
+        raise PolicyTranslationError(source, "", message)
+    result.warnings.append(f"{source}: {message}")
+
+
+def _identify(doc: Mapping[str, Any], where: Where) -> tuple[str, str]:
+    metadata = where.mapping(doc.get("metadata"), "metadata")
+    name = metadata.get("name")
+    if not isinstance(name, str) or not name:
+        raise where.fail("metadata.name", "must be a non-empty string")
+    namespace = metadata.get("namespace", "default")  # kubectl's default namespace
+    if not isinstance(namespace, str) or not namespace:
+        raise where.fail("metadata.namespace", "must be a non-empty string")
+    return name, namespace
+
+
+def _placed(converted: ConvertedAuthz, root: str) -> TranslatedPolicy:
+    authz = converted.authorization
+    everywhere = authz.namespace == root
+    return TranslatedPolicy(authz, converted.selector, None if everywhere else authz.namespace)
+
+
+def _add_peer_auth_policies(result: TranslationResult) -> None:
+    pas = result.peer_authentications
+    if not pas:
+        return
+    root = result.root_namespace
+    # Sent whenever any PeerAuthentication exists; workloads opt in by key.
+    result.policies.append(TranslatedPolicy(static_strict_policy(root), None, None))
+    for pa in pas:
+        converted = convert_port_level(pa, pas, root)
+        if converted is not None:
+            result.policies.append(TranslatedPolicy(converted, pa.selector, pa.namespace))
+
+
+def attach_policies(
+    workloads: Sequence[Workload],
+    labels_by_uid: Mapping[str, Mapping[str, str]],
+    translated: TranslationResult,
+) -> tuple[list[Workload], list[Authorization]]:
+    """Workloads with ``authorization_policies`` filled, and every translated policy.
+
+    A selector policy applies to workloads of its own namespace whose labels
+    include its matchLabels; one in the root namespace, to matching workloads
+    of every namespace. Keys already on a workload are kept first. Namespace
+    and global policies are never listed per workload (ztunnel finds them by
+    namespace).
+    """
+    root = translated.root_namespace
+    selector_policies = [
+        tp
+        for tp in translated.policies
+        if tp.selector is not None and tp.authorization.scope is Scope.WORKLOAD_SELECTOR
+    ]
+    out = []
+    for wl in workloads:
+        labels = labels_by_uid.get(wl.uid, {})
+        keys = _selected_keys(selector_policies, wl.namespace, labels, root)
+        pas = applicable(translated.peer_authentications, wl.namespace, labels, root)
+        keys += workload_keys(pas, root) if translated.peer_authentications else []
+        merged = tuple(dict.fromkeys((*wl.authorization_policies, *keys)))
+        out.append(dataclasses.replace(wl, authorization_policies=merged))
+    return out, [tp.authorization for tp in translated.policies]
+
+
+def _selected_keys(
+    policies: Sequence[TranslatedPolicy], namespace: str, labels: Mapping[str, str], root: str
+) -> list[str]:
+    keys = []
+    for tp in policies:
+        authz, selector = tp.authorization, tp.selector or {}
+        if authz.namespace not in (root, namespace):
+            continue
+        if all(labels.get(k) == v for k, v in selector.items()):
+            keys.append(authz.key)
+    return sorted(keys)
