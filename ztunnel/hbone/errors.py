@@ -25,3 +25,7 @@ class StreamClosedError(HboneError):
 
 class ConnectionGoneError(HboneError):
     """The HTTP/2 connection is closed or draining: no new streams can be opened."""
+
+
+class TLSHandshakeError(HboneError):
+    """The TLS handshake failed or timed out (ztunnel's TLS_FAILURE flag)."""
