@@ -1,0 +1,62 @@
+"""Debug views for the admin server: the trio task tree and memory usage.
+
+Python has no pprof; these are the closest useful equivalents: which tasks
+exist (stuck connections show up as tasks) and where memory goes.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import tracemalloc
+
+import trio
+
+
+def task_tree() -> str:
+    """An indented dump of every trio task, from the root task down (call inside trio)."""
+    lines: list[str] = []
+    _walk(trio.lowlevel.current_root_task(), 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _walk(task: trio.lowlevel.Task | None, depth: int, lines: list[str]) -> None:
+    if task is None:
+        return
+    lines.append(f"{'  ' * depth}{task.name}")
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            _walk(child, depth + 1, lines)
+
+
+def memory_report(top: int = 20) -> dict[str, object]:
+    """RSS, gc counters, open fds and (when tracemalloc runs) the top allocation sites."""
+    report: dict[str, object] = {
+        "rssBytes": _rss_bytes(),
+        "gcCounts": list(gc.get_count()),
+        "gcCollections": [s["collections"] for s in gc.get_stats()],
+        "gcObjects": len(gc.get_objects()),
+        "openFds": _open_fds(),
+        "tracemalloc": tracemalloc.is_tracing(),
+    }
+    if tracemalloc.is_tracing():
+        stats = tracemalloc.take_snapshot().statistics("lineno")[:top]
+        report["topAllocations"] = [
+            {"where": str(s.traceback), "sizeBytes": s.size, "count": s.count} for s in stats
+        ]
+    return report
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0

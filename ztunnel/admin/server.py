@@ -1,0 +1,215 @@
+"""The three small servers: admin (15000), metrics (15020) and readiness (15021).
+
+Each is a synchronous handler (a plain object, testable without sockets) plus
+an ``async def serve_*(target, ..., *, task_status)`` that runs it on the
+shared HTTP core and reports the bound port. Paths, methods and response texts
+follow ztunnel's ``src/admin.rs`` and ``src/readiness/server.rs``; readiness
+answers 503 (not ztunnel's 500) while anything is pending.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from html import escape
+
+import trio
+
+import ztunnel
+from ztunnel.admin import debug
+from ztunnel.admin.http import ListenTarget, Request, Response, serve_http
+from ztunnel.telemetry import logging as zlog
+from ztunnel.telemetry.connections import ConnectionTracker, TrackedConnection
+from ztunnel.telemetry.metrics import CONTENT_TYPE, Metrics
+
+DumpProvider = Callable[[], Mapping[str, object]]
+ReadinessProbe = Callable[[], Sequence[str]]
+
+ADMIN_ADDRESS = ("127.0.0.1", 15000)
+METRICS_ADDRESS = ("0.0.0.0", 15020)
+READINESS_ADDRESS = ("0.0.0.0", 15021)
+
+LOGGING_HELP = """\
+usage: POST /logging\t\t\t\t(To list current level)
+       POST /logging?level=<level>\t\t(To change global levels)
+       POST /logging?level=<target>=<level>,<level>\t(To change specific targets' levels)
+       POST /logging?reset\t\t\t(To reset to the startup level)
+
+hint: loglevel:\terror|warn|info|debug|trace|off
+hint: target:\tztunnel::proxy (or ztunnel.proxy), access, ...
+"""
+
+ENDPOINTS: tuple[tuple[str, str], ...] = (
+    ("/config_dump", "dump the current ztunnel configuration, connections and certificates"),
+    ("/logging", "POST: query or change the log level"),
+    ("/quitquitquit", "POST: start a graceful shutdown (drain, then exit)"),
+    ("/debug/tasks", "dump the trio task tree"),
+    ("/debug/memory", "RSS, gc counters, open fds, tracemalloc top allocations"),
+)
+
+
+def build_info() -> dict[str, str]:
+    """The config_dump ``version`` object (ztunnel's BuildInfo, with Python in place of Rust)."""
+    return {
+        "version": ztunnel.__version__,
+        "gitRevision": "unknown",
+        "pythonVersion": sys.version.split()[0],
+        "buildProfile": "release",
+        "buildStatus": "Clean",
+        "gitTag": ztunnel.__version__,
+        "istioVersion": "unknown",
+    }
+
+
+class AdminHandler:
+    """Routes admin requests; ``on_quit`` is the integrator's graceful-drain trigger."""
+
+    def __init__(
+        self,
+        dump_provider: DumpProvider = dict,
+        tracker: ConnectionTracker | None = None,
+        on_quit: Callable[[], None] | None = None,
+    ) -> None:
+        self._dump_provider = dump_provider
+        self._tracker = tracker
+        self._on_quit = on_quit
+        self._routes: dict[str, Callable[[Request], Response]] = {
+            "/": self._index,
+            "/config_dump": self._config_dump,
+            "/logging": self._logging,
+            "/quitquitquit": self._quit,
+            "/debug/tasks": self._tasks,
+            "/debug/memory": self._memory,
+        }
+
+    def __call__(self, request: Request) -> Response:
+        route = self._routes.get(request.path)
+        if route is None:
+            return Response.text(404, "Not Found\n")
+        return route(request)
+
+    def _index(self, _request: Request) -> Response:
+        items = "\n".join(
+            f'<li><a href="{path}">{path}</a>: {escape(text)}</li>' for path, text in ENDPOINTS
+        )
+        page = (
+            "<html><head><title>ztunnel admin</title></head><body>\n"
+            f"<h1>ztunnel admin</h1>\n<ul>\n{items}\n</ul>\n</body></html>\n"
+        )
+        return Response(200, page.encode(), "text/html; charset=utf-8")
+
+    def _config_dump(self, _request: Request) -> Response:
+        return Response.json(self.config_dump())
+
+    def config_dump(self) -> dict[str, object]:
+        """The provider's dump plus ``version``, ``connections`` and per-pod connections."""
+        dump = dict(self._dump_provider())
+        dump.setdefault("version", build_info())
+        if self._tracker is not None:
+            conns = self._tracker.open_connections()
+            dump["connections"] = [c.dump() for c in conns]
+            dump["workloadState"] = _with_connections(dump.get("workloadState"), conns)
+        return dump
+
+    def _logging(self, request: Request) -> Response:
+        if request.method != "POST":
+            return Response.text(405, "Invalid HTTP method\n" + LOGGING_HELP)
+        if "reset" in request.query:
+            zlog.reset()
+        levels = request.query.get("level")
+        if levels:
+            try:
+                zlog.set_filter(levels[-1])
+            except ValueError as exc:
+                return Response.text(400, f"{exc}\n{LOGGING_HELP}")
+        return Response.text(200, f"current log level is {zlog.current_filter()}\n")
+
+    def _quit(self, request: Request) -> Response:
+        if request.method != "POST":
+            return Response.text(405, "Invalid HTTP method\nusage: POST /quitquitquit\n")
+        if self._on_quit is not None:
+            self._on_quit()
+        return Response.text(200, "shutdown now\n")
+
+    def _tasks(self, _request: Request) -> Response:
+        return Response.text(200, debug.task_tree())
+
+    def _memory(self, _request: Request) -> Response:
+        return Response.json(debug.memory_report())
+
+
+def _with_connections(
+    state: object, conns: Sequence[TrackedConnection]
+) -> dict[str, dict[str, object]]:
+    """Copy of workloadState with each pod's ``connections`` filled from the tracker."""
+    out: dict[str, dict[str, object]] = {}
+    if isinstance(state, Mapping):
+        out = {str(k): dict(v) if isinstance(v, Mapping) else {} for k, v in state.items()}
+    by_pod: dict[str, dict[str, list[dict[str, object]]]] = {}
+    for conn in conns:
+        if not conn.info.proxy_uid:
+            continue
+        pod = by_pod.setdefault(conn.info.proxy_uid, {"inbound": [], "outbound": []})
+        d = conn.dump()
+        entry = {k: d[k] for k in ("src", "originalDst", "actualDst", "protocol")}
+        pod[conn.info.direction].append(entry)
+    for uid in out.keys() | by_pod.keys():
+        out.setdefault(uid, {})["connections"] = by_pod.get(uid, {"inbound": [], "outbound": []})
+    return out
+
+
+class MetricsHandler:
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def __call__(self, request: Request) -> Response:
+        if request.path not in ("/metrics", "/stats/prometheus"):
+            return Response.text(404, "Not Found\n")
+        if request.method not in ("GET", "HEAD"):
+            return Response.text(405, "Invalid HTTP method\n")
+        return Response(200, self._metrics.exposition(), CONTENT_TYPE)
+
+
+class ReadinessHandler:
+    def __init__(self, readiness: ReadinessProbe) -> None:
+        self._readiness = readiness
+
+    def __call__(self, request: Request) -> Response:
+        if request.path != "/healthz/ready":
+            return Response.text(404, "Not Found\n")
+        if request.method not in ("GET", "HEAD"):
+            return Response.text(405, "Invalid HTTP method\n")
+        pending = sorted(self._readiness())
+        if pending:
+            return Response.text(503, f"not ready, pending: {', '.join(pending)}\n")
+        return Response.text(200, "ready\n")
+
+
+async def serve_admin(
+    target: ListenTarget = ADMIN_ADDRESS,
+    *,
+    dump_provider: DumpProvider = dict,
+    tracker: ConnectionTracker | None = None,
+    on_quit: Callable[[], None] | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    handler = AdminHandler(dump_provider, tracker, on_quit)
+    await serve_http(target, handler, task_status=task_status)
+
+
+async def serve_metrics(
+    target: ListenTarget,
+    metrics: Metrics,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve_http(target, MetricsHandler(metrics), task_status=task_status)
+
+
+async def serve_readiness(
+    target: ListenTarget,
+    readiness: ReadinessProbe,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve_http(target, ReadinessHandler(readiness), task_status=task_status)
