@@ -5,6 +5,7 @@ from __future__ import annotations
 from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA, init_ca_dir, new_root
 from ztunnel.identity.certificate import WorkloadCertificate, new_csr
 from ztunnel.identity.errors import CAError, CertificateError, TLSIdentityError
+from ztunnel.identity.manager import CertState, SecretManager
 from ztunnel.identity.tls import (
     client_context,
     peer_identity,
@@ -15,10 +16,12 @@ from ztunnel.identity.tls import (
 
 __all__ = [
     "CAError",
+    "CertState",
     "CertificateAuthority",
     "CertificateError",
     "FakeCA",
     "FileCA",
+    "SecretManager",
     "TLSIdentityError",
     "WorkloadCertificate",
     "client_context",
