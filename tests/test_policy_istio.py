@@ -37,8 +37,8 @@ from ztunnel.policy.rbac import ConnectionAttrs, Decision, Reason, evaluate
 HEADER = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
 
 
-def translate(text: str, **kw: bool) -> TranslationResult:
-    return translate_documents(yaml.safe_load_all(text), **kw)
+def translate(text: str, *, strict: bool = False) -> TranslationResult:
+    return translate_documents(yaml.safe_load_all(text), strict=strict)
 
 
 def only(text: str) -> Authorization:
