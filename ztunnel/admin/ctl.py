@@ -1,0 +1,229 @@
+"""``ztunnel ctl``: read a running agent's admin endpoint (like ``istioctl ztunnel-config``).
+
+Everything comes from ``/config_dump`` (ztunnel's camelCase shape, plus our
+``connections`` list) except ``log``, which POSTs to ``/logging``. Blocking
+urllib is fine here: this is a short-lived CLI, not part of the agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from typing import TextIO
+
+import yaml
+
+DEFAULT_ADMIN = "http://127.0.0.1:15000"
+TIMEOUT = 5.0
+
+# The admin endpoint is dialled directly, whatever http_proxy says.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+Row = list[str]
+Dump = Mapping[str, object]
+
+
+class AdminError(Exception):
+    """The admin endpoint could not be reached (exit 2) or refused the request (exit 1)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _http(admin: str, path: str, method: str = "GET") -> str:
+    req = urllib.request.Request(admin.rstrip("/") + path, method=method)
+    try:
+        with _OPENER.open(req, timeout=TIMEOUT) as resp:
+            body: bytes = resp.read()
+            return body.decode()
+    except urllib.error.HTTPError as exc:
+        raise AdminError(
+            f"{method} {path}: HTTP {exc.code}: {exc.read().decode().strip()}", 1
+        ) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise AdminError(f"cannot reach ztunnel admin at {admin}: {reason}", 2) from exc
+
+
+def _s(value: object) -> str:
+    return "-" if value in (None, "", [], {}) else str(value)
+
+
+def _list(dump: Dump, key: str) -> list[Mapping[str, object]]:
+    items = dump.get(key) or []
+    return [i for i in items if isinstance(i, Mapping)] if isinstance(items, list) else []
+
+
+def _vip(vip: object) -> str:
+    network, _, ip = str(vip).rpartition("/")
+    return f"{network}/{ip}" if network else ip
+
+
+def _identity(w: Mapping[str, object]) -> str:
+    td = w.get("trustDomain") or "cluster.local"
+    return f"spiffe://{td}/ns/{w.get('namespace')}/sa/{w.get('serviceAccount') or 'default'}"
+
+
+def _workload_row(w: Mapping[str, object]) -> Row:
+    ips = w.get("workloadIps") or []
+    address = ",".join(map(str, ips)) if isinstance(ips, list) else str(ips)
+    return [
+        _s(w.get("namespace")),
+        _s(w.get("name")),
+        _s(address or w.get("hostname")),
+        _s(w.get("node")),
+        _s(w.get("protocol") or "TCP"),
+        _identity(w),
+    ]
+
+
+def _service_row(svc: Mapping[str, object]) -> Row:
+    vips = svc.get("vips") or []
+    endpoints = svc.get("endpoints") or {}
+    eps = list(endpoints.values()) if isinstance(endpoints, Mapping) else []
+    healthy = sum(
+        1 for e in eps if not isinstance(e, Mapping) or e.get("status", "Healthy") == "Healthy"
+    )
+    return [
+        _s(svc.get("namespace")),
+        _s(svc.get("name") or svc.get("hostname")),
+        _s(",".join(_vip(v) for v in vips) if isinstance(vips, list) else vips),
+        f"{healthy}/{len(eps)}",
+    ]
+
+
+def _policy_row(p: Mapping[str, object]) -> Row:
+    rules = p.get("rules") or []
+    return [
+        _s(p.get("namespace")),
+        _s(p.get("name")),
+        _s(p.get("scope")),
+        _s(p.get("action")),
+        str(len(rules) if isinstance(rules, list) else 0),
+    ]
+
+
+def _cert_row(c: Mapping[str, object]) -> Row:
+    chain = c.get("certChain") or []
+    leaf = chain[0] if isinstance(chain, list) and chain and isinstance(chain[0], Mapping) else {}
+    return [
+        _s(c.get("identity")),
+        _s(c.get("state")),
+        _s(leaf.get("serialNumber")),
+        _s(leaf.get("expirationTime")),
+    ]
+
+
+def _connection_row(c: Mapping[str, object]) -> Row:
+    return [
+        _s(c.get("direction")),
+        _s(c.get("src")),
+        _s(c.get("originalDst") or c.get("actualDst")),
+        _s(c.get("srcIdentity")),
+        _s(c.get("dstIdentity")),
+        _s(c.get("bytesSent", 0)),
+        _s(c.get("bytesRecv", 0)),
+    ]
+
+
+# subcommand -> (config_dump key, table header, row builder)
+VIEWS: Mapping[str, tuple[str, Row, Callable[[Mapping[str, object]], Row]]] = {
+    "workloads": (
+        "workloads",
+        ["NAMESPACE", "NAME", "ADDRESS", "NODE", "PROTOCOL", "IDENTITY"],
+        _workload_row,
+    ),
+    "services": ("services", ["NAMESPACE", "NAME", "VIPS", "ENDPOINTS"], _service_row),
+    "policies": ("policies", ["NAMESPACE", "NAME", "SCOPE", "ACTION", "RULES"], _policy_row),
+    "certificates": ("certificates", ["IDENTITY", "STATE", "SERIAL", "EXPIRES"], _cert_row),
+    "connections": (
+        "connections",
+        ["DIRECTION", "SRC", "DST", "SRC-IDENTITY", "DST-IDENTITY", "BYTES-SENT", "BYTES-RECV"],
+        _connection_row,
+    ),
+}
+
+
+def format_table(header: Row, rows: Sequence[Row]) -> str:
+    """Left-aligned columns separated by three spaces, kubectl style."""
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    lines = [
+        "   ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+        for r in (header, *rows)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render(view: str, dump: Dump, output: str) -> str:
+    key, header, row = VIEWS[view]
+    items = _list(dump, key)
+    if output == "json":
+        return json.dumps(items, indent=2) + "\n"
+    if output == "yaml":
+        return yaml.safe_dump(items, sort_keys=False)
+    return format_table(header, sorted((row(i) for i in items), key=lambda r: r[:2]))
+
+
+def _common(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    # Accepted before and after the subcommand. Separate action objects per parser:
+    # argparse's ``parents=`` shares them, and subparser defaults would then clobber
+    # values given before the subcommand.
+    keep = argparse.SUPPRESS
+    parser.add_argument(
+        "--admin", default=DEFAULT_ADMIN if defaults else keep, help=f"admin URL ({DEFAULT_ADMIN})"
+    )
+    parser.add_argument(
+        "-o", "--output", choices=("table", "json", "yaml"), default="table" if defaults else keep
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ztunnel ctl")
+    _common(parser, defaults=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in VIEWS:
+        _common(sub.add_parser(name, help=f"list {name}"), defaults=False)
+    log = sub.add_parser("log", help="show or change the log level")
+    _common(log, defaults=False)
+    log.add_argument("--level", help="filter, e.g. debug or ztunnel::proxy=debug,info")
+    log.add_argument("--reset", action="store_true", help="back to the startup level")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> str:
+    if args.command == "log":
+        query = {"reset": ""} if args.reset else {}
+        if args.level:
+            query["level"] = args.level
+        path = "/logging" + ("?" + urllib.parse.urlencode(query) if query else "")
+        return _http(args.admin, path, "POST")
+    dump = json.loads(_http(args.admin, "/config_dump"))
+    return render(args.command, dump if isinstance(dump, Mapping) else {}, args.output)
+
+
+def main(
+    argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run ``ztunnel ctl``; returns the exit code (2 when the admin endpoint is unreachable)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = _parser().parse_args(argv)
+    try:
+        out.write(_run(args))
+    except AdminError as exc:
+        err.write(f"error: {exc}\n")
+        return exc.code
+    except json.JSONDecodeError as exc:
+        err.write(f"error: admin returned invalid JSON: {exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
