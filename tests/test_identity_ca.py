@@ -9,10 +9,17 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ztunnel.identity.ca import CA_FILES, FakeCA, FileCA, init_ca_dir, new_root
+from ztunnel.identity.ca import (
+    CA_FILES,
+    FakeCA,
+    FileCA,
+    init_ca_dir,
+    new_intermediate,
+    new_root,
+)
 from ztunnel.identity.certificate import WorkloadCertificate, new_csr
 from ztunnel.identity.errors import CAError
 from ztunnel.model.identity import Identity
@@ -28,30 +35,6 @@ def _csr(*uris: str, key: ec.EllipticCurvePrivateKey | None = None) -> bytes:
         sans = [x509.UniformResourceIdentifier(u) for u in uris]
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=True)
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-
-def _intermediate(root_pem: bytes, root_key_pem: bytes) -> tuple[bytes, bytes]:
-    root = x509.load_pem_x509_certificate(root_pem)
-    root_key = serialization.load_pem_private_key(root_key_pem, None)
-    assert isinstance(root_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intermediate")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(root.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - HOUR)
-        .not_valid_after(now + 100 * HOUR)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(root_key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 async def test_leaf_has_istio_shape() -> None:
@@ -173,7 +156,7 @@ async def test_loaded_ca_issues_verifiable_certificates(tmp_path: Path) -> None:
 @pytest.mark.parametrize("chain_has_root", [True, False])
 async def test_intermediate_ca_layout(tmp_path: Path, chain_has_root: bool) -> None:
     root, root_key = new_root()
-    inter, inter_key = _intermediate(root, root_key)
+    inter, inter_key = new_intermediate(root, root_key)
     (tmp_path / "ca-cert.pem").write_bytes(inter)
     (tmp_path / "ca-key.pem").write_bytes(inter_key)
     (tmp_path / "root-cert.pem").write_bytes(root)
@@ -195,3 +178,29 @@ def test_ca_material_is_checked(tmp_path: Path) -> None:
         FileCA(root, key, root, other_root)
     with pytest.raises(CAError, match="cannot read"):
         FileCA.load(tmp_path)
+
+
+async def test_rsa_ca_key_works() -> None:
+    # Istio's sample cacerts are RSA; leaves stay ECDSA P-256 (from the CSR), signed RSA/SHA-256.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cluster.local")])
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - HOUR)
+        .not_valid_after(now + 100 * HOUR)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    ca = FileCA(root, key_pem, b"", root)
+    wkey, csr = new_csr(ALICE)
+    cert = WorkloadCertificate.from_chain(ALICE, wkey, await ca.create_certificate(csr, HOUR))
+    assert isinstance(cert.leaf.signature_hash_algorithm, hashes.SHA256)

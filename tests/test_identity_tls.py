@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import ssl
+import tempfile
 import threading
 from dataclasses import dataclass
 
 import pytest
 
-from ztunnel.identity.ca import FakeCA, FileCA, new_root
+from ztunnel.identity.ca import FakeCA, FileCA, new_intermediate, new_root
 from ztunnel.identity.certificate import WorkloadCertificate, new_csr
 from ztunnel.identity.errors import TLSIdentityError
 from ztunnel.identity.tls import (
@@ -175,3 +177,24 @@ def _der(cert: WorkloadCertificate) -> bytes:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     return cert.leaf.public_bytes(Encoding.DER)
+
+
+def test_intermediate_ca_chain_is_presented_and_verified() -> None:
+    root, root_key = new_root()
+    inter, inter_key = new_intermediate(root, root_key)
+    ca = FileCA(inter, inter_key, inter + root, root)
+    server_cert, client_cert = _issue(ca, BOB), _issue(ca, ALICE)
+    assert len(server_cert.chain) == 1 and len(server_cert.roots) == 1
+    srv, cli = handshake(server_context(server_cert), client_context(client_cert))
+    assert srv.error is None and cli.error is None
+    assert cli.peer_der is not None and peer_identity(cli.peer_der) == BOB
+
+
+def test_key_file_does_not_outlive_loading() -> None:
+    before = set(os.listdir(tempfile.gettempdir())) | _shm()
+    client_context(FakeCA.ephemeral().workload_certificate(ALICE))
+    assert (set(os.listdir(tempfile.gettempdir())) | _shm()) <= before
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()

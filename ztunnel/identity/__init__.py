@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA, init_ca_dir, new_root
+from ztunnel.identity.ca import (
+    CertificateAuthority,
+    FakeCA,
+    FileCA,
+    init_ca_dir,
+    new_intermediate,
+    new_root,
+)
 from ztunnel.identity.certificate import WorkloadCertificate, new_csr
 from ztunnel.identity.errors import CAError, CertificateError, TLSIdentityError
 from ztunnel.identity.manager import CertState, SecretManager
@@ -27,6 +34,7 @@ __all__ = [
     "client_context",
     "init_ca_dir",
     "new_csr",
+    "new_intermediate",
     "new_root",
     "peer_identity",
     "server_context",

@@ -214,6 +214,41 @@ def new_root(
     return cert_pem(cert), _key_pem(key)
 
 
+def new_intermediate(
+    parent_cert_pem: bytes,
+    parent_key_pem: bytes,
+    validity: datetime.timedelta = ROOT_VALIDITY / 2,
+    *,
+    name: str = "ztunnel-py intermediate CA",
+) -> tuple[bytes, bytes]:
+    """An ECDSA P-256 intermediate CA signed by the given CA: (certificate PEM, key PEM)."""
+    parent = _load_single_cert(parent_cert_pem, "parent CA certificate")
+    parent_key = _load_signing_key(parent_key_pem, parent)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = utcnow().replace(microsecond=0)
+    subject = x509.Name(
+        [
+            *parent.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(parent.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(min(now + validity, parent.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(_authority_key_id(parent, parent_key), critical=False)
+        .sign(parent_key, hashes.SHA256())
+    )
+    return cert_pem(cert), _key_pem(key)
+
+
 def init_ca_dir(
     directory: Path, *, trust_domain: str = DEFAULT_TRUST_DOMAIN, force: bool = False
 ) -> None:
