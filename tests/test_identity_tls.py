@@ -11,6 +11,8 @@ import threading
 from dataclasses import dataclass
 
 import pytest
+import trio
+import trio.testing
 
 from ztunnel.identity.ca import FakeCA, FileCA, new_intermediate, new_root
 from ztunnel.identity.certificate import WorkloadCertificate, new_csr
@@ -198,3 +200,20 @@ def test_key_file_does_not_outlive_loading() -> None:
 
 def _shm() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+async def test_contexts_work_with_trio_ssl_streams() -> None:
+    ca = FakeCA.ephemeral()
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    client = trio.SSLStream(client_raw, client_context(ca.workload_certificate(ALICE)))
+    server = trio.SSLStream(
+        server_raw, server_context(ca.workload_certificate(BOB)), server_side=True
+    )
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        await client.send_all(b"ping")
+        assert await server.receive_some(4) == b"ping"
+    assert client.selected_alpn_protocol() == "h2"
+    assert peer_identity(server.getpeercert(binary_form=True)) == ALICE
