@@ -132,8 +132,8 @@ class TrackedConnection:
         self._labels = labels
         self._start = tracker.clock()
         # Resolved once: add_sent/add_received are on the data path.
-        self._sent: Counter = tracker.metrics.sent_bytes.labels(*labels)
-        self._received: Counter = tracker.metrics.received_bytes.labels(*labels)
+        self._sent = tracker._counter(tracker.metrics.sent_bytes, labels)
+        self._received = tracker._counter(tracker.metrics.received_bytes, labels)
 
     def add_sent(self, n: int) -> None:
         """Bytes written towards the destination (app -> remote for outbound)."""
@@ -216,12 +216,15 @@ class ConnectionTracker:
         self.clock = clock
         self._log: AccessLogger = logger if logger is not None else get_logger(ACCESS_LOGGER)
         self._open: dict[int, TrackedConnection] = {}
+        # prometheus-client's labels() validates all 27 values on every call; connections
+        # between the same workloads share label sets, so resolve each child once.
+        self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
 
     def open(self, info: ConnectionInfo) -> TrackedConnection:
         labels = traffic_labels(info)
         conn = TrackedConnection(self, info, labels)
         self._open[id(conn)] = conn
-        self.metrics.connections_opened.labels(*labels).inc()
+        self._counter(self.metrics.connections_opened, labels).inc()
         self.metrics.sockets_open.labels(info.reporter).inc()
         self._log.debug("connection opened", **conn.log_fields())
         return conn
@@ -250,13 +253,20 @@ class ConnectionTracker:
             },
         )
 
+    def _counter(self, metric: Counter, labels: tuple[str, ...]) -> Counter:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def _closed(self, conn: TrackedConnection, error: str | None, response_flags: str) -> None:
         self._open.pop(id(conn), None)
         labels = conn.labels(response_flags)
         m = self.metrics
-        m.connections_closed.labels(*labels).inc()
+        self._counter(m.connections_closed, labels).inc()
         if response_flags in FAILURE_FLAGS:
-            m.connections_failed.labels(*labels).inc()
+            self._counter(m.connections_failed, labels).inc()
         m.sockets_open.labels(conn.info.reporter).dec()
         fields = conn.log_fields()
         fields.update(
