@@ -1,0 +1,146 @@
+"""Cluster files: what a valid one gives, and how a broken one is reported."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+import pytest
+
+from ztunnel.cluster.net import PodNet, render_service_rules
+from ztunnel.cluster.spec import demo_spec, load_spec, loads_spec
+from ztunnel.cluster.state import is_enrolled
+from ztunnel.errors import ConfigError
+
+MINIMAL = """
+namespaces:
+  a: {labels: {istio.io/dataplane-mode: ambient}}
+  b: {}
+nodes: [n1]
+pods:
+  - {name: p, namespace: a, node: n1}
+"""
+
+
+def test_demo_cluster_file_describes_the_demo() -> None:
+    spec = demo_spec()
+    assert spec.nodes == ("node1", "node2")
+    assert [p.key for p in spec.pods] == [
+        "demo/client",
+        "demo/echo-1",
+        "demo/echo-2",
+        "demo/other",
+        "legacy/legacy-client",
+    ]
+    assert spec.pod("client").service_account == "client"
+    assert spec.pod("legacy-client").service_account == "default"
+    (svc,) = spec.services
+    assert svc.hostname == "echo.demo.svc.cluster.local"
+    assert svc.vip == IPv4Address("10.96.0.10") and dict(svc.ports) == {80: 8080}
+    assert [p.name for p in spec.selected_pods(svc)] == ["echo-1", "echo-2"]
+    (policy,) = spec.policies
+    assert policy["kind"] == "AuthorizationPolicy"
+    assert policy["apiVersion"] == "security.istio.io/v1"
+    principals = policy["spec"]["rules"][0]["from"][0]["source"]["principals"]
+    assert principals == ["cluster.local/ns/demo/sa/client"]
+
+
+def test_enrollment_follows_namespace_and_pod_labels() -> None:
+    spec = loads_spec(
+        MINIMAL
+        + """
+  - {name: q, namespace: a, node: n1, labels: {istio.io/dataplane-mode: none}}
+  - {name: r, namespace: b, node: n1}
+  - {name: s, namespace: b, node: n1, labels: {istio.io/dataplane-mode: ambient}}
+"""
+    )
+    assert [is_enrolled(spec, p) for p in spec.pods] == [True, False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "problem"),
+    [
+        (
+            MINIMAL + "  - {name: x, namespace: a, node: n1, color: red}\n",
+            "pods[1].color",
+            "unknown field",
+        ),
+        (MINIMAL.replace("node: n1}", "node: n9}"), "pods[0].node", "unknown node"),
+        (
+            MINIMAL.replace("namespace: a,", "namespace: zz,"),
+            "pods[0].namespace",
+            "unknown namespace",
+        ),
+        (MINIMAL.replace("nodes: [n1]", "nodes: n1"), "nodes", "expected a list"),
+        (MINIMAL.replace("nodes: [n1]", "nodes: []"), "nodes", "at least one node"),
+        (MINIMAL + "  - {name: p, namespace: a, node: n1}\n", "pods[1]", "duplicate pod"),
+        (MINIMAL + "  - {name: Bad_Name, namespace: a, node: n1}\n", "pods[1].name", "DNS-1123"),
+        (MINIMAL + "  - {namespace: a, node: n1}\n", "pods[1].name", "required"),
+        (
+            MINIMAL + "  - {name: x, namespace: a, node: n1, program: python}\n",
+            "pods[1].program",
+            "list",
+        ),
+        (
+            MINIMAL + "  - {name: x, namespace: a, node: n1, labels: {v: 1}}\n",
+            "pods[1].labels.v",
+            "strings",
+        ),
+        (
+            MINIMAL + "  - {name: x, namespace: a, node: n1, ports: [70000]}\n",
+            "pods[1].ports[0]",
+            "port",
+        ),
+        (
+            MINIMAL + "services:\n  - {name: s, namespace: a, vip: 10.96.0.300, ports: {80: 80}}\n",
+            "services[0].vip",
+            "not an IP",
+        ),
+        (
+            MINIMAL + "services:\n  - {name: s, namespace: a, vip: 10.96.0.3, ports: {80: x}}\n",
+            "services[0].ports.80",
+            "port",
+        ),
+        (
+            MINIMAL
+            + "services:\n  - {name: s, namespace: a, vip: 10.96.0.3, ports: {80: 80}, sel: {}}\n",
+            "services[0].sel",
+            "unknown field",
+        ),
+        (
+            MINIMAL
+            + "policies:\n  - {apiVersion: v1, kind: X, metadata: {name: p, namespace: q}}\n",
+            "policies[0].metadata.namespace",
+            "unknown namespace",
+        ),
+        (MINIMAL + "extra: 1\n", "extra", "unknown field"),
+    ],
+)
+def test_bad_cluster_files_name_the_field(text: str, field: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads_spec(text, "bad.yaml")
+    assert info.value.source == "bad.yaml"
+    assert info.value.field == field
+    assert problem in info.value.problem
+
+
+def test_invalid_yaml_and_missing_file() -> None:
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        loads_spec("nodes: [a\n", "x.yaml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_spec("/nonexistent/cluster.yaml")
+
+
+def test_service_rules_split_traffic_evenly_over_endpoints() -> None:
+    spec = demo_spec()
+    pods = {
+        p.key: PodNet(p.name, p.namespace, p.node, "x", IPv4Address(f"10.244.9.{i + 2}"))
+        for i, p in enumerate(spec.pods)
+    }
+    rules = render_service_rules(spec, pods).splitlines()
+    assert "-A ZT-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j ZT-SVC-0-80" in rules
+    svc_rules = [r for r in rules if r.startswith("-A ZT-SVC-0-80")]
+    assert svc_rules == [
+        "-A ZT-SVC-0-80 -p tcp -m statistic --mode random --probability 0.50000000000"
+        " -j DNAT --to-destination 10.244.9.3:8080",
+        "-A ZT-SVC-0-80 -p tcp -j DNAT --to-destination 10.244.9.4:8080",
+    ]
