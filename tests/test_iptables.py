@@ -279,3 +279,16 @@ def test_redirects_outbound_inbound_and_exempts_hbone_and_marked(
             conn, (src, _) = peer_l.accept()
             conn.close()
             assert src == "10.200.0.2"
+
+
+@pytest.mark.root
+def test_ipv6_install_and_uninstall(netns: NetNamespace) -> None:
+    cfg = InpodConfig(ipv6=True)
+    install(netns, cfg)
+    assert installed(netns, family=6) == expected_state(cfg, family=6)
+    assert installed(netns, family=4) == expected_state(cfg, family=4)
+    assert routes_state(netns, fwmark=0x111, mask=0xFFF, table=100, family=6).route
+    assert install(netns, cfg) is False
+    uninstall(netns, cfg)
+    assert installed(netns, family=6).empty and installed(netns, family=4).empty
+    assert not routes_state(netns, fwmark=0x111, mask=0xFFF, table=100, family=6).rule
