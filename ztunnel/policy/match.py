@@ -48,42 +48,37 @@ class ConnectionAttrs:
     src_identity: Identity | None = None
 
 
-@dataclass(frozen=True, slots=True)
 class Subject:
-    """A connection with the derived values every check needs, computed once."""
+    """A connection with the derived values every check needs, computed once.
 
-    src: tuple[int, int]  # (ip version, integer address)
-    dst: tuple[int, int]
-    port: int
-    principal: str | None  # None: no identity, so every principal matcher fails
-    namespace: str
-    identity: Identity | None
+    A plain slotted class (not a frozen dataclass) because one is built per
+    decision and frozen-dataclass construction is several times slower.
+    """
+
+    __slots__ = ("dst_i", "dst_v", "identity", "namespace", "port", "principal", "src_i", "src_v")
+
+    def __init__(self, conn: ConnectionAttrs) -> None:
+        ident = conn.src_identity
+        self.src_v, self.src_i = _ip_key(conn.src_ip)
+        self.dst_v, self.dst_i = _ip_key(conn.dst_ip)
+        self.port = conn.dst_port
+        # None: no identity, so every principal matcher fails.
+        self.principal = ident.principal if ident is not None else None
+        self.namespace = ident.namespace if ident is not None else ""
+        self.identity = ident
 
     @classmethod
     def of(cls, conn: ConnectionAttrs) -> Subject:
-        ident = conn.src_identity
-        return cls(
-            src=_ip_key(conn.src_ip),
-            dst=_ip_key(conn.dst_ip),
-            port=conn.dst_port,
-            principal=ident.principal if ident is not None else None,
-            namespace=ident.namespace if ident is not None else "",
-            identity=ident,
-        )
+        return cls(conn)
 
 
 Check = Callable[[Subject], bool]
-CompiledMatch = tuple[Check, ...]  # all must hold
-CompiledClause = tuple[CompiledMatch, ...]  # non-empty matches only; any may hold
-# (compiled non-empty matches, clause had no matches at all)
-CompiledClauseEntry = tuple[CompiledClause, bool]
-CompiledRule = tuple[CompiledClauseEntry, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class CompiledPolicy:
     policy: Authorization
-    rules: tuple[CompiledRule, ...]
+    rules: tuple[Check, ...]
     # Ports the policy can possibly match (None: any). Lets evaluation skip
     # most policies with one set lookup.
     ports: frozenset[int] | None
@@ -92,26 +87,19 @@ class CompiledPolicy:
         if self.ports is not None and subj.port not in self.ports:
             return None
         for index, rule in enumerate(self.rules):
-            if _rule_matches(rule, subj):
+            if rule(subj):
                 return index
         return None
 
 
 def policy_matches(policy: Authorization, conn: ConnectionAttrs) -> bool:
     """True when any rule of ``policy`` matches ``conn`` (ztunnel ``Authorization::matches``)."""
-    return compiled(policy).first_matching_rule(Subject.of(conn)) is not None
-
-
-def _rule_matches(rule: CompiledRule, subj: Subject) -> bool:
-    for matches, no_matches in rule:
-        if no_matches:
-            continue
-        if not any(all(check(subj) for check in match) for match in matches):
-            return False
-    return True
+    return compiled(policy).first_matching_rule(Subject(conn)) is not None
 
 
 # -- compilation ------------------------------------------------------------------------------
+# Each level collapses to a single closure, and one-element levels to their only
+# element, because Python call and generator overhead dominates the cost.
 
 _CACHE_LIMIT = 100_000
 # id(policy) -> (policy, compiled). Holding the policy keeps its id from being reused.
@@ -124,7 +112,7 @@ def compiled(policy: Authorization) -> CompiledPolicy:
     if hit is not None and hit[0] is policy:
         return hit[1]
     result = CompiledPolicy(
-        policy, tuple(_compile_rule(r) for r in policy.rules), _policy_ports(policy)
+        policy, tuple(_rule_predicate(r) for r in policy.rules), _policy_ports(policy)
     )
     if len(_cache) >= _CACHE_LIMIT:
         _cache.clear()
@@ -132,14 +120,57 @@ def compiled(policy: Authorization) -> CompiledPolicy:
     return result
 
 
-def _compile_rule(rule: Rule) -> CompiledRule:
-    return tuple(
-        (tuple(compile_match(m) for m in clause if not m.is_empty()), not clause) for clause in rule
-    )
+def _always(subj: Subject) -> bool:
+    return True
 
 
-def compile_match(m: Match) -> CompiledMatch:
-    """Checks for one Match, cheapest first."""
+def _never(subj: Subject) -> bool:
+    return False
+
+
+def _all_of(checks: Sequence[Check]) -> Check:
+    if not checks:
+        return _always
+    if len(checks) == 1:
+        return checks[0]
+
+    def all_of(subj: Subject) -> bool:
+        # A plain loop: all() over a generator costs about twice as much here.
+        for check in checks:  # noqa: SIM110
+            if not check(subj):
+                return False
+        return True
+
+    return all_of
+
+
+def _any_of(checks: Sequence[Check]) -> Check:
+    if not checks:
+        return _never
+    if len(checks) == 1:
+        return checks[0]
+
+    def any_of(subj: Subject) -> bool:
+        for check in checks:  # noqa: SIM110
+            if check(subj):
+                return True
+        return False
+
+    return any_of
+
+
+def _rule_predicate(rule: Rule) -> Check:
+    # A clause without matches always holds, so it adds no check.
+    return _all_of([_clause_predicate(c) for c in rule if c])
+
+
+def _clause_predicate(clause: Clause) -> Check:
+    # Empty matches are skipped; a clause of only empty matches never holds.
+    return _any_of([_all_of(compile_match(m)) for m in clause if not m.is_empty()])
+
+
+def compile_match(m: Match) -> tuple[Check, ...]:
+    """Checks for one Match (all must hold), cheapest first."""
     checks: list[Check] = []
     if m.destination_ports:
         ports = frozenset(m.destination_ports)
@@ -147,10 +178,22 @@ def compile_match(m: Match) -> CompiledMatch:
     if m.not_destination_ports:
         not_ports = frozenset(m.not_destination_ports)
         checks.append(lambda s: s.port not in not_ports)
-    _add_ip_checks(checks, m.source_ips, m.not_source_ips, lambda s: s.src)
-    _add_ip_checks(checks, m.destination_ips, m.not_destination_ips, lambda s: s.dst)
-    _add_string_checks(checks, m.namespaces, m.not_namespaces, namespace_matches)
-    _add_string_checks(checks, m.principals, m.not_principals, principal_matches)
+    if m.source_ips:
+        checks.append(_ip_check(m.source_ips, src=True))
+    if m.not_source_ips:
+        checks.append(_negate(_ip_check(m.not_source_ips, src=True)))
+    if m.destination_ips:
+        checks.append(_ip_check(m.destination_ips, src=False))
+    if m.not_destination_ips:
+        checks.append(_negate(_ip_check(m.not_destination_ips, src=False)))
+    if m.namespaces:
+        checks.append(_any_of([_namespace_check(sm) for sm in m.namespaces]))
+    if m.not_namespaces:
+        checks.append(_negate(_any_of([_namespace_check(sm) for sm in m.not_namespaces])))
+    if m.principals:
+        checks.append(_any_of([_principal_check(sm) for sm in m.principals]))
+    if m.not_principals:
+        checks.append(_negate(_any_of([_principal_check(sm) for sm in m.not_principals])))
     if m.service_accounts:
         sas = tuple(m.service_accounts)
         checks.append(lambda s: any(sa_matches(sa, s.identity) for sa in sas))
@@ -160,32 +203,43 @@ def compile_match(m: Match) -> CompiledMatch:
     return tuple(checks)
 
 
-def _add_ip_checks(
-    checks: list[Check],
-    positive: Sequence[IPNetwork],
-    negative: Sequence[IPNetwork],
-    pick: Callable[[Subject], tuple[int, int]],
-) -> None:
-    if positive:
-        nets = tuple(_net_key(n) for n in positive)
-        checks.append(lambda s: _in_any(pick(s), nets))
-    if negative:
-        not_nets = tuple(_net_key(n) for n in negative)
-        checks.append(lambda s: not _in_any(pick(s), not_nets))
+def _negate(check: Check) -> Check:
+    return lambda s: not check(s)
 
 
-def _add_string_checks(
-    checks: list[Check],
-    positive: Sequence[StringMatch],
-    negative: Sequence[StringMatch],
-    test: Callable[[StringMatch, Subject], bool],
-) -> None:
-    if positive:
-        pos = tuple(positive)
-        checks.append(lambda s: any(test(sm, s) for sm in pos))
-    if negative:
-        neg = tuple(negative)
-        checks.append(lambda s: not any(test(sm, s) for sm in neg))
+def _ip_check(nets: Sequence[IPNetwork], *, src: bool) -> Check:
+    keys = tuple(_net_key(n) for n in nets)
+    if len(keys) == 1:
+        ((version, addr, mask),) = keys
+        if src:
+            return lambda s: s.src_v == version and s.src_i & mask == addr
+        return lambda s: s.dst_v == version and s.dst_i & mask == addr
+    if src:
+        return lambda s: _in_any((s.src_v, s.src_i), keys)
+    return lambda s: _in_any((s.dst_v, s.dst_i), keys)
+
+
+def _namespace_check(sm: StringMatch) -> Check:
+    value = sm.value
+    if sm.kind is MatchKind.EXACT:
+        return lambda s: s.namespace == value
+    if sm.kind is MatchKind.PREFIX:
+        return lambda s: s.namespace.startswith(value)
+    if sm.kind is MatchKind.SUFFIX:
+        return lambda s: s.namespace.endswith(value)
+    return lambda s: s.namespace != ""
+
+
+def _principal_check(sm: StringMatch) -> Check:
+    # ``principal`` is None without an identity: every kind fails then.
+    value = sm.value
+    if sm.kind is MatchKind.EXACT:
+        return lambda s: s.principal == value
+    if sm.kind is MatchKind.PREFIX:
+        return lambda s: s.principal is not None and s.principal.startswith(value)
+    if sm.kind is MatchKind.SUFFIX:
+        return lambda s: s.principal is not None and s.principal.endswith(value)
+    return lambda s: bool(s.principal)
 
 
 def principal_matches(sm: StringMatch, subj: Subject) -> bool:

@@ -106,24 +106,25 @@ class Decision:
 
 def evaluate(policies: Iterable[Authorization], conn: ConnectionAttrs) -> Decision:
     """Decide whether ``conn`` may reach the workload these ``policies`` apply to."""
-    buckets: dict[tuple[Action, bool], list[CompiledPolicy]] = {
-        (Action.DENY, True): [],
-        (Action.DENY, False): [],
-        (Action.ALLOW, True): [],
-        (Action.ALLOW, False): [],
-    }
+    dry_deny: list[CompiledPolicy] = []
+    deny: list[CompiledPolicy] = []
+    dry_allow: list[CompiledPolicy] = []
+    allows: list[CompiledPolicy] = []
     for policy in policies:
-        buckets[(policy.action, policy.dry_run)].append(compiled(policy))
+        cp = compiled(policy)
+        if policy.action is Action.DENY:
+            (dry_deny if policy.dry_run else deny).append(cp)
+        else:
+            (dry_allow if policy.dry_run else allows).append(cp)
     subj = Subject.of(conn)
-    findings = _dry_run_denies(buckets[(Action.DENY, True)], subj)
-    denied = _first_match(buckets[(Action.DENY, False)], subj)
+    findings = _dry_run_denies(dry_deny, subj)
+    denied = _first_match(deny, subj)
     if denied is not None:
         key, rule = denied
         return Decision(False, Reason.EXPLICITLY_DENIED, key, rule, findings, conn)
-    findings += _dry_run_allows(buckets[(Action.ALLOW, True)], subj)
-    allows = buckets[(Action.ALLOW, False)]
+    findings += _dry_run_allows(dry_allow, subj)
     if not allows:
-        empty = not any(buckets.values())
+        empty = not (dry_deny or deny or dry_allow)
         reason = Reason.NO_POLICIES if empty else Reason.NO_ALLOW_POLICIES
         return Decision(True, reason, dry_run=findings, conn=conn)
     allowed = _first_match(allows, subj)
