@@ -1,0 +1,256 @@
+"""The agent: one root nursery that starts every service of a node agent.
+
+Services: the certificate manager, the admin / metrics / readiness servers,
+and the workload proxies (one in dedicated mode; one per enrolled pod in shared
+mode, run by the enrollment controller). SIGTERM, SIGINT and POST /quitquitquit
+all start the same graceful drain: listeners close at once, open connections get
+CONNECTION_TERMINATION_DEADLINE seconds, then the agent exits.
+"""
+
+from __future__ import annotations
+
+import datetime
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import trio
+
+from ztunnel import __version__
+from ztunnel.config import Config, ProxyMode, WorkloadInfo
+from ztunnel.errors import ConfigError
+from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA
+from ztunnel.identity.manager import SecretManager
+from ztunnel.proxy.context import ProxyContext
+from ztunnel.proxy.sockets import LocalSocketFactory
+from ztunnel.proxy.workload_proxy import ProxyAddresses, WorkloadProxy
+from ztunnel.sources.dump import policy_to_dump, service_to_dump, workload_to_dump
+from ztunnel.sources.localconfig import LocalConfig, load_local_config, load_local_config_file
+from ztunnel.state.store import StateStore
+from ztunnel.telemetry.connections import ConnectionTracker
+from ztunnel.telemetry.logging import configure_logging
+from ztunnel.telemetry.metrics import Metrics
+
+log = structlog.get_logger("ztunnel.agent")
+
+
+def make_ca(config: Config) -> CertificateAuthority:
+    if config.ca_dir:
+        try:
+            return FileCA.load(config.ca_dir)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("CA_DIR", config.ca_dir, f"cannot load the CA: {exc}") from exc
+    if config.fake_ca:
+        return FakeCA.ephemeral(config.trust_domain)
+    raise ConfigError(
+        "CA_DIR",
+        "",
+        "no certificate authority: set CA_DIR (see `ztunnel ca init DIR`) or FAKE_CA=true",
+    )
+
+
+def load_static_config(config: Config) -> LocalConfig | None:
+    if config.local_xds_path:
+        return load_local_config_file(config.local_xds_path)
+    if config.local_xds:
+        return load_local_config(config.local_xds, "LOCAL_XDS")
+    return None
+
+
+class Agent:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        ca: CertificateAuthority,
+        store: StateStore | None = None,
+        static: LocalConfig | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store if store is not None else StateStore()
+        self.static = static
+        if static is not None:
+            self.store.replace_all(static.workloads, static.services, static.policies)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.tracker = ConnectionTracker(self.metrics)
+        self.secrets = SecretManager(ca, ttl=datetime.timedelta(seconds=config.secret_ttl))
+        self.ctx = ProxyContext(config, self.store, self.secrets, self.tracker)
+        self.proxies: dict[str, WorkloadProxy] = {}
+        self.pending: dict[str, str] = {"proxy": "workload proxies not started"}
+        self.bound: dict[str, tuple[str, int]] = {}
+        self._cancel: Callable[[], None] | None = None
+        self._draining = False
+        self.extra_services: list[Callable[..., Any]] = []
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        *,
+        cluster_file: str | None = None,
+        cluster_prefix: str | None = None,
+        policy_dir: str | None = None,
+    ) -> Agent:
+        """Validate everything that can be validated before starting (raises ConfigError)."""
+        static = load_static_config(config)
+        agent = cls(config, ca=make_ca(config), static=static)
+        if config.proxy_mode is ProxyMode.SHARED:
+            if cluster_file is None:
+                raise ConfigError(
+                    "PROXY_MODE",
+                    "shared",
+                    "shared (in-pod) mode needs a pod source: --cluster FILE; "
+                    "for a single workload use PROXY_MODE=dedicated with PROXY_WORKLOAD_INFO",
+                )
+            from ztunnel.enroll.controller import attach_cluster_source
+
+            attach_cluster_source(agent, cluster_file, cluster_prefix, policy_dir)
+        elif policy_dir is not None:
+            from ztunnel.policy.istio import load_policy_dir
+
+            result = load_policy_dir(policy_dir)
+            for warning in result.warnings:
+                log.warning("policy", message=warning)
+            for translated in result.policies:
+                agent.store.upsert_policy(translated.authorization)
+        return agent
+
+    # -- running ---------------------------------------------------------------
+
+    def run_forever(self) -> int:
+        configure_logging(self.config.log_level, self.config.log_format)
+        trio.run(self._main)
+        return 0
+
+    async def _main(self) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run)
+            nursery.start_soon(self._watch_signals)
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal received, draining", signal=signal.Signals(signum).name)
+                await self.shutdown()
+                return
+
+    async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start every service; ``task_status.started(self)`` once all listeners are bound."""
+        with trio.CancelScope() as scope:
+            self._cancel = scope.cancel
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                await nursery.start(self.secrets.run)
+                await self._start_admin(nursery)
+                if self.config.proxy_mode is ProxyMode.DEDICATED:
+                    await self._start_dedicated(nursery)
+                for service in self.extra_services:
+                    await nursery.start(service)
+                log.info("agent ready", version=__version__, mode=self.config.proxy_mode.value,
+                         **{k: f"{v[0]}:{v[1]}" for k, v in self.bound.items()})
+                task_status.started(self)
+
+    async def _start_admin(self, nursery: trio.Nursery) -> None:
+        from ztunnel.admin.server import serve_admin, serve_metrics, serve_readiness
+
+        cfg = self.config
+        self.bound["admin"] = await nursery.start(
+            serve_admin, cfg.admin_addr, self.config_dump, self.request_shutdown
+        )
+        self.bound["stats"] = await nursery.start(serve_metrics, cfg.stats_addr, self.metrics)
+        self.bound["readiness"] = await nursery.start(
+            serve_readiness, cfg.readiness_addr, self.readiness
+        )
+
+    async def _start_dedicated(self, nursery: trio.Nursery) -> None:
+        cfg = self.config
+        info = cfg.proxy_workload_info
+        assert info is not None  # Config.validate guarantees it in dedicated mode
+        addresses = ProxyAddresses(
+            outbound=cfg.outbound_addr,
+            inbound=cfg.inbound_addr,
+            inbound_plaintext=cfg.inbound_plaintext_addr,
+            socks5=cfg.socks5_addr if cfg.socks5_enabled else None,
+        )
+        proxy = WorkloadProxy(
+            self.ctx,
+            info,
+            LocalSocketFactory(cfg.packet_mark),
+            addresses,
+            orig_src=cfg.enable_orig_src if cfg.enable_orig_src is not None else False,
+        )
+        await self.start_proxy(nursery, proxy)
+
+    async def start_proxy(self, nursery: trio.Nursery, proxy: WorkloadProxy) -> None:
+        """Start one workload proxy (raises OSError if a listener cannot bind)."""
+        await nursery.start(proxy.run)
+        self.proxies[proxy.uid] = proxy
+        self.metrics.active_proxy_count.set(len(self.proxies))
+        self.metrics.proxies_started.inc()
+        for name, addr in proxy.bound.items():
+            self.bound[name if len(self.proxies) == 1 else f"{proxy.uid}/{name}"] = addr
+        self.pending.pop("proxy", None)
+
+    async def stop_proxy(self, uid: str, deadline: float) -> None:
+        proxy = self.proxies.pop(uid, None)
+        if proxy is None:
+            return
+        await proxy.drain(deadline)
+        self.metrics.active_proxy_count.set(len(self.proxies))
+        self.metrics.proxies_stopped.inc()
+
+    def request_shutdown(self) -> None:
+        """Admin /quitquitquit: drain in the background, then exit."""
+        self.nursery.start_soon(self.shutdown)
+
+    async def shutdown(self) -> None:
+        if self._draining:
+            return
+        self._draining = True
+        deadline = self.config.connection_termination_deadline
+        log.info("draining", deadline_seconds=deadline, proxies=len(self.proxies))
+        async with trio.open_nursery() as nursery:
+            for uid in list(self.proxies):
+                nursery.start_soon(self.stop_proxy, uid, deadline)
+        if self._cancel is not None:
+            self._cancel()
+
+    # -- inspection ------------------------------------------------------------
+
+    def readiness(self) -> list[str]:
+        return sorted(f"{k}: {v}" for k, v in self.pending.items())
+
+    def config_dump(self) -> dict[str, Any]:
+        return {
+            "workloads": [workload_to_dump(w) for w in self.store.workloads()],
+            "services": [service_to_dump(s) for s in self.store.services()],
+            "policies": [policy_to_dump(p) for p in self.store.policies()],
+            "certificates": self.secrets.dump(),
+            "staticConfig": self.static.raw if self.static is not None else {},
+            "version": {"version": __version__, "buildProfile": "python", "istioVersion": ""},
+            "config": self.config.to_dump(),
+            "workloadState": self.workload_state(),
+        }
+
+    def workload_state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for uid, proxy in self.proxies.items():
+            conns = self.tracker.connections_for(uid)
+            out[uid] = {
+                "state": "Up",
+                "info": {
+                    "name": proxy.info.name,
+                    "namespace": proxy.info.namespace,
+                    "serviceAccount": proxy.info.service_account,
+                },
+                "connections": {
+                    d: [c.dump() for c in conns if c.info.direction == d]
+                    for d in ("inbound", "outbound")
+                },
+            }
+        return out
+
+
+__all__ = ["Agent", "WorkloadInfo", "make_ca"]

@@ -1,0 +1,136 @@
+"""Command line: ``ztunnel run | ca init | ctl | demo``.
+
+Every ``run`` option is also read from ztunnel's environment variable of the
+same meaning (flag > env > default); ``ztunnel run --help`` lists both names.
+Bad configuration exits with status 2 and one clear line, before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+
+from ztunnel import __version__
+from ztunnel.config import Config
+from ztunnel.errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("agent settings (flag, or the environment variable shown)")
+    for f in dataclasses.fields(Config):
+        env = f.metadata["env"]
+        default = f.default
+        if isinstance(default, tuple):
+            default = f"{default[0]}:{default[1]}"
+        elif hasattr(default, "value"):
+            default = default.value
+        text = f.metadata["help"] or f.name.replace("_", " ")
+        group.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            metavar=env,
+            default=None,
+            help=f"{text} [env {env}; default {default!r}]",
+        )
+    extra = parser.add_argument_group("pod sources (shared mode)")
+    extra.add_argument(
+        "--cluster", metavar="FILE", help="simulated cluster file: the agent enrolls this node's pods"
+    )
+    extra.add_argument("--cluster-prefix", metavar="PREFIX", help="netns prefix of a running cluster")
+    extra.add_argument(
+        "--policies", metavar="DIR", help="Istio AuthorizationPolicy/PeerAuthentication YAML files"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ztunnel",
+        description="ztunnel-py: an Istio-ambient node agent (HBONE mTLS tunnel, L4 policy).",
+    )
+    parser.add_argument("--version", action="version", version=f"ztunnel-py {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser(
+        "run",
+        help="run the node agent",
+        description="Run the agent. Settings come from flags or ztunnel's environment variables.",
+    )
+    add_run_arguments(run)
+
+    ca = sub.add_parser("ca", help="manage the embedded certificate authority")
+    ca_sub = ca.add_subparsers(dest="ca_command", metavar="ACTION")
+    ca_sub.required = True
+    init = ca_sub.add_parser(
+        "init",
+        help="write a new root CA in Istio's plugged-in CA layout",
+        description="Write ca-cert.pem, ca-key.pem, root-cert.pem and cert-chain.pem into DIR "
+        "(the layout of Istio's cacerts secret), for `ztunnel run --ca-dir DIR`.",
+    )
+    init.add_argument("directory", metavar="DIR")
+    init.add_argument("--trust-domain", default="cluster.local", help="default %(default)s")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    sub.add_parser(
+        "ctl",
+        help="inspect a running agent (workloads, services, policies, certificates, ...)",
+        add_help=False,
+    )
+    demo = sub.add_parser(
+        "demo",
+        help="build a simulated 2-node ambient cluster, run traffic, explain it (root)",
+        description="Builds a two-node simulated cluster in network namespaces, runs traffic "
+        "through the mesh, prints what happened, and tears it down. Needs root.",
+    )
+    demo.add_argument("--keep", action="store_true", help="leave it running and print how to inspect")
+    demo.add_argument("--cluster", metavar="FILE", help="cluster file (default: the built-in demo)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["ctl"]:
+        from ztunnel.admin.ctl import main as ctl_main
+
+        return ctl_main(args_list[1:])
+    args = build_parser().parse_args(args_list)
+    if args.command == "ca":
+        from ztunnel.identity.cli import ca_init_command
+
+        return ca_init_command(args.directory, args.trust_domain, args.force)
+    if args.command == "demo":
+        from ztunnel.demo import demo_command
+
+        return demo_command(keep=args.keep, cluster_file=args.cluster)
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    try:
+        config = Config.from_sources(os.environ, overrides)
+        from ztunnel.agent import Agent
+
+        agent = Agent.from_config(
+            config,
+            cluster_file=args.cluster,
+            cluster_prefix=args.cluster_prefix,
+            policy_dir=args.policies,
+        )
+    except ConfigError as exc:
+        print(f"ztunnel: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return agent.run_forever()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

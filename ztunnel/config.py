@@ -1,0 +1,272 @@
+"""Agent configuration: ztunnel's environment variable names, overridable by flags.
+
+Precedence: command-line flag > environment variable > default. Every listener
+address can be overridden so several agents can share one machine. Parsing is
+strict: a bad value is a ConfigError naming the variable and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ztunnel.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class ProxyMode(enum.Enum):
+    SHARED = "shared"
+    DEDICATED = "dedicated"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadInfo:
+    """PROXY_WORKLOAD_INFO: which workload a dedicated-mode agent proxies for."""
+
+    namespace: str
+    name: str
+    service_account: str
+
+    @classmethod
+    def parse(cls, value: str) -> WorkloadInfo:
+        parts = value.split("/")
+        if len(parts) != 3 or not all(parts):
+            raise ConfigError("PROXY_WORKLOAD_INFO", "", f"expected <ns>/<name>/<sa>, got {value!r}")
+        return cls(*parts)
+
+
+Address = tuple[str, int]
+
+
+def parse_address(value: str, name: str) -> Address:
+    """``ip:port``, ``[v6]:port`` or ``:port`` (all interfaces)."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", value.strip())
+    if not m:
+        raise ConfigError(name, "", f"expected ip:port or [ipv6]:port, got {value!r}")
+    host = m.group(1) or m.group(3) or "::"
+    port = int(m.group(2) or m.group(4))
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ConfigError(name, "", f"bad IP address {host!r}") from exc
+    if not 0 <= port <= 65535:
+        raise ConfigError(name, "", f"port {port} out of range 0..65535")
+    return host, port
+
+
+def format_address(addr: Address) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: str, name: str) -> float:
+    """Go/humantime-style durations: ``24h``, ``5m``, ``1h30m``, ``500ms``, or bare seconds."""
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    total, pos = 0.0, 0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ConfigError(name, "", f"expected a duration like 30s, 5m or 24h, got {value!r}")
+    return total
+
+
+def parse_bool(value: str, name: str) -> bool:
+    low = value.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off", ""):
+        return False
+    raise ConfigError(name, "", f"expected true or false, got {value!r}")
+
+
+def parse_int(value: str, name: str, minimum: int = 0) -> int:
+    try:
+        number = int(value)
+    except ValueError as exc:
+        raise ConfigError(name, "", f"expected an integer, got {value!r}") from exc
+    if number < minimum:
+        raise ConfigError(name, "", f"must be at least {minimum}, got {number}")
+    return number
+
+
+def _env_field(env: str, parser: Callable[[str, str], Any], default: Any, help: str) -> Any:
+    return field(default=default, metadata={"env": env, "parse": parser, "help": help})
+
+
+def _mode(value: str, name: str) -> ProxyMode:
+    try:
+        return ProxyMode(value.strip().lower())
+    except ValueError as exc:
+        raise ConfigError(name, "", f"expected shared or dedicated, got {value!r}") from exc
+
+
+def _str(value: str, name: str) -> str:
+    return value
+
+
+def _opt_str(value: str, name: str) -> str | None:
+    return value or None
+
+
+def _workload_info(value: str, name: str) -> WorkloadInfo | None:
+    return WorkloadInfo.parse(value) if value else None
+
+
+def _log_format(value: str, name: str) -> str:
+    if value not in ("plain", "json"):
+        raise ConfigError(name, "", f"expected plain or json, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the agent needs to start; see docs/configuration.md."""
+
+    proxy_mode: ProxyMode = _env_field(
+        "PROXY_MODE", _mode, ProxyMode.SHARED, "shared (in-pod, per-pod proxies) or dedicated"
+    )
+    proxy_workload_info: WorkloadInfo | None = _env_field(
+        "PROXY_WORKLOAD_INFO", _workload_info, None, "ns/name/sa of the workload (dedicated mode)"
+    )
+    local_xds_path: str | None = _env_field(
+        "LOCAL_XDS_PATH", _opt_str, None, "ztunnel local-config YAML file"
+    )
+    local_xds: str | None = _env_field("LOCAL_XDS", _opt_str, None, "local-config YAML, inline")
+    trust_domain: str = _env_field("TRUST_DOMAIN", _str, "cluster.local", "SPIFFE trust domain")
+    cluster_id: str = _env_field("CLUSTER_ID", _str, "Kubernetes", "cluster id (metrics, baggage)")
+    node_name: str = _env_field("NODE_NAME", _str, "", "this node's name")
+    network: str = _env_field("NETWORK", _str, "", "this node's network")
+    fake_ca: bool = _env_field("FAKE_CA", parse_bool, False, "use an ephemeral in-memory CA")
+    ca_dir: str | None = _env_field(
+        "CA_DIR", _opt_str, None, "Istio plugged-in CA directory (ca-cert.pem, ca-key.pem, ...)"
+    )
+    secret_ttl: float = _env_field(
+        "SECRET_TTL", parse_duration, 86400.0, "workload certificate lifetime (e.g. 24h)"
+    )
+    pool_max_streams_per_connection: int = _env_field(
+        "POOL_MAX_STREAMS_PER_CONNECTION",
+        lambda v, n: parse_int(v, n, 1),
+        100,
+        "HBONE streams per pooled connection before another is opened",
+    )
+    pool_unused_release_timeout: float = _env_field(
+        "POOL_UNUSED_RELEASE_TIMEOUT", parse_duration, 300.0, "idle pooled connection lifetime"
+    )
+    http2_stream_window_size: int = _env_field(
+        "HTTP2_STREAM_WINDOW_SIZE",
+        lambda v, n: parse_int(v, n, 65535),
+        4 * 1024 * 1024,
+        "HTTP/2 per-stream flow-control window (bytes)",
+    )
+    http2_connection_window_size: int = _env_field(
+        "HTTP2_CONNECTION_WINDOW_SIZE",
+        lambda v, n: parse_int(v, n, 65535),
+        16 * 1024 * 1024,
+        "HTTP/2 connection flow-control window (bytes)",
+    )
+    http2_frame_size: int = _env_field(
+        "HTTP2_FRAME_SIZE",
+        lambda v, n: parse_int(v, n, 16384),
+        1024 * 1024,
+        "HTTP/2 SETTINGS_MAX_FRAME_SIZE (bytes)",
+    )
+    log_format: str = _env_field("LOG_FORMAT", _log_format, "plain", "plain or json")
+    log_level: str = _env_field("RUST_LOG", _str, "info", "log filter, e.g. info or access=debug")
+    socks5_enabled: bool = _env_field(
+        "UNSTABLE_ENABLE_SOCKS5", parse_bool, False, "enable the SOCKS5 outbound listener"
+    )
+    packet_mark: int = _env_field(
+        "PACKET_MARK", lambda v, n: parse_int(v, n, 0), 0x539, "SO_MARK of every agent socket"
+    )
+    enable_orig_src: bool | None = _env_field(
+        "ENABLE_ORIG_SRC",
+        lambda v, n: parse_bool(v, n),
+        None,
+        "keep the client's source IP upstream (default: when the kernel allows)",
+    )
+    connection_termination_deadline: float = _env_field(
+        "CONNECTION_TERMINATION_DEADLINE", parse_duration, 5.0, "drain deadline on shutdown"
+    )
+    outbound_addr: Address = _env_field(
+        "ZTUNNEL_OUTBOUND_ADDR", parse_address, ("::", 15001), "outbound capture listener"
+    )
+    inbound_addr: Address = _env_field(
+        "ZTUNNEL_INBOUND_ADDR", parse_address, ("::", 15008), "inbound HBONE listener"
+    )
+    inbound_plaintext_addr: Address = _env_field(
+        "ZTUNNEL_INBOUND_PLAINTEXT_ADDR", parse_address, ("::", 15006), "inbound plaintext listener"
+    )
+    socks5_addr: Address = _env_field(
+        "ZTUNNEL_SOCKS5_ADDR", parse_address, ("127.0.0.1", 15080), "SOCKS5 listener"
+    )
+    admin_addr: Address = _env_field(
+        "ZTUNNEL_ADMIN_ADDR", parse_address, ("127.0.0.1", 15000), "admin endpoint"
+    )
+    stats_addr: Address = _env_field(
+        "ZTUNNEL_STATS_ADDR", parse_address, ("::", 15020), "Prometheus metrics"
+    )
+    readiness_addr: Address = _env_field(
+        "ZTUNNEL_READINESS_ADDR", parse_address, ("::", 15021), "readiness probe"
+    )
+
+    @classmethod
+    def env_names(cls) -> Mapping[str, str]:
+        """Field name -> environment variable name."""
+        return {f.name: f.metadata["env"] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_sources(
+        cls, env: Mapping[str, str], overrides: Mapping[str, str | None] | None = None
+    ) -> Config:
+        """Build from the environment, then flag overrides (raw strings, by field name)."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f.metadata["env"]
+            raw = (overrides or {}).get(f.name)
+            if raw is None:
+                raw = env.get(name)
+            if raw is not None:
+                values[f.name] = f.metadata["parse"](raw, name)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.local_xds_path and self.local_xds:
+            raise ConfigError("LOCAL_XDS_PATH", "", "LOCAL_XDS_PATH and LOCAL_XDS are exclusive")
+        if self.proxy_mode is ProxyMode.DEDICATED and self.proxy_workload_info is None:
+            raise ConfigError("PROXY_WORKLOAD_INFO", "", "required when PROXY_MODE=dedicated")
+        if self.fake_ca and self.ca_dir:
+            raise ConfigError("CA_DIR", "", "FAKE_CA and CA_DIR are exclusive")
+
+    def to_dump(self) -> dict[str, Any]:
+        """camelCase view for config_dump's "config" section."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, WorkloadInfo):
+                value = dataclasses.asdict(value)
+            elif isinstance(value, tuple):
+                value = format_address(value)
+            head, *rest = f.name.split("_")
+            out[head + "".join(p.title() for p in rest)] = value
+        return out

@@ -1,0 +1,46 @@
+"""HBONE request/response metadata headers (baggage, forwarded, traceparent). Sans-IO."""
+
+from __future__ import annotations
+
+import secrets
+
+from ztunnel.model.workload import Workload
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def baggage(workload: Workload | None, cluster_id: str = "Kubernetes") -> str:
+    """ztunnel's baggage: workload attribution for the peer's telemetry; empty values omitted."""
+    if workload is None:
+        return ""
+    items = [
+        ("k8s.cluster.name", workload.cluster_id or cluster_id),
+        ("k8s.namespace.name", workload.namespace),
+        (f"k8s.{workload.workload_type.value}.name", workload.workload_name or workload.name),
+        ("service.name", workload.canonical_name),
+        ("service.version", workload.canonical_revision),
+        ("cloud.region", workload.locality.region),
+        ("cloud.availability_zone", workload.locality.zone),
+    ]
+    return ",".join(f"{k}={v}" for k, v in items if v)
+
+
+def parse_baggage(value: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in value.split(","):
+        key, sep, val = item.strip().partition("=")
+        if sep and key:
+            out[key] = val
+    return out
+
+
+def forwarded(client: tuple[str, int], service_host: str | None) -> str:
+    value = f'for="{format_hostport(*client)}"'
+    return f"{value};host={service_host}" if service_host else value
+
+
+def traceparent() -> str:
+    """A fresh W3C trace context per outbound connection."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"

@@ -1,0 +1,175 @@
+"""Inbound HBONE (15008): mTLS accept, CONNECT streams, L4 policy, upstream to the app.
+
+Per stream, in ztunnel's order (inbound.rs): the CONNECT request is validated
+by the HBONE server (400), the authority resolved against the local workload
+(400 IP mismatch, 503 no port / self call), L4 authorization evaluated with the
+peer's verified SPIFFE identity (401, flag DENY) *before* any connection to the
+app, then the app is dialled from the client's IP where the kernel allows
+(503, flag CONNECT), and only then 200 is sent and bytes flow.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+
+from ztunnel.config import Address
+from ztunnel.hbone.connection import HboneServerStream, serve_hbone
+from ztunnel.hbone.engine import ConnectRequest, validate_connect
+from ztunnel.hbone.tlsstream import tls_handshake
+from ztunnel.identity.tls import server_context, verify_client_trust_domain
+from ztunnel.model.identity import Identity
+from ztunnel.model.workload import Workload
+from ztunnel.policy.rbac import ConnectionAttrs, Decision, evaluate
+from ztunnel.proxy import headers
+from ztunnel.proxy.relay import describe, relay
+from ztunnel.proxy.sockets import connect_socket, socket_stream, sockname
+from ztunnel.state.resolve import ResolveError, resolve_inbound
+from ztunnel.telemetry.connections import ConnectionInfo, TrackedConnection
+
+if TYPE_CHECKING:
+    from ztunnel.proxy.workload_proxy import WorkloadProxy
+
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
+async def serve_inbound_connection(proxy: WorkloadProxy, conn: socket.socket, peer: Address) -> None:
+    local_addr = sockname(conn)
+    tracker = proxy.ctx.tracker
+    try:
+        local = await proxy.local_workload()
+        cert = await proxy.ctx.secrets.fetch(local.identity)
+        tls = await tls_handshake(
+            conn, server_context(cert), server_side=True, timeout=TLS_HANDSHAKE_TIMEOUT
+        )
+    except Exception as exc:
+        tracker.connection_failed(peer, local_addr, "inbound", f"tls handshake failed: {describe(exc)}")
+        return
+    try:
+        src_identity = verify_client_trust_domain(
+            tls.peer_certificate_der() or b"", local.identity.trust_domain
+        )
+    except Exception as exc:
+        tracker.connection_failed(peer, local_addr, "inbound", f"client identity rejected: {exc}")
+        await trio.aclose_forcefully(tls)
+        return
+    conn_ctx = InboundConnection(proxy, local, src_identity, peer, local_addr)
+    try:
+        await serve_hbone(
+            tls,
+            conn_ctx.handle_stream,
+            stream_window=proxy.ctx.config.http2_stream_window_size,
+            connection_window=proxy.ctx.config.http2_connection_window_size,
+            max_frame_size=proxy.ctx.config.http2_frame_size,
+            on_connection=proxy.server_connections.add,
+            on_close=proxy.server_connections.discard,
+        )
+    finally:
+        await trio.aclose_forcefully(tls)
+
+
+class InboundConnection:
+    """One mTLS connection from a peer agent; each CONNECT stream is handled here."""
+
+    def __init__(
+        self,
+        proxy: WorkloadProxy,
+        local: Workload,
+        src_identity: Identity,
+        peer: Address,
+        local_addr: Address,
+    ) -> None:
+        self.proxy = proxy
+        self.local = local
+        self.src_identity = src_identity
+        self.peer = peer
+        self.local_addr = local_addr
+
+    async def handle_stream(self, request: ConnectRequest, stream: HboneServerStream) -> None:
+        proxy, ctx = self.proxy, self.proxy.ctx
+        _, host, port = validate_connect(request)
+        dst_ip = self.local_addr[0]
+        try:
+            target = resolve_inbound(ctx.store, self.local, host, port, ipaddress.ip_address(dst_ip))
+        except ResolveError as exc:
+            ctx.tracker.connection_failed(self.peer, (host, port), "inbound", str(exc))
+            await stream.respond(exc.status, [])
+            return
+        upstream_addr = (dst_ip, target.port)
+        src_workload = ctx.store.workload_by_ip(ipaddress.ip_address(self.peer[0]))
+        tracked = ctx.tracker.open(
+            ConnectionInfo(
+                direction="inbound",
+                reporter="destination",
+                src_addr=self.peer,
+                dst_addr=upstream_addr,
+                hbone_addr=(host, port),
+                src_workload=src_workload,
+                dst_workload=self.local,
+                dst_service=target.service,
+                src_identity=self.src_identity,
+                dst_identity=self.local.identity,
+                security_policy="mutual_tls",
+                proxy_uid=proxy.uid,
+            )
+        )
+        decision = evaluate(
+            ctx.store.policies_for(self.local),
+            ConnectionAttrs(
+                src_ip=ipaddress.ip_address(self.peer[0]),
+                dst_ip=ipaddress.ip_address(dst_ip),
+                dst_port=target.port,
+                src_identity=self.src_identity,
+            ),
+        )
+        if not decision.allowed:
+            await stream.respond(401, [])
+            tracked.close(denial_reason(decision), "DENY")
+            return
+        try:
+            sock = await connect_socket(
+                proxy.factory,
+                upstream_addr,
+                src_ip=self.peer[0] if proxy.transparent else None,
+                transparent=proxy.transparent,
+            )
+        except OSError as exc:
+            await stream.respond(503, [])
+            tracked.close(f"connect to {upstream_addr[0]}:{upstream_addr[1]} failed: {describe(exc)}", "CONNECT")
+            return
+        app = socket_stream(sock)
+        resp_headers = [("baggage", headers.baggage(self.local, ctx.config.cluster_id))]
+        try:
+            await stream.respond(200, [h for h in resp_headers if h[1]])
+            error = await relay_tracked(stream, app, tracked)
+        finally:
+            await trio.aclose_forcefully(app)
+
+
+async def relay_tracked(
+    client: trio.abc.HalfCloseableStream, app: trio.abc.HalfCloseableStream, tracked: TrackedConnection
+) -> str | None:
+    """Relay client <-> app, counting bytes live; a policy change may cut it (tracked.cancel)."""
+    error: str | None = None
+    with trio.CancelScope() as scope:
+        tracked.cancel = scope.cancel
+        try:
+            result = await relay(
+                client, app, on_a_to_b=tracked.add_received, on_b_to_a=tracked.add_sent
+            )
+            error = result.error
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            error = describe(exc)
+    if scope.cancelled_caught:
+        error = "connection closed: no longer allowed by policy"
+    tracked.close(error)
+    return error
+
+
+def denial_reason(decision: Decision) -> str:
+    """The access-log error for a denied connection, naming the deciding policy if any."""
+    by = f" by {decision.policy}" if decision.policy else ""
+    return f"connection denied: {decision.message}{by}"

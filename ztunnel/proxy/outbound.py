@@ -1,0 +1,167 @@
+"""Outbound: a captured app connection (15001) or a SOCKS5 one becomes HBONE, TCP or passthrough.
+
+Order follows ztunnel's outbound.rs: self-call check, source workload, resolve
+the destination (workload by IP, service VIP with weighted endpoint choice,
+waypoints), then HBONE through the pool, plain TCP to known non-mesh workloads,
+or passthrough for unknown addresses. Outbound applies no policy: the
+destination's agent decides.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from ztunnel.config import Address
+from ztunnel.hbone.connection import HboneStatusError
+from ztunnel.hbone.pool import PoolKey
+from ztunnel.proxy import headers
+from ztunnel.proxy.relay import describe, relay
+from ztunnel.proxy.sockets import connect_socket, original_dst, socket_stream
+from ztunnel.state.resolve import (
+    HboneUpstream,
+    Passthrough,
+    ResolveError,
+    TcpUpstream,
+    Upstream,
+    resolve_outbound,
+)
+from ztunnel.telemetry.connections import ConnectionInfo, TrackedConnection
+
+if TYPE_CHECKING:
+    from ztunnel.model.workload import Workload
+    from ztunnel.proxy.workload_proxy import WorkloadProxy
+
+# Called once the upstream is connected (True) or has failed (False, reason); SOCKS5 replies then.
+ReadyHook = Callable[[bool, str], Awaitable[None]]
+
+
+async def serve_outbound_connection(proxy: WorkloadProxy, conn: socket.socket, peer: Address) -> None:
+    dst = original_dst(conn)
+    stream = socket_stream(conn)
+    try:
+        await proxy_outbound(proxy, stream, peer, dst)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def is_self_call(proxy: WorkloadProxy, dst: Address) -> bool:
+    return ipaddress.ip_address(dst[0]).is_loopback and dst[1] in proxy.ctx.illegal_ports
+
+
+async def proxy_outbound(
+    proxy: WorkloadProxy,
+    downstream: trio.abc.HalfCloseableStream,
+    client: Address,
+    dst: Address,
+    *,
+    ready: ReadyHook | None = None,
+    early_data: bytes = b"",
+) -> None:
+    """Carry one outbound connection to ``dst``; never raises for network trouble."""
+    tracker = proxy.ctx.tracker
+
+    async def fail(reason: str) -> None:
+        tracker.connection_failed(client, dst, "outbound", reason)
+        if ready is not None:
+            await ready(False, reason)
+
+    if is_self_call(proxy, dst):
+        await fail(f"self call to {dst[0]}:{dst[1]} refused")
+        return
+    try:
+        source = await proxy.local_workload()
+        upstream = resolve_outbound(
+            proxy.ctx.store, source, ipaddress.ip_address(dst[0]), dst[1], rng=proxy.ctx.rng
+        )
+    except (LookupError, ResolveError) as exc:
+        await fail(str(exc))
+        return
+    tracked = tracker.open(connection_info(proxy, source, client, dst, upstream))
+    error: str | None = None
+    flags = "-"
+    try:
+        upstream_stream = await open_upstream(proxy, source, client, dst, upstream)
+    except HboneStatusError as exc:
+        error, flags = f"http status: {exc.status}", "CONNECT"
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+        error, flags = f"connect to upstream failed: {describe(exc)}", "CONNECT"
+    except Exception as exc:  # TLS identity mismatch, h2 failure...: deny on doubt
+        error, flags = f"connect to upstream failed: {exc}", "CONNECT"
+    if error is not None:
+        tracked.close(error, flags)
+        if ready is not None:
+            await ready(False, error)
+        return
+    try:
+        if ready is not None:
+            await ready(True, "")
+        if early_data:
+            await upstream_stream.send_all(early_data)
+            tracked.add_sent(len(early_data))
+        result = await relay(
+            downstream, upstream_stream, on_a_to_b=tracked.add_sent, on_b_to_a=tracked.add_received
+        )
+        error = result.error
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        error = describe(exc)
+    finally:
+        await trio.aclose_forcefully(upstream_stream)
+        tracked.close(error)
+
+
+def connection_info(
+    proxy: WorkloadProxy, source: Workload, client: Address, dst: Address, upstream: Upstream
+) -> ConnectionInfo:
+    workload = None if isinstance(upstream, Passthrough) else upstream.workload
+    service = None if isinstance(upstream, Passthrough) else upstream.service
+    hbone = isinstance(upstream, HboneUpstream)
+    return ConnectionInfo(
+        direction="outbound",
+        reporter="source",
+        src_addr=client,
+        dst_addr=upstream.address,
+        hbone_addr=upstream.authority if hbone else None,
+        src_workload=source,
+        dst_workload=workload,
+        dst_service=service,
+        src_identity=source.identity,
+        dst_identity=workload.identity if (hbone and workload is not None) else None,
+        security_policy="mutual_tls" if hbone else "unknown",
+        proxy_uid=proxy.uid,
+    )
+
+
+async def open_upstream(
+    proxy: WorkloadProxy, source: Workload, client: Address, dst: Address, upstream: Upstream
+) -> trio.abc.HalfCloseableStream:
+    if isinstance(upstream, HboneUpstream):
+        src_ip = client[0] if _is_workload_ip(source, client[0]) else None
+        key = PoolKey(
+            src_identity=source.identity,
+            dst_identities=tuple(sorted(set(upstream.expected_identities))),
+            dst=upstream.address,
+            src_ip=src_ip or "",
+        )
+        service_host = upstream.service.hostname if upstream.service is not None else None
+        extra = [
+            ("baggage", headers.baggage(source, proxy.ctx.config.cluster_id)),
+            ("forwarded", headers.forwarded(client, service_host)),
+            ("traceparent", headers.traceparent()),
+        ]
+        authority = headers.format_hostport(*upstream.authority)
+        return await proxy.pool.open_stream(key, authority, [h for h in extra if h[1]])
+    assert isinstance(upstream, TcpUpstream | Passthrough)
+    sock = await connect_socket(proxy.factory, upstream.address)
+    return socket_stream(sock)
+
+
+def _is_workload_ip(workload: Workload, ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip) in workload.workload_ips
+    except ValueError:
+        return False

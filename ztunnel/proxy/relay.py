@@ -1,0 +1,98 @@
+"""Bidirectional copy between two half-closeable streams.
+
+Theory of operation: one task per direction. EOF on one side becomes
+``send_eof`` on the other (TCP FIN <-> HTTP/2 END_STREAM) and that direction
+ends; the relay ends when both have. A failure in either direction is not a
+half-close: it cancels the other direction and is reported as the error.
+
+Read sizes grow like ztunnel's copy loop (1 KiB, then 16 KiB after 128 KiB,
+then 256 KiB after 10 MiB), so idle or chatty connections stay small while bulk
+transfers get large reads. Byte counts are reported live through callbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+SMALL, MEDIUM, LARGE = 1024, 16 * 1024 - 64, 256 * 1024 - 64
+MEDIUM_AFTER, LARGE_AFTER = 128 * 1024, 10 * 1024 * 1024
+
+
+def read_size(transferred: int) -> int:
+    if transferred >= LARGE_AFTER:
+        return LARGE
+    if transferred >= MEDIUM_AFTER:
+        return MEDIUM
+    return SMALL
+
+
+@dataclass
+class RelayResult:
+    a_to_b: int = 0
+    b_to_a: int = 0
+    error: str | None = None
+
+
+async def copy_one_way(
+    src: trio.abc.ReceiveStream,
+    dst: trio.abc.HalfCloseableStream,
+    count: Callable[[int], None],
+) -> int:
+    """Copy until EOF, then half-close ``dst``. Returns the bytes copied."""
+    total = 0
+    while True:
+        data = await src.receive_some(read_size(total))
+        if not data:
+            break
+        await dst.send_all(data)
+        total += len(data)
+        count(len(data))
+    await dst.send_eof()
+    return total
+
+
+async def relay(
+    a: trio.abc.HalfCloseableStream,
+    b: trio.abc.HalfCloseableStream,
+    *,
+    on_a_to_b: Callable[[int], None] = lambda n: None,
+    on_b_to_a: Callable[[int], None] = lambda n: None,
+) -> RelayResult:
+    """Relay until both directions reach EOF or one fails. Does not close a or b."""
+    result = RelayResult()
+
+    async def direction(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
+                        forward: bool, cancel: trio.CancelScope) -> None:
+        def count(n: int) -> None:
+            if forward:
+                result.a_to_b += n
+                on_a_to_b(n)
+            else:
+                result.b_to_a += n
+                on_b_to_a(n)
+
+        try:
+            await copy_one_way(src, dst, count)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if result.error is None:
+                result.error = describe(exc)
+            cancel.cancel()
+
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(direction, a, b, True, scope)
+            nursery.start_soon(direction, b, a, False, scope)
+    return result
+
+
+def describe(exc: BaseException) -> str:
+    """A short, log-friendly reason, following the chain to the OS error if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror.lower()
+        seen = seen.__cause__ or seen.__context__
+    return str(exc) or type(exc).__name__

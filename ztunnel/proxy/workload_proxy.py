@@ -1,0 +1,223 @@
+"""One proxy instance per proxied workload: its listeners, its HBONE pool, its drain.
+
+In dedicated mode the agent runs one of these in its own netns; in in-pod mode
+the enrollment controller runs one per enrolled pod, with a socket factory that
+creates every socket inside that pod's netns. Everything else is identical.
+
+Lifecycle: ``run`` binds every listener first (a bind failure raises before
+``task_status.started``, so the caller can mark the pod pending), then accepts
+until cancelled or drained. ``drain`` stops accepting, asks HBONE peers to go
+away (GOAWAY), waits up to a deadline for open connections, then cancels them.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from ztunnel.config import Address, WorkloadInfo
+from ztunnel.hbone.pool import HbonePool, PoolKey
+from ztunnel.hbone.tlsstream import TLSStream, tls_handshake
+from ztunnel.identity.tls import client_context, verify_server_identity
+from ztunnel.model.workload import Workload
+from ztunnel.proxy.context import ProxyContext
+from ztunnel.proxy.sockets import SocketFactory, accept, connect_socket, make_listener
+
+WORKLOAD_WAIT = 5.0  # ztunnel waits this long for the local workload to appear in xDS
+
+Handler = Callable[[socket.socket, Address], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyAddresses:
+    outbound: Address
+    inbound: Address
+    inbound_plaintext: Address
+    socks5: Address | None = None
+
+
+class WorkloadProxy:
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        info: WorkloadInfo,
+        factory: SocketFactory,
+        addresses: ProxyAddresses,
+        *,
+        uid: str = "",
+        orig_src: bool | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.info = info
+        self.uid = uid or f"{info.namespace}/{info.name}"
+        self.factory = factory
+        self.addresses = addresses
+        self._orig_src_wanted = orig_src
+        self.transparent = False
+        self.bound: dict[str, Address] = {}
+        cfg = ctx.config
+        self.pool = HbonePool(
+            self._dial,
+            max_streams_per_conn=cfg.pool_max_streams_per_connection,
+            idle_timeout=cfg.pool_unused_release_timeout,
+            stream_window=cfg.http2_stream_window_size,
+            connection_window=cfg.http2_connection_window_size,
+            max_frame_size=cfg.http2_frame_size,
+        )
+        self.server_connections: set[object] = set()
+        self._accept_scope = trio.CancelScope()
+        self._scope: trio.CancelScope | None = None
+        self._active = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.draining = False
+
+    # -- local workload -------------------------------------------------------
+
+    def find_local_workload(self) -> Workload | None:
+        return self.ctx.store.find_workload(
+            self.info.namespace, self.info.name, self.info.service_account
+        )
+
+    async def local_workload(self) -> Workload:
+        """The proxied workload, waiting briefly for the config to name it."""
+        with trio.move_on_after(WORKLOAD_WAIT):
+            while (workload := self.find_local_workload()) is None:
+                await trio.sleep(0.05)
+            return workload
+        raise LookupError(
+            f"unknown source workload {self.info.namespace}/{self.info.name} "
+            f"(sa {self.info.service_account}) after {WORKLOAD_WAIT:.0f}s"
+        )
+
+    # -- HBONE dialing (the pool's connector) ---------------------------------
+
+    async def _dial(self, key: PoolKey) -> TLSStream:
+        cert = await self.ctx.secrets.fetch(key.src_identity)
+        sock = await connect_socket(self.factory, key.dst, src_ip=key.src_ip or None)
+        tls = await tls_handshake(sock, client_context(cert), server_side=False)
+        try:
+            verify_server_identity(tls.peer_certificate_der() or b"", key.dst_identities)
+        except BaseException:
+            await trio.aclose_forcefully(tls)
+            raise
+        return tls
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def _bind(self) -> list[tuple[str, socket.socket, Handler]]:
+        from ztunnel.proxy.inbound import serve_inbound_connection
+        from ztunnel.proxy.inbound_plain import serve_plaintext_connection
+        from ztunnel.proxy.outbound import serve_outbound_connection
+        from ztunnel.proxy.socks5 import serve_socks5_connection
+
+        wants = self._orig_src_wanted is not False
+        plan: list[tuple[str, Address, Handler, bool]] = [
+            ("outbound", self.addresses.outbound, self._wrap(serve_outbound_connection), False),
+            ("inbound", self.addresses.inbound, self._wrap(serve_inbound_connection), wants),
+            (
+                "inbound_plaintext",
+                self.addresses.inbound_plaintext,
+                self._wrap(serve_plaintext_connection),
+                wants,
+            ),
+        ]
+        if self.addresses.socks5 is not None:
+            plan.append(("socks5", self.addresses.socks5, self._wrap(serve_socks5_connection), False))
+        bound: list[tuple[str, socket.socket, Handler]] = []
+        try:
+            for name, addr, handler, transparent in plan:
+                sock, is_transparent = make_listener(self.factory, addr, transparent=transparent)
+                bound.append((name, sock, handler))
+                self.bound[name] = sock.getsockname()[:2]
+                if transparent:
+                    self.transparent = is_transparent if self._orig_src_wanted is None else True
+        except BaseException:
+            for _, sock, _ in bound:
+                sock.close()
+            raise
+        return bound
+
+    def _wrap(self, fn: Callable[[WorkloadProxy, socket.socket, Address], Awaitable[None]]) -> Handler:
+        async def handler(conn: socket.socket, peer: Address) -> None:
+            await fn(self, conn, peer)
+
+        return handler
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        bound = self._bind()
+        try:
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.pool.run)
+                    await nursery.start(self._accept_all, bound, nursery)
+                    task_status.started()
+        finally:
+            for _, sock, _ in bound:
+                sock.close()
+
+    async def _accept_all(
+        self,
+        bound: list[tuple[str, socket.socket, Handler]],
+        handlers: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with self._accept_scope:
+            async with trio.open_nursery() as nursery:
+                for name, sock, handler in bound:
+                    nursery.start_soon(self._accept_loop, name, sock, handler, handlers)
+                task_status.started()
+
+    async def _accept_loop(
+        self, name: str, listener: socket.socket, handler: Handler, handlers: trio.Nursery
+    ) -> None:
+        while True:
+            try:
+                conn, peer = await accept(listener)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of resources: back off instead of spinning; never crash the agent.
+                    self.ctx.log.error("accept failed", listener=name, error=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            handlers.start_soon(self._run_handler, handler, conn, peer)
+
+    async def _run_handler(self, handler: Handler, conn: socket.socket, peer: Address) -> None:
+        self._active += 1
+        self._idle = trio.Event() if self._active == 1 else self._idle
+        try:
+            await handler(conn, peer)
+        except Exception as exc:  # one connection's bug must never take the proxy down
+            self.ctx.log.exception("connection handler failed", error=str(exc))
+        finally:
+            conn.close()
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    @property
+    def active_connections(self) -> int:
+        return self._active
+
+    async def drain(self, deadline: float) -> None:
+        """Stop accepting, GOAWAY HBONE peers, wait ``deadline`` s for connections, then cut."""
+        self.draining = True
+        self._accept_scope.cancel()
+        for conn in list(self.server_connections):
+            drain = getattr(conn, "drain", None)
+            if drain is not None:
+                drain()
+        with trio.move_on_after(deadline):
+            await self._idle.wait()
+        self.stop()
+
+    def stop(self) -> None:
+        self._accept_scope.cancel()
+        if self._scope is not None:
+            self._scope.cancel()
