@@ -23,6 +23,7 @@ Rules this relies on:
 from __future__ import annotations
 
 import errno
+import operator
 import socket
 import ssl
 from collections.abc import Iterator
@@ -112,7 +113,7 @@ class TLSStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Up to ``max_bytes`` (default 64 KiB) of plaintext; b"" at EOF."""
-        size = DEFAULT_RECEIVE_SIZE if max_bytes is None else max_bytes
+        size = DEFAULT_RECEIVE_SIZE if max_bytes is None else operator.index(max_bytes)
         if size < 1:
             raise ValueError("max_bytes must be >= 1")
         with self._guard("_receiving", "receive_some"):
@@ -134,9 +135,26 @@ class TLSStream(trio.abc.Stream):
                     else:
                         break
                     waited = True
+                if n:
+                    n += self._read_more(n, size)
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return bytes(memoryview(self._buf)[:n])
+
+    def _read_more(self, have: int, size: int) -> int:
+        # SSL_read returns one 16 KiB record per call; take what is already there
+        # without waiting, so callers (h2's frame buffer) see fewer, larger chunks.
+        extra = 0
+        view = memoryview(self._buf)
+        while have + extra < size:
+            try:
+                got = self._sock.recv_into(view[have + extra :], size - have - extra)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError):
+                break
+            if not got:
+                break
+            extra += got
+        return extra
 
     async def _wait_writable_from_reader(self) -> None:
         if self._waiting_writable:

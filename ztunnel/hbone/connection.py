@@ -1,0 +1,481 @@
+"""The trio driver of one HBONE HTTP/2 connection over a TLS stream.
+
+Theory of operation: three tasks per connection, in a nursery owned by ``run``:
+
+* the **reader** receives bytes, feeds the engine and dispatches events to the
+  streams. It never blocks on writing: a reader waiting on a full socket while
+  the peer waits on us is the classic HTTP/2 deadlock.
+* the **writer** waits to be kicked and sends everything the engine queued in
+  one ``send_all`` (coalescing frames). ``kick()`` returns a sequence number that
+  ``wait_flushed`` waits on, which is how stream writes get socket backpressure.
+* the **keepalive** sends a PING every ``ping_interval`` and drops the
+  connection if no ack arrives within ``ping_timeout`` (ztunnel: 10 s / 20 s).
+
+Graceful drain is GOAWAY, wait for open streams, then close; a deadline bounds
+it. Any transport failure ends ``run`` quietly and breaks the open streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import trio
+
+from ztunnel.hbone.engine import H2Settings, HboneEngine, validate_connect
+from ztunnel.hbone.errors import ConnectionGoneError, HboneError, HboneStatusError
+from ztunnel.hbone.events import (
+    ConnectionClosed,
+    ConnectRequest,
+    Data,
+    ErrorCode,
+    Event,
+    GoAwayReceived,
+    Headers,
+    PingAcked,
+    Response,
+    SettingsChanged,
+    StreamEnded,
+    StreamReset,
+    WindowOpened,
+)
+from ztunnel.hbone.stream import HboneStream
+
+log = logging.getLogger("ztunnel.hbone")
+
+RECEIVE_SIZE = 256 * 1024
+CLOSE_FLUSH_TIMEOUT = 1.0
+
+
+class _Connection:
+    """Shared machinery of client and server connections."""
+
+    _started_after_settings = False
+
+    def __init__(
+        self,
+        tls: trio.abc.Stream,
+        engine: HboneEngine,
+        *,
+        ping_interval: float | None,
+        ping_timeout: float,
+    ) -> None:
+        self.engine = engine
+        self._tls = tls
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._streams: dict[int, HboneStream] = {}
+        self._wake_writer = trio.Event()
+        self._flushed = trio.Event()
+        self._queued_seq = 0
+        self._written_seq = 0
+        self._ping_acked = trio.Event()
+        self._idle = trio.Event()
+        self._ready = trio.Event()  # the peer's first SETTINGS arrived
+        self._nursery: trio.Nursery | None = None
+        self._closing = False
+        self.closed = False
+        self.close_reason = ""
+
+    # -- the _StreamHost protocol ---------------------------------------------------
+
+    def kick(self) -> int:
+        """Ask the writer to flush; returns a sequence number for ``wait_flushed``."""
+        self._queued_seq += 1
+        self._wake_writer.set()
+        return self._queued_seq
+
+    async def wait_flushed(self, seq: int) -> None:
+        """Wait until everything queued before ``kick()`` returned ``seq`` is written."""
+        while self._written_seq < seq and not self.closed:
+            await self._flushed.wait()
+        if self._written_seq < seq:
+            raise trio.BrokenResourceError(f"HBONE connection closed: {self.close_reason}")
+
+    def stream_finished(self, stream: HboneStream) -> None:
+        if self._streams.get(stream.stream_id) is stream:
+            del self._streams[stream.stream_id]
+            if not self._streams:
+                self._idle.set()
+                self._idle = trio.Event()
+                self._on_idle()
+
+    # -- state --------------------------------------------------------------------
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed or self._closing
+
+    # -- lifetime -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Drive the connection until it closes.
+
+        Calls ``task_status.started(self)`` (a client only once the peer's SETTINGS
+        arrived, so ``max_streams`` is known); raises ConnectionGoneError if the
+        connection dies before that. Afterwards its end is not an error.
+        """
+        started = False
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                if self._ping_interval:
+                    nursery.start_soon(self._keepalive)
+                self.kick()  # preface and SETTINGS
+                if self._started_after_settings:
+                    await self._ready.wait()
+                if not self.closed:
+                    task_status.started(self)
+                    started = True
+        finally:
+            self._mark_closed(self.close_reason or "connection closed")
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self._tls)
+        if not started:
+            raise ConnectionGoneError(f"HTTP/2 handshake failed: {self.close_reason}")
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now (no GOAWAY); open streams become broken."""
+        self._mark_closed(reason)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "closed") -> None:
+        """Send the final GOAWAY (bounded flush), then end the connection."""
+        if self._closing or self.closed:
+            return
+        self._closing = True
+        self.close_reason = reason
+        self.engine.close(code)
+        seq = self.kick()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._finish_after_flush, seq)
+
+    async def _finish_after_flush(self, seq: int) -> None:
+        with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
+            with contextlib.suppress(trio.BrokenResourceError):
+                await self.wait_flushed(seq)
+        self.abort(self.close_reason)
+
+    def _mark_closed(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = self.close_reason or reason
+        for stream in list(self._streams.values()):
+            stream._on_connection_lost(self.close_reason)
+        self._streams.clear()
+        self._flushed.set()
+        self._idle.set()
+        self._ready.set()
+
+    def _on_idle(self) -> None:
+        """Hook: the last open stream finished."""
+
+    # -- tasks ----------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer = trio.Event()
+            seq, data = self._queued_seq, self.engine.data_to_send()
+            if data:
+                try:
+                    await self._tls.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.abort(f"write failed: {exc}")
+                    return
+            self._written_seq = seq
+            self._flushed.set()
+            self._flushed = trio.Event()
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                data = await self._tls.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.abort(f"read failed: {exc}")
+                return
+            if not data:
+                self.abort("peer closed the connection")
+                return
+            for event in self.engine.receive_data(bytes(data)):
+                self._dispatch(event)
+            self.kick()
+
+    async def _keepalive(self) -> None:
+        assert self._ping_interval is not None
+        while True:
+            await trio.sleep(self._ping_interval)
+            self.engine.ping()
+            self.kick()
+            with trio.move_on_after(self._ping_timeout) as scope:
+                await self._ping_acked.wait()
+            if scope.cancelled_caught:
+                log.info("hbone: no PING ack in %ss, dropping connection", self._ping_timeout)
+                self.abort("ping timeout")
+                return
+
+    # -- events -----------------------------------------------------------------------
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, Data):
+            target = self._streams.get(event.stream_id)
+            if target is None:
+                self.engine.acknowledge(event.stream_id, len(event.data))
+            else:
+                target._on_data(event.data)
+        elif isinstance(event, StreamEnded):
+            if (stream := self._streams.get(event.stream_id)) is not None:
+                stream._on_end()
+        elif isinstance(event, StreamReset):
+            if (stream := self._streams.get(event.stream_id)) is not None:
+                stream._on_reset(event.error_code)
+        elif isinstance(event, WindowOpened):
+            self._on_window(event.stream_id)
+        elif isinstance(event, SettingsChanged):
+            self._ready.set()
+        elif isinstance(event, PingAcked):
+            self._ping_acked.set()
+            self._ping_acked = trio.Event()
+        elif isinstance(event, GoAwayReceived):
+            self._on_goaway(event)
+        elif isinstance(event, ConnectionClosed):
+            log.info("hbone: peer protocol error: %s", event.reason)
+            self.close(event.error_code, f"protocol error: {event.reason}")
+        else:
+            self._dispatch_role(event)
+
+    def _dispatch_role(self, event: Event) -> None:
+        """Role-specific events (ConnectRequest / Response)."""
+
+    def _on_window(self, stream_id: int | None) -> None:
+        if stream_id is None:
+            for each in self._streams.values():
+                each._on_window()
+        elif (stream := self._streams.get(stream_id)) is not None:
+            stream._on_window()
+
+    def _on_goaway(self, event: GoAwayReceived) -> None:
+        if event.error_code != ErrorCode.NO_ERROR:
+            self.abort(f"peer sent GOAWAY with error {event.error_code}")
+            return
+        for sid, stream in list(self._streams.items()):
+            if sid > event.last_stream_id:  # never processed by the peer
+                stream._on_connection_lost("refused by GOAWAY")
+                self.stream_finished(stream)
+        if not self._streams:
+            self.close(reason="peer sent GOAWAY")
+
+
+# -- client ----------------------------------------------------------------------------
+
+
+class HboneClientConnection(_Connection):
+    """Client end of a pooled HBONE connection: opens CONNECT streams."""
+
+    _started_after_settings = True  # the pool needs the peer's MAX_CONCURRENT_STREAMS
+
+    def __init__(
+        self,
+        tls: trio.abc.Stream,
+        *,
+        settings: H2Settings | None = None,
+        max_streams: int = 100,
+        ping_interval: float | None = 10.0,
+        ping_timeout: float = 20.0,
+    ) -> None:
+        engine = HboneEngine(client=True, settings=settings or H2Settings.client())
+        super().__init__(tls, engine, ping_interval=ping_interval, ping_timeout=ping_timeout)
+        self._pool_limit = max_streams
+        self.opened_streams = 0
+
+    @property
+    def max_streams(self) -> int:
+        """min(pool limit, peer's MAX_CONCURRENT_STREAMS), as ztunnel's pool does."""
+        return min(self._pool_limit, self.engine.peer_max_concurrent_streams)
+
+    @property
+    def accepting_streams(self) -> bool:
+        return not self.is_closed and self.engine.accepting_streams
+
+    async def open_stream(
+        self, authority: str, headers: Iterable[tuple[str, str]] = ()
+    ) -> HboneStream:
+        """CONNECT ``authority``; returns the stream once the peer answered 200.
+
+        Raises HboneStatusError for any other status, ConnectionGoneError if the
+        connection is closed or draining (or refused the stream), and
+        trio.BrokenResourceError if the connection broke meanwhile.
+        """
+        if self.is_closed:
+            raise ConnectionGoneError(f"connection closed: {self.close_reason}")
+        stream_id = self.engine.send_connect(authority, headers)
+        stream = HboneStream(self, stream_id)
+        self._streams[stream_id] = stream
+        self.opened_streams += 1
+        self.kick()
+        try:
+            await self._await_response(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream
+
+    async def _await_response(self, stream: HboneStream) -> None:
+        while stream.response_status is None:
+            if stream._reset_code is not None:
+                raise ConnectionGoneError(f"stream refused (reset code {stream._reset_code})")
+            if stream._broken is not None:
+                raise ConnectionGoneError(f"connection lost before response: {stream._broken}")
+            await stream._changed.wait()
+        if stream.response_status != 200:
+            raise HboneStatusError(stream.response_status, stream.response_headers)
+
+    def _dispatch_role(self, event: Event) -> None:
+        stream = self._streams.get(getattr(event, "stream_id", 0))
+        if isinstance(event, Response) and stream is not None:
+            stream._on_response(event.status, event.headers)
+
+    def _on_idle(self) -> None:
+        if self.engine.goaway_received:
+            self.close(reason="drained after GOAWAY")
+
+
+# -- server ----------------------------------------------------------------------------
+
+
+class HboneServerStream(HboneStream):
+    """Server side of a CONNECT stream: the handler must ``respond`` first."""
+
+    responded = False
+
+    async def respond(self, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
+        """Send the response; a non-200 also ends the stream (END_STREAM)."""
+        if self.responded:
+            raise HboneError("response already sent")
+        self._check_usable()
+        end = status != 200
+        self._host.engine.respond(self.stream_id, status, headers, end_stream=end)
+        self.responded = True
+        if end:
+            self._sent_eof = True
+        await self._host.wait_flushed(self._host.kick())
+        if end:
+            self._maybe_finished()
+
+
+Handler = Callable[[ConnectRequest, HboneServerStream], Awaitable[None]]
+
+
+class HboneServerConnection(_Connection):
+    """Server end: runs ``handler`` per CONNECT stream in the connection's nursery."""
+
+    def __init__(
+        self,
+        tls: trio.abc.Stream,
+        handler: Handler,
+        *,
+        settings: H2Settings | None = None,
+        ping_interval: float | None = 10.0,
+        ping_timeout: float = 20.0,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        engine = HboneEngine(client=False, settings=settings or H2Settings.server())
+        super().__init__(tls, engine, ping_interval=ping_interval, ping_timeout=ping_timeout)
+        self._handler = handler
+        self._drain_timeout = drain_timeout
+        self.draining = False
+
+    def drain(self) -> None:
+        """Graceful drain: GOAWAY now, close when open streams finish or at the deadline."""
+        if self.draining or self.is_closed or self._nursery is None:
+            return
+        self.draining = True
+        self.engine.goaway()
+        self.kick()
+        if not self._streams:
+            self.close(reason="drained")
+        else:
+            self._nursery.start_soon(self._drain_deadline)
+
+    async def _drain_deadline(self) -> None:
+        await trio.sleep(self._drain_timeout)
+        log.info("hbone: drain deadline reached with %d open streams", len(self._streams))
+        self.close(reason="drain timeout")
+
+    def _on_idle(self) -> None:
+        if self.draining:
+            self.close(reason="drained")
+
+    def _dispatch_role(self, event: Event) -> None:
+        if isinstance(event, ConnectRequest):
+            self._on_request(event)
+
+    def _on_request(self, request: ConnectRequest) -> None:
+        status, _, _ = validate_connect(request)
+        if status is not None:
+            self.engine.respond(request.stream_id, status, end_stream=True)
+            return
+        stream = HboneServerStream(self, request.stream_id)
+        self._streams[request.stream_id] = stream
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_handler, request, stream)
+
+    async def _run_handler(self, request: ConnectRequest, stream: HboneServerStream) -> None:
+        try:
+            await self._handler(request, stream)
+            if not stream.responded and not stream._closed and not self.closed:
+                await stream.respond(503)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("hbone: handler for %s failed", request.authority)
+            self.engine.reset(stream.stream_id, ErrorCode.INTERNAL_ERROR)
+        finally:
+            await stream.aclose()
+
+
+async def serve_hbone(
+    tls: trio.abc.Stream,
+    handler: Handler,
+    *,
+    settings: H2Settings | None = None,
+    ping_interval: float | None = 10.0,
+    ping_timeout: float = 20.0,
+    drain_timeout: float = 30.0,
+    task_status: trio.TaskStatus[HboneServerConnection] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve HBONE on an accepted TLS stream until the connection ends.
+
+    ``task_status.started(conn)`` hands out the connection, whose ``drain()``
+    starts a graceful shutdown. Protocol-level 400s (validate_connect) are
+    answered here; every other stream goes to ``handler``.
+    """
+    conn = HboneServerConnection(
+        tls,
+        handler,
+        settings=settings,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        drain_timeout=drain_timeout,
+    )
+    await conn.run(task_status=task_status)
+
+
+__all__ = [
+    "Handler",
+    "HboneClientConnection",
+    "HboneServerConnection",
+    "HboneServerStream",
+    "Headers",
+    "serve_hbone",
+]
