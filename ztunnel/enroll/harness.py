@@ -1,0 +1,197 @@
+"""Run one real agent process per node of a simulated cluster (demo, e2e tests, benchmarks).
+
+Each agent is ``python -m ztunnel.cli run --cluster F --cluster-prefix P`` started with
+``ip netns exec <node netns>``, so it sees the node's network like a DaemonSet pod would;
+its JSON log goes to a file. The caller lives in the root netns, so talking to an agent's
+localhost ports (readiness, admin) uses a socket created in the node netns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ztunnel.cluster.net import ClusterNet, NodeNet
+from ztunnel.redirect.netns import NetNamespace
+
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+READINESS_PORT = 15021
+ADMIN_PORT = 15000
+
+
+@dataclass
+class AgentProcess:
+    node: NodeNet
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The agent's JSON log records (non-JSON lines, e.g. tracebacks, are skipped)."""
+        out: list[dict[str, Any]] = []
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return out
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    out.append(record)
+        return out
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM (graceful drain), then SIGKILL if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def agent_env(
+    node: str, ca_dir: str | os.PathLike[str], extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        NODE_NAME=node,
+        CA_DIR=os.fspath(ca_dir),
+        LOG_FORMAT="json",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [_PROJECT_ROOT, env.get("PYTHONPATH")])),
+    )
+    env.pop("PROXY_MODE", None)  # shared is the default; a stray dedicated setting would break it
+    env.update(extra or {})
+    return env
+
+
+def start_agent(
+    net: ClusterNet,
+    node: str,
+    cluster_file: str | os.PathLike[str],
+    ca_dir: str | os.PathLike[str],
+    *,
+    log_path: Path | None = None,
+    policy_dir: str | None = None,
+    extra_env: Mapping[str, str] | None = None,
+) -> AgentProcess:
+    nn = net.nodes[node]
+    log_path = log_path or net.log_dir / f"agent-{node}.log"
+    argv = [
+        "ip", "netns", "exec", nn.netns,
+        sys.executable, "-m", "ztunnel.cli", "run",
+        "--cluster", os.fspath(cluster_file), "--cluster-prefix", net.prefix,
+    ]  # fmt: skip
+    if policy_dir is not None:
+        argv += ["--policies", policy_dir]
+    env = agent_env(node, ca_dir, extra_env)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    return AgentProcess(nn, proc, log_path, env)
+
+
+def http_get(
+    node: NodeNet, port: int, path: str, *, timeout: float = 2.0, host: str = "127.0.0.1"
+) -> tuple[int, bytes]:
+    """A tiny HTTP/1.1 GET to a port inside the node netns: (status, body)."""
+    with NetNamespace.named(node.netns) as ns, ns.socket() as sock:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    return status, body
+
+
+def readiness(agent: AgentProcess) -> tuple[int, str]:
+    """(status, body) of GET /healthz/ready; (0, error) if nothing answers yet."""
+    try:
+        status, body = http_get(agent.node, READINESS_PORT, "/healthz/ready")
+    except OSError as exc:
+        return 0, str(exc)
+    return status, body.decode(errors="replace")
+
+
+def wait_ready(agent: AgentProcess, timeout: float = 20.0) -> None:
+    """Block until the agent answers 200 on /healthz/ready; RuntimeError with its log if not."""
+    deadline = time.monotonic() + timeout
+    last = (0, "")
+    while time.monotonic() < deadline:
+        if not agent.alive:
+            raise RuntimeError(
+                f"agent on {agent.node.name} exited ({agent.proc.returncode}):\n{agent.log_tail()}"
+            )
+        last = readiness(agent)
+        if last[0] == 200:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(
+        f"agent on {agent.node.name} not ready after {timeout}s ({last[0]} {last[1].strip()}):\n"
+        f"{agent.log_tail()}"
+    )
+
+
+def config_dump(agent: AgentProcess) -> dict[str, Any]:
+    status, body = http_get(agent.node, ADMIN_PORT, "/config_dump", timeout=5.0)
+    if status != 200:
+        raise RuntimeError(f"config_dump on {agent.node.name}: HTTP {status}")
+    data: dict[str, Any] = json.loads(body)
+    return data
+
+
+def stop_agents(agents: Mapping[str, AgentProcess], timeout: float = 10.0) -> None:
+    """Graceful stop of all at once (they drain in parallel), then kill stragglers."""
+    for agent in agents.values():
+        if agent.alive:
+            agent.proc.send_signal(signal.SIGTERM)
+    for agent in agents.values():
+        agent.stop(timeout)
+
+
+@contextlib.contextmanager
+def running_agents(
+    net: ClusterNet,
+    cluster_file: str | os.PathLike[str],
+    ca_dir: str | os.PathLike[str],
+    *,
+    ready_timeout: float = 20.0,
+    policy_dir: str | None = None,
+) -> Iterator[dict[str, AgentProcess]]:
+    """One ready agent per node; always stopped on exit."""
+    agents: dict[str, AgentProcess] = {}
+    try:
+        for node in net.nodes:
+            agents[node] = start_agent(net, node, cluster_file, ca_dir, policy_dir=policy_dir)
+        for agent in agents.values():
+            wait_ready(agent, ready_timeout)
+        yield agents
+    finally:
+        stop_agents(agents)
