@@ -1,0 +1,183 @@
+"""HBONE client connection pool (ztunnel reference §1.6, src/proxy/pool.rs).
+
+Theory of operation: connections are grouped by ``PoolKey`` (source identity,
+expected destination identities, destination socket address, source IP). Per
+key, one ``trio.Lock`` makes the pick-or-dial step exclusive, so concurrent
+callers wait for a single dialer instead of each dialing ("connection storm",
+ztunnel#864/#931). A connection is handed out only while
+``active_streams + 1 < max_streams`` (max = min(pool limit, peer
+MAX_CONCURRENT_STREAMS)); past that the next caller dials an additional
+connection. Each connection's driver runs in the pool's nursery with an idle
+watcher that closes it after ``idle_timeout`` without streams; closed or broken
+connections drop out of the pool when their driver ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ztunnel.hbone.connection import HboneClientConnection
+from ztunnel.hbone.engine import H2Settings
+from ztunnel.hbone.stream import HboneStream
+from ztunnel.model.identity import Identity
+
+log = logging.getLogger("ztunnel.hbone.pool")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    """ztunnel's WorkloadKey: who we are, whom we expect, where we connect, from where."""
+
+    src_identity: Identity
+    dst_identities: frozenset[Identity]
+    dst: tuple[str, int]
+    src_ip: str
+
+
+Dial = Callable[[PoolKey], Awaitable[trio.abc.Stream]]
+
+
+@dataclass
+class _KeyState:
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    conns: list[HboneClientConnection] = field(default_factory=list)
+
+
+class HbonePool:
+    """Pooled HBONE client connections; ``run`` must be started in a nursery first."""
+
+    def __init__(
+        self,
+        dial: Dial,
+        *,
+        max_streams_per_conn: int = 100,
+        idle_timeout: float = 300.0,
+        settings: H2Settings | None = None,
+        ping_interval: float | None = 10.0,
+        ping_timeout: float = 20.0,
+    ) -> None:
+        self._dial = dial
+        self._max_streams = max_streams_per_conn
+        self._idle_timeout = idle_timeout
+        self._settings = settings
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._keys: dict[PoolKey, _KeyState] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[HbonePool] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own the connection drivers; returns only when cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    async def open_stream(
+        self, key: PoolKey, authority: str, headers: Iterable[tuple[str, str]] = ()
+    ) -> HboneStream:
+        """A CONNECT stream to ``authority`` over a pooled (or newly dialed) connection.
+
+        Raises whatever ``dial`` raises, HboneStatusError for a non-200 answer,
+        ConnectionGoneError if the chosen connection went away meanwhile.
+        """
+        state = self._keys.setdefault(key, _KeyState())
+        async with state.lock:
+            conn = self._pick(state) or await self._connect(key, state)
+        # open_stream registers the stream before its first await, so the count
+        # is exact for the next caller that takes the lock.
+        return await conn.open_stream(authority, headers)
+
+    def connection_count(self, key: PoolKey | None = None) -> int:
+        """Open connections for ``key`` (or all keys)."""
+        states = [self._keys.get(key)] if key is not None else list(self._keys.values())
+        return sum(len(s.conns) for s in states if s is not None)
+
+    def connections(self) -> list[tuple[PoolKey, HboneClientConnection]]:
+        """Snapshot of (key, connection) pairs (config dump, metrics)."""
+        return [(k, c) for k, s in self._keys.items() for c in s.conns]
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _pick(self, state: _KeyState) -> HboneClientConnection | None:
+        for conn in state.conns:
+            if conn.accepting_streams and conn.active_streams + 1 < conn.max_streams:
+                return conn
+        return None
+
+    async def _connect(self, key: PoolKey, state: _KeyState) -> HboneClientConnection:
+        if self._nursery is None:
+            raise RuntimeError("HbonePool.run() is not running")
+        tls = await self._dial(key)
+        conn = HboneClientConnection(
+            tls,
+            settings=self._settings,
+            max_streams=self._max_streams,
+            ping_interval=self._ping_interval,
+            ping_timeout=self._ping_timeout,
+        )
+        started: HboneClientConnection = await self._nursery.start(self._drive, key, state, conn)
+        return started
+
+    async def _drive(
+        self,
+        key: PoolKey,
+        state: _KeyState,
+        conn: HboneClientConnection,
+        *,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        # Listed before it is ready: only the dialer, holding the key's lock, can see it.
+        state.conns.append(conn)
+        failure: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await nursery.start(self._run_conn, conn, nursery.cancel_scope)
+                except Exception as exc:  # re-raised bare below, not as an ExceptionGroup
+                    failure = exc
+                else:
+                    task_status.started(conn)
+                    await self._idle_watch(conn)
+        finally:
+            state.conns.remove(conn)
+            if not state.conns and not state.lock.locked() and self._keys.get(key) is state:
+                del self._keys[key]
+        if failure is not None:
+            raise failure
+
+    @staticmethod
+    async def _run_conn(
+        conn: HboneClientConnection,
+        watcher: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await conn.run(task_status=task_status)
+        finally:
+            watcher.cancel()  # the connection ended: stop its idle watcher now
+
+    async def _idle_watch(self, conn: HboneClientConnection) -> None:
+        period = min(max(self._idle_timeout / 4, 0.01), 5.0)
+        idle_since: float | None = None
+        seen = conn.opened_streams
+        while not conn.is_closed:
+            await trio.sleep(period)
+            busy = conn.active_streams > 0 or conn.opened_streams != seen
+            seen = conn.opened_streams
+            now = trio.current_time()
+            if busy:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= self._idle_timeout - period:
+                log.debug("hbone pool: closing idle connection")
+                conn.close(reason="idle")
+                return
