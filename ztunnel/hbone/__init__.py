@@ -1,0 +1,47 @@
+"""HBONE: HTTP/2 CONNECT over mutual TLS (sans-IO engine, trio drivers, client pool)."""
+
+from __future__ import annotations
+
+from ztunnel.hbone.connection import (
+    Handler,
+    HboneClientConnection,
+    HboneServerConnection,
+    HboneServerStream,
+    serve_hbone,
+)
+from ztunnel.hbone.engine import H2Settings, HboneEngine, parse_authority, validate_connect
+from ztunnel.hbone.errors import (
+    ConnectionGoneError,
+    HboneError,
+    HboneStatusError,
+    StreamClosedError,
+    TLSHandshakeError,
+)
+from ztunnel.hbone.events import ConnectRequest, ErrorCode
+from ztunnel.hbone.pool import HbonePool, PoolKey
+from ztunnel.hbone.stream import HboneStream
+from ztunnel.hbone.tlsstream import TLSStream, tls_handshake
+
+__all__ = [
+    "ConnectRequest",
+    "ConnectionGoneError",
+    "ErrorCode",
+    "H2Settings",
+    "Handler",
+    "HboneClientConnection",
+    "HboneEngine",
+    "HboneError",
+    "HbonePool",
+    "HboneServerConnection",
+    "HboneServerStream",
+    "HboneStatusError",
+    "HboneStream",
+    "PoolKey",
+    "StreamClosedError",
+    "TLSHandshakeError",
+    "TLSStream",
+    "parse_authority",
+    "serve_hbone",
+    "tls_handshake",
+    "validate_connect",
+]
