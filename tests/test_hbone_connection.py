@@ -293,3 +293,30 @@ async def test_half_closeable_stream_conformance() -> None:
                 return client_stream, await server_side.receive()
 
             await trio.testing.check_half_closeable_stream(make_pair, None)
+
+
+async def test_serve_hbone_size_overrides_and_lifecycle_callbacks() -> None:
+    seen: list[str] = []
+    client_tls, server_tls = await tls_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                lambda task_status: serve_hbone(
+                    server_tls,
+                    Echo(),
+                    stream_window=1 * MIB,
+                    max_frame_size=64 * 1024,
+                    on_connection=lambda c: seen.append("open"),
+                    on_close=lambda c: seen.append("close"),
+                    task_status=task_status,
+                )
+            )
+            client = HboneClientConnection(client_tls)
+            await nursery.start(client.run)
+            remote = client.engine._h2.remote_settings
+            assert (remote.initial_window_size, remote.max_frame_size) == (MIB, 64 * 1024)
+            stream = await client.open_stream("10.0.0.2:80")
+            assert await echo_roundtrip(stream, b"x" * 200_000) == b"x" * 200_000
+            server.drain()
+            await wait_for(lambda: client.closed)
+    assert seen == ["open", "close"]

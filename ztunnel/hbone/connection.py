@@ -449,17 +449,31 @@ async def serve_hbone(
     handler: Handler,
     *,
     settings: H2Settings | None = None,
+    stream_window: int | None = None,
+    connection_window: int | None = None,
+    max_frame_size: int | None = None,
     ping_interval: float | None = 10.0,
     ping_timeout: float = 20.0,
     drain_timeout: float = 30.0,
+    on_connection: Callable[[HboneServerConnection], object] | None = None,
+    on_close: Callable[[HboneServerConnection], object] | None = None,
     task_status: trio.TaskStatus[HboneServerConnection] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve HBONE on an accepted TLS stream until the connection ends.
 
-    ``task_status.started(conn)`` hands out the connection, whose ``drain()``
-    starts a graceful shutdown. Protocol-level 400s (validate_connect) are
-    answered here; every other stream goes to ``handler``.
+    ``task_status.started(conn)`` (and ``on_connection(conn)``) hand out the
+    connection, whose ``drain()`` starts a graceful shutdown; ``on_close(conn)``
+    runs when it ends. The sizes override ``settings`` (or the server defaults).
+    Protocol-level 400s (validate_connect) are answered here; every other stream
+    goes to ``handler``.
     """
+    if settings is None:
+        settings = H2Settings.with_sizes(
+            client=False,
+            stream_window=stream_window,
+            connection_window=connection_window,
+            max_frame_size=max_frame_size,
+        )
     conn = HboneServerConnection(
         tls,
         handler,
@@ -468,14 +482,23 @@ async def serve_hbone(
         ping_timeout=ping_timeout,
         drain_timeout=drain_timeout,
     )
-    await conn.run(task_status=task_status)
+    if on_connection is not None:
+        on_connection(conn)
+    try:
+        await conn.run(task_status=task_status)
+    finally:
+        if on_close is not None:
+            on_close(conn)
 
 
 __all__ = [
+    "ConnectRequest",
+    "ConnectionGoneError",
     "Handler",
     "HboneClientConnection",
     "HboneServerConnection",
     "HboneServerStream",
+    "HboneStatusError",
     "Headers",
     "serve_hbone",
 ]

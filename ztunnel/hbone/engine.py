@@ -54,6 +54,14 @@ from ztunnel.hbone.events import (
     WindowOpened,
 )
 
+__all__ = [
+    "ConnectRequest",
+    "H2Settings",
+    "HboneEngine",
+    "parse_authority",
+    "validate_connect",
+]
+
 KIB = 1024
 MIB = 1024 * KIB
 _DEFAULT_WINDOW = 65_535  # RFC 9113 initial connection window
@@ -80,6 +88,24 @@ class H2Settings:
     @classmethod
     def client(cls, **overrides: int) -> H2Settings:
         return cls(**overrides)
+
+    @classmethod
+    def with_sizes(
+        cls,
+        *,
+        client: bool,
+        stream_window: int | None = None,
+        connection_window: int | None = None,
+        max_frame_size: int | None = None,
+    ) -> H2Settings:
+        """Role defaults with the env-configurable sizes (HTTP2_*) applied where given."""
+        given = {
+            "stream_window": stream_window,
+            "connection_window": connection_window,
+            "max_frame_size": max_frame_size,
+        }
+        overrides = {k: v for k, v in given.items() if v is not None}
+        return cls.client(**overrides) if client else cls.server(**overrides)
 
     @classmethod
     def server(cls, **overrides: int) -> H2Settings:

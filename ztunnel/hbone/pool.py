@@ -58,13 +58,22 @@ class HbonePool:
         max_streams_per_conn: int = 100,
         idle_timeout: float = 300.0,
         settings: H2Settings | None = None,
+        stream_window: int | None = None,
+        connection_window: int | None = None,
+        max_frame_size: int | None = None,
         ping_interval: float | None = 10.0,
         ping_timeout: float = 20.0,
     ) -> None:
+        """The sizes override ``settings`` (or the client defaults) where given."""
         self._dial = dial
         self._max_streams = max_streams_per_conn
         self._idle_timeout = idle_timeout
-        self._settings = settings
+        self._settings = settings or H2Settings.with_sizes(
+            client=True,
+            stream_window=stream_window,
+            connection_window=connection_window,
+            max_frame_size=max_frame_size,
+        )
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._keys: dict[PoolKey, _KeyState] = {}
