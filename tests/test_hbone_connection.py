@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 import trio.testing
+from hbone_certs import tls_pair
 
-from tests.hbone_certs import tls_pair
 from ztunnel.hbone.connection import (
     HboneClientConnection,
     HboneServerConnection,

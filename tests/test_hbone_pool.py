@@ -7,8 +7,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
+from hbone_certs import CLIENT_ID, SERVER_ID, client_ctx, connect_tcp, serve_loopback
 
-from tests.hbone_certs import CLIENT_ID, SERVER_ID, client_ctx, connect_tcp, serve_loopback
 from ztunnel.hbone.connection import HboneServerConnection, HboneServerStream
 from ztunnel.hbone.events import ConnectRequest
 from ztunnel.hbone.pool import HbonePool, PoolKey

@@ -9,8 +9,7 @@ import socket
 import pytest
 import trio
 import trio.testing
-
-from tests.hbone_certs import (
+from hbone_certs import (
     CLIENT_ID,
     SERVER_ID,
     client_ctx,
@@ -18,6 +17,7 @@ from tests.hbone_certs import (
     tcp_socketpair,
     tls_pair,
 )
+
 from ztunnel.hbone.errors import TLSHandshakeError
 from ztunnel.hbone.tlsstream import TLSStream, tls_handshake
 from ztunnel.identity.ca import FakeCA
