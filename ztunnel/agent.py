@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import signal
+from functools import partial
 from collections.abc import Callable
 from typing import Any
 
@@ -156,13 +157,20 @@ class Agent:
         from ztunnel.admin.server import serve_admin, serve_metrics, serve_readiness
 
         cfg = self.config
-        self.bound["admin"] = await nursery.start(
-            serve_admin, cfg.admin_addr, self.config_dump, self.request_shutdown
+        port = await nursery.start(
+            partial(
+                serve_admin,
+                cfg.admin_addr,
+                dump_provider=self.config_dump,
+                tracker=self.tracker,
+                on_quit=self.request_shutdown,
+            )
         )
-        self.bound["stats"] = await nursery.start(serve_metrics, cfg.stats_addr, self.metrics)
-        self.bound["readiness"] = await nursery.start(
-            serve_readiness, cfg.readiness_addr, self.readiness
-        )
+        self.bound["admin"] = (cfg.admin_addr[0], port)
+        port = await nursery.start(serve_metrics, cfg.stats_addr, self.metrics)
+        self.bound["stats"] = (cfg.stats_addr[0], port)
+        port = await nursery.start(serve_readiness, cfg.readiness_addr, self.readiness)
+        self.bound["readiness"] = (cfg.readiness_addr[0], port)
 
     async def _start_dedicated(self, nursery: trio.Nursery) -> None:
         cfg = self.config
@@ -187,7 +195,7 @@ class Agent:
         """Start one workload proxy (raises OSError if a listener cannot bind)."""
         await nursery.start(proxy.run)
         self.proxies[proxy.uid] = proxy
-        self.metrics.active_proxy_count.set(len(self.proxies))
+        self.metrics.active_proxies.set(len(self.proxies))
         self.metrics.proxies_started.inc()
         for name, addr in proxy.bound.items():
             self.bound[name if len(self.proxies) == 1 else f"{proxy.uid}/{name}"] = addr
@@ -198,7 +206,7 @@ class Agent:
         if proxy is None:
             return
         await proxy.drain(deadline)
-        self.metrics.active_proxy_count.set(len(self.proxies))
+        self.metrics.active_proxies.set(len(self.proxies))
         self.metrics.proxies_stopped.inc()
 
     def request_shutdown(self) -> None:

@@ -143,8 +143,8 @@ async def open_upstream(
         src_ip = client[0] if _is_workload_ip(source, client[0]) else None
         key = PoolKey(
             src_identity=source.identity,
-            dst_identities=tuple(sorted(set(upstream.expected_identities))),
-            dst=upstream.address,
+            dst_identities=frozenset(upstream.expected_identities),
+            dst=(str(upstream.address[0]), upstream.address[1]),
             src_ip=src_ip or "",
         )
         service_host = upstream.service.hostname if upstream.service is not None else None
@@ -153,10 +153,11 @@ async def open_upstream(
             ("forwarded", headers.forwarded(client, service_host)),
             ("traceparent", headers.traceparent()),
         ]
-        authority = headers.format_hostport(*upstream.authority)
-        return await proxy.pool.open_stream(key, authority, [h for h in extra if h[1]])
+        return await proxy.pool.open_stream(
+            key, upstream.authority_header, [h for h in extra if h[1]]
+        )
     assert isinstance(upstream, TcpUpstream | Passthrough)
-    sock = await connect_socket(proxy.factory, upstream.address)
+    sock = await connect_socket(proxy.factory, (str(upstream.address[0]), upstream.address[1]))
     return socket_stream(sock)
 
 

@@ -13,9 +13,12 @@ import errno
 import ipaddress
 import socket
 import struct
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
+
+if TYPE_CHECKING:
+    from ztunnel.redirect.netns import NetNamespace
 
 SO_MARK = 36
 SO_ORIGINAL_DST = 80
@@ -221,3 +224,16 @@ async def _connect(sock: socket.socket, dst: Address) -> None:
 def socket_stream(sock: socket.socket) -> trio.SocketStream:
     """Hand a connected stdlib socket to trio as a half-closeable stream."""
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+class NetnsSocketFactory:
+    """Sockets created inside a pod's network namespace (in-pod mode), marked 0x539."""
+
+    def __init__(self, netns: NetNamespace, mark: int | None) -> None:
+        self.netns = netns
+        self.mark = mark
+
+    def new_socket(self, family: int, kind: int) -> socket.socket:
+        sock = self.netns.socket(family, kind)
+        apply_mark(sock, self.mark)
+        return sock
