@@ -20,7 +20,9 @@ async def echo_handler(stream: trio.SocketStream) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def serve_echo(host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_echo(
+    host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started()
     await trio.serve_listeners(echo_handler, listeners)

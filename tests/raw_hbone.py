@@ -38,7 +38,11 @@ def request(
         conn.send_headers(1, headers, end_stream=False)
         if body:
             conn.send_data(1, body)
-        tls.sendall(conn.data_to_send())
+        try:
+            tls.sendall(conn.data_to_send())
+        except (ssl.SSLError, OSError) as exc:
+            # TLS 1.3: a refused client certificate shows up on first use.
+            raise HandshakeRejected(str(exc)) from exc
         status: int | None = None
         received = b""
         while True:
@@ -63,7 +67,10 @@ def request(
                     return status or 0, received
                 elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
                     return status or 0, received
-            tls.sendall(conn.data_to_send())
+            try:
+                tls.sendall(conn.data_to_send())
+            except (ssl.SSLError, OSError) as exc:
+                raise HandshakeRejected(str(exc)) from exc
     finally:
         tls.close()
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import trio
-
 from mesh_apps import echo_roundtrip, payload, serve_echo, sha
+
 from ztunnel.loopback import APP_PORT, LoopbackMesh, loopback_mesh, socks5_connect
 
 SIZES = [1, 1000, 64 * 1024 + 7, 4 * 1024 * 1024 + 3, 100 * 1024 * 1024]
@@ -45,9 +45,7 @@ async def test_service_vip_is_load_balanced_to_the_endpoint_over_hbone() -> None
             await stream.aclose()
             # The server agent saw mTLS connections from the client's SPIFFE identity.
             opened = mesh.server_agent.metrics.connections_opened
-            samples = [
-                s for m in opened.collect() for s in m.samples if s.name.endswith("_total")
-            ]
+            samples = [s for m in opened.collect() for s in m.samples if s.name.endswith("_total")]
             principals = {s.labels["source_principal"] for s in samples}
             assert principals == {"spiffe://cluster.local/ns/default/sa/client"}
             assert {s.labels["connection_security_policy"] for s in samples} == {"mutual_tls"}

@@ -11,9 +11,9 @@ import ssl
 
 import pytest
 import trio
-
 from mesh_apps import serve_echo
 from raw_hbone import HandshakeRejected, connect_headers, request
+
 from ztunnel.identity.ca import FakeCA
 from ztunnel.identity.errors import TLSIdentityError
 from ztunnel.identity.tls import client_context
@@ -28,13 +28,17 @@ def good_context(mesh: LoopbackMesh, identity: Identity = CLIENT) -> ssl.SSLCont
     return client_context(mesh.ca.workload_certificate(identity))
 
 
-async def probe(mesh: LoopbackMesh, ctx: ssl.SSLContext, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
+async def probe(
+    mesh: LoopbackMesh, ctx: ssl.SSLContext, headers: list[tuple[str, str]]
+) -> tuple[int, bytes]:
     addr = (mesh.server_ip, 15008)
     return await trio.to_thread.run_sync(lambda: request(addr, ctx, headers, body=b"ping"))
 
 
 async def assert_still_serving(mesh: LoopbackMesh) -> None:
-    status, body = await probe(mesh, good_context(mesh), connect_headers(f"{mesh.server_ip}:{APP_PORT}"))
+    status, body = await probe(
+        mesh, good_context(mesh), connect_headers(f"{mesh.server_ip}:{APP_PORT}")
+    )
     assert status == 200
     assert body == b"ping"
 
@@ -68,7 +72,9 @@ async def test_valid_client_gets_200_and_its_bytes_through() -> None:
     ],
     ids=["GET", "POST", "garbage-authority", "bad-port", "ip-mismatch", "self-call", "closed-port"],
 )
-async def test_bad_requests_get_the_documented_status(headers: list[tuple[str, str]], status: int) -> None:
+async def test_bad_requests_get_the_documented_status(
+    headers: list[tuple[str, str]], status: int
+) -> None:
     async def check(mesh: LoopbackMesh) -> None:
         hdrs = [(k, v.replace("{ip}", mesh.server_ip)) for k, v in headers]
         got, _ = await probe(mesh, good_context(mesh), hdrs)

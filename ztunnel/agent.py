@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import datetime
 import signal
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import structlog
@@ -149,8 +149,12 @@ class Agent:
                     await self._start_dedicated(nursery)
                 for service in self.extra_services:
                     await nursery.start(service)
-                log.info("agent ready", version=__version__, mode=self.config.proxy_mode.value,
-                         **{k: f"{v[0]}:{v[1]}" for k, v in self.bound.items()})
+                log.info(
+                    "agent ready",
+                    version=__version__,
+                    mode=self.config.proxy_mode.value,
+                    **{k: f"{v[0]}:{v[1]}" for k, v in self.bound.items()},
+                )
                 task_status.started(self)
 
     async def _start_admin(self, nursery: trio.Nursery) -> None:

@@ -43,9 +43,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         )
     extra = parser.add_argument_group("pod sources (shared mode)")
     extra.add_argument(
-        "--cluster", metavar="FILE", help="simulated cluster file: the agent enrolls this node's pods"
+        "--cluster",
+        metavar="FILE",
+        help="simulated cluster file: the agent enrolls this node's pods",
     )
-    extra.add_argument("--cluster-prefix", metavar="PREFIX", help="netns prefix of a running cluster")
+    extra.add_argument(
+        "--cluster-prefix", metavar="PREFIX", help="netns prefix of a running cluster"
+    )
     extra.add_argument(
         "--policies", metavar="DIR", help="Istio AuthorizationPolicy/PeerAuthentication YAML files"
     )
@@ -91,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Builds a two-node simulated cluster in network namespaces, runs traffic "
         "through the mesh, prints what happened, and tears it down. Needs root.",
     )
-    demo.add_argument("--keep", action="store_true", help="leave it running and print how to inspect")
+    demo.add_argument(
+        "--keep", action="store_true", help="leave it running and print how to inspect"
+    )
     demo.add_argument("--cluster", metavar="FILE", help="cluster file (default: the built-in demo)")
     return parser
 

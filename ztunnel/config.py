@@ -37,7 +37,9 @@ class WorkloadInfo:
     def parse(cls, value: str) -> WorkloadInfo:
         parts = value.split("/")
         if len(parts) != 3 or not all(parts):
-            raise ConfigError("PROXY_WORKLOAD_INFO", "", f"expected <ns>/<name>/<sa>, got {value!r}")
+            raise ConfigError(
+                "PROXY_WORKLOAD_INFO", "", f"expected <ns>/<name>/<sa>, got {value!r}"
+            )
         return cls(*parts)
 
 

@@ -116,7 +116,10 @@ async def loopback_mesh(
     text = (yaml_text or mesh_yaml(base)).replace("{base}", base)
     ca = ca or FakeCA.ephemeral()
     agents = []
-    for ip, workload in ((f"{base}.1", "default/client/client"), (f"{base}.2", "default/server/server")):
+    for ip, workload in (
+        (f"{base}.1", "default/client/client"),
+        (f"{base}.2", "default/server/server"),
+    ):
         static = load_local_config(text, "loopback mesh")
         agents.append(Agent(agent_config(ip, workload, extra=extra_env), ca=ca, static=static))
     async with trio.open_nursery() as nursery:

@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
-async def serve_inbound_connection(proxy: WorkloadProxy, conn: socket.socket, peer: Address) -> None:
+async def serve_inbound_connection(
+    proxy: WorkloadProxy, conn: socket.socket, peer: Address
+) -> None:
     local_addr = sockname(conn)
     tracker = proxy.ctx.tracker
     try:
@@ -46,7 +48,9 @@ async def serve_inbound_connection(proxy: WorkloadProxy, conn: socket.socket, pe
             conn, server_context(cert), server_side=True, timeout=TLS_HANDSHAKE_TIMEOUT
         )
     except Exception as exc:
-        tracker.connection_failed(peer, local_addr, "inbound", f"tls handshake failed: {describe(exc)}")
+        tracker.connection_failed(
+            peer, local_addr, "inbound", f"tls handshake failed: {describe(exc)}"
+        )
         return
     try:
         src_identity = verify_client_trust_domain(
@@ -93,7 +97,9 @@ class InboundConnection:
         _, host, port = validate_connect(request)
         dst_ip = self.local_addr[0]
         try:
-            target = resolve_inbound(ctx.store, self.local, host, port, ipaddress.ip_address(dst_ip))
+            target = resolve_inbound(
+                ctx.store, self.local, host, port, ipaddress.ip_address(dst_ip)
+            )
         except ResolveError as exc:
             ctx.tracker.connection_failed(self.peer, (host, port), "inbound", str(exc))
             await stream.respond(exc.status, [])
@@ -138,19 +144,24 @@ class InboundConnection:
             )
         except OSError as exc:
             await stream.respond(503, [])
-            tracked.close(f"connect to {upstream_addr[0]}:{upstream_addr[1]} failed: {describe(exc)}", "CONNECT")
+            tracked.close(
+                f"connect to {upstream_addr[0]}:{upstream_addr[1]} failed: {describe(exc)}",
+                "CONNECT",
+            )
             return
         app = socket_stream(sock)
         resp_headers = [("baggage", headers.baggage(self.local, ctx.config.cluster_id))]
         try:
             await stream.respond(200, [h for h in resp_headers if h[1]])
-            error = await relay_tracked(stream, app, tracked)
+            await relay_tracked(stream, app, tracked)
         finally:
             await trio.aclose_forcefully(app)
 
 
 async def relay_tracked(
-    client: trio.abc.HalfCloseableStream, app: trio.abc.HalfCloseableStream, tracked: TrackedConnection
+    client: trio.abc.HalfCloseableStream,
+    app: trio.abc.HalfCloseableStream,
+    tracked: TrackedConnection,
 ) -> str | None:
     """Relay client <-> app, counting bytes live; a policy change may cut it (tracked.cancel)."""
     error: str | None = None

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from ztunnel.proxy.workload_proxy import WorkloadProxy
 
 
-async def serve_plaintext_connection(proxy: WorkloadProxy, conn: socket.socket, peer: Address) -> None:
+async def serve_plaintext_connection(
+    proxy: WorkloadProxy, conn: socket.socket, peer: Address
+) -> None:
     ctx = proxy.ctx
     dst = original_dst(conn)
     if dst[1] in ctx.illegal_ports:

@@ -30,7 +30,7 @@ from ztunnel.state.resolve import (
     Upstream,
     resolve_outbound,
 )
-from ztunnel.telemetry.connections import ConnectionInfo, TrackedConnection
+from ztunnel.telemetry.connections import ConnectionInfo
 
 if TYPE_CHECKING:
     from ztunnel.model.workload import Workload
@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 ReadyHook = Callable[[bool, str], Awaitable[None]]
 
 
-async def serve_outbound_connection(proxy: WorkloadProxy, conn: socket.socket, peer: Address) -> None:
+async def serve_outbound_connection(
+    proxy: WorkloadProxy, conn: socket.socket, peer: Address
+) -> None:
     dst = original_dst(conn)
     stream = socket_stream(conn)
     try:
@@ -125,7 +127,7 @@ def connection_info(
         reporter="source",
         src_addr=client,
         dst_addr=upstream.address,
-        hbone_addr=upstream.authority if hbone else None,
+        hbone_addr=upstream.authority if isinstance(upstream, HboneUpstream) else None,
         src_workload=source,
         dst_workload=workload,
         dst_service=service,

@@ -64,8 +64,12 @@ async def relay(
     """Relay until both directions reach EOF or one fails. Does not close a or b."""
     result = RelayResult()
 
-    async def direction(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
-                        forward: bool, cancel: trio.CancelScope) -> None:
+    async def direction(
+        src: trio.abc.HalfCloseableStream,
+        dst: trio.abc.HalfCloseableStream,
+        forward: bool,
+        cancel: trio.CancelScope,
+    ) -> None:
         def count(n: int) -> None:
             if forward:
                 result.a_to_b += n

@@ -9,6 +9,7 @@ the agent's own traffic, and TCP_NODELAY (Nagle costs p99 latency, ztunnel #109)
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import socket
@@ -56,10 +57,8 @@ def apply_mark(sock: socket.socket, mark: int | None) -> None:
     """Set SO_MARK; without CAP_NET_ADMIN (non-root dedicated mode) there is nothing to skip."""
     if not mark:
         return
-    try:
+    with contextlib.suppress(PermissionError):
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-    except PermissionError:
-        pass
 
 
 def family_of(host: str) -> int:
@@ -82,7 +81,9 @@ def sockname(sock: socket.socket | trio.socket.SocketType, peer: bool = False) -
 def try_transparent(sock: socket.socket) -> bool:
     """Best-effort IP_TRANSPARENT (needs CAP_NET_ADMIN); tells whether it took."""
     level, opt = (
-        (SOL_IPV6, IPV6_TRANSPARENT) if sock.family == socket.AF_INET6 else (socket.SOL_IP, IP_TRANSPARENT)
+        (SOL_IPV6, IPV6_TRANSPARENT)
+        if sock.family == socket.AF_INET6
+        else (socket.SOL_IP, IP_TRANSPARENT)
     )
     try:
         sock.setsockopt(level, opt, 1)
@@ -166,13 +167,13 @@ async def connect_socket(
     *,
     src_ip: str | None = None,
     transparent: bool = False,
-    timeout: float = CONNECT_TIMEOUT,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> socket.socket:
     """Connect a non-blocking stdlib socket (created by ``factory``) to ``dst``.
 
     ``src_ip`` binds the source address first; with ``transparent`` the socket may
     use a non-local source (the original client's IP), as ztunnel's freebind_connect.
-    Raises OSError (TimeoutError after ``timeout``).
+    Raises OSError (TimeoutError after ``connect_timeout`` seconds).
     """
     sock = factory.new_socket(family_of(dst[0]), socket.SOCK_STREAM)
     try:
@@ -180,7 +181,7 @@ async def connect_socket(
         set_nodelay(sock)
         if src_ip is not None and family_of(src_ip) == sock.family:
             _bind_source(sock, src_ip, transparent)
-        with trio.move_on_after(timeout) as scope:
+        with trio.move_on_after(connect_timeout) as scope:
             await _connect(sock, dst)
         if scope.cancelled_caught:
             raise TimeoutError(errno.ETIMEDOUT, f"connect to {dst[0]}:{dst[1]} timed out")
@@ -194,12 +195,12 @@ def _bind_source(sock: socket.socket, src_ip: str, transparent: bool) -> None:
     if transparent:
         try_transparent(sock)
         level, opt = (
-            (SOL_IPV6, IPV6_FREEBIND) if sock.family == socket.AF_INET6 else (socket.SOL_IP, IP_FREEBIND)
+            (SOL_IPV6, IPV6_FREEBIND)
+            if sock.family == socket.AF_INET6
+            else (socket.SOL_IP, IP_FREEBIND)
         )
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(level, opt, 1)
-        except OSError:
-            pass
     try:
         sock.bind((src_ip, 0))
     except OSError as exc:

@@ -36,21 +36,26 @@ MAX_HANDSHAKE = 600  # greeting (257) + request (262) is the most SOCKS5 can nee
 
 async def serve_socks5_connection(proxy: WorkloadProxy, conn: socket.socket, peer: Address) -> None:
     stream = socket_stream(conn)
+    request: Socks5Request | None = None
+    leftover = b""
     try:
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             request, leftover = await _handshake(stream)
-            if request is None:
-                return
-            dst = _resolve(proxy, request)
-            if dst is None:
-                proxy.ctx.tracker.connection_failed(peer, (request.host, request.port), "outbound", "unknown SOCKS5 hostname")
-                await stream.send_all(encode_reply(Reply.HOST_UNREACHABLE))
-                return
+        if request is None:  # refused, malformed, or too slow: already answered or closed
+            return
+        dst = _resolve(proxy, request)
+        if dst is None:
+            proxy.ctx.tracker.connection_failed(
+                peer, (request.host, request.port), "outbound", "unknown SOCKS5 hostname"
+            )
+            await stream.send_all(encode_reply(Reply.HOST_UNREACHABLE))
+            return
 
         async def ready(ok: bool, reason: str) -> None:
-            reply = Reply.SUCCEEDED if ok else (
-                Reply.NOT_ALLOWED if "401" in reason else Reply.GENERAL_FAILURE
-            )
+            if ok:
+                reply = Reply.SUCCEEDED
+            else:
+                reply = Reply.NOT_ALLOWED if "401" in reason else Reply.GENERAL_FAILURE
             await stream.send_all(encode_reply(reply))
 
         await proxy_outbound(proxy, stream, peer, dst, ready=ready, early_data=leftover)

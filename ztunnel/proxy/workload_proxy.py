@@ -85,10 +85,19 @@ class WorkloadProxy:
 
     async def local_workload(self) -> Workload:
         """The proxied workload, waiting briefly for the config to name it."""
-        with trio.move_on_after(WORKLOAD_WAIT):
-            while (workload := self.find_local_workload()) is None:
-                await trio.sleep(0.05)
+        workload = self.find_local_workload()
+        if workload is not None:
             return workload
+        changed = trio.Event()
+        unsubscribe = self.ctx.store.subscribe(lambda kinds: changed.set())
+        try:
+            with trio.move_on_after(WORKLOAD_WAIT):
+                while (workload := self.find_local_workload()) is None:
+                    await changed.wait()
+                    changed = trio.Event()
+                return workload
+        finally:
+            unsubscribe()
         raise LookupError(
             f"unknown source workload {self.info.namespace}/{self.info.name} "
             f"(sa {self.info.service_account}) after {WORKLOAD_WAIT:.0f}s"
@@ -127,7 +136,9 @@ class WorkloadProxy:
             ),
         ]
         if self.addresses.socks5 is not None:
-            plan.append(("socks5", self.addresses.socks5, self._wrap(serve_socks5_connection), False))
+            plan.append(
+                ("socks5", self.addresses.socks5, self._wrap(serve_socks5_connection), False)
+            )
         bound: list[tuple[str, socket.socket, Handler]] = []
         try:
             for name, addr, handler, transparent in plan:
@@ -142,7 +153,9 @@ class WorkloadProxy:
             raise
         return bound
 
-    def _wrap(self, fn: Callable[[WorkloadProxy, socket.socket, Address], Awaitable[None]]) -> Handler:
+    def _wrap(
+        self, fn: Callable[[WorkloadProxy, socket.socket, Address], Awaitable[None]]
+    ) -> Handler:
         async def handler(conn: socket.socket, peer: Address) -> None:
             await fn(self, conn, peer)
 
