@@ -24,13 +24,13 @@ from ztunnel.enroll.controller import (
     attach_cluster_source,
     pending_key,
 )
+from ztunnel.enroll.harness import recreate_pod_netns
 from ztunnel.enroll.layout import attach
 from ztunnel.enroll.source import ClusterFileSource
 from ztunnel.errors import ConfigError
 from ztunnel.identity.ca import FakeCA
 from ztunnel.model.workload import TunnelProtocol
 from ztunnel.redirect import iptables
-from ztunnel.redirect.netns import NetNamespace, create_named, delete_named
 
 SMALL = textwrap.dedent(
     """\
@@ -293,32 +293,6 @@ async def test_agent_exit_leaves_rules_and_next_agent_reuses_them(
             assert not _listening(net, "a", 15008)
 
 
-def _recreate_pod_netns(net: ClusterNet, key: str, index: int) -> None:
-    """What a sandbox restart looks like: same netns name and IP, a new namespace."""
-    pod = net.pods[key]
-    host_if = f"{net.prefix}p{index}"
-    with NetNamespace.named(net.podnet) as podnet:
-        podnet.run(["ip", "link", "del", host_if])
-    delete_named(pod.netns)  # the agent's fd keeps the old namespace alive
-    create_named(pod.netns).close()
-    with NetNamespace.named(net.podnet) as podnet:
-        podnet.run(
-            ["ip", "-batch", "-"],
-            input=(
-                f"link add {host_if} type veth peer name eth0 netns {pod.netns}\n"
-                f"link set {host_if} master br0\nlink set {host_if} up\n"
-            ),
-        )
-    with NetNamespace.named(pod.netns) as ns:
-        ns.run(
-            ["ip", "-batch", "-"],
-            input=(
-                f"addr add {pod.ip}/16 dev eth0\nlink set eth0 up\n"
-                f"route add default via {net.gateway}\n"
-            ),
-        )
-
-
 @pytest.mark.root
 async def test_recreated_sandbox_is_reenrolled(
     small_cluster: tuple[ClusterNet, Path], running: Running
@@ -327,7 +301,7 @@ async def test_recreated_sandbox_is_reenrolled(
     with trio.fail_after(30):
         old = running.controller.pods["mesh/a"]
         old_ident, old_proxy = old.ident, old.proxy
-        _recreate_pod_netns(net, "mesh/a", 0)
+        recreate_pod_netns(net, "mesh/a")
         assert _rules(net, "a").empty
         await _wait(
             lambda: (

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ztunnel.cluster.net import ClusterNet, NodeNet
-from ztunnel.redirect.netns import NetNamespace
+from ztunnel.cluster.net import GATEWAY, POD_CIDR, ClusterNet, NodeNet
+from ztunnel.redirect.netns import NetNamespace, create_named, delete_named
 
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 READINESS_PORT = 15021
@@ -195,3 +195,35 @@ def running_agents(
         yield agents
     finally:
         stop_agents(agents)
+
+
+def recreate_pod_netns(net: ClusterNet, key: str) -> None:
+    """Simulate a pod sandbox restart: same netns name, IP and veth name; a new namespace.
+
+    Whoever holds an fd of the old netns (an agent) keeps it alive; the name now points to
+    the new one, exactly what an agent sees when kubelet recreates a pod sandbox.
+    """
+    pod = net.pods[key]
+    index = [p.key for p in net.spec.pods].index(key)
+    host_if = f"{net.prefix}p{index}"  # cluster.net's veth naming
+    with NetNamespace.named(net.podnet) as podnet:
+        podnet.run(["ip", "link", "del", host_if])
+        delete_named(pod.netns)
+        create_named(pod.netns).close()
+        podnet.run(
+            ["ip", "-batch", "-"],
+            input=(
+                f"link add {host_if} type veth peer name eth0 netns {pod.netns}\n"
+                f"link set {host_if} master br0\n"
+                f"link set {host_if} type bridge_slave hairpin on\n"
+                f"link set {host_if} up\n"
+            ),
+        )
+    with NetNamespace.named(pod.netns) as ns:
+        ns.run(
+            ["ip", "-batch", "-"],
+            input=(
+                f"addr add {pod.ip}/{POD_CIDR.prefixlen} dev eth0\nlink set eth0 up\n"
+                f"route add default via {GATEWAY}\n"
+            ),
+        )
