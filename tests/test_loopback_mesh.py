@@ -10,7 +10,7 @@ import pytest
 import trio
 from mesh_apps import echo_roundtrip, payload, serve_echo, sha
 
-from ztunnel.loopback import APP_PORT, LoopbackMesh, loopback_mesh, socks5_connect
+from ztunnel.loopback import APP_PORT, LoopbackMesh, loopback_mesh, random_base, socks5_connect
 
 SIZES = [1, 1000, 64 * 1024 + 7, 4 * 1024 * 1024 + 3, 100 * 1024 * 1024]
 
@@ -49,6 +49,11 @@ async def test_service_vip_is_load_balanced_to_the_endpoint_over_hbone() -> None
             principals = {s.labels["source_principal"] for s in samples}
             assert principals == {"spiffe://cluster.local/ns/default/sa/client"}
             assert {s.labels["connection_security_policy"] for s in samples} == {"mutual_tls"}
+            # The tunnel leaves from the client workload's IP, so B attributes the source.
+            assert {s.labels["source_workload"] for s in samples} == {"client"}
+            assert {s.labels["destination_service"] for s in samples} == {
+                "echo.default.svc.cluster.local"
+            }
             nursery.cancel_scope.cancel()
 
 
@@ -137,3 +142,102 @@ async def test_half_close_from_server_first() -> None:
             assert got == [b"still talking"]
             await stream.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_certificate_rotation_keeps_open_connections_and_new_ones_use_the_new_cert() -> None:
+    from ztunnel.model.identity import Identity
+
+    client_id = Identity("cluster.local", "default", "client")
+    server_id = Identity("cluster.local", "default", "server")
+
+    def serials(mesh: LoopbackMesh) -> tuple[int, int]:
+        client = mesh.client_agent.secrets.get(client_id)
+        server = mesh.server_agent.secrets.get(server_id)
+        assert client is not None and server is not None
+        return client.serial, server.serial
+
+    def peer_serials(mesh: LoopbackMesh) -> set[int]:
+        """Serials of the client certificates the server agent's open TLS sessions present."""
+        from cryptography import x509
+
+        out = set()
+        for conn in mesh.server_agent.proxies["default/server"].server_connections:
+            der = conn.tls.peer_certificate_der()
+            out.add(x509.load_der_x509_certificate(der).serial_number)
+        return out
+
+    with trio.fail_after(30):
+        async with loopback_mesh() as mesh, trio.open_nursery() as nursery:
+            await start_mesh_with_echo(nursery, mesh)
+            first = await socks5_connect(mesh.socks5, mesh.server_ip, APP_PORT)
+            await first.send_all(b"before")
+            assert await first.receive_some(100) == b"before"
+            old_client, old_server = serials(mesh)
+            assert peer_serials(mesh) == {old_client}
+
+            await mesh.client_agent.secrets.rotate(client_id)
+            await mesh.server_agent.secrets.rotate(server_id)
+            new_client, new_server = serials(mesh)
+            assert new_client != old_client and new_server != old_server
+
+            second = await socks5_connect(mesh.socks5, mesh.server_ip, APP_PORT)
+            assert await echo_roundtrip(second, b"after rotation") == b"after rotation"
+            # The new connection was a new TLS session with the new client certificate.
+            assert new_client in peer_serials(mesh)
+
+            # The connection opened before the rotation still works.
+            await first.send_all(b"still alive")
+            assert await first.receive_some(100) == b"still alive"
+            assert await echo_roundtrip(first, b"") == b""
+            await first.aclose()
+            await second.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_unknown_destination_passes_through_as_plain_tcp() -> None:
+    with trio.fail_after(30):
+        async with loopback_mesh() as mesh, trio.open_nursery() as nursery:
+            unknown = f"{mesh.base}.50"  # no workload or service has this address
+            await nursery.start(serve_echo, unknown, APP_PORT)
+            stream = await socks5_connect(mesh.socks5, unknown, APP_PORT, local_ip=mesh.client_ip)
+            assert await echo_roundtrip(stream, b"passthrough") == b"passthrough"
+            await stream.aclose()
+            proxy = next(iter(mesh.client_agent.proxies.values()))
+            assert proxy.pool.connection_count() == 0  # no HBONE involved
+            nursery.cancel_scope.cancel()
+
+
+async def test_known_non_mesh_workload_gets_plain_tcp() -> None:
+    from ztunnel.loopback import mesh_yaml
+
+    with trio.fail_after(30):
+        base = random_base()
+        async with loopback_mesh(
+            base=base, yaml_text=mesh_yaml(base, server_protocol="TCP")
+        ) as mesh:
+            async with trio.open_nursery() as nursery:
+                await start_mesh_with_echo(nursery, mesh)
+                stream = await socks5_connect(mesh.socks5, mesh.vip, 80, local_ip=mesh.client_ip)
+                assert await echo_roundtrip(stream, b"plain") == b"plain"
+                await stream.aclose()
+                proxy = next(iter(mesh.client_agent.proxies.values()))
+                assert proxy.pool.connection_count() == 0
+                assert not mesh.server_agent.tracker.open_connections()
+                nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("port", [15001, 15006, 15008, 15080])
+async def test_self_calls_to_agent_ports_on_loopback_are_refused(port: int) -> None:
+    from ztunnel.loopback import Socks5Refused
+
+    with trio.fail_after(30):
+        async with loopback_mesh() as mesh:
+            with pytest.raises(Socks5Refused):
+                await socks5_connect(mesh.socks5, mesh.client_ip, port)
+            # ...and the agent still serves a normal connection.
+            async with trio.open_nursery() as nursery:
+                await start_mesh_with_echo(nursery, mesh)
+                stream = await socks5_connect(mesh.socks5, mesh.server_ip, APP_PORT)
+                assert await echo_roundtrip(stream, b"ok") == b"ok"
+                await stream.aclose()
+                nursery.cancel_scope.cancel()

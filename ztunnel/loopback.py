@@ -137,12 +137,17 @@ class Socks5Refused(ConnectionError):
         self.reply = reply
 
 
-async def socks5_connect(proxy: tuple[str, int], host: str, port: int) -> trio.SocketStream:
-    """Open a connection to host:port through a SOCKS5 proxy (no auth)."""
+async def socks5_connect(
+    proxy: tuple[str, int], host: str, port: int, *, local_ip: str | None = None
+) -> trio.SocketStream:
+    """Open a connection to host:port through a SOCKS5 proxy (no auth).
+
+    ``local_ip`` is the client's source address (the client workload's IP on loopback).
+    """
     import ipaddress
     import struct
 
-    stream = await trio.open_tcp_stream(*proxy)
+    stream = await trio.open_tcp_stream(*proxy, local_address=local_ip)
     try:
         await stream.send_all(b"\x05\x01\x00")
         if await _read_exactly(stream, 2) != b"\x05\x00":

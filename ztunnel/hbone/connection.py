@@ -79,6 +79,11 @@ class _Connection:
         self.closed = False
         self.close_reason = ""
 
+    @property
+    def tls(self) -> trio.abc.Stream:
+        """The TLS stream underneath (peer certificate, for the config dump and tests)."""
+        return self._tls
+
     # -- the _StreamHost protocol ---------------------------------------------------
 
     def kick(self) -> int:

@@ -15,6 +15,7 @@ connections drop out of the pool when their driver ends.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,8 @@ class HbonePool:
         self._ping_timeout = ping_timeout
         self._keys: dict[PoolKey, _KeyState] = {}
         self._nursery: trio.Nursery | None = None
+        # Connections that must not take new streams (their client certificate rotated).
+        self._retired: weakref.WeakSet[HboneClientConnection] = weakref.WeakSet()
 
     async def run(
         self, *, task_status: trio.TaskStatus[HbonePool] = trio.TASK_STATUS_IGNORED
@@ -112,11 +115,34 @@ class HbonePool:
         """Snapshot of (key, connection) pairs (config dump, metrics)."""
         return [(k, c) for k, s in self._keys.items() for c in s.conns]
 
+    def retire(self, src_identity: Identity) -> int:
+        """Stop handing out connections that present an old certificate of ``src_identity``.
+
+        Streams already open on them run to completion; idle ones close now. The
+        next caller dials a new connection with the current certificate.
+        """
+        retired = 0
+        for key, state in self._keys.items():
+            if key.src_identity != src_identity:
+                continue
+            for conn in state.conns:
+                if conn in self._retired:
+                    continue
+                self._retired.add(conn)
+                retired += 1
+                if conn.active_streams == 0:
+                    conn.close(reason="certificate rotated")
+        return retired
+
     # -- internals ----------------------------------------------------------------------
 
     def _pick(self, state: _KeyState) -> HboneClientConnection | None:
         for conn in state.conns:
-            if conn.accepting_streams and conn.active_streams + 1 < conn.max_streams:
+            if (
+                conn.accepting_streams
+                and conn.active_streams + 1 < conn.max_streams
+                and conn not in self._retired
+            ):
                 return conn
         return None
 

@@ -44,3 +44,13 @@ def forwarded(client: tuple[str, int], service_host: str | None) -> str:
 def traceparent() -> str:
     """A fresh W3C trace context per outbound connection."""
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+
+
+def forwarded_host(value: str | None) -> str | None:
+    """The ``host=`` of a Forwarded header (the service the client addressed), if any."""
+    for element in (value or "").split(","):
+        for pair in element.split(";"):
+            key, sep, val = pair.strip().partition("=")
+            if sep and key.lower() == "host" and val:
+                return val.strip('"')
+    return None

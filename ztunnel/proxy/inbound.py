@@ -22,7 +22,7 @@ from ztunnel.hbone.engine import ConnectRequest, validate_connect
 from ztunnel.hbone.tlsstream import tls_handshake
 from ztunnel.identity.tls import server_context, verify_client_trust_domain
 from ztunnel.model.identity import Identity
-from ztunnel.model.workload import Workload
+from ztunnel.model.workload import Service, Workload
 from ztunnel.policy.rbac import ConnectionAttrs, Decision, evaluate
 from ztunnel.proxy import headers
 from ztunnel.proxy.relay import describe, relay
@@ -92,6 +92,21 @@ class InboundConnection:
         self.peer = peer
         self.local_addr = local_addr
 
+    def guess_service(self, request: ConnectRequest) -> Service | None:
+        """The service the client addressed (Forwarded host=), if this pod backs it.
+
+        Only telemetry uses it, so a lying client can only mislabel its own metrics.
+        """
+        host = headers.forwarded_host(request.header("forwarded"))
+        if host is None:
+            return None
+        service = self.proxy.ctx.store.service_by_hostname(
+            host, prefer_namespace=self.local.namespace
+        )
+        if service is None or self.local.uid not in service.endpoints:
+            return None
+        return service
+
     async def handle_stream(self, request: ConnectRequest, stream: HboneServerStream) -> None:
         proxy, ctx = self.proxy, self.proxy.ctx
         _, host, port = validate_connect(request)
@@ -105,6 +120,7 @@ class InboundConnection:
             await stream.respond(exc.status, [])
             return
         upstream_addr = (dst_ip, target.port)
+        service = target.service or self.guess_service(request)
         src_workload = ctx.store.workload_by_ip(ipaddress.ip_address(self.peer[0]))
         tracked = ctx.tracker.open(
             ConnectionInfo(
@@ -115,7 +131,7 @@ class InboundConnection:
                 hbone_addr=(host, port),
                 src_workload=src_workload,
                 dst_workload=self.local,
-                dst_service=target.service,
+                dst_service=service,
                 src_identity=self.src_identity,
                 dst_identity=self.local.identity,
                 security_policy="mutual_tls",

@@ -142,12 +142,11 @@ async def open_upstream(
     proxy: WorkloadProxy, source: Workload, client: Address, dst: Address, upstream: Upstream
 ) -> trio.abc.HalfCloseableStream:
     if isinstance(upstream, HboneUpstream):
-        src_ip = client[0] if _is_workload_ip(source, client[0]) else None
         key = PoolKey(
             src_identity=source.identity,
             dst_identities=frozenset(upstream.expected_identities),
             dst=(str(upstream.address[0]), upstream.address[1]),
-            src_ip=src_ip or "",
+            src_ip=source_ip(source, client[0]),
         )
         service_host = upstream.service.hostname if upstream.service is not None else None
         extra = [
@@ -163,8 +162,14 @@ async def open_upstream(
     return socket_stream(sock)
 
 
-def _is_workload_ip(workload: Workload, ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip) in workload.workload_ips
-    except ValueError:
-        return False
+def source_ip(workload: Workload, client_ip: str) -> str:
+    """The pool key's source IP: the client's if it is the workload's, else the workload's.
+
+    In-pod, the client is always the pod; in dedicated mode an app may connect from
+    elsewhere (e.g. 127.0.0.1), and the tunnel should still leave from the workload IP.
+    """
+    ip = ipaddress.ip_address(client_ip)
+    if ip in workload.workload_ips or not workload.workload_ips:
+        return client_ip
+    same_family = [w for w in workload.workload_ips if w.version == ip.version]
+    return str((same_family or list(workload.workload_ips))[0])

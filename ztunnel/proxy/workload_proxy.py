@@ -163,6 +163,8 @@ class WorkloadProxy:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         bound = self._bind()
+        # A rotated client certificate must not keep being presented on pooled connections.
+        unsubscribe = self.ctx.secrets.subscribe(lambda identity, cert: self.pool.retire(identity))
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
@@ -170,6 +172,7 @@ class WorkloadProxy:
                     await nursery.start(self._accept_all, bound, nursery)
                     task_status.started()
         finally:
+            unsubscribe()
             for _, sock, _ in bound:
                 sock.close()
 
