@@ -214,16 +214,15 @@ async def test_known_non_mesh_workload_gets_plain_tcp() -> None:
         base = random_base()
         async with loopback_mesh(
             base=base, yaml_text=mesh_yaml(base, server_protocol="TCP")
-        ) as mesh:
-            async with trio.open_nursery() as nursery:
-                await start_mesh_with_echo(nursery, mesh)
-                stream = await socks5_connect(mesh.socks5, mesh.vip, 80, local_ip=mesh.client_ip)
-                assert await echo_roundtrip(stream, b"plain") == b"plain"
-                await stream.aclose()
-                proxy = next(iter(mesh.client_agent.proxies.values()))
-                assert proxy.pool.connection_count() == 0
-                assert not mesh.server_agent.tracker.open_connections()
-                nursery.cancel_scope.cancel()
+        ) as mesh, trio.open_nursery() as nursery:
+            await start_mesh_with_echo(nursery, mesh)
+            stream = await socks5_connect(mesh.socks5, mesh.vip, 80, local_ip=mesh.client_ip)
+            assert await echo_roundtrip(stream, b"plain") == b"plain"
+            await stream.aclose()
+            proxy = next(iter(mesh.client_agent.proxies.values()))
+            assert proxy.pool.connection_count() == 0
+            assert not mesh.server_agent.tracker.open_connections()
+            nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("port", [15001, 15006, 15008, 15080])

@@ -23,6 +23,8 @@ from ztunnel.config import Address, WorkloadInfo
 from ztunnel.hbone.pool import HbonePool, PoolKey
 from ztunnel.hbone.tlsstream import TLSStream, tls_handshake
 from ztunnel.identity.tls import client_context, verify_server_identity
+from ztunnel.identity.certificate import WorkloadCertificate
+from ztunnel.model.identity import Identity
 from ztunnel.model.workload import Workload
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.sockets import SocketFactory, accept, connect_socket, make_listener
@@ -164,7 +166,7 @@ class WorkloadProxy:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         bound = self._bind()
         # A rotated client certificate must not keep being presented on pooled connections.
-        unsubscribe = self.ctx.secrets.subscribe(lambda identity, cert: self.pool.retire(identity))
+        unsubscribe = self.ctx.secrets.subscribe(self._certificate_rotated)
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
@@ -175,6 +177,9 @@ class WorkloadProxy:
             unsubscribe()
             for _, sock, _ in bound:
                 sock.close()
+
+    def _certificate_rotated(self, identity: Identity, cert: WorkloadCertificate) -> None:
+        self.pool.retire(identity)
 
     async def _accept_all(
         self,
