@@ -1,0 +1,311 @@
+"""End to end in the simulated cluster: real agent processes (one per node netns), real pods.
+
+Each test gets its own cluster (unique prefix) and its own agents, always torn down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ztunnel.cluster import apps
+from ztunnel.cluster.net import ClusterNet, running_cluster
+from ztunnel.cluster.spec import loads_spec
+from ztunnel.enroll.harness import (
+    AgentProcess,
+    recreate_pod_netns,
+    start_agent,
+    stop_agents,
+    wait_ready,
+)
+from ztunnel.identity.ca import init_ca_dir
+from ztunnel.redirect import iptables
+
+pytestmark = pytest.mark.root
+
+APPS = ["python", "-m", "ztunnel.cluster.apps"]
+CLUSTER = textwrap.dedent(
+    """\
+    namespaces:
+      mesh: {labels: {istio.io/dataplane-mode: ambient}}
+      plain: {labels: {}}
+    nodes: [n1, n2]
+    pods:
+      - {name: a, namespace: mesh, node: n1, serviceAccount: sa-a}
+      - name: b
+        namespace: mesh
+        node: n2
+        serviceAccount: sa-b
+        program: [python, -m, ztunnel.cluster.apps, echo, --port, "8080"]
+        ports: [8080]
+      - name: w
+        namespace: mesh
+        node: n2
+        program: [python, -m, ztunnel.cluster.apps, whoami, --port, "9090"]
+        ports: [9090]
+      - {name: q, namespace: plain, node: n1}
+      - name: p
+        namespace: plain
+        node: n2
+        program: [python, -m, ztunnel.cluster.apps, echo, --port, "8080"]
+        ports: [8080]
+    """
+)
+NOT_AMBIENT = CLUSTER.replace("mesh: {labels: {istio.io/dataplane-mode: ambient}}", "mesh: {}")
+EXPECTED_RULES = iptables.expected_state(iptables.InpodConfig())
+
+
+@dataclass
+class Mesh:
+    net: ClusterNet
+    path: Path
+    ca_dir: Path
+    agents: dict[str, AgentProcess]
+
+    def ip(self, pod: str) -> str:
+        return str(self.net.pod(pod).ip)
+
+    def records(self, node: str | None = None) -> list[dict[str, object]]:
+        nodes = [node] if node else list(self.agents)
+        return [
+            r
+            for n in nodes
+            for r in self.agents[n].log_lines()
+            if r.get("message") == "connection complete"
+        ]
+
+    def restart(self, node: str) -> None:
+        self.agents[node].stop()
+        self.agents[node] = start_agent(self.net, node, self.path, self.ca_dir)
+        wait_ready(self.agents[node], 20)
+
+
+@pytest.fixture
+def mesh() -> Iterator[Mesh]:
+    with tempfile.TemporaryDirectory() as tmp, running_cluster(loads_spec(CLUSTER)) as net:
+        path, ca_dir = Path(tmp) / "cluster.yaml", Path(tmp) / "ca"
+        path.write_text(CLUSTER)
+        ca_dir.mkdir()
+        init_ca_dir(ca_dir)
+        programs = apps.start_pod_programs(net)
+        agents: dict[str, AgentProcess] = {}
+        try:
+            for node in net.nodes:
+                agents[node] = start_agent(net, node, path, ca_dir)
+            for agent in agents.values():
+                wait_ready(agent, 20)
+            for pod, port in (("b", 8080), ("w", 9090), ("p", 8080)):
+                apps.wait_listening(net, pod, port, timeout=10)
+            yield Mesh(net, path, ca_dir, agents)
+        finally:
+            stop_agents(agents)
+            apps.stop_programs(programs)
+
+
+def _send(mesh: Mesh, pod: str, to: str, nbytes: int = 100_000) -> dict[str, object]:
+    argv = [*APPS, "send", "--to", to, "--bytes", str(nbytes), "--timeout", "8"]
+    proc = apps.run_in_pod(mesh.net, pod, argv, timeout=20)
+    result: dict[str, object] = json.loads(proc.stdout)
+    return result
+
+
+def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def _iptables_save(mesh: Mesh, pod: str) -> str:
+    with mesh.net.open_netns(mesh.net.pod(pod)) as ns:
+        return ns.run(["iptables-save"]).stdout
+
+
+def _listening(mesh: Mesh, pod: str, port: int) -> bool:
+    with mesh.net.open_netns(mesh.net.pod(pod)) as ns, ns.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+# -- the wire --------------------------------------------------------------------------
+
+
+MARKER_PROGRAM = textwrap.dedent(
+    """\
+    import socket, sys
+    data = b"ZT-PLAINTEXT-MARKER-" * 5000
+    s = socket.create_connection((sys.argv[1], 8080), timeout=8)
+    s.sendall(data); s.shutdown(socket.SHUT_WR)
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    print("same" if got == data else f"differs {len(got)}")
+    """
+)
+
+
+class Capture:
+    """tcpdump on the pod network bridge (inside the podnet netns), written to a pcap."""
+
+    def __init__(self, net: ClusterNet, pcap: Path) -> None:
+        self.pcap = pcap
+        self.proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                net.podnet,
+                "tcpdump",
+                "-i",
+                "br0",
+                "-U",
+                "-n",
+                "-w",
+                str(pcap),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()  # "listening on br0 ..." once capturing
+        assert "listening" in line, line
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.communicate(timeout=10)  # also closes our end of its stderr pipe
+
+    def tcp_lines(self, bpf: str = "tcp") -> list[str]:
+        out = subprocess.run(
+            ["tcpdump", "-r", str(self.pcap), "-n", bpf],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.splitlines()
+
+
+def test_app_bytes_arrive_unchanged_and_the_wire_carries_only_tls_to_15008(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    capture = Capture(mesh.net, tmp_path / "wire.pcap")
+    try:
+        result = _send(mesh, "a", f"{mesh.ip('b')}:8080", 1_000_000)
+        marker = apps.run_in_pod(
+            mesh.net, "a", ["python", "-c", MARKER_PROGRAM, mesh.ip("b")], timeout=20
+        )
+    finally:
+        capture.stop()
+    assert result["ok"] and result["bytes"] == 1_000_000, result  # sha256 checked by send
+    assert marker.stdout.strip() == "same", marker.stdout + marker.stderr
+    packets = capture.tcp_lines()
+    assert packets, "nothing captured"
+    off_mesh = [line for line in packets if ".15008" not in line]
+    assert not off_mesh, off_mesh[:5]
+    assert b"ZT-PLAINTEXT-MARKER" not in capture.pcap.read_bytes()
+    # The first bytes the client sends to 15008 are a TLS handshake record (0x16).
+    tls = "tcp dst port 15008 and (tcp[((tcp[12:1] & 0xf0) >> 2):1] = 0x16)"
+    assert capture.tcp_lines(tls)
+    records = [r for r in mesh.records("n2") if r.get("direction") == "inbound"]
+    assert any(r.get("src.identity") == "spiffe://cluster.local/ns/mesh/sa/sa-a" for r in records)
+
+
+def test_server_sees_the_client_pod_ip(mesh: Mesh) -> None:
+    proc = apps.run_in_pod(mesh.net, "a", [*APPS, "read", "--to", f"{mesh.ip('w')}:9090"])
+    result = json.loads(proc.stdout)
+    assert result["ok"], result
+    assert result["line"].split(":")[0] == mesh.ip("a")
+    inbound = [r for r in mesh.records("n2") if r.get("dst.workload") == "w"]
+    assert inbound and inbound[-1].get("src.identity", "").endswith("/ns/mesh/sa/sa-a")
+
+
+def test_non_ambient_pods_are_not_captured(mesh: Mesh) -> None:
+    for pod in ("p", "q"):
+        assert "ISTIO" not in _iptables_save(mesh, pod)
+        assert not _listening(mesh, pod, 15001)
+    before = len(mesh.records())
+    result = _send(mesh, "q", f"{mesh.ip('p')}:8080")
+    assert result["ok"], result
+    time.sleep(0.3)
+    new = mesh.records()[before:]
+    assert not [r for r in new if mesh.ip("q") in str(r.get("src.addr"))], new
+
+
+def test_installed_rules_equal_the_expected_rule_set(mesh: Mesh) -> None:
+    saved = _iptables_save(mesh, "a")
+    assert iptables.parse_save(saved) == EXPECTED_RULES
+    ours = [line for line in saved.splitlines() if "ISTIO_" in line and line.startswith("-A")]
+    expected = [
+        line for line in iptables.render_rules(iptables.InpodConfig()).splitlines()
+        if line.startswith("-A")
+    ]  # fmt: skip
+    assert sorted(ours) == sorted(expected)  # verbatim, and nothing twice
+    with mesh.net.open_netns(mesh.net.pod("a")) as ns:
+        rules = ns.run(["ip", "rule", "show"]).stdout
+        route = ns.run(["ip", "route", "show", "table", "100"]).stdout
+    assert "fwmark 0x111/0xfff lookup 100" in rules
+    assert "local" in route
+
+
+# -- lifecycle -------------------------------------------------------------------------
+
+
+def test_editing_namespace_labels_enrolls_and_unenrolls_live_pods(mesh: Mesh) -> None:
+    mesh.path.write_text(NOT_AMBIENT)
+    _until(lambda: "ISTIO" not in _iptables_save(mesh, "a"), "rules removed from a")
+    _until(lambda: not _listening(mesh, "a", 15008), "a's listeners closed")
+    before = len(mesh.records())
+    assert _send(mesh, "a", f"{mesh.ip('b')}:8080")["ok"]  # direct now, no agent
+    time.sleep(0.3)
+    assert len(mesh.records()) == before
+    mesh.path.write_text(CLUSTER)
+    _until(lambda: _listening(mesh, "a", 15008) and _listening(mesh, "b", 15008), "re-enroll")
+    assert iptables.parse_save(_iptables_save(mesh, "a")) == EXPECTED_RULES
+    assert _send(mesh, "a", f"{mesh.ip('b')}:8080")["ok"]
+    _until(lambda: len(mesh.records()) >= before + 2, "access logs of the meshed connection")
+
+
+def test_agent_restart_reuses_rules_without_duplicates(mesh: Mesh) -> None:
+    mesh.agents["n1"].stop()
+    # Fail closed: the rules stay, a's traffic has nowhere to go while its agent is away.
+    assert iptables.parse_save(_iptables_save(mesh, "a")) == EXPECTED_RULES
+    assert not _send(mesh, "a", f"{mesh.ip('b')}:8080", 1000)["ok"]
+    mesh.restart("n1")
+    saved = _iptables_save(mesh, "a")
+    assert iptables.parse_save(saved) == EXPECTED_RULES
+    assert saved.count("-A OUTPUT -j ISTIO_OUTPUT") == 2  # mangle + nat, once each
+    assert any(
+        r.get("message") == "pod enrolled" and r.get("rules") == "reused"
+        for r in mesh.agents["n1"].log_lines()
+    )
+    result = _send(mesh, "a", f"{mesh.ip('b')}:8080")
+    assert result["ok"], result
+
+
+def test_pod_recreated_with_a_new_netns_is_reenrolled(mesh: Mesh) -> None:
+    recreate_pod_netns(mesh.net, "mesh/a")
+    _until(lambda: _listening(mesh, "a", 15001), "a enrolled in its new netns")
+    assert iptables.parse_save(_iptables_save(mesh, "a")) == EXPECTED_RULES
+    enrolled = [
+        r
+        for r in mesh.agents["n1"].log_lines()
+        if r.get("message") == "pod enrolled" and r.get("pod") == "mesh/a"
+    ]
+    assert len(enrolled) == 2
+    before = len(mesh.records("n2"))
+    result = _send(mesh, "a", f"{mesh.ip('b')}:8080")
+    assert result["ok"], result
+    _until(lambda: len(mesh.records("n2")) > before, "b's agent logged the meshed connection")
+    assert os.path.exists(mesh.net.pod("a").netns_path)
