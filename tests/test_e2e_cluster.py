@@ -228,7 +228,7 @@ def test_server_sees_the_client_pod_ip(mesh: Mesh) -> None:
     assert result["ok"], result
     assert result["line"].split(":")[0] == mesh.ip("a")
     inbound = [r for r in mesh.records("n2") if r.get("dst.workload") == "w"]
-    assert inbound and inbound[-1].get("src.identity", "").endswith("/ns/mesh/sa/sa-a")
+    assert inbound and str(inbound[-1].get("src.identity")).endswith("/ns/mesh/sa/sa-a")
 
 
 def test_non_ambient_pods_are_not_captured(mesh: Mesh) -> None:
