@@ -23,7 +23,9 @@ from ztunnel.config import Config, ProxyMode, WorkloadInfo
 from ztunnel.errors import ConfigError
 from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA
 from ztunnel.identity.manager import SecretManager
+from ztunnel.policy.query import explain_connection
 from ztunnel.proxy.context import ProxyContext
+from ztunnel.proxy.policy_watch import watch_policies
 from ztunnel.proxy.sockets import LocalSocketFactory
 from ztunnel.proxy.workload_proxy import ProxyAddresses, WorkloadProxy
 from ztunnel.sources.dump import policy_to_dump, service_to_dump, workload_to_dump
@@ -79,6 +81,7 @@ class Agent:
         self.secrets = SecretManager(ca, ttl=datetime.timedelta(seconds=config.secret_ttl))
         self.ctx = ProxyContext(config, self.store, self.secrets, self.tracker)
         self.proxies: dict[str, WorkloadProxy] = {}
+        self._unwatch_policies = watch_policies(self.store, self.tracker)
         self.pending: dict[str, str] = {"proxy": "workload proxies not started"}
         self.bound: dict[str, tuple[str, int]] = {}
         self._cancel: Callable[[], None] | None = None
@@ -168,6 +171,7 @@ class Agent:
                 dump_provider=self.config_dump,
                 tracker=self.tracker,
                 on_quit=self.request_shutdown,
+                explainer=self.explain,
             )
         )
         self.bound["admin"] = (cfg.admin_addr[0], port)
@@ -230,6 +234,9 @@ class Agent:
             self._cancel()
 
     # -- inspection ------------------------------------------------------------
+
+    def explain(self, source: str, destination: str) -> dict[str, Any]:
+        return explain_connection(self.store, source, destination)
 
     def readiness(self) -> list[str]:
         return sorted(f"{k}: {v}" for k, v in self.pending.items())

@@ -193,6 +193,18 @@ def _parser() -> argparse.ArgumentParser:
     _common(log, defaults=False)
     log.add_argument("--level", help="filter, e.g. debug or ztunnel::proxy=debug,info")
     log.add_argument("--reset", action="store_true", help="back to the startup level")
+    explain = sub.add_parser(
+        "explain",
+        help="would a connection be allowed? which policy and rule decide, and why",
+        description="Evaluate the L4 authorization policies of the destination for a connection.",
+    )
+    _common(explain, defaults=False)
+    explain.add_argument(
+        "--from", dest="source", required=True, help="pod (ns/name), SPIFFE identity, or IP"
+    )
+    explain.add_argument(
+        "--to", dest="destination", required=True, help="pod:port, ip:port, or service:port"
+    )
     return parser
 
 
@@ -203,8 +215,31 @@ def _run(args: argparse.Namespace) -> str:
             query["level"] = args.level
         path = "/logging" + ("?" + urllib.parse.urlencode(query) if query else "")
         return _http(args.admin, path, "POST")
+    if args.command == "explain":
+        params = urllib.parse.urlencode({"from": args.source, "to": args.destination})
+        result = json.loads(_http(args.admin, "/explain?" + params))
+        return render_explain(result, args.output)
     dump = json.loads(_http(args.admin, "/config_dump"))
     return render(args.command, dump if isinstance(dump, Mapping) else {}, args.output)
+
+
+def render_explain(result: Mapping[str, object], output: str) -> str:
+    if output == "json":
+        return json.dumps(result, indent=2) + "\n"
+    if output == "yaml":
+        return str(yaml.safe_dump(dict(result), sort_keys=False))
+    src = result.get("source")
+    src = src if isinstance(src, Mapping) else {}
+    who = src.get("workload") or src.get("ip")
+    mtls = f"mTLS as {src.get('identity')}" if src.get("mtls") else "plaintext (no identity)"
+    lines = [f"from {who}: {mtls}"]
+    results = result.get("results")
+    for item in results if isinstance(results, list) else []:
+        dst = item.get("destination", {})
+        svc = f" (service {dst['service']})" if dst.get("service") else ""
+        lines.append(f"to {dst.get('workload')} at {dst.get('address')}{svc}:")
+        lines.extend("  " + line for line in str(item.get("explanation", "")).splitlines())
+    return "\n".join(lines) + "\n"
 
 
 def main(

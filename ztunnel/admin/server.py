@@ -23,6 +23,8 @@ from ztunnel.telemetry.connections import ConnectionTracker, TrackedConnection
 from ztunnel.telemetry.metrics import CONTENT_TYPE, Metrics
 
 DumpProvider = Callable[[], Mapping[str, object]]
+# (from, to) -> JSON result; raises ValueError (answered 400) for queries it cannot resolve.
+Explainer = Callable[[str, str], Mapping[str, object]]
 ReadinessProbe = Callable[[], Sequence[str]]
 
 ADMIN_ADDRESS = ("127.0.0.1", 15000)
@@ -39,10 +41,20 @@ hint: loglevel:\terror|warn|info|debug|trace|off
 hint: target:\tztunnel::proxy (or ztunnel.proxy), access, ...
 """
 
+EXPLAIN_HELP = """\
+usage: GET /explain?from=<source>&to=<destination>:<port>
+  source:      a pod (namespace/name or name), a SPIFFE identity, or an IP
+  destination: a pod, an IP or a service VIP/hostname, with a port
+"""
+
 ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("/config_dump", "dump the current ztunnel configuration, connections and certificates"),
     ("/logging", "POST: query or change the log level"),
     ("/quitquitquit", "POST: start a graceful shutdown (drain, then exit)"),
+    (
+        "/explain?from=&lt;pod|identity|ip&gt;&to=&lt;pod|ip|service&gt;:&lt;port&gt;",
+        "L4 policy decision for a connection, and why",
+    ),
     ("/debug/tasks", "dump the trio task tree"),
     ("/debug/memory", "RSS, gc counters, open fds, tracemalloc top allocations"),
 )
@@ -69,8 +81,10 @@ class AdminHandler:
         dump_provider: DumpProvider = dict,
         tracker: ConnectionTracker | None = None,
         on_quit: Callable[[], None] | None = None,
+        explainer: Explainer | None = None,
     ) -> None:
         self._dump_provider = dump_provider
+        self._explainer = explainer
         self._tracker = tracker
         self._on_quit = on_quit
         self._routes: dict[str, Callable[[Request], Response]] = {
@@ -78,6 +92,7 @@ class AdminHandler:
             "/config_dump": self._config_dump,
             "/logging": self._logging,
             "/quitquitquit": self._quit,
+            "/explain": self._explain,
             "/debug/tasks": self._tasks,
             "/debug/memory": self._memory,
         }
@@ -130,6 +145,18 @@ class AdminHandler:
         if self._on_quit is not None:
             self._on_quit()
         return Response.text(200, "shutdown now\n")
+
+    def _explain(self, request: Request) -> Response:
+        source = request.query.get("from", [""])[-1]
+        destination = request.query.get("to", [""])[-1]
+        if self._explainer is None:
+            return Response.text(404, "Not Found\n")
+        if not source or not destination:
+            return Response.text(400, EXPLAIN_HELP)
+        try:
+            return Response.json(dict(self._explainer(source, destination)))
+        except ValueError as exc:
+            return Response.text(400, f"{exc}\n{EXPLAIN_HELP}")
 
     def _tasks(self, _request: Request) -> Response:
         return Response.text(200, debug.task_tree())
@@ -191,9 +218,10 @@ async def serve_admin(
     dump_provider: DumpProvider = dict,
     tracker: ConnectionTracker | None = None,
     on_quit: Callable[[], None] | None = None,
+    explainer: Explainer | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    handler = AdminHandler(dump_provider, tracker, on_quit)
+    handler = AdminHandler(dump_provider, tracker, on_quit, explainer)
     await serve_http(target, handler, task_status=task_status)
 
 

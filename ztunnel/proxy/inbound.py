@@ -192,6 +192,8 @@ async def relay_tracked(
             error = describe(exc)
     if scope.cancelled_caught:
         error = "connection closed: no longer allowed by policy"
+        tracked.close(error, "DENY")
+        return error
     tracked.close(error)
     return error
 

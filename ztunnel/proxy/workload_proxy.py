@@ -22,8 +22,8 @@ import trio
 from ztunnel.config import Address, WorkloadInfo
 from ztunnel.hbone.pool import HbonePool, PoolKey
 from ztunnel.hbone.tlsstream import TLSStream, tls_handshake
-from ztunnel.identity.tls import client_context, verify_server_identity
 from ztunnel.identity.certificate import WorkloadCertificate
+from ztunnel.identity.tls import client_context, verify_server_identity
 from ztunnel.model.identity import Identity
 from ztunnel.model.workload import Workload
 from ztunnel.proxy.context import ProxyContext
