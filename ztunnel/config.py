@@ -108,6 +108,23 @@ def parse_int(value: str, name: str, minimum: int = 0) -> int:
     return number
 
 
+DEFAULT_DRAIN_DEADLINE = 5.0
+
+
+def termination_deadline(env: Mapping[str, str]) -> float:
+    """ztunnel's drain deadline: CONNECTION_TERMINATION_DEADLINE if set, else derived from
+    TERMINATION_GRACE_PERIOD_SECONDS (g-5 when g > 10, else g-1, at least 1 s) so the drain
+    ends before the kubelet's SIGKILL, else 5 s."""
+    explicit = env.get("CONNECTION_TERMINATION_DEADLINE")
+    if explicit:
+        return parse_duration(explicit, "CONNECTION_TERMINATION_DEADLINE")
+    grace = env.get("TERMINATION_GRACE_PERIOD_SECONDS")
+    if not grace:
+        return DEFAULT_DRAIN_DEADLINE
+    g = parse_int(grace, "TERMINATION_GRACE_PERIOD_SECONDS")
+    return float(max(1, g - 5 if g > 10 else g - 1))
+
+
 def _env_field(env: str, parser: Callable[[str, str], Any], default: Any, help: str) -> Any:
     return field(default=default, metadata={"env": env, "parse": parser, "help": help})
 
@@ -204,7 +221,10 @@ class Config:
         "keep the client's source IP upstream (default: when the kernel allows)",
     )
     connection_termination_deadline: float = _env_field(
-        "CONNECTION_TERMINATION_DEADLINE", parse_duration, 5.0, "drain deadline on shutdown"
+        "CONNECTION_TERMINATION_DEADLINE",
+        parse_duration,
+        DEFAULT_DRAIN_DEADLINE,
+        "drain deadline on shutdown (default: from TERMINATION_GRACE_PERIOD_SECONDS, else 5s)",
     )
     outbound_addr: Address = _env_field(
         "ZTUNNEL_OUTBOUND_ADDR", parse_address, ("::", 15001), "outbound capture listener"
@@ -246,6 +266,8 @@ class Config:
                 raw = env.get(name)
             if raw is not None:
                 values[f.name] = f.metadata["parse"](raw, name)
+        if "connection_termination_deadline" not in values:
+            values["connection_termination_deadline"] = termination_deadline(env)
         config = cls(**values)
         config.validate()
         return config

@@ -1,0 +1,103 @@
+"""Agent settings from ztunnel's environment variables and flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from ztunnel.config import Config, ProxyMode, WorkloadInfo, termination_deadline
+from ztunnel.errors import ConfigError
+
+
+def test_defaults_are_ztunnels() -> None:
+    c = Config.from_sources({})
+    assert c.proxy_mode is ProxyMode.SHARED
+    assert c.outbound_addr == ("::", 15001)
+    assert c.inbound_addr == ("::", 15008)
+    assert c.inbound_plaintext_addr == ("::", 15006)
+    assert c.admin_addr == ("127.0.0.1", 15000)
+    assert c.stats_addr == ("::", 15020)
+    assert c.readiness_addr == ("::", 15021)
+    assert c.socks5_addr == ("127.0.0.1", 15080) and not c.socks5_enabled
+    assert c.secret_ttl == 86400
+    assert c.pool_max_streams_per_connection == 100
+    assert c.pool_unused_release_timeout == 300
+    assert (c.http2_stream_window_size, c.http2_connection_window_size) == (4 << 20, 16 << 20)
+    assert c.http2_frame_size == 1 << 20
+    assert c.packet_mark == 0x539
+    assert c.trust_domain == "cluster.local"
+
+
+def test_flags_override_environment() -> None:
+    c = Config.from_sources(
+        {"TRUST_DOMAIN": "env.example", "SECRET_TTL": "1h30m", "ZTUNNEL_ADMIN_ADDR": "[::1]:9"},
+        {"trust_domain": "flag.example"},
+    )
+    assert c.trust_domain == "flag.example"
+    assert c.secret_ttl == 5400
+    assert c.admin_addr == ("::1", 9)
+
+
+def test_dedicated_mode_needs_workload_info() -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_sources({"PROXY_MODE": "dedicated"})
+    assert info.value.source == "PROXY_WORKLOAD_INFO"
+    c = Config.from_sources({"PROXY_MODE": "dedicated", "PROXY_WORKLOAD_INFO": "ns/name/sa"})
+    assert c.proxy_workload_info == WorkloadInfo("ns", "name", "sa")
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"PROXY_WORKLOAD_INFO": "ns/name"}, "PROXY_WORKLOAD_INFO"),
+        ({"FAKE_CA": "maybe"}, "FAKE_CA"),
+        ({"POOL_MAX_STREAMS_PER_CONNECTION": "0"}, "POOL_MAX_STREAMS_PER_CONNECTION"),
+        ({"HTTP2_FRAME_SIZE": "1024"}, "HTTP2_FRAME_SIZE"),
+        ({"ZTUNNEL_INBOUND_ADDR": "1.2.3.4:70000"}, "ZTUNNEL_INBOUND_ADDR"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"LOCAL_XDS_PATH": "a", "LOCAL_XDS": "b"}, "LOCAL_XDS_PATH"),
+        ({"FAKE_CA": "true", "CA_DIR": "/x"}, "CA_DIR"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_sources(env)
+    assert info.value.source == variable
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, 5.0),
+        ({"TERMINATION_GRACE_PERIOD_SECONDS": "30"}, 25.0),
+        ({"TERMINATION_GRACE_PERIOD_SECONDS": "11"}, 6.0),
+        ({"TERMINATION_GRACE_PERIOD_SECONDS": "10"}, 9.0),
+        ({"TERMINATION_GRACE_PERIOD_SECONDS": "1"}, 1.0),
+        ({"TERMINATION_GRACE_PERIOD_SECONDS": "0"}, 1.0),
+        (
+            {"CONNECTION_TERMINATION_DEADLINE": "500ms", "TERMINATION_GRACE_PERIOD_SECONDS": "30"},
+            0.5,
+        ),
+        ({"CONNECTION_TERMINATION_DEADLINE": "2m"}, 120.0),
+        ({"CONNECTION_TERMINATION_DEADLINE": "7"}, 7.0),
+    ],
+)
+def test_drain_deadline_follows_ztunnel(env: dict[str, str], expected: float) -> None:
+    assert termination_deadline(env) == expected
+    assert Config.from_sources(env).connection_termination_deadline == expected
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"CONNECTION_TERMINATION_DEADLINE": "soon"}, {"TERMINATION_GRACE_PERIOD_SECONDS": "30s"}],
+)
+def test_bad_drain_values_name_the_variable(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_sources(env)
+    assert info.value.source == next(iter(env))
+
+
+def test_config_dump_is_camel_case() -> None:
+    dump = Config.from_sources({}).to_dump()
+    assert dump["proxyMode"] == "shared"
+    assert dump["inboundAddr"] == "[::]:15008"
+    assert dump["http2StreamWindowSize"] == 4 << 20
