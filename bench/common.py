@@ -1,0 +1,184 @@
+"""Shared helpers for the benchmarks: a blocking sink/echo app, SOCKS5 by hand, /proc readings.
+
+The app runs as its own process (``python bench/common.py serve HOST PORT``) so its CPU
+never competes with the load generator's GIL. It speaks a one-byte preamble:
+
+* ``S`` (sink): count every byte until the client half-closes, answer the count in
+  decimal ASCII, close. Used for one-way throughput.
+* ``E`` (echo): echo everything until EOF. Used for 1 KiB request/response.
+
+Blocking sockets and one thread per connection: the lowest-overhead Python server, so
+the figures measure the path, not the app.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+MODE_SINK = b"S"
+MODE_ECHO = b"E"
+_BUF = 256 * 1024
+_PR_SET_TIMERSLACK = 29
+
+
+# -- the app -------------------------------------------------------------------------
+
+
+def serve(host: str, port: int) -> None:
+    """Accept forever; one thread per connection (daemon, so SIGTERM ends everything)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(4096)
+    print(f"listening {host}:{port}", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=_handle, args=(conn,), daemon=True).start()
+
+
+def _handle(conn: socket.socket) -> None:
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(_BUF)
+    view = memoryview(buf)
+    try:
+        mode = conn.recv(1)
+        if mode == MODE_SINK:
+            total = 0
+            while n := conn.recv_into(buf):
+                total += n
+            conn.sendall(str(total).encode())
+        elif mode == MODE_ECHO:
+            while n := conn.recv_into(buf):
+                conn.sendall(view[:n])
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+# -- client side -----------------------------------------------------------------------
+
+
+def connect_direct(dst: tuple[str, int], src_ip: str | None = None) -> socket.socket:
+    sock = socket.create_connection(dst, source_address=(src_ip, 0) if src_ip else None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def connect_socks5(
+    proxy: tuple[str, int], dst: tuple[str, int], src_ip: str | None = None
+) -> socket.socket:
+    """CONNECT to an IPv4 ``dst`` through a no-auth SOCKS5 proxy (RFC 1928), blocking."""
+    sock = connect_direct(proxy, src_ip)
+    try:
+        sock.sendall(b"\x05\x01\x00")
+        if recv_exact(sock, 2) != b"\x05\x00":
+            raise ConnectionError("SOCKS5 proxy refused the no-auth method")
+        request = b"\x05\x01\x00\x01" + socket.inet_aton(dst[0]) + struct.pack("!H", dst[1])
+        sock.sendall(request)
+        reply = recv_exact(sock, 10)  # IPv4 bound address in the reply
+        if reply[1] != 0:
+            raise ConnectionError(f"SOCKS5 CONNECT refused with reply code {reply[1]}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"peer closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def wait_readable(sock: socket.socket, timeout: float) -> bool:
+    return bool(select.select([sock], [], [], max(timeout, 0.0))[0])
+
+
+def tighten_timer_slack() -> None:
+    """Sleep precision: the default 50 us timer slack would inflate paced latencies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+# -- figures ---------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence (q in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, round(q / 100 * len(sorted_values) + 0.5 - 1e-9))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    cpu_s: float  # user + system CPU seconds since the process started
+    rss_kib: int
+    at: float  # time.monotonic() of the sample
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_sample(pid: int) -> ProcSample:
+    with open(f"/proc/{pid}/stat") as f:
+        # comm may contain spaces; fields after the closing paren are fixed
+        fields = f.read().rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    rss = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+    return ProcSample((utime + stime) / _TICK, rss, time.monotonic())
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent not idle since boot (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / _TICK
+
+
+def cpu_between(a: ProcSample, b: ProcSample) -> float:
+    return b.cpu_s - a.cpu_s
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) == 3 and argv[0] == "serve":
+        try:
+            serve(argv[1], int(argv[2]))
+        except KeyboardInterrupt:
+            return 0
+        return 0
+    print("usage: python bench/common.py serve HOST PORT", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,447 @@
+"""Loopback benchmark: direct TCP vs the two-agent HBONE mesh, in one run.
+
+Run: ``.venv/bin/python bench/loopback.py`` (about 1 min) or ``--quick`` (< 30 s).
+
+What it builds (everything on a random 127.a.b base, torn down at exit):
+
+* agent A (``ztunnel run``, dedicated mode, workload default/client) at <base>.1,
+  SOCKS5 on <base>.1:15080; agent B (default/server) at <base>.2, HBONE inbound on
+  <base>.2:15008; both separate processes sharing a CA made by ``ztunnel ca init``
+  and a local config from ``ztunnel.loopback.mesh_yaml``;
+* the app (``bench/common.py serve``) at <base>.2:8080, its own process;
+* the load generator here, blocking sockets, bound to <base>.1.
+
+Direct is client -> <base>.2:8080. Mesh is client -> SOCKS5 A -> HBONE (mTLS, h2
+CONNECT) -> B -> app. Agent logs go to a file; by default ``RUST_LOG`` keeps only
+warnings (plus the "agent ready" line), ``--access-logs`` runs with ztunnel's
+default ``info`` so each connection writes its access-log lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common
+from common import ProcSample, proc_sample
+
+from ztunnel.loopback import APP_PORT, mesh_yaml, random_base
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+MSG = 1024
+QUIET_LOG = "ztunnel.agent=info,warn"  # keep the ready line, drop access logs
+
+Connect = Callable[[], socket.socket]
+T = TypeVar("T")
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+@dataclass
+class Procs:
+    app: subprocess.Popen[bytes]
+    agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def all(self) -> list[subprocess.Popen[bytes]]:
+        return [self.app, *self.agents.values()]
+
+
+def _agent_env(base: str, who: str, workdir: Path, log_level: str) -> dict[str, str]:
+    ip = f"{base}.1" if who == "A" else f"{base}.2"
+    workload = "default/client/client" if who == "A" else "default/server/server"
+    env = dict(os.environ)
+    env.update(
+        {
+            "PROXY_MODE": "dedicated",
+            "PROXY_WORKLOAD_INFO": workload,
+            "LOCAL_XDS_PATH": str(workdir / "mesh.yaml"),
+            "CA_DIR": str(workdir / "ca"),
+            "LOG_FORMAT": "json",
+            "RUST_LOG": log_level,
+            "UNSTABLE_ENABLE_SOCKS5": "true",
+            "PACKET_MARK": "0",
+            "CONNECTION_TERMINATION_DEADLINE": "1s",
+            "ZTUNNEL_OUTBOUND_ADDR": f"{ip}:15001",
+            "ZTUNNEL_INBOUND_ADDR": f"{ip}:15008",
+            "ZTUNNEL_INBOUND_PLAINTEXT_ADDR": f"{ip}:15006",
+            "ZTUNNEL_SOCKS5_ADDR": f"{ip}:15080",
+            "ZTUNNEL_ADMIN_ADDR": f"{ip}:0",
+            "ZTUNNEL_STATS_ADDR": f"{ip}:0",
+            "ZTUNNEL_READINESS_ADDR": f"{ip}:0",
+        }
+    )
+    return env
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], pred: Callable[[str], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if any(pred(line) for line in text.splitlines()):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited {proc.returncode}:\n{text[-3000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {path}")
+
+
+def _is_ready(line: str) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return "agent ready" in (record.get("message"), record.get("event"))
+
+
+@contextlib.contextmanager
+def loopback_pair(base: str, log_level: str) -> Iterator[tuple[Procs, Path]]:
+    with tempfile.TemporaryDirectory(prefix="zt-bench-") as tmp:
+        workdir = Path(tmp)
+        subprocess.run(
+            [PY, "-m", "ztunnel.cli", "ca", "init", str(workdir / "ca")],
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
+        )
+        (workdir / "mesh.yaml").write_text(mesh_yaml(base))
+        app_log = workdir / "app.log"
+        with app_log.open("wb") as out:
+            app = subprocess.Popen(
+                [PY, str(ROOT / "bench" / "common.py"), "serve", f"{base}.2", str(APP_PORT)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        procs = Procs(app)
+        try:
+            for who in ("A", "B"):
+                with (workdir / f"agent-{who}.log").open("wb") as out:
+                    procs.agents[who] = subprocess.Popen(
+                        [PY, "-m", "ztunnel.cli", "run"],
+                        env=_agent_env(base, who, workdir, log_level),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        cwd=ROOT,
+                    )
+            _wait_for(app_log, app, lambda line: line.startswith("listening"))
+            for who, proc in procs.agents.items():
+                _wait_for(workdir / f"agent-{who}.log", proc, _is_ready)
+            yield procs, workdir
+        finally:
+            _stop(procs.all())
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- workloads -------------------------------------------------------------------------
+
+
+def throughput(connect: Connect, nbytes: int) -> float:
+    """One stream, one way, to the sink; MB/s until the sink confirmed the byte count."""
+    chunk = b"\x5a" * (256 * 1024)
+    with connect() as sock:
+        start = time.perf_counter()
+        sock.sendall(common.MODE_SINK)
+        left = nbytes
+        while left > 0:
+            sock.sendall(chunk if left >= len(chunk) else chunk[:left])
+            left -= len(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while part := sock.recv(64):
+            reply += part
+        elapsed = time.perf_counter() - start
+    if int(reply) != nbytes:
+        raise RuntimeError(f"sink counted {reply!r}, sent {nbytes}")
+    return nbytes / elapsed / 1e6
+
+
+@dataclass
+class Latency:
+    p50: float
+    p90: float
+    p99: float
+    achieved: float  # responses/s
+    lost: int
+
+
+def paced_latency(connect: Connect, rate: float, seconds: float) -> Latency:
+    """Open loop on one keep-alive connection: request i is due at t0 + i/rate and its
+    latency runs from that due time (not the actual send), so a stall is charged to
+    every request it delays (no coordinated omission). One thread, select() timing."""
+    n = max(1, int(rate * seconds))
+    payload = b"\x42" * MSG
+    with connect() as sock:
+        sock.sendall(common.MODE_ECHO)
+        sock.sendall(payload)  # warm the path, not measured
+        common.recv_exact(sock, MSG)
+        t0 = time.perf_counter() + 0.01
+        due = [t0 + i / rate for i in range(n)]
+        latencies: list[float] = []
+        sent, pending = 0, 0
+        deadline = due[-1] + 10
+        while len(latencies) < n and time.perf_counter() < deadline:
+            now = time.perf_counter()
+            while sent < n and due[sent] <= now:
+                sock.sendall(payload)
+                sent += 1
+            wait = (due[sent] - now) if sent < n else (deadline - now)
+            if common.wait_readable(sock, wait):
+                pending += len(sock.recv(65536))
+                now = time.perf_counter()
+                while pending >= MSG:
+                    pending -= MSG
+                    latencies.append(now - due[len(latencies)])
+        end = time.perf_counter()
+    latencies.sort()
+    return Latency(
+        common.percentile(latencies, 50),
+        common.percentile(latencies, 90),
+        common.percentile(latencies, 99),
+        len(latencies) / (end - t0),
+        n - len(latencies),
+    )
+
+
+@dataclass
+class ConnRate:
+    per_s: float
+    p50: float
+    p99: float
+    errors: int
+
+
+def connection_rate(connect: Connect, seconds: float, workers: int) -> ConnRate:
+    """Each worker: connect, one 1 KiB echo round trip, close; repeat until time is up."""
+    payload = b"\x43" * MSG
+    stop = time.perf_counter() + seconds
+    times: list[list[float]] = [[] for _ in range(workers)]
+    errors = [0] * workers
+
+    def work(i: int) -> None:
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            try:
+                with connect() as sock:
+                    sock.sendall(common.MODE_ECHO + payload)
+                    common.recv_exact(sock, MSG)
+            except OSError:
+                errors[i] += 1
+                continue
+            times[i].append(time.perf_counter() - start)
+
+    begin = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - begin
+    flat = sorted(x for ts in times for x in ts)
+    return ConnRate(
+        len(flat) / elapsed, common.percentile(flat, 50), common.percentile(flat, 99), sum(errors)
+    )
+
+
+# -- the run ---------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    unit: str
+    direct: float
+    mesh: float
+    note: str = ""
+
+
+@dataclass
+class AgentCost:
+    """CPU seconds used during one mesh run: agents A and B, the load generator, the app,
+    and the whole machine (all cores, from /proc/stat)."""
+
+    name: str
+    unit: str  # what ``work`` counts: "MB", "req" or "conn"
+    cpu: dict[str, float]
+    wall: float
+    work: float = 0.0
+
+
+class Bench:
+    def __init__(self, procs: Procs, base: str) -> None:
+        self.procs = procs
+        self.client_ip = f"{base}.1"
+        self.app = (f"{base}.2", APP_PORT)
+        self.socks = (f"{base}.1", 15080)
+        self.rows: list[Row] = []
+        self.costs: list[AgentCost] = []
+
+    def direct(self) -> socket.socket:
+        return common.connect_direct(self.app, self.client_ip)
+
+    def mesh(self) -> socket.socket:
+        return common.connect_socks5(self.socks, self.app, self.client_ip)
+
+    def samples(self) -> tuple[ProcSample, ProcSample]:
+        return proc_sample(self.procs.agents["A"].pid), proc_sample(self.procs.agents["B"].pid)
+
+    def _cpu(self) -> dict[str, float]:
+        pids = {
+            "A": self.procs.agents["A"].pid,
+            "B": self.procs.agents["B"].pid,
+            "client": os.getpid(),
+            "app": self.procs.app.pid,
+        }
+        cpu = {k: proc_sample(pid).cpu_s for k, pid in pids.items()}
+        cpu["machine"] = common.machine_busy_s()
+        return cpu
+
+    def measured(self, name: str, unit: str, fn: Callable[[], T]) -> tuple[T, AgentCost]:
+        before, start = self._cpu(), time.monotonic()
+        value = fn()
+        after, wall = self._cpu(), time.monotonic() - start
+        cost = AgentCost(name, unit, {k: after[k] - before[k] for k in after}, wall)
+        self.costs.append(cost)
+        return value, cost
+
+
+def run_all(bench: Bench, args: argparse.Namespace) -> None:
+    nbytes = args.mib * 1024 * 1024
+    print(f"  throughput, {args.mib} MiB one way ...", flush=True)
+    d = throughput(bench.direct, nbytes)
+    m, cost = bench.measured("throughput", "MB", lambda: throughput(bench.mesh, nbytes))
+    cost.work = nbytes / 1e6
+    bench.rows.append(Row("single-stream throughput", "MB/s", d, m))
+
+    print(
+        f"  paced 1 KiB req/resp at {args.rate:g}/s for {args.latency_seconds:g} s ...", flush=True
+    )
+    dl = paced_latency(bench.direct, args.rate, args.latency_seconds)
+    ml, cost = bench.measured(
+        "paced req/resp", "req", lambda: paced_latency(bench.mesh, args.rate, args.latency_seconds)
+    )
+    cost.work = ml.achieved * cost.wall
+    for q in ("p50", "p90", "p99"):
+        bench.rows.append(
+            Row(f"1 KiB req/resp latency {q}", "ms", getattr(dl, q) * 1e3, getattr(ml, q) * 1e3)
+        )
+    bench.rows.append(
+        Row("  achieved rate", "req/s", dl.achieved, ml.achieved, f"lost {dl.lost}/{ml.lost}")
+    )
+
+    for workers in sorted({1, args.workers} - {0}):
+        print(f"  new connections, {workers} worker(s), {args.conn_seconds:g} s ...", flush=True)
+        dc = connection_rate(bench.direct, args.conn_seconds, workers)
+        mc, cost = bench.measured(
+            f"new conns x{workers}",
+            "conn",
+            functools.partial(connection_rate, bench.mesh, args.conn_seconds, workers),
+        )
+        cost.work = mc.per_s * cost.wall
+        tag = f"new connections/s ({workers} worker{'s' if workers > 1 else ''})"
+        bench.rows.append(Row(tag, "conn/s", dc.per_s, mc.per_s, f"errors {dc.errors}/{mc.errors}"))
+        bench.rows.append(Row("  connect+1KiB+close p50", "ms", dc.p50 * 1e3, mc.p50 * 1e3))
+        bench.rows.append(Row("  connect+1KiB+close p99", "ms", dc.p99 * 1e3, mc.p99 * 1e3))
+
+
+def print_report(
+    bench: Bench, idle: tuple[ProcSample, ProcSample], first_ms: float, log_level: str
+) -> None:
+    print()
+    print(f"{'figure':34} {'unit':>7} {'direct':>10} {'mesh':>10} {'mesh/direct':>12}")
+    for r in bench.rows:
+        ratio = r.mesh / r.direct if r.direct else float("nan")
+        print(f"{r.name:34} {r.unit:>7} {r.direct:10.3f} {r.mesh:10.3f} {ratio:11.2f}x  {r.note}")
+    print()
+    print(f"first mesh connection (certs + TLS + CONNECT + 1 KiB echo): {first_ms:.1f} ms")
+    print()
+    print(f"CPU during each mesh run, in vCPU (cores busy on average); RUST_LOG={log_level}")
+    print(
+        f"{'run':16} {'wall s':>6} {'agent A':>8} {'agent B':>8} {'client':>7} {'app':>6}"
+        f" {'machine':>8}   agent vCPU per 1000 units/s"
+    )
+    for c in bench.costs:
+        v = {k: x / c.wall for k, x in c.cpu.items()}
+        per_k = c.work / c.wall / 1000
+        unit = {"MB": "MB/s", "req": "req/s", "conn": "conn/s"}[c.unit]
+        print(
+            f"{c.name:16} {c.wall:6.2f} {v['A']:8.2f} {v['B']:8.2f} {v['client']:7.2f}"
+            f" {v['app']:6.2f} {v['machine']:8.2f}   A {v['A'] / per_k:.3f}"
+            f"  B {v['B'] / per_k:.3f}  (per 1000 {unit})"
+        )
+    now = bench.samples()
+    print()
+    print("agent RSS (VmRSS):")
+    for i, who in enumerate(("A", "B")):
+        print(
+            f"  agent {who}: idle {idle[i].rss_kib / 1024:6.1f} MiB"
+            f"   after runs {now[i].rss_kib / 1024:6.1f} MiB"
+        )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--mib", type=int, default=512, help="throughput payload (MiB)")
+    p.add_argument("--rate", type=float, default=500.0, help="paced requests per second")
+    p.add_argument("--latency-seconds", type=float, default=5.0)
+    p.add_argument("--conn-seconds", type=float, default=5.0, help="per new-connection run")
+    p.add_argument("--workers", type=int, default=8, help="concurrent connection workers (0: off)")
+    p.add_argument("--access-logs", action="store_true", help="RUST_LOG=info (access logs on)")
+    p.add_argument("--base", help="127.a.b base address (default random)")
+    p.add_argument("--quick", action="store_true", help="small sizes, under 30 s")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.mib, args.latency_seconds, args.conn_seconds = 64, 2.0, 1.5
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    common.tighten_timer_slack()
+    base = args.base or random_base()
+    log_level = "info" if args.access_logs else QUIET_LOG
+    print(f"loopback mesh on {base}.x, agents as processes, RUST_LOG={log_level}")
+    with loopback_pair(base, log_level) as (procs, _workdir):
+        bench = Bench(procs, base)
+        time.sleep(0.5)
+        idle = bench.samples()
+        start = time.perf_counter()
+        with bench.mesh() as sock:
+            sock.sendall(common.MODE_ECHO + b"x" * MSG)
+            common.recv_exact(sock, MSG)
+        first_ms = (time.perf_counter() - start) * 1e3
+        run_all(bench, args)
+        print_report(bench, idle, first_ms, log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
