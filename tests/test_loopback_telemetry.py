@@ -142,7 +142,12 @@ async def test_readiness_and_admin_methods() -> None:
             agent.pending["pod default/x"] = "failure to start proxy: address in use"
             status, text = await get(agent.bound["readiness"], "/healthz/ready")
             assert status == 503 and "address in use" in text
+            metrics = (await get(agent.bound["stats"], "/metrics"))[1]
+            assert samples(metrics, "istio_pending_proxy_count")[0][1] == 1
+            assert samples(metrics, "istio_active_proxy_count")[0][1] == 1
             del agent.pending["pod default/x"]
+            metrics = (await get(agent.bound["stats"], "/metrics"))[1]
+            assert samples(metrics, "istio_pending_proxy_count")[0][1] == 0
             assert (await get(agent.bound["readiness"], "/healthz/ready"))[0] == 200
             status, text = await get(agent.bound["admin"], "/quitquitquit")
             assert status == 405 and "POST" in text

@@ -61,6 +61,33 @@ def load_static_config(config: Config) -> LocalConfig | None:
     return None
 
 
+class Pending(dict[str, str]):
+    """What readiness waits for (reason by key), mirrored into istio_pending_proxy_count.
+
+    Keys of pods whose proxy could not start yet begin with ``pod ``.
+    """
+
+    def __init__(self, on_change: Callable[[int], None]) -> None:
+        super().__init__()
+        self._on_change = on_change
+
+    def _changed(self) -> None:
+        self._on_change(sum(1 for key in self if key.startswith("pod ")))
+
+    def __setitem__(self, key: str, value: str) -> None:
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        value = super().pop(key, default)
+        self._changed()
+        return value
+
+
 class Agent:
     def __init__(
         self,
@@ -82,7 +109,8 @@ class Agent:
         self.ctx = ProxyContext(config, self.store, self.secrets, self.tracker)
         self.proxies: dict[str, WorkloadProxy] = {}
         self._unwatch_policies = watch_policies(self.store, self.tracker)
-        self.pending: dict[str, str] = {"proxy": "workload proxies not started"}
+        self.pending = Pending(self.metrics.pending_proxies.set)
+        self.pending["proxy"] = "workload proxies not started"
         self.bound: dict[str, tuple[str, int]] = {}
         self._cancel: Callable[[], None] | None = None
         self._draining = False
