@@ -9,31 +9,23 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster_mesh import APPS, Mesh, cluster_mesh, send, until
 
 from ztunnel.cluster import apps
-from ztunnel.cluster.net import ClusterNet, running_cluster
-from ztunnel.cluster.spec import loads_spec
+from ztunnel.cluster.net import ClusterNet
 from ztunnel.enroll.harness import (
-    AgentProcess,
     recreate_pod_netns,
-    start_agent,
-    stop_agents,
-    wait_ready,
 )
-from ztunnel.identity.ca import init_ca_dir
 from ztunnel.redirect import iptables
 
 pytestmark = pytest.mark.root
 
-APPS = ["python", "-m", "ztunnel.cluster.apps"]
 CLUSTER = textwrap.dedent(
     """\
     namespaces:
@@ -65,66 +57,10 @@ NOT_AMBIENT = CLUSTER.replace("mesh: {labels: {istio.io/dataplane-mode: ambient}
 EXPECTED_RULES = iptables.expected_state(iptables.InpodConfig())
 
 
-@dataclass
-class Mesh:
-    net: ClusterNet
-    path: Path
-    ca_dir: Path
-    agents: dict[str, AgentProcess]
-
-    def ip(self, pod: str) -> str:
-        return str(self.net.pod(pod).ip)
-
-    def records(self, node: str | None = None) -> list[dict[str, object]]:
-        nodes = [node] if node else list(self.agents)
-        return [
-            r
-            for n in nodes
-            for r in self.agents[n].log_lines()
-            if r.get("message") == "connection complete"
-        ]
-
-    def restart(self, node: str) -> None:
-        self.agents[node].stop()
-        self.agents[node] = start_agent(self.net, node, self.path, self.ca_dir)
-        wait_ready(self.agents[node], 20)
-
-
 @pytest.fixture
 def mesh() -> Iterator[Mesh]:
-    with tempfile.TemporaryDirectory() as tmp, running_cluster(loads_spec(CLUSTER)) as net:
-        path, ca_dir = Path(tmp) / "cluster.yaml", Path(tmp) / "ca"
-        path.write_text(CLUSTER)
-        ca_dir.mkdir()
-        init_ca_dir(ca_dir)
-        programs = apps.start_pod_programs(net)
-        agents: dict[str, AgentProcess] = {}
-        try:
-            for node in net.nodes:
-                agents[node] = start_agent(net, node, path, ca_dir)
-            for agent in agents.values():
-                wait_ready(agent, 20)
-            for pod, port in (("b", 8080), ("w", 9090), ("p", 8080)):
-                apps.wait_listening(net, pod, port, timeout=10)
-            yield Mesh(net, path, ca_dir, agents)
-        finally:
-            stop_agents(agents)
-            apps.stop_programs(programs)
-
-
-def _send(mesh: Mesh, pod: str, to: str, nbytes: int = 100_000) -> dict[str, object]:
-    argv = [*APPS, "send", "--to", to, "--bytes", str(nbytes), "--timeout", "8"]
-    proc = apps.run_in_pod(mesh.net, pod, argv, timeout=20)
-    result: dict[str, object] = json.loads(proc.stdout)
-    return result
-
-
-def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
+    with cluster_mesh(CLUSTER, {"b": 8080, "w": 9090, "p": 8080}) as m:
+        yield m
 
 
 def _iptables_save(mesh: Mesh, pod: str) -> str:
@@ -202,7 +138,7 @@ def test_app_bytes_arrive_unchanged_and_the_wire_carries_only_tls_to_15008(
 ) -> None:
     capture = Capture(mesh.net, tmp_path / "wire.pcap")
     try:
-        result = _send(mesh, "a", f"{mesh.ip('b')}:8080", 1_000_000)
+        result = send(mesh, "a", f"{mesh.ip('b')}:8080", 1_000_000)
         marker = apps.run_in_pod(
             mesh.net, "a", ["python", "-c", MARKER_PROGRAM, mesh.ip("b")], timeout=20
         )
@@ -236,7 +172,7 @@ def test_non_ambient_pods_are_not_captured(mesh: Mesh) -> None:
         assert "ISTIO" not in _iptables_save(mesh, pod)
         assert not _listening(mesh, pod, 15001)
     before = len(mesh.records())
-    result = _send(mesh, "q", f"{mesh.ip('p')}:8080")
+    result = send(mesh, "q", f"{mesh.ip('p')}:8080")
     assert result["ok"], result
     time.sleep(0.3)
     new = mesh.records()[before:]
@@ -264,24 +200,24 @@ def test_installed_rules_equal_the_expected_rule_set(mesh: Mesh) -> None:
 
 def test_editing_namespace_labels_enrolls_and_unenrolls_live_pods(mesh: Mesh) -> None:
     mesh.path.write_text(NOT_AMBIENT)
-    _until(lambda: "ISTIO" not in _iptables_save(mesh, "a"), "rules removed from a")
-    _until(lambda: not _listening(mesh, "a", 15008), "a's listeners closed")
+    until(lambda: "ISTIO" not in _iptables_save(mesh, "a"), "rules removed from a")
+    until(lambda: not _listening(mesh, "a", 15008), "a's listeners closed")
     before = len(mesh.records())
-    assert _send(mesh, "a", f"{mesh.ip('b')}:8080")["ok"]  # direct now, no agent
+    assert send(mesh, "a", f"{mesh.ip('b')}:8080")["ok"]  # direct now, no agent
     time.sleep(0.3)
     assert len(mesh.records()) == before
     mesh.path.write_text(CLUSTER)
-    _until(lambda: _listening(mesh, "a", 15008) and _listening(mesh, "b", 15008), "re-enroll")
+    until(lambda: _listening(mesh, "a", 15008) and _listening(mesh, "b", 15008), "re-enroll")
     assert iptables.parse_save(_iptables_save(mesh, "a")) == EXPECTED_RULES
-    assert _send(mesh, "a", f"{mesh.ip('b')}:8080")["ok"]
-    _until(lambda: len(mesh.records()) >= before + 2, "access logs of the meshed connection")
+    assert send(mesh, "a", f"{mesh.ip('b')}:8080")["ok"]
+    until(lambda: len(mesh.records()) >= before + 2, "access logs of the meshed connection")
 
 
 def test_agent_restart_reuses_rules_without_duplicates(mesh: Mesh) -> None:
     mesh.agents["n1"].stop()
     # Fail closed: the rules stay, a's traffic has nowhere to go while its agent is away.
     assert iptables.parse_save(_iptables_save(mesh, "a")) == EXPECTED_RULES
-    assert not _send(mesh, "a", f"{mesh.ip('b')}:8080", 1000)["ok"]
+    assert not send(mesh, "a", f"{mesh.ip('b')}:8080", 1000)["ok"]
     mesh.restart("n1")
     saved = _iptables_save(mesh, "a")
     assert iptables.parse_save(saved) == EXPECTED_RULES
@@ -290,13 +226,13 @@ def test_agent_restart_reuses_rules_without_duplicates(mesh: Mesh) -> None:
         r.get("message") == "pod enrolled" and r.get("rules") == "reused"
         for r in mesh.agents["n1"].log_lines()
     )
-    result = _send(mesh, "a", f"{mesh.ip('b')}:8080")
+    result = send(mesh, "a", f"{mesh.ip('b')}:8080")
     assert result["ok"], result
 
 
 def test_pod_recreated_with_a_new_netns_is_reenrolled(mesh: Mesh) -> None:
     recreate_pod_netns(mesh.net, "mesh/a")
-    _until(lambda: _listening(mesh, "a", 15001), "a enrolled in its new netns")
+    until(lambda: _listening(mesh, "a", 15001), "a enrolled in its new netns")
     assert iptables.parse_save(_iptables_save(mesh, "a")) == EXPECTED_RULES
     enrolled = [
         r
@@ -305,7 +241,7 @@ def test_pod_recreated_with_a_new_netns_is_reenrolled(mesh: Mesh) -> None:
     ]
     assert len(enrolled) == 2
     before = len(mesh.records("n2"))
-    result = _send(mesh, "a", f"{mesh.ip('b')}:8080")
+    result = send(mesh, "a", f"{mesh.ip('b')}:8080")
     assert result["ok"], result
-    _until(lambda: len(mesh.records("n2")) > before, "b's agent logged the meshed connection")
+    until(lambda: len(mesh.records("n2")) > before, "b's agent logged the meshed connection")
     assert os.path.exists(mesh.net.pod("a").netns_path)

@@ -147,3 +147,33 @@ async def test_ctl_explain_names_the_deciding_policy() -> None:
             )
             assert code == 1
             assert "no such pod" in err
+
+
+async def test_selector_policy_attached_later_applies_to_streams_on_a_pooled_connection() -> None:
+    """A pooled HBONE connection must not keep the destination's policy list of its handshake."""
+    import dataclasses
+
+    selector_policy = dataclasses.replace(
+        ALLOW_OTHER, name="only-other", scope=Scope.WORKLOAD_SELECTOR
+    )
+    with trio.fail_after(30):
+        async with loopback_mesh() as mesh, trio.open_nursery() as nursery:
+            await nursery.start(serve_echo, mesh.server_ip, APP_PORT)
+            first = await socks5_connect(mesh.socks5, mesh.server_ip, APP_PORT)
+            assert await echo_roundtrip(first, b"one") == b"one"
+            await first.aclose()
+            store = mesh.server_agent.store
+            server = store.find_workload("default", "server")
+            assert server is not None
+            store.upsert_policy(selector_policy)
+            store.upsert_workload(
+                dataclasses.replace(server, authorization_policies=(selector_policy.key,))
+            )
+            proxy = next(iter(mesh.client_agent.proxies.values()))
+            assert proxy.pool.connection_count() == 1  # the next stream reuses it
+            try:
+                await socks5_connect(mesh.socks5, mesh.server_ip, APP_PORT)
+                raise AssertionError("stream on the pooled connection was allowed")
+            except Socks5Refused as exc:
+                assert exc.reply == 2
+            nursery.cancel_scope.cancel()

@@ -120,6 +120,13 @@ async def send(to: str, nbytes: int, limit: float = 30.0) -> dict[str, Any]:
         result["error"] = f"timeout after {limit}s"
     except (OSError, trio.BrokenResourceError) as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
+    except ExceptionGroup as group:
+        # The sender and receiver run in a nursery: a reset reaches us grouped.
+        network, other = group.split((OSError, trio.BrokenResourceError))
+        if other is not None or network is None:
+            raise
+        first = network.exceptions[0]
+        result["error"] = f"{type(first).__name__}: {first}"
     return result
 
 
@@ -144,6 +151,13 @@ async def read_line(to: str, limit: float = 10.0) -> dict[str, Any]:
         result["error"] = f"timeout after {limit}s"
     except (OSError, trio.BrokenResourceError) as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
+    except ExceptionGroup as group:
+        # The sender and receiver run in a nursery: a reset reaches us grouped.
+        network, other = group.split((OSError, trio.BrokenResourceError))
+        if other is not None or network is None:
+            raise
+        first = network.exceptions[0]
+        result["error"] = f"{type(first).__name__}: {first}"
     return result
 
 

@@ -87,10 +87,19 @@ class InboundConnection:
         local_addr: Address,
     ) -> None:
         self.proxy = proxy
-        self.local = local
+        self._local = local
         self.src_identity = src_identity
         self.peer = peer
         self.local_addr = local_addr
+
+    @property
+    def local(self) -> Workload:
+        """The destination workload as the state knows it *now*.
+
+        A pooled HBONE connection outlives policy and workload updates; every stream
+        must be judged by the current ones, not by those of the TLS handshake.
+        """
+        return self.proxy.ctx.store.workload_by_uid(self._local.uid) or self._local
 
     def guess_service(self, request: ConnectRequest) -> Service | None:
         """The service the client addressed (Forwarded host=), if this pod backs it.
@@ -111,9 +120,10 @@ class InboundConnection:
         proxy, ctx = self.proxy, self.proxy.ctx
         _, host, port = validate_connect(request)
         dst_ip = self.local_addr[0]
+        local = self.local
         try:
             target = resolve_inbound(
-                ctx.store, self.local, host, port, ipaddress.ip_address(dst_ip)
+                ctx.store, local, host, port, ipaddress.ip_address(dst_ip)
             )
         except ResolveError as exc:
             ctx.tracker.connection_failed(self.peer, (host, port), "inbound", str(exc))
@@ -130,16 +140,16 @@ class InboundConnection:
                 dst_addr=upstream_addr,
                 hbone_addr=(host, port),
                 src_workload=src_workload,
-                dst_workload=self.local,
+                dst_workload=local,
                 dst_service=service,
                 src_identity=self.src_identity,
-                dst_identity=self.local.identity,
+                dst_identity=local.identity,
                 security_policy="mutual_tls",
                 proxy_uid=proxy.uid,
             )
         )
         decision = evaluate(
-            ctx.store.policies_for(self.local),
+            ctx.store.policies_for(local),
             ConnectionAttrs(
                 src_ip=ipaddress.ip_address(self.peer[0]),
                 dst_ip=ipaddress.ip_address(dst_ip),
@@ -166,7 +176,7 @@ class InboundConnection:
             )
             return
         app = socket_stream(sock)
-        resp_headers = [("baggage", headers.baggage(self.local, ctx.config.cluster_id))]
+        resp_headers = [("baggage", headers.baggage(local, ctx.config.cluster_id))]
         try:
             await stream.respond(200, [h for h in resp_headers if h[1]])
             await relay_tracked(stream, app, tracked)

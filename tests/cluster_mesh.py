@@ -1,0 +1,82 @@
+"""A simulated cluster with one real agent process per node, for the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ztunnel.cluster import apps
+from ztunnel.cluster.net import ClusterNet, running_cluster
+from ztunnel.cluster.spec import loads_spec
+from ztunnel.enroll.harness import AgentProcess, start_agent, stop_agents, wait_ready
+from ztunnel.identity.ca import init_ca_dir
+
+APPS = ["python", "-m", "ztunnel.cluster.apps"]
+
+
+@dataclass
+class Mesh:
+    net: ClusterNet
+    path: Path
+    ca_dir: Path
+    agents: dict[str, AgentProcess]
+
+    def ip(self, pod: str) -> str:
+        return str(self.net.pod(pod).ip)
+
+    def records(self, node: str | None = None) -> list[dict[str, object]]:
+        nodes = [node] if node else list(self.agents)
+        return [
+            r
+            for n in nodes
+            for r in self.agents[n].log_lines()
+            if r.get("message") == "connection complete"
+        ]
+
+    def restart(self, node: str) -> None:
+        self.agents[node].stop()
+        self.agents[node] = start_agent(self.net, node, self.path, self.ca_dir)
+        wait_ready(self.agents[node], 20)
+
+
+@contextmanager
+def cluster_mesh(text: str, listening: dict[str, int]) -> Iterator[Mesh]:
+    """Build the cluster from ``text``, run an agent per node, wait for the pods' servers."""
+    with tempfile.TemporaryDirectory() as tmp, running_cluster(loads_spec(text)) as net:
+        path, ca_dir = Path(tmp) / "cluster.yaml", Path(tmp) / "ca"
+        path.write_text(text)
+        ca_dir.mkdir()
+        init_ca_dir(ca_dir)
+        programs = apps.start_pod_programs(net)
+        agents: dict[str, AgentProcess] = {}
+        try:
+            for node in net.nodes:
+                agents[node] = start_agent(net, node, path, ca_dir)
+            for agent in agents.values():
+                wait_ready(agent, 20)
+            for pod, port in listening.items():
+                apps.wait_listening(net, pod, port, timeout=10)
+            yield Mesh(net, path, ca_dir, agents)
+        finally:
+            stop_agents(agents)
+            apps.stop_programs(programs)
+
+
+def send(mesh: Mesh, pod: str, to: str, nbytes: int = 100_000) -> dict[str, object]:
+    argv = [*APPS, "send", "--to", to, "--bytes", str(nbytes), "--timeout", "8"]
+    proc = apps.run_in_pod(mesh.net, pod, argv, timeout=20)
+    result: dict[str, object] = json.loads(proc.stdout)
+    return result
+
+
+def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
