@@ -212,9 +212,10 @@ async def test_known_non_mesh_workload_gets_plain_tcp() -> None:
 
     with trio.fail_after(30):
         base = random_base()
-        async with loopback_mesh(
-            base=base, yaml_text=mesh_yaml(base, server_protocol="TCP")
-        ) as mesh, trio.open_nursery() as nursery:
+        async with (
+            loopback_mesh(base=base, yaml_text=mesh_yaml(base, server_protocol="TCP")) as mesh,
+            trio.open_nursery() as nursery,
+        ):
             await start_mesh_with_echo(nursery, mesh)
             stream = await socks5_connect(mesh.socks5, mesh.vip, 80, local_ip=mesh.client_ip)
             assert await echo_roundtrip(stream, b"plain") == b"plain"
