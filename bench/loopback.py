@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import os
 import signal
@@ -113,7 +114,9 @@ def _is_ready(line: str) -> bool:
 
 
 @contextlib.contextmanager
-def loopback_pair(base: str, log_level: str) -> Iterator[tuple[Procs, Path]]:
+def loopback_pair(
+    base: str, log_level: str, profile_dir: str | None = None
+) -> Iterator[tuple[Procs, Path]]:
     with tempfile.TemporaryDirectory(prefix="zt-bench-") as tmp:
         workdir = Path(tmp)
         subprocess.run(
@@ -134,8 +137,13 @@ def loopback_pair(base: str, log_level: str) -> Iterator[tuple[Procs, Path]]:
         try:
             for who in ("A", "B"):
                 with (workdir / f"agent-{who}.log").open("wb") as out:
+                    prof = (
+                        ["-m", "cProfile", "-o", str(Path(profile_dir) / f"agent-{who}.prof")]
+                        if profile_dir
+                        else []
+                    )
                     procs.agents[who] = subprocess.Popen(
-                        [PY, "-m", "ztunnel.cli", "run"],
+                        [PY, *prof, "-m", "ztunnel.cli", "run"],
                         env=_agent_env(base, who, workdir, log_level),
                         stdout=out,
                         stderr=subprocess.STDOUT,
@@ -285,8 +293,10 @@ class Row:
 
 @dataclass
 class AgentCost:
-    """CPU seconds used during one mesh run: agents A and B, the load generator, the app,
-    and the whole machine (all cores, from /proc/stat)."""
+    """CPU seconds used during one mesh run by agents A and B, the load generator, the app.
+
+    Per process from /proc/<pid>/stat (precise: scaled to the scheduler's runtime);
+    /proc/stat's machine-wide ticks miss short bursts on this tickless VM."""
 
     name: str
     unit: str  # what ``work`` counts: "MB", "req" or "conn"
@@ -299,13 +309,18 @@ class Bench:
     def __init__(self, procs: Procs, base: str) -> None:
         self.procs = procs
         self.client_ip = f"{base}.1"
+        self._base = base
+        self._direct_seq = itertools.count()
         self.app = (f"{base}.2", APP_PORT)
         self.socks = (f"{base}.1", 15080)
         self.rows: list[Row] = []
         self.costs: list[AgentCost] = []
 
     def direct(self) -> socket.socket:
-        return common.connect_direct(self.app, self.client_ip)
+        # Rotate the source over <base>.10-.249: thousands of direct connects per second
+        # would otherwise use up one (src ip, dst) pair's ephemeral ports (TIME_WAIT).
+        src = f"{self._base}.{10 + next(self._direct_seq) % 240}"
+        return common.connect_direct(self.app, src)
 
     def mesh(self) -> socket.socket:
         return common.connect_socks5(self.socks, self.app, self.client_ip)
@@ -321,7 +336,6 @@ class Bench:
             "app": self.procs.app.pid,
         }
         cpu = {k: proc_sample(pid).cpu_s for k, pid in pids.items()}
-        cpu["machine"] = common.machine_busy_s()
         return cpu
 
     def measured(self, name: str, unit: str, fn: Callable[[], T]) -> tuple[T, AgentCost]:
@@ -386,7 +400,7 @@ def print_report(
     print(f"CPU during each mesh run, in vCPU (cores busy on average); RUST_LOG={log_level}")
     print(
         f"{'run':16} {'wall s':>6} {'agent A':>8} {'agent B':>8} {'client':>7} {'app':>6}"
-        f" {'machine':>8}   agent vCPU per 1000 units/s"
+        f" {'total':>6}   agent vCPU per 1000 units/s"
     )
     for c in bench.costs:
         v = {k: x / c.wall for k, x in c.cpu.items()}
@@ -394,7 +408,7 @@ def print_report(
         unit = {"MB": "MB/s", "req": "req/s", "conn": "conn/s"}[c.unit]
         print(
             f"{c.name:16} {c.wall:6.2f} {v['A']:8.2f} {v['B']:8.2f} {v['client']:7.2f}"
-            f" {v['app']:6.2f} {v['machine']:8.2f}   A {v['A'] / per_k:.3f}"
+            f" {v['app']:6.2f} {sum(v.values()):6.2f}   A {v['A'] / per_k:.3f}"
             f"  B {v['B'] / per_k:.3f}  (per 1000 {unit})"
         )
     now = bench.samples()
@@ -417,9 +431,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--access-logs", action="store_true", help="RUST_LOG=info (access logs on)")
     p.add_argument("--base", help="127.a.b base address (default random)")
     p.add_argument("--quick", action="store_true", help="small sizes, under 30 s")
+    p.add_argument(
+        "--profile", metavar="DIR", help="run the agents under cProfile, write DIR/agent-{A,B}.prof"
+    )
     args = p.parse_args(argv)
     if args.quick:
-        args.mib, args.latency_seconds, args.conn_seconds = 64, 2.0, 1.5
+        args.mib, args.latency_seconds, args.conn_seconds = 128, 2.0, 1.5
     return args
 
 
@@ -429,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     base = args.base or random_base()
     log_level = "info" if args.access_logs else QUIET_LOG
     print(f"loopback mesh on {base}.x, agents as processes, RUST_LOG={log_level}")
-    with loopback_pair(base, log_level) as (procs, _workdir):
+    with loopback_pair(base, log_level, args.profile) as (procs, _workdir):
         bench = Bench(procs, base)
         time.sleep(0.5)
         idle = bench.samples()
