@@ -423,10 +423,10 @@ def print_report(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--mib", type=int, default=512, help="throughput payload (MiB)")
+    p.add_argument("--mib", type=int, help="throughput payload (MiB; 512, quick 128)")
     p.add_argument("--rate", type=float, default=500.0, help="paced requests per second")
-    p.add_argument("--latency-seconds", type=float, default=5.0)
-    p.add_argument("--conn-seconds", type=float, default=5.0, help="per new-connection run")
+    p.add_argument("--latency-seconds", type=float, help="paced run length (5; quick 2)")
+    p.add_argument("--conn-seconds", type=float, help="per new-connection run (5; quick 1.5)")
     p.add_argument("--workers", type=int, default=8, help="concurrent connection workers (0: off)")
     p.add_argument("--access-logs", action="store_true", help="RUST_LOG=info (access logs on)")
     p.add_argument("--base", help="127.a.b base address (default random)")
@@ -435,8 +435,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile", metavar="DIR", help="run the agents under cProfile, write DIR/agent-{A,B}.prof"
     )
     args = p.parse_args(argv)
-    if args.quick:
-        args.mib, args.latency_seconds, args.conn_seconds = 128, 2.0, 1.5
+    defaults = (128, 2.0, 1.5) if args.quick else (512, 5.0, 5.0)
+    for name, value in zip(("mib", "latency_seconds", "conn_seconds"), defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
 
 
