@@ -19,7 +19,7 @@ import structlog
 import trio
 
 from ztunnel import __version__
-from ztunnel.config import Config, ProxyMode, WorkloadInfo
+from ztunnel.config import Config, ProxyMode, WorkloadInfo, format_address
 from ztunnel.errors import ConfigError
 from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA
 from ztunnel.identity.manager import SecretManager
@@ -184,7 +184,7 @@ class Agent:
                     "agent ready",
                     version=__version__,
                     mode=self.config.proxy_mode.value,
-                    **{k: f"{v[0]}:{v[1]}" for k, v in self.bound.items()},
+                    **{k: format_address(v) for k, v in self.bound.items()},
                 )
                 task_status.started(self)
 
@@ -233,8 +233,9 @@ class Agent:
         self.proxies[proxy.uid] = proxy
         self.metrics.active_proxies.set(len(self.proxies))
         self.metrics.proxies_started.inc()
-        for name, addr in proxy.bound.items():
-            self.bound[name if len(self.proxies) == 1 else f"{proxy.uid}/{name}"] = addr
+        if self.config.proxy_mode is ProxyMode.DEDICATED:
+            # In-pod listeners live in each pod's netns; the enrollment log names them.
+            self.bound.update(proxy.bound)
         self.pending.pop("proxy", None)
 
     async def stop_proxy(self, uid: str, deadline: float) -> None:
