@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common
 from common import ProcSample, proc_sample
 
-from ztunnel.loopback import APP_PORT, mesh_yaml, random_base
+from ztunnel.loopback import APP_PORT, agent_env, mesh_yaml, random_base
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -70,26 +70,13 @@ def _agent_env(base: str, who: str, workdir: Path, log_level: str) -> dict[str, 
     ip = f"{base}.1" if who == "A" else f"{base}.2"
     workload = "default/client/client" if who == "A" else "default/server/server"
     env = dict(os.environ)
-    env.update(
-        {
-            "PROXY_MODE": "dedicated",
-            "PROXY_WORKLOAD_INFO": workload,
-            "LOCAL_XDS_PATH": str(workdir / "mesh.yaml"),
-            "CA_DIR": str(workdir / "ca"),
-            "LOG_FORMAT": "json",
-            "RUST_LOG": log_level,
-            "UNSTABLE_ENABLE_SOCKS5": "true",
-            "PACKET_MARK": "0",
-            "CONNECTION_TERMINATION_DEADLINE": "1s",
-            "ZTUNNEL_OUTBOUND_ADDR": f"{ip}:15001",
-            "ZTUNNEL_INBOUND_ADDR": f"{ip}:15008",
-            "ZTUNNEL_INBOUND_PLAINTEXT_ADDR": f"{ip}:15006",
-            "ZTUNNEL_SOCKS5_ADDR": f"{ip}:15080",
-            "ZTUNNEL_ADMIN_ADDR": f"{ip}:0",
-            "ZTUNNEL_STATS_ADDR": f"{ip}:0",
-            "ZTUNNEL_READINESS_ADDR": f"{ip}:0",
-        }
-    )
+    extra = {
+        "LOCAL_XDS_PATH": str(workdir / "mesh.yaml"),
+        "CA_DIR": str(workdir / "ca"),
+        "LOG_FORMAT": "json",
+        "RUST_LOG": log_level,
+    }
+    env.update(agent_env(ip, workload, extra=extra))
     return env
 
 

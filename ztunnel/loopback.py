@@ -60,7 +60,9 @@ services:
 """
 
 
-def agent_config(ip: str, workload: str, *, extra: dict[str, str] | None = None) -> Config:
+def agent_env(ip: str, workload: str, *, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a dedicated-mode agent listening on ``ip`` (fixed data ports,
+    ephemeral admin/metrics/readiness ports, SOCKS5 on)."""
     env = {
         "PROXY_MODE": "dedicated",
         "PROXY_WORKLOAD_INFO": workload,
@@ -76,7 +78,11 @@ def agent_config(ip: str, workload: str, *, extra: dict[str, str] | None = None)
         "CONNECTION_TERMINATION_DEADLINE": "1s",
     }
     env.update(extra or {})
-    return Config.from_sources(env)
+    return env
+
+
+def agent_config(ip: str, workload: str, *, extra: dict[str, str] | None = None) -> Config:
+    return Config.from_sources(agent_env(ip, workload, extra=extra))
 
 
 @dataclass

@@ -77,6 +77,19 @@ async def serve(kind: str, port: int, host: str = "0.0.0.0") -> None:
 # -- clients -------------------------------------------------------------------------------
 
 
+def _network_error(exc: BaseException, limit: float) -> str:
+    """One line for a failed exchange; anything that is not a network failure re-raises."""
+    if isinstance(exc, trio.TooSlowError):
+        return f"timeout after {limit}s"
+    if isinstance(exc, ExceptionGroup):
+        # The sender and receiver run in a nursery: a reset reaches us grouped.
+        network, other = exc.split((OSError, trio.BrokenResourceError))
+        if other is not None or network is None:
+            raise exc
+        exc = network.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
 async def send(to: str, nbytes: int, limit: float = 30.0) -> dict[str, Any]:
     result: dict[str, Any] = {
         "ok": False,
@@ -116,17 +129,8 @@ async def send(to: str, nbytes: int, limit: float = 30.0) -> dict[str, Any]:
             result["error"] = "checksum mismatch"
         else:
             result["ok"] = True
-    except trio.TooSlowError:
-        result["error"] = f"timeout after {limit}s"
-    except (OSError, trio.BrokenResourceError) as exc:
-        result["error"] = f"{type(exc).__name__}: {exc}"
-    except ExceptionGroup as group:
-        # The sender and receiver run in a nursery: a reset reaches us grouped.
-        network, other = group.split((OSError, trio.BrokenResourceError))
-        if other is not None or network is None:
-            raise
-        first = network.exceptions[0]
-        result["error"] = f"{type(first).__name__}: {first}"
+    except (trio.TooSlowError, OSError, trio.BrokenResourceError, ExceptionGroup) as exc:
+        result["error"] = _network_error(exc, limit)
     return result
 
 
@@ -147,17 +151,8 @@ async def read_line(to: str, limit: float = 10.0) -> dict[str, Any]:
         result["ok"] = bool(result["line"])
         if not result["ok"]:
             result["error"] = "connection closed without a line"
-    except trio.TooSlowError:
-        result["error"] = f"timeout after {limit}s"
-    except (OSError, trio.BrokenResourceError) as exc:
-        result["error"] = f"{type(exc).__name__}: {exc}"
-    except ExceptionGroup as group:
-        # The sender and receiver run in a nursery: a reset reaches us grouped.
-        network, other = group.split((OSError, trio.BrokenResourceError))
-        if other is not None or network is None:
-            raise
-        first = network.exceptions[0]
-        result["error"] = f"{type(first).__name__}: {first}"
+    except (trio.TooSlowError, OSError, trio.BrokenResourceError, ExceptionGroup) as exc:
+        result["error"] = _network_error(exc, limit)
     return result
 
 
