@@ -41,7 +41,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from cluster_common import cpu_seconds  # noqa: E402
+from common import cpu_seconds  # noqa: E402
 
 from ztunnel.cluster import apps  # noqa: E402
 from ztunnel.cluster.net import ClusterNet, cleanup_stale, running_cluster  # noqa: E402

@@ -9,10 +9,13 @@ never competes with the load generator's GIL. It speaks a one-byte preamble:
 
 Blocking sockets and one thread per connection: the lowest-overhead Python server, so
 the figures measure the path, not the app.
+
+Standard library only: ``bench/cluster_common.py`` imports it inside every pod.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -34,36 +37,47 @@ _IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h; not exported by Python 3.11's socke
 # -- the app -------------------------------------------------------------------------
 
 
-def serve(host: str, port: int) -> None:
-    """Accept forever; one thread per connection (daemon, so SIGTERM ends everything)."""
+def serve(host: str, port: int, *, preamble: bool = True, ready: str | None = None) -> None:
+    """Accept forever; one thread per connection (daemon, so SIGTERM ends everything).
+
+    ``preamble=False`` skips the mode byte: every connection is a plain echo. ``ready`` is
+    the line printed once listening (default ``listening HOST:PORT``)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
     listener.listen(4096)
-    print(f"listening {host}:{port}", flush=True)
+    print(ready or f"listening {host}:{port}", flush=True)
+    handle = _handle if preamble else _echo
     while True:
         conn, _ = listener.accept()
-        threading.Thread(target=_handle, args=(conn,), daemon=True).start()
+        threading.Thread(target=_serve_conn, args=(conn, handle), daemon=True).start()
 
 
-def _handle(conn: socket.socket) -> None:
+def _serve_conn(conn: socket.socket, handle: Callable[[socket.socket, bytearray], None]) -> None:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = bytearray(_BUF)
-    view = memoryview(buf)
     try:
-        mode = conn.recv(1)
-        if mode == MODE_SINK:
-            total = 0
-            while n := conn.recv_into(buf):
-                total += n
-            conn.sendall(str(total).encode())
-        elif mode == MODE_ECHO:
-            while n := conn.recv_into(buf):
-                conn.sendall(view[:n])
+        handle(conn, bytearray(_BUF))
     except OSError:
         pass
     finally:
         conn.close()
+
+
+def _handle(conn: socket.socket, buf: bytearray) -> None:
+    mode = conn.recv(1)
+    if mode == MODE_SINK:
+        total = 0
+        while n := conn.recv_into(buf):
+            total += n
+        conn.sendall(str(total).encode())
+    elif mode == MODE_ECHO:
+        _echo(conn, buf)
+
+
+def _echo(conn: socket.socket, buf: bytearray) -> None:
+    view = memoryview(buf)
+    while n := conn.recv_into(buf):
+        conn.sendall(view[:n])
 
 
 # -- client side -----------------------------------------------------------------------
@@ -121,11 +135,58 @@ def wait_readable(sock: socket.socket, timeout: float) -> bool:
 
 def tighten_timer_slack() -> None:
     """Sleep precision: the default 50 us timer slack would inflate paced latencies."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
+
+
+# -- paced request/response ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PacedRun:
+    latencies: list[float]  # seconds from each request's due time, sorted
+    sent: int
+    lost: int  # requests due in the run whose response never came
+    achieved_per_s: float
+
+
+def paced_rr(
+    sock: socket.socket, rate: float, seconds: float, size: int, warm: int = 1
+) -> PacedRun:
+    """Open loop on one keep-alive echo connection: request i is due at t0 + i/rate and its
+    latency runs from that due time (not the actual send), so a stall is charged to
+    every request it delays (no coordinated omission). One thread, select() timing.
+
+    ``warm`` echoes first (certs, HBONE pool, stream) are not measured."""
+    n = max(1, int(rate * seconds))
+    payload = b"\x42" * size
+    for _ in range(warm):
+        sock.sendall(payload)
+        recv_exact(sock, size)
+    sock.settimeout(None)  # the measured phase waits in select(), never on a timeout
+    t0 = time.perf_counter() + 0.01
+    due = [t0 + i / rate for i in range(n)]
+    latencies: list[float] = []
+    sent = pending = 0
+    deadline = due[-1] + 10
+    while len(latencies) < n and time.perf_counter() < deadline:
+        now = time.perf_counter()
+        while sent < n and due[sent] <= now:
+            sock.sendall(payload)
+            sent += 1
+        wait = (due[sent] - now) if sent < n else (deadline - now)
+        if wait_readable(sock, wait):
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            pending += len(data)
+            now = time.perf_counter()
+            while pending >= size:
+                pending -= size
+                latencies.append(now - due[len(latencies)])
+    end = time.perf_counter()
+    latencies.sort()
+    return PacedRun(latencies, sent, n - len(latencies), len(latencies) / (end - t0))
 
 
 # -- figures ---------------------------------------------------------------------------
@@ -149,17 +210,22 @@ class ProcSample:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_sample(pid: int) -> ProcSample:
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process (all its threads) since it started."""
     with open(f"/proc/{pid}/stat") as f:
-        # comm may contain spaces; fields after the closing paren are fixed
+        # comm may contain spaces and parens; the fields after the last ')' are fixed
         fields = f.read().rsplit(")", 1)[1].split()
-    utime, stime = int(fields[11]), int(fields[12])
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def proc_sample(pid: int) -> ProcSample:
+    cpu = cpu_seconds(pid)
     rss = 0
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1])
-    return ProcSample((utime + stime) / _TICK, rss, time.monotonic())
+    return ProcSample(cpu, rss, time.monotonic())
 
 
 def cpu_between(a: ProcSample, b: ProcSample) -> float:

@@ -189,40 +189,16 @@ class Latency:
 
 
 def paced_latency(connect: Connect, rate: float, seconds: float) -> Latency:
-    """Open loop on one keep-alive connection: request i is due at t0 + i/rate and its
-    latency runs from that due time (not the actual send), so a stall is charged to
-    every request it delays (no coordinated omission). One thread, select() timing."""
-    n = max(1, int(rate * seconds))
-    payload = b"\x42" * MSG
+    """Paced open-loop 1 KiB echo on one keep-alive connection (``common.paced_rr``)."""
     with connect() as sock:
         sock.sendall(common.MODE_ECHO)
-        sock.sendall(payload)  # warm the path, not measured
-        common.recv_exact(sock, MSG)
-        t0 = time.perf_counter() + 0.01
-        due = [t0 + i / rate for i in range(n)]
-        latencies: list[float] = []
-        sent, pending = 0, 0
-        deadline = due[-1] + 10
-        while len(latencies) < n and time.perf_counter() < deadline:
-            now = time.perf_counter()
-            while sent < n and due[sent] <= now:
-                sock.sendall(payload)
-                sent += 1
-            wait = (due[sent] - now) if sent < n else (deadline - now)
-            if common.wait_readable(sock, wait):
-                pending += len(sock.recv(65536))
-                now = time.perf_counter()
-                while pending >= MSG:
-                    pending -= MSG
-                    latencies.append(now - due[len(latencies)])
-        end = time.perf_counter()
-    latencies.sort()
+        run = common.paced_rr(sock, rate, seconds, MSG)
     return Latency(
-        common.percentile(latencies, 50),
-        common.percentile(latencies, 90),
-        common.percentile(latencies, 99),
-        len(latencies) / (end - t0),
-        n - len(latencies),
+        common.percentile(run.latencies, 50),
+        common.percentile(run.latencies, 90),
+        common.percentile(run.latencies, 99),
+        run.achieved_per_s,
+        run.lost,
     )
 
 
