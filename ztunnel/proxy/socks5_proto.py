@@ -57,13 +57,17 @@ def parse_greeting(buf: bytes) -> tuple[bool, int] | None:
 
 def parse_request(buf: bytes) -> tuple[Socks5Request, int] | None:
     """Returns (request, bytes consumed), or None if incomplete."""
+    # Judge each byte as soon as it arrives: a bad request is refused at once,
+    # not after waiting for bytes a confused client will never send.
+    if len(buf) >= 1 and buf[0] != VERSION:
+        raise Socks5Error(Reply.GENERAL_FAILURE, f"not SOCKS5 (version byte {buf[0]})")
+    if len(buf) >= 2 and buf[1] != CMD_CONNECT:
+        raise Socks5Error(Reply.COMMAND_NOT_SUPPORTED, f"only CONNECT is supported, got {buf[1]}")
+    if len(buf) >= 4 and buf[3] not in (ATYP_IPV4, ATYP_IPV6, ATYP_DOMAIN):
+        raise Socks5Error(Reply.ADDRESS_TYPE_NOT_SUPPORTED, f"address type {buf[3]} not supported")
     if len(buf) < 5:
         return None
-    version, cmd, _, atyp = buf[0], buf[1], buf[2], buf[3]
-    if version != VERSION:
-        raise Socks5Error(Reply.GENERAL_FAILURE, f"not SOCKS5 (version byte {version})")
-    if cmd != CMD_CONNECT:
-        raise Socks5Error(Reply.COMMAND_NOT_SUPPORTED, f"only CONNECT is supported, got {cmd}")
+    atyp = buf[3]
     if atyp == ATYP_IPV4:
         end = 4 + 4
         host = str(ipaddress.IPv4Address(buf[4:end])) if len(buf) >= end else ""
