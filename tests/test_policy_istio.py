@@ -465,3 +465,18 @@ def test_bad_mtls_mode_is_an_error() -> None:
     text = PA + "metadata: {name: x, namespace: foo}\nspec: {mtls: {mode: SOMETIMES}}\n"
     with pytest.raises(ConfigError, match=r"PeerAuthentication foo/x: spec\.mtls\.mode"):
         translate(text)
+
+
+def test_unknown_security_istio_io_documents_fail_closed() -> None:
+    """A DENY in an API version we cannot read must not silently vanish."""
+    doc = {
+        "apiVersion": "security.istio.io/v1beta2",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-all", "namespace": "ns"},
+        "spec": {"action": "DENY", "rules": [{}]},
+    }
+    with pytest.raises(ConfigError) as info:
+        translate_documents([doc])
+    assert "security.istio.io/v1beta2" in str(info.value)
+    other = {"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": {"name": "g"}}
+    assert translate_documents([other]).policies == []  # not a security document: skipped

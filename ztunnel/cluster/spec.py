@@ -270,6 +270,8 @@ def _policy(
     meta = p.mapping(doc.get("metadata"), f"{path}.metadata")
     p.text(meta.get("name"), f"{path}.metadata.name")
     ns = meta.get("namespace")
+    if ns is not None and not isinstance(ns, str):
+        raise p.fail(f"{path}.metadata.namespace", f"expected a namespace name, got {ns!r}")
     if ns is not None and ns not in namespaces:
         raise p.fail(f"{path}.metadata.namespace", f"unknown namespace {ns!r}")
     return doc
@@ -282,6 +284,8 @@ def load_spec(path: str | Path) -> ClusterSpec:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, "", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
     return loads_spec(text, source)
 
 

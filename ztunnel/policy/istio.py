@@ -119,6 +119,14 @@ def _translate(
             raise where.fail("", "a policy document must be a mapping")
         kind, api = doc.get("kind"), doc.get("apiVersion")
         if kind not in _KINDS or api not in _API_VERSIONS:
+            if str(api).startswith("security.istio.io/"):
+                # A security document we cannot read must not silently vanish: skipping a
+                # DENY (or a STRICT) would open what its author meant to close.
+                raise where.fail(
+                    "apiVersion",
+                    f"{api}/{kind} is not supported (kinds: {', '.join(sorted(_KINDS))}; "
+                    f"versions: {', '.join(sorted(_API_VERSIONS))})",
+                )
             _unsupported(result, where.source, f"kind {api}/{kind} is not handled; skipped", strict)
             continue
         name, namespace = _identify(doc, where)
