@@ -104,3 +104,28 @@ async def test_a_slow_reader_bounds_what_the_mesh_buffers() -> None:
             assert inbound and inbound[0].bytes_received < 48 << 20
             await trio.aclose_forcefully(stream)
             nursery.cancel_scope.cancel()
+
+
+async def test_peers_that_vanish_leave_no_open_connections_behind() -> None:
+    """Every tracked connection is closed (metrics, config dump) however the peer leaves."""
+    with trio.fail_after(60):
+        async with loopback_mesh() as mesh, trio.open_nursery() as nursery:
+            await nursery.start(serve_echo, mesh.server_ip, APP_PORT)
+            assert isinstance(mesh.ca, FakeCA)
+            good = client_context(mesh.ca.workload_certificate(CLIENT))
+            hdrs = connect_headers(f"{mesh.server_ip}:{APP_PORT}")
+
+            def vanish() -> None:
+                # 200 and the first echoed bytes arrive, then the TLS connection just drops.
+                status, body = request((mesh.server_ip, 15008), good, hdrs, body=b"bye")
+                assert (status, body) == (200, b"bye")
+
+            for _ in range(10):
+                await trio.to_thread.run_sync(vanish)
+            tracker = mesh.server_agent.tracker
+            with trio.fail_after(10):
+                while tracker.open_connections():  # noqa: ASYNC110 - polling test state
+                    await trio.sleep(0.05)
+            gauge = mesh.server_agent.metrics.sockets_open.labels("destination")
+            assert gauge._value.get() == 0
+            nursery.cancel_scope.cancel()

@@ -68,9 +68,19 @@ async def test_valid_client_gets_200_and_its_bytes_through() -> None:
         (connect_headers("{ip}:99999"), 400),
         (connect_headers("127.9.9.9:8080"), 400),  # authority IP is not this pod (IPMismatch)
         (connect_headers("{ip}:15008"), 503),  # self call
+        (connect_headers("{ip}:15080"), 503),  # self call to the SOCKS5 listener
         (connect_headers("{ip}:1"), 503),  # nothing listens there
     ],
-    ids=["GET", "POST", "garbage-authority", "bad-port", "ip-mismatch", "self-call", "closed-port"],
+    ids=[
+        "GET",
+        "POST",
+        "garbage-authority",
+        "bad-port",
+        "ip-mismatch",
+        "self-call",
+        "socks5-self-call",
+        "closed-port",
+    ],
 )
 async def test_bad_requests_get_the_documented_status(
     headers: list[tuple[str, str]], status: int

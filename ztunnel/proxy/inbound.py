@@ -10,6 +10,7 @@ app, then the app is dialled from the client's IP where the kernel allows
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 from typing import TYPE_CHECKING
@@ -20,15 +21,15 @@ from ztunnel.config import Address
 from ztunnel.hbone.connection import HboneServerStream, serve_hbone
 from ztunnel.hbone.engine import ConnectRequest, validate_connect
 from ztunnel.hbone.tlsstream import tls_handshake
-from ztunnel.identity.tls import server_context, verify_client_trust_domain
+from ztunnel.identity.tls import peer_identity, server_context, verify_client_trust_domain
 from ztunnel.model.identity import Identity
 from ztunnel.model.workload import Service, Workload
-from ztunnel.policy.rbac import ConnectionAttrs, Decision, evaluate
 from ztunnel.proxy import headers
-from ztunnel.proxy.relay import describe, relay
-from ztunnel.proxy.sockets import connect_socket, socket_stream, sockname
+from ztunnel.proxy.authorize import serve_inbound
+from ztunnel.proxy.relay import describe
+from ztunnel.proxy.sockets import sockname
 from ztunnel.state.resolve import ResolveError, resolve_inbound
-from ztunnel.telemetry.connections import ConnectionInfo, TrackedConnection
+from ztunnel.telemetry.connections import ConnectionInfo
 
 if TYPE_CHECKING:
     from ztunnel.proxy.workload_proxy import WorkloadProxy
@@ -53,9 +54,10 @@ async def serve_inbound_connection(
         )
         return
     try:
-        src_identity = verify_client_trust_domain(
-            tls.peer_certificate_der() or b"", local.identity.trust_domain
-        )
+        der = tls.peer_certificate_der() or b""
+        verify_client_trust_domain(der, local.identity.trust_domain)
+        # As ztunnel: policy sees the certificate's first SPIFFE SAN.
+        src_identity = peer_identity(der)
     except Exception as exc:
         tracker.connection_failed(peer, local_addr, "inbound", f"client identity rejected: {exc}")
         await trio.aclose_forcefully(tls)
@@ -123,11 +125,17 @@ class InboundConnection:
         local = self.local
         try:
             target = resolve_inbound(
-                ctx.store, local, host, port, ipaddress.ip_address(dst_ip)
+                ctx.store,
+                local,
+                host,
+                port,
+                ipaddress.ip_address(dst_ip),
+                illegal=ctx.illegal_ports,
             )
         except ResolveError as exc:
             ctx.tracker.connection_failed(self.peer, (host, port), "inbound", str(exc))
-            await stream.respond(exc.status, [])
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.respond(exc.status, [])
             return
         upstream_addr = (dst_ip, target.port)
         service = target.service or self.guess_service(request)
@@ -148,67 +156,9 @@ class InboundConnection:
                 proxy_uid=proxy.uid,
             )
         )
-        decision = evaluate(
-            ctx.store.policies_for(local),
-            ConnectionAttrs(
-                src_ip=ipaddress.ip_address(self.peer[0]),
-                dst_ip=ipaddress.ip_address(dst_ip),
-                dst_port=target.port,
-                src_identity=self.src_identity,
-            ),
-        )
-        if not decision.allowed:
-            await stream.respond(401, [])
-            tracked.close(denial_reason(decision), "DENY")
-            return
-        try:
-            sock = await connect_socket(
-                proxy.factory,
-                upstream_addr,
-                src_ip=self.peer[0] if proxy.transparent else None,
-                transparent=proxy.transparent,
-            )
-        except OSError as exc:
-            await stream.respond(503, [])
-            tracked.close(
-                f"connect to {upstream_addr[0]}:{upstream_addr[1]} failed: {describe(exc)}",
-                "CONNECT",
-            )
-            return
-        app = socket_stream(sock)
         resp_headers = [("baggage", headers.baggage(local, ctx.config.cluster_id))]
-        try:
-            await stream.respond(200, [h for h in resp_headers if h[1]])
-            await relay_tracked(stream, app, tracked)
-        finally:
-            await trio.aclose_forcefully(app)
 
+        async def respond(status: int) -> None:
+            await stream.respond(status, [h for h in resp_headers if h[1]] if status == 200 else [])
 
-async def relay_tracked(
-    client: trio.abc.HalfCloseableStream,
-    app: trio.abc.HalfCloseableStream,
-    tracked: TrackedConnection,
-) -> str | None:
-    """Relay client <-> app, counting bytes live; a policy change may cut it (tracked.cancel)."""
-    error: str | None = None
-    with trio.CancelScope() as scope:
-        tracked.cancel = scope.cancel
-        try:
-            result = await relay(
-                client, app, on_a_to_b=tracked.add_received, on_b_to_a=tracked.add_sent
-            )
-            error = result.error
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            error = describe(exc)
-    if scope.cancelled_caught:
-        error = "connection closed: no longer allowed by policy"
-        tracked.close(error, "DENY")
-        return error
-    tracked.close(error)
-    return error
-
-
-def denial_reason(decision: Decision) -> str:
-    """The access-log error for a denied connection, naming the deciding policy if any."""
-    by = f" by {decision.policy}" if decision.policy else ""
-    return f"connection denied: {decision.message}{by}"
+        await serve_inbound(proxy, tracked, local, stream, upstream_addr, respond)

@@ -15,10 +15,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from ztunnel.config import Address
-from ztunnel.policy.rbac import ConnectionAttrs, evaluate
-from ztunnel.proxy.inbound import denial_reason, relay_tracked
-from ztunnel.proxy.relay import describe
-from ztunnel.proxy.sockets import connect_socket, original_dst, socket_stream
+from ztunnel.proxy.authorize import serve_inbound
+from ztunnel.proxy.sockets import original_dst, socket_stream
 from ztunnel.telemetry.connections import ConnectionInfo
 
 if TYPE_CHECKING:
@@ -54,32 +52,8 @@ async def serve_plaintext_connection(
             proxy_uid=proxy.uid,
         )
     )
-    decision = evaluate(
-        ctx.store.policies_for(local),
-        ConnectionAttrs(
-            src_ip=ipaddress.ip_address(peer[0]),
-            dst_ip=ipaddress.ip_address(dst[0]),
-            dst_port=dst[1],
-            src_identity=None,
-        ),
-    )
-    if not decision.allowed:
-        tracked.close(denial_reason(decision), "DENY")
-        return
-    try:
-        sock = await connect_socket(
-            proxy.factory,
-            dst,
-            src_ip=peer[0] if proxy.transparent else None,
-            transparent=proxy.transparent,
-        )
-    except OSError as exc:
-        tracked.close(f"connect to {dst[0]}:{dst[1]} failed: {describe(exc)}", "CONNECT")
-        return
     client = socket_stream(conn)
-    app = socket_stream(sock)
     try:
-        await relay_tracked(client, app, tracked)
+        await serve_inbound(proxy, tracked, local, client, dst, respond=None)
     finally:
-        await trio.aclose_forcefully(app)
         await trio.aclose_forcefully(client)

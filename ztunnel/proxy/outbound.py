@@ -20,7 +20,7 @@ from ztunnel.config import Address
 from ztunnel.hbone.connection import HboneStatusError
 from ztunnel.hbone.pool import PoolKey
 from ztunnel.proxy import headers
-from ztunnel.proxy.relay import describe, relay
+from ztunnel.proxy.relay import Outcome, describe, relay
 from ztunnel.proxy.sockets import connect_socket, original_dst, socket_stream
 from ztunnel.state.resolve import (
     HboneUpstream,
@@ -30,7 +30,7 @@ from ztunnel.state.resolve import (
     Upstream,
     resolve_outbound,
 )
-from ztunnel.telemetry.connections import ConnectionInfo
+from ztunnel.telemetry.connections import ConnectionInfo, TrackedConnection
 
 if TYPE_CHECKING:
     from ztunnel.model.workload import Workload
@@ -84,36 +84,57 @@ async def proxy_outbound(
         await fail(str(exc))
         return
     tracked = tracker.open(connection_info(proxy, source, client, dst, upstream))
-    error: str | None = None
-    flags = "-"
+    # Closed exactly once whatever happens, also when a drain cancels us midway.
+    outcome = Outcome()
+    try:
+        await _carry(
+            proxy, source, downstream, client, dst, upstream, tracked, ready, early_data, outcome
+        )
+    finally:
+        tracked.close(outcome.error, outcome.flags)
+
+
+async def _carry(
+    proxy: WorkloadProxy,
+    source: Workload,
+    downstream: trio.abc.HalfCloseableStream,
+    client: Address,
+    dst: Address,
+    upstream: Upstream,
+    tracked: TrackedConnection,
+    ready: ReadyHook | None,
+    early_data: bytes,
+    outcome: Outcome,
+) -> None:
     try:
         upstream_stream = await open_upstream(proxy, source, client, dst, upstream)
     except HboneStatusError as exc:
-        error, flags = f"http status: {exc.status}", "CONNECT"
+        outcome.set(f"http status: {exc.status}", "CONNECT")
     except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
-        error, flags = f"connect to upstream failed: {describe(exc)}", "CONNECT"
+        outcome.set(f"connect to upstream failed: {describe(exc)}", "CONNECT")
     except Exception as exc:  # TLS identity mismatch, h2 failure...: deny on doubt
-        error, flags = f"connect to upstream failed: {exc}", "CONNECT"
-    if error is not None:
-        tracked.close(error, flags)
-        if ready is not None:
-            await ready(False, error)
+        outcome.set(f"connect to upstream failed: {exc}", "CONNECT")
+    else:
+        try:
+            if ready is not None:
+                await ready(True, "")
+            if early_data:
+                await upstream_stream.send_all(early_data)
+                tracked.add_sent(len(early_data))
+            result = await relay(
+                downstream,
+                upstream_stream,
+                on_a_to_b=tracked.add_sent,
+                on_b_to_a=tracked.add_received,
+            )
+            outcome.set(result.error)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            outcome.set(describe(exc))
+        finally:
+            await trio.aclose_forcefully(upstream_stream)
         return
-    try:
-        if ready is not None:
-            await ready(True, "")
-        if early_data:
-            await upstream_stream.send_all(early_data)
-            tracked.add_sent(len(early_data))
-        result = await relay(
-            downstream, upstream_stream, on_a_to_b=tracked.add_sent, on_b_to_a=tracked.add_received
-        )
-        error = result.error
-    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        error = describe(exc)
-    finally:
-        await trio.aclose_forcefully(upstream_stream)
-        tracked.close(error)
+    if ready is not None:
+        await ready(False, str(outcome.error))
 
 
 def connection_info(

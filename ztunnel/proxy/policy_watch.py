@@ -10,12 +10,11 @@ DENY), as ztunnel's PolicyWatcher does.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Iterable
 
 import structlog
 
-from ztunnel.policy.rbac import ConnectionAttrs, evaluate
+from ztunnel.proxy.authorize import authorize
 from ztunnel.state.store import Kind, StateStore
 from ztunnel.telemetry.connections import ConnectionTracker, TrackedConnection
 
@@ -30,13 +29,8 @@ def recheck_connections(store: StateStore, conns: Iterable[TrackedConnection]) -
         if info.direction != "inbound" or info.dst_workload is None or conn.cancel is None:
             continue
         local = store.workload_by_uid(info.dst_workload.uid) or info.dst_workload
-        attrs = ConnectionAttrs(
-            src_ip=ipaddress.ip_address(str(info.src_addr[0])),
-            dst_ip=ipaddress.ip_address(str(info.dst_addr[0])),
-            dst_port=int(info.dst_addr[1]),
-            src_identity=info.src_identity,
-        )
-        decision = evaluate(store.policies_for(local), attrs)
+        dst = (str(info.dst_addr[0]), int(info.dst_addr[1]))
+        decision = authorize(store, local, str(info.src_addr[0]), dst, info.src_identity)
         if decision.allowed:
             continue
         log.info(

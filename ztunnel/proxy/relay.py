@@ -92,6 +92,21 @@ async def relay(
     return result
 
 
+@dataclass
+class Outcome:
+    """How a tracked connection ended: its access-log error and response flag.
+
+    Starts pessimistic so a connection cancelled midway (drain, dying HBONE
+    connection) is still closed with an explanation rather than as a success.
+    """
+
+    error: str | None = "connection closed by the agent before completion"
+    flags: str = "-"
+
+    def set(self, error: str | None, flags: str = "-") -> None:
+        self.error, self.flags = error, flags
+
+
 def describe(exc: BaseException) -> str:
     """A short, log-friendly reason, following the chain to the OS error if any."""
     seen: BaseException | None = exc
