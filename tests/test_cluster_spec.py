@@ -9,6 +9,7 @@ import pytest
 from ztunnel.cluster.net import PodNet, render_service_rules
 from ztunnel.cluster.spec import demo_spec, load_spec, loads_spec
 from ztunnel.cluster.state import is_enrolled
+from ztunnel.enroll.layout import attach
 from ztunnel.errors import ConfigError
 
 MINIMAL = """
@@ -144,3 +145,20 @@ def test_service_rules_split_traffic_evenly_over_endpoints() -> None:
         " -j DNAT --to-destination 10.244.9.3:8080",
         "-A ZT-SVC-0-80 -p tcp -j DNAT --to-destination 10.244.9.4:8080",
     ]
+
+
+def _crowded(pods: int) -> str:
+    lines = ["namespaces: {ns: {}}", "nodes: [n1, n2]", "pods:"]
+    lines += [f"  - {{name: p{i}, namespace: ns, node: n1}}" for i in range(pods)]
+    lines.append("  - {name: other, namespace: ns, node: n2}")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_node_holds_at_most_253_pods() -> None:
+    # Each node's pods share one /24 (.2-.254): one more would have no address at all.
+    spec = loads_spec(_crowded(253))
+    assert attach(spec, "zt000000").pods["ns/p252"].ip == IPv4Address("10.244.1.254")
+    with pytest.raises(ConfigError) as info:
+        loads_spec(_crowded(254))
+    assert info.value.field == "pods[253].node"
+    assert "253" in info.value.problem and "'n1'" in info.value.problem

@@ -6,6 +6,7 @@ import os
 import secrets
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from ztunnel.redirect.netns import (
     delete_named,
     list_named,
 )
+from ztunnel.redirect.routes import routes_state
 
 pytestmark = pytest.mark.root
 
@@ -109,3 +111,25 @@ def test_lifecycle_and_errors() -> None:
         NetNamespace.named(name)
     with pytest.raises(NetnsError):
         NetNamespace.named("../etc")
+
+
+def test_run_failures_are_netns_errors(
+    netns: NetNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Callers (the enrollment controller) handle NetnsError; anything else used to escape.
+    with pytest.raises(NetnsError, match="timed out"):
+        netns.run(["sleep", "5"], timeout=0.2)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nsenter to be found
+    with pytest.raises(NetnsError, match="cannot run nsenter"):
+        netns.run(["true"])
+
+
+def test_unparseable_ip_json_is_a_netns_error(
+    netns: NetNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "ip"
+    fake.write_text("#!/bin/sh\necho 'Warning: not json'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")  # nsenter finds our ip
+    with pytest.raises(NetnsError, match="not JSON"):
+        routes_state(netns, fwmark=0x111, mask=0xFFF, table=100)

@@ -160,6 +160,7 @@ def parse_spec(data: object, source: str = "<cluster>") -> ClusterSpec:
         for i, raw in enumerate(p.seq(top.get("pods") or [], "pods"))
     )
     _unique(p, [x.key for x in pods], "pods", "pod")
+    _fits_nodes(p, pods)
     services = tuple(
         _service(p, raw, f"services[{i}]", namespaces)
         for i, raw in enumerate(p.seq(top.get("services") or [], "services"))
@@ -179,6 +180,21 @@ def _unique(p: _Parser, keys: list[str], path: str, what: str) -> None:
         if k in seen:
             raise p.fail(f"{path}[{i}]", f"duplicate {what} {k!r}")
         seen.add(k)
+
+
+MAX_PODS_PER_NODE = 253  # each node's pods live in one /24: .2 to .254
+
+
+def _fits_nodes(p: _Parser, pods: tuple[PodSpec, ...]) -> None:
+    count: dict[str, int] = {}
+    for i, pod in enumerate(pods):
+        count[pod.node] = count.get(pod.node, 0) + 1
+        if count[pod.node] > MAX_PODS_PER_NODE:
+            raise p.fail(
+                f"pods[{i}].node",
+                f"more than {MAX_PODS_PER_NODE} pods on node {pod.node!r} "
+                "(each node's pods share one /24)",
+            )
 
 
 def _namespaces(p: _Parser, raw: object) -> dict[str, NamespaceSpec]:

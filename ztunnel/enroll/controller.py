@@ -14,7 +14,8 @@ not bind every 5 s (they stay pending: readiness reports them).
 
 On agent shutdown the rules are deliberately left in place, as istio-cni does: a pod whose
 agent is gone fails closed (its traffic is redirected to ports nobody listens on) instead
-of silently leaving the mesh; the next agent reuses the rules and takes over.
+of silently leaving the mesh; the next agent reuses the rules and takes over. If the pod
+left the mesh while no agent ran, the next agent removes the rules it finds there instead.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ztunnel.enroll.source import ClusterFileSource, PodSource
 from ztunnel.errors import ConfigError, ZtunnelError
 from ztunnel.model.authorization import Authorization
 from ztunnel.model.workload import Service, Workload
-from ztunnel.policy.istio import attach_policies, load_policy_dir, translate_documents
+from ztunnel.policy.istio import attach_policies, translate_documents
 from ztunnel.proxy.sockets import NetnsSocketFactory
 from ztunnel.proxy.workload_proxy import ProxyAddresses, WorkloadProxy
 from ztunnel.redirect import iptables
@@ -79,13 +80,19 @@ def inpod_config(config: Config) -> iptables.InpodConfig:
 
 
 def read_policy_docs(policy_dir: str) -> list[Any]:
-    """Every document under ``policy_dir``, validated first (errors name file and field)."""
-    load_policy_dir(policy_dir)
+    """Every document under ``policy_dir``, each file parsed once and validated (errors name
+    the file and field)."""
     files = sorted(p for p in Path(policy_dir).rglob("*") if p.suffix in (".yaml", ".yml"))
     docs: list[Any] = []
     for file in files:
-        if file.is_file():
-            docs += [d for d in yaml.safe_load_all(file.read_text()) if d is not None]
+        if not file.is_file():
+            continue
+        try:
+            file_docs = [d for d in yaml.safe_load_all(file.read_text()) if d is not None]
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(str(file), "", f"cannot read policies: {exc}") from exc
+        translate_documents(file_docs, source=str(file))  # fail fast, naming this file
+        docs += file_docs
     return docs
 
 
@@ -162,9 +169,13 @@ class EnrollmentController:
         self.rules = inpod_config(agent.config)
         self.cluster = attach(initial, prefix)
         self._applied: ClusterSpec | None = None
+        # The last snapshot whose state went into the store: pods are reconciled against it,
+        # so enrollment never follows a snapshot whose policies were rejected.
+        self._good: AttachedCluster | None = None
         self.pods: dict[str, EnrolledPod] = {}
         self._draining: dict[str, _Draining] = {}
-        self._missing: set[str] = set()
+        self._blocked: dict[str, str] = {}  # wanted pods we cannot open: key -> reason
+        self._checked: dict[str, Ident] = {}  # not-in-mesh pods checked for stranded rules
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -196,47 +207,83 @@ class EnrollmentController:
 
     async def _follow_source(self) -> None:
         async for spec in self.source:
-            if spec != self.cluster.spec:
-                self.cluster = attach(spec, self.prefix)
-                self._wake.set()
+            if spec == self.cluster.spec:
+                continue
+            try:
+                cluster = attach(spec, self.prefix)
+            except Exception as exc:  # a bad snapshot must never end the agent
+                log.error(
+                    "cannot attach to cluster snapshot; keeping the last good one",
+                    source=spec.source,
+                    error=repr(exc),
+                )
+                continue
+            self.cluster = cluster
+            self._wake.set()
 
     # -- reconciling -----------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """One pass: state from the newest snapshot, then every pod of this node."""
-        self._apply_state()
-        spec = self.cluster.spec
-        wanted = {p.key: p for p in spec.pods if p.node == self.node and is_enrolled(spec, p)}
-        for key in [k for k in self.pods if k not in wanted]:
-            gone = key not in {p.key for p in spec.pods}
-            self._start_unenroll(self.pods.pop(key), graceful=not gone, uninstall=True)
-        for pod in wanted.values():
-            await self._reconcile_pod(pod)
+        """One pass: state from the newest snapshot, then every pod of this node.
 
-    def _apply_state(self) -> None:
-        if self._applied is self.cluster.spec:
+        Pods follow one snapshot for the whole pass (``self.cluster`` may change at every
+        await), and only one whose state was applied: store and enrollment stay in step.
+        """
+        cluster = self._apply_state()
+        if cluster is None:
             return
+        spec = cluster.spec
+        mine = [p for p in spec.pods if p.node == self.node]
+        wanted = {p.key: p for p in mine if is_enrolled(spec, p)}
+        for key in [k for k in self.pods if k not in wanted]:
+            gone = key not in cluster.pods
+            self._start_unenroll(self.pods.pop(key), graceful=not gone, uninstall=True)
+        for key in [k for k in self._blocked if k not in wanted]:
+            del self._blocked[key]
+            self.agent.pending.pop(pending_key(key), None)
+        for pod in wanted.values():
+            await self._reconcile_pod(cluster, pod)
+        others = [
+            p.key
+            for p in mine
+            if p.key not in wanted and p.key not in self.pods and p.key not in self._draining
+        ]
+        await self._remove_stranded(cluster, others)
+
+    def _apply_state(self) -> AttachedCluster | None:
+        """Apply the newest snapshot's state once; return the last cleanly applied snapshot."""
+        cluster = self.cluster
+        if self._applied is cluster.spec:
+            return self._good
+        self._applied = cluster.spec
         try:
-            workloads, services, policies = cluster_model(self.cluster, self.policy_docs)
+            workloads, services, policies = cluster_model(cluster, self.policy_docs)
         except ConfigError as exc:
             log.warning(
                 "cluster policies rejected; keeping the previous state",
                 field=exc.field,
                 problem=exc.problem,
             )
-            self._applied = self.cluster.spec
-            return
+            return self._good
+        except Exception as exc:  # a snapshot we cannot model must never end the agent
+            log.error(
+                "cluster state rejected; keeping the previous state",
+                source=cluster.spec.source,
+                error=repr(exc),
+            )
+            return self._good
         self.agent.store.replace_all(workloads, services, policies)
-        self._applied = self.cluster.spec
+        self._good = cluster
         log.info(
             "cluster state applied",
             workloads=len(workloads),
             services=len(services),
             policies=len(policies),
         )
+        return cluster
 
-    async def _reconcile_pod(self, spec: PodSpec) -> None:
-        name = self.cluster.pods[spec.key].netns
+    async def _reconcile_pod(self, cluster: AttachedCluster, spec: PodSpec) -> None:
+        name = cluster.pods[spec.key].netns
         ident = netns_ident(name)
         held = self.pods.get(spec.key)
         if held is not None and (held.ident != ident or held.info() != _info(spec)):
@@ -245,11 +292,8 @@ class EnrollmentController:
             self._start_unenroll(self.pods.pop(spec.key), graceful=False, uninstall=False)
             held = None
         if ident is None:
-            if spec.key not in self._missing:
-                log.warning("pod netns not found; will retry", pod=spec.key, netns=name)
-                self._missing.add(spec.key)
+            self._block(spec.key, f"netns {name} not found")
             return
-        self._missing.discard(spec.key)
         if held is None:
             await self._wait_drained(spec.key)
             held = self._open(spec, name)
@@ -259,20 +303,29 @@ class EnrollmentController:
         if held.proxy is None and trio.current_time() >= held.retry_at:
             await self._enroll(held)
 
+    def _block(self, key: str, reason: str) -> None:
+        """A wanted pod we cannot even open: not ready (no proxy), logged once per reason."""
+        self.agent.pending[pending_key(key)] = reason
+        if self._blocked.get(key) != reason:
+            self._blocked[key] = reason
+            log.warning("pod cannot be enrolled; will retry", pod=key, reason=reason)
+
     def _open(self, spec: PodSpec, name: str) -> EnrolledPod | None:
         try:
             ns = NetNamespace.named(name)
-        except ZtunnelError as exc:
-            log.warning("cannot open pod netns", pod=spec.key, error=str(exc))
+            ident = ns.ident
+        except (OSError, ZtunnelError) as exc:
+            self._block(spec.key, f"cannot open netns {name}: {exc}")
             return None
-        return EnrolledPod(spec, name, ns, ns.ident)
+        self._blocked.pop(spec.key, None)  # pending stays until the proxy runs
+        return EnrolledPod(spec, name, ns, ident)
 
     async def _enroll(self, pod: EnrolledPod) -> None:
         try:
             changed = await trio.to_thread.run_sync(iptables.install, pod.netns, self.rules)
             proxy = self._make_proxy(pod)
             await self.agent.start_proxy(self.nursery, proxy)
-        except (OSError, ZtunnelError) as exc:
+        except Exception as exc:  # one pod's failure must never end the agent
             reason = f"failure to start proxy: {exc}"
             self.agent.pending[pending_key(pod.key)] = reason
             pod.retry_at = trio.current_time() + self.retry_interval
@@ -320,14 +373,18 @@ class EnrollmentController:
         self, pod: EnrolledPod, graceful: bool, uninstall: bool, draining: _Draining
     ) -> None:
         """Drain first (replies of spoofed connections need our routing), then remove rules."""
+        # Every failure is logged and the next step still runs: one pod must never end the agent.
         try:
             if pod.proxy is not None:
                 deadline = self.agent.config.connection_termination_deadline if graceful else 0.0
-                await self.agent.stop_proxy(pod.uid, deadline)
+                try:
+                    await self.agent.stop_proxy(pod.uid, deadline)
+                except Exception as exc:
+                    log.error("could not stop pod proxy", pod=pod.key, error=repr(exc))
             if uninstall:
                 try:
                     await trio.to_thread.run_sync(iptables.uninstall, pod.netns, self.rules)
-                except ZtunnelError as exc:
+                except Exception as exc:
                     log.warning("could not remove pod rules", pod=pod.key, error=str(exc))
             log.info("pod un-enrolled", pod=pod.key, rules="removed" if uninstall else "left")
         finally:
@@ -340,6 +397,36 @@ class EnrollmentController:
         draining = self._draining.get(key)
         if draining is not None:
             await draining.done.wait()
+
+    async def _remove_stranded(self, cluster: AttachedCluster, keys: list[str]) -> None:
+        """Remove our rules from pods that left the mesh while no agent held them.
+
+        Otherwise their traffic stays redirected to ports nobody listens on, forever. Each
+        netns is checked once (a recreated sandbox has a new ident and is checked again).
+        """
+        self._checked = {k: v for k, v in self._checked.items() if k in keys}
+        for key in keys:
+            name = cluster.pods[key].netns
+            seen = netns_ident(name)
+            if seen is None or self._checked.get(key) == seen:
+                continue
+            try:
+                ident, removed = await trio.to_thread.run_sync(self._strip_rules, name)
+            except Exception as exc:  # retried next pass: stranded rules black-hole the pod
+                log.warning("could not check a pod for stranded rules", pod=key, error=str(exc))
+                continue
+            self._checked[key] = ident  # the fd's ident: the netns we really checked
+            if removed:
+                log.info("removed redirection rules of a pod no longer in the mesh", pod=key)
+
+    def _strip_rules(self, name: str) -> tuple[Ident, bool]:
+        """(ident, whether our rules were there and are now removed); runs in a thread."""
+        with NetNamespace.named(name) as ns:
+            ident = ns.ident
+            if iptables.installed(ns).empty:
+                return ident, False
+            iptables.uninstall(ns, self.rules)
+            return ident, True
 
 
 # -- wiring into the agent -----------------------------------------------------------------

@@ -43,8 +43,8 @@ def _stamp(path: Path) -> FileStamp | None:
 class ClusterFileSource:
     """Re-reads a cluster file whenever it changes (polled every ``poll`` seconds).
 
-    A bad edit is logged with the field it breaks and skipped: the last good
-    snapshot stays in force, so a typo never un-enrolls a pod.
+    A bad edit is logged with the field it breaks (any other failure to load it, too)
+    and skipped: the last good snapshot stays in force, so a typo never un-enrolls a pod.
     """
 
     def __init__(self, path: str | os.PathLike[str], poll: float = 0.5) -> None:
@@ -82,6 +82,14 @@ class ClusterFileSource:
                 path=str(self.path),
                 field=exc.field,
                 problem=exc.problem,
+            )
+            return None
+        except Exception as exc:  # whatever a bad edit triggers, it must never end the agent
+            self.last_error = ConfigError(str(self.path), "", f"cannot load: {exc!r}")
+            log.error(
+                "cluster file rejected; keeping the last good snapshot",
+                path=str(self.path),
+                error=repr(exc),
             )
             return None
         self.last_good, self.last_error = spec, None

@@ -135,9 +135,14 @@ class NetNamespace:
     ) -> subprocess.CompletedProcess[str]:
         """Run a command inside this netns (nsenter), capturing text output."""
         cmd = ["nsenter", f"--net={self.proc_path}", "--", *argv]
-        proc = subprocess.run(
-            cmd, input=input, capture_output=True, text=True, timeout=timeout, check=False
-        )
+        try:
+            proc = subprocess.run(
+                cmd, input=input, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise NetnsError(f"{' '.join(argv)} in netns {self.path} timed out") from exc
+        except OSError as exc:  # nsenter missing or not executable
+            raise NetnsError(f"cannot run {cmd[0]} for netns {self.path}: {exc}") from exc
         if check and proc.returncode != 0:
             raise NetnsError(
                 f"{' '.join(argv)} in netns {self.path} failed ({proc.returncode}): "

@@ -36,8 +36,21 @@ def _json(ns: NetNamespace, argv: list[str]) -> list[dict[str, Any]]:
             return []  # an empty routing table is not an error, just nothing of ours
         raise NetnsError(f"{' '.join(argv)} in netns {ns.path} failed: {proc.stderr.strip()}")
     out = proc.stdout.strip()
-    data = json.loads(out) if out else []
+    try:
+        data = json.loads(out) if out else []
+    except ValueError as exc:
+        raise NetnsError(f"{' '.join(argv)} in netns {ns.path}: not JSON: {exc}") from exc
+    if not isinstance(data, list):
+        raise NetnsError(f"{' '.join(argv)} in netns {ns.path}: expected a JSON list")
     return [d for d in data if isinstance(d, dict)]
+
+
+def _number(value: object, default: str) -> int:
+    """A mark/mask as ``ip -j`` prints it ("0x111" or 273)."""
+    try:
+        return int(str(default if value is None else value), 0)
+    except ValueError as exc:
+        raise NetnsError(f"unexpected number {value!r} in ip -j output") from exc
 
 
 def _our_rules(
@@ -48,8 +61,8 @@ def _our_rules(
         r
         for r in rules
         if r.get("priority") == RULE_PRIORITY
-        and int(str(r.get("fwmark", "0")), 0) == fwmark
-        and int(str(r.get("fwmask", "0xffffffff")), 0) == mask
+        and _number(r.get("fwmark"), "0") == fwmark
+        and _number(r.get("fwmask"), "0xffffffff") == mask
         and str(r.get("table")) == str(table)
     ]
 
