@@ -350,3 +350,40 @@ def _goaway_code(wire: bytes) -> int | None:
             return int(frame.error_code)  # type: ignore[attr-defined]
         pos += 9 + length
     return None
+
+
+def _raw_server_answering(status: str) -> tuple[HboneEngine, int, list[Event]]:
+    """A client engine whose CONNECT a plain h2 server answers with ``:status: status``."""
+    client = HboneEngine(client=True)
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    raw.initiate_connection()
+    sid = client.send_connect("10.0.0.2:80")
+    raw.receive_data(client.data_to_send())
+    raw.send_headers(sid, [(":status", status)])
+    return client, sid, client.receive_data(raw.data_to_send())
+
+
+@pytest.mark.parametrize("status", ["abc", "2000", "20", "", "\uff12\uff10\uff10"])
+def test_malformed_status_is_reported_as_0_not_raised(status: str) -> None:
+    client, sid, events = _raw_server_answering(status)
+    assert Response(sid, 0) in events
+    assert not client.closed  # one bad answer does not end the connection
+
+
+def test_three_digit_status_is_parsed() -> None:
+    _, sid, events = _raw_server_answering("503")
+    assert Response(sid, 503) in events
+
+
+def test_pending_output_counts_unsent_replies() -> None:
+    server = HboneEngine(client=False)
+    server.data_to_send()
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    raw.initiate_connection()
+    for i in range(10):
+        raw.ping(i.to_bytes(8, "big"))
+    server.receive_data(raw.data_to_send())
+    unsent = server.pending_output
+    assert unsent == 10 * 17 + 9  # ten PING ACKs and one SETTINGS ACK
+    assert len(server.data_to_send()) == unsent
+    assert server.pending_output == 0

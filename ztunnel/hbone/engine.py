@@ -165,6 +165,7 @@ class HboneEngine:
         if extra > 0:
             self._h2.increment_flow_control_window(extra)
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._pings = itertools.count(1)
         self.closed = False
         self.goaway_received = False
@@ -176,13 +177,21 @@ class HboneEngine:
         chunk = self._h2.data_to_send()
         if chunk:
             self._out.append(chunk)
+            self._out_bytes += len(chunk)
 
     def data_to_send(self) -> bytes:
         """All bytes queued for the peer, in order; empties the queue."""
         self._pull()
         out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out = []
+        self._out_bytes = 0
         return out
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes queued for the peer and not yet collected by ``data_to_send``."""
+        self._pull()
+        return self._out_bytes
 
     # -- state ----------------------------------------------------------------
 
@@ -194,6 +203,11 @@ class HboneEngine:
     @property
     def peer_max_concurrent_streams(self) -> int:
         return int(self._h2.remote_settings.max_concurrent_streams)
+
+    @property
+    def local_max_concurrent_streams(self) -> int:
+        """The MAX_CONCURRENT_STREAMS we advertise (h2's "unlimited" default if unset)."""
+        return int(self._h2.local_settings.max_concurrent_streams)
 
     def send_window(self, stream_id: int) -> int:
         """Bytes ``send_data`` would accept now (0 if the stream cannot send)."""
@@ -274,7 +288,9 @@ class HboneEngine:
         self._goaway_sent_last = last
         self._pull()  # keep frame order: everything h2 queued goes first
         frame = GoAwayFrame(stream_id=0, last_stream_id=last, error_code=ErrorCode.NO_ERROR)
-        self._out.append(frame.serialize())
+        raw = frame.serialize()
+        self._out.append(raw)
+        self._out_bytes += len(raw)
 
     def close(self, code: int = ErrorCode.NO_ERROR) -> None:
         """Final GOAWAY with ``code``; the engine accepts nothing afterwards."""
@@ -322,7 +338,7 @@ class HboneEngine:
 
     def _on_response(self, ev: Any, out: list[Event]) -> None:
         pseudo, headers = _split(_decode(ev.headers))
-        out.append(Response(int(ev.stream_id), int(pseudo.get(":status", "0")), headers))
+        out.append(Response(int(ev.stream_id), _parse_status(pseudo.get(":status", "")), headers))
 
     def _on_data(self, ev: Any, out: list[Event]) -> None:
         sid, data = int(ev.stream_id), bytes(ev.data)
@@ -357,6 +373,15 @@ class HboneEngine:
         if self.closed:
             raise StreamClosedError(f"stream {stream_id}: connection closed")
         return _StreamOp(stream_id)
+
+
+_STATUS = re.compile(r"[1-9][0-9]{2}")
+
+
+def _parse_status(text: str) -> int:
+    """A three-digit ``:status`` (RFC 9110 §15) as int; anything else is 0, which the
+    driver reports as a non-200 answer instead of failing the whole connection."""
+    return int(text) if _STATUS.fullmatch(text) else 0
 
 
 class _StreamOp:
