@@ -25,7 +25,12 @@ from typing import Any
 import trio
 
 from ztunnel.hbone.engine import H2Settings, HboneEngine, validate_connect
-from ztunnel.hbone.errors import ConnectionGoneError, HboneError, HboneStatusError
+from ztunnel.hbone.errors import (
+    ConnectionGoneError,
+    HboneError,
+    HboneStatusError,
+    StreamClosedError,
+)
 from ztunnel.hbone.events import (
     ConnectionClosed,
     ConnectRequest,
@@ -47,6 +52,12 @@ log = logging.getLogger("ztunnel.hbone")
 
 RECEIVE_SIZE = 256 * 1024
 CLOSE_FLUSH_TIMEOUT = 1.0
+# Bytes of replies to the peer's own frames (PING/SETTINGS ACKs, RST_STREAMs, 400s)
+# allowed to pile up unsent while the peer does not read. Past this we drop the
+# connection rather than make the reader wait for the writer: a reader blocked on
+# writing deadlocks with peers that write before they read. DATA is not counted;
+# flow control and each sender waiting for its flush already bound it.
+MAX_UNSENT_REPLIES = 1024 * 1024
 
 
 class _Connection:
@@ -75,6 +86,7 @@ class _Connection:
         self._idle = trio.Event()
         self._ready = trio.Event()  # the peer's first SETTINGS arrived
         self._nursery: trio.Nursery | None = None
+        self._reply_backlog = 0  # reply bytes produced since the writer last collected
         self._closing = False
         self.closed = False
         self.close_reason = ""
@@ -127,6 +139,7 @@ class _Connection:
         connection dies before that. Afterwards its end is not an error.
         """
         started = False
+        failure: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -140,12 +153,18 @@ class _Connection:
                 if not self.closed:
                     task_status.started(self)
                     started = True
+        except Exception as exc:
+            # Whatever a peer provokes (or a bug we missed) ends this connection
+            # only; it must never escape into the pool's or listener's nursery.
+            failure = exc
+            log.exception("hbone: connection failed")
+            self._mark_closed(f"internal error: {exc!r}")
         finally:
             self._mark_closed(self.close_reason or "connection closed")
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._tls)
         if not started:
-            raise ConnectionGoneError(f"HTTP/2 handshake failed: {self.close_reason}")
+            raise ConnectionGoneError(f"HTTP/2 handshake failed: {self.close_reason}") from failure
 
     def abort(self, reason: str) -> None:
         """Drop the connection now (no GOAWAY); open streams become broken."""
@@ -192,6 +211,7 @@ class _Connection:
             await self._wake_writer.wait()
             self._wake_writer = trio.Event()
             seq, data = self._queued_seq, self.engine.data_to_send()
+            self._reply_backlog = 0
             if data:
                 try:
                     await self._tls.send_all(data)
@@ -212,8 +232,14 @@ class _Connection:
             if not data:
                 self.abort("peer closed the connection")
                 return
+            before = self.engine.pending_output
             for event in self.engine.receive_data(bytes(data)):
                 self._dispatch(event)
+            self._reply_backlog += self.engine.pending_output - before
+            if self._reply_backlog > MAX_UNSENT_REPLIES:
+                log.info("hbone: %d bytes of replies unsent, peer not reading", self._reply_backlog)
+                self.abort("peer not reading")
+                return
             self.kick()
 
     async def _keepalive(self) -> None:
@@ -297,10 +323,14 @@ class HboneClientConnection(_Connection):
         max_streams: int = 100,
         ping_interval: float | None = 10.0,
         ping_timeout: float = 20.0,
+        response_timeout: float = 10.0,
     ) -> None:
+        """``response_timeout`` bounds the wait for the CONNECT's answer (ztunnel's
+        10 s connect timeout): a peer that answers PINGs but not the CONNECT."""
         engine = HboneEngine(client=True, settings=settings or H2Settings.client())
         super().__init__(tls, engine, ping_interval=ping_interval, ping_timeout=ping_timeout)
         self._pool_limit = max_streams
+        self._response_timeout = response_timeout
         self.opened_streams = 0
 
     @property
@@ -318,8 +348,9 @@ class HboneClientConnection(_Connection):
         """CONNECT ``authority``; returns the stream once the peer answered 200.
 
         Raises HboneStatusError for any other status, ConnectionGoneError if the
-        connection is closed or draining (or refused the stream), and
-        trio.BrokenResourceError if the connection broke meanwhile.
+        connection is closed or draining (or refused the stream),
+        trio.BrokenResourceError if the connection broke meanwhile, and
+        trio.TooSlowError if no answer came within ``response_timeout``.
         """
         if self.is_closed:
             raise ConnectionGoneError(f"connection closed: {self.close_reason}")
@@ -329,7 +360,8 @@ class HboneClientConnection(_Connection):
         self.opened_streams += 1
         self.kick()
         try:
-            await self._await_response(stream)
+            with trio.fail_after(self._response_timeout):
+                await self._await_response(stream)
         except BaseException:
             await stream.aclose()
             raise
@@ -363,13 +395,29 @@ class HboneServerStream(HboneStream):
 
     responded = False
 
+    def __init__(self, host: HboneServerConnection, stream_id: int) -> None:
+        super().__init__(host, stream_id)
+        # The handler runs inside this scope. A reset before we answered cancels it,
+        # so HEADERS+RST_STREAM floods cannot keep setup work (resolve, policy, app
+        # connect) running. After the answer a reset ends the relay by itself, and
+        # RST(CANCEL) after data is EOF: the handler must still deliver that data.
+        self._handler_scope = trio.CancelScope()
+
+    def _on_reset(self, code: int) -> None:
+        super()._on_reset(code)
+        if not self.responded:
+            self._handler_scope.cancel()
+
     async def respond(self, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
         """Send the response; a non-200 also ends the stream (END_STREAM)."""
         if self.responded:
             raise HboneError("response already sent")
         self._check_usable()
         end = status != 200
-        self._host.engine.respond(self.stream_id, status, headers, end_stream=end)
+        try:
+            self._host.engine.respond(self.stream_id, status, headers, end_stream=end)
+        except StreamClosedError as exc:  # the peer went away: not our error
+            raise trio.BrokenResourceError(str(exc)) from exc
         self.responded = True
         if end:
             self._sent_eof = True
@@ -398,6 +446,7 @@ class HboneServerConnection(_Connection):
         super().__init__(tls, engine, ping_interval=ping_interval, ping_timeout=ping_timeout)
         self._handler = handler
         self._drain_timeout = drain_timeout
+        self._handlers = 0  # running handler tasks, including those of reset streams
         self.draining = False
 
     def drain(self) -> None:
@@ -428,24 +477,37 @@ class HboneServerConnection(_Connection):
     def _on_request(self, request: ConnectRequest) -> None:
         status, _, _ = validate_connect(request)
         if status is not None:
-            self.engine.respond(request.stream_id, status, end_stream=True)
+            # The peer may already have reset the stream in the same read.
+            with contextlib.suppress(StreamClosedError):
+                self.engine.respond(request.stream_id, status, end_stream=True)
+            return
+        if self._handlers >= self.engine.local_max_concurrent_streams:
+            # h2 stops counting a stream at its reset, while its handler may still be
+            # unwinding; the advertised limit applies to the work we do, too.
+            log.debug("hbone: refusing stream %d, handler limit reached", request.stream_id)
+            self.engine.reset(request.stream_id, ErrorCode.REFUSED_STREAM)
             return
         stream = HboneServerStream(self, request.stream_id)
         self._streams[request.stream_id] = stream
+        self._handlers += 1
         assert self._nursery is not None
         self._nursery.start_soon(self._run_handler, request, stream)
 
     async def _run_handler(self, request: ConnectRequest, stream: HboneServerStream) -> None:
         try:
-            await self._handler(request, stream)
-            if not stream.responded and not stream._closed and not self.closed:
-                await stream.respond(503)
+            with stream._handler_scope:
+                if stream._reset_code is not None:  # HEADERS and RST_STREAM in one read
+                    return
+                await self._handler(request, stream)
+                if not stream.responded and not stream._closed and not self.closed:
+                    await stream.respond(503)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
             log.exception("hbone: handler for %s failed", request.authority)
             self.engine.reset(stream.stream_id, ErrorCode.INTERNAL_ERROR)
         finally:
+            self._handlers -= 1
             await stream.aclose()
 
 

@@ -64,6 +64,7 @@ class HbonePool:
         max_frame_size: int | None = None,
         ping_interval: float | None = 10.0,
         ping_timeout: float = 20.0,
+        response_timeout: float = 10.0,
     ) -> None:
         """The sizes override ``settings`` (or the client defaults) where given."""
         self._dial = dial
@@ -77,6 +78,7 @@ class HbonePool:
         )
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
+        self._response_timeout = response_timeout
         self._keys: dict[PoolKey, _KeyState] = {}
         self._nursery: trio.Nursery | None = None
         # Connections that must not take new streams (their client certificate rotated).
@@ -97,11 +99,15 @@ class HbonePool:
         """A CONNECT stream to ``authority`` over a pooled (or newly dialed) connection.
 
         Raises whatever ``dial`` raises, HboneStatusError for a non-200 answer,
-        ConnectionGoneError if the chosen connection went away meanwhile.
+        ConnectionGoneError if the chosen connection went away meanwhile,
+        trio.TooSlowError if the peer did not answer within ``response_timeout``.
         """
         state = self._keys.setdefault(key, _KeyState())
-        async with state.lock:
-            conn = self._pick(state) or await self._connect(key, state)
+        try:
+            async with state.lock:
+                conn = self._pick(state) or await self._connect(key, state)
+        finally:
+            self._forget_if_unused(key, state)  # a failed dial leaves an empty state
         # open_stream registers the stream before its first await, so the count
         # is exact for the next caller that takes the lock.
         return await conn.open_stream(authority, headers)
@@ -156,6 +162,7 @@ class HbonePool:
             max_streams=self._max_streams,
             ping_interval=self._ping_interval,
             ping_timeout=self._ping_timeout,
+            response_timeout=self._response_timeout,
         )
         started: HboneClientConnection = await self._nursery.start(self._drive, key, state, conn)
         return started
@@ -171,6 +178,7 @@ class HbonePool:
         # Listed before it is ready: only the dialer, holding the key's lock, can see it.
         state.conns.append(conn)
         failure: BaseException | None = None
+        started = False
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -179,13 +187,23 @@ class HbonePool:
                     failure = exc
                 else:
                     task_status.started(conn)
+                    started = True
                     await self._idle_watch(conn)
+        except Exception:
+            if not started:
+                raise
+            # One connection's failure ends that connection, never the pool.
+            log.exception("hbone pool: connection to %s failed", key.dst)
+            conn.abort("internal error")
         finally:
             state.conns.remove(conn)
-            if not state.conns and not state.lock.locked() and self._keys.get(key) is state:
-                del self._keys[key]
+            self._forget_if_unused(key, state)
         if failure is not None:
             raise failure
+
+    def _forget_if_unused(self, key: PoolKey, state: _KeyState) -> None:
+        if not state.conns and not state.lock.locked() and self._keys.get(key) is state:
+            del self._keys[key]
 
     @staticmethod
     async def _run_conn(
