@@ -27,6 +27,13 @@ async def get(addr: tuple[str, int], path: str) -> tuple[int, str]:
     return await trio.to_thread.run_sync(fetch)
 
 
+async def wait_ready(addr: tuple[str, int]) -> None:
+    """Poll the readiness endpoint (as a kubelet would) until it answers 200."""
+    with trio.fail_after(5):
+        while (await get(addr, "/healthz/ready"))[0] != 200:  # noqa: ASYNC110 - polling HTTP
+            await trio.sleep(0.02)
+
+
 def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     out = []
     for family in text_string_to_metric_families(text):
@@ -138,6 +145,7 @@ async def test_readiness_and_admin_methods() -> None:
     with trio.fail_after(30):
         async with loopback_mesh() as mesh:
             agent = mesh.client_agent
+            await wait_ready(agent.bound["readiness"])  # the certificate comes right after start
             assert await get(agent.bound["readiness"], "/healthz/ready") == (200, "ready\n")
             agent.pending["pod default/x"] = "failure to start proxy: address in use"
             status, text = await get(agent.bound["readiness"], "/healthz/ready")
@@ -154,3 +162,31 @@ async def test_readiness_and_admin_methods() -> None:
             assert (await get(agent.bound["admin"], "/nope"))[0] == 404
             status, text = await get(agent.bound["admin"], "/")
             assert status == 200 and "/config_dump" in text
+
+
+class GatedCA:
+    """A CA that issues nothing until the test opens the gate (a slow or unreachable CA)."""
+
+    def __init__(self) -> None:
+        from ztunnel.identity.ca import FakeCA
+
+        self.inner = FakeCA.ephemeral()
+        self.gate = trio.Event()
+
+    async def create_certificate(self, csr_pem: bytes, validity: object) -> list[bytes]:
+        await self.gate.wait()
+        return await self.inner.create_certificate(csr_pem, validity)  # type: ignore[arg-type]
+
+
+async def test_readiness_waits_for_the_workload_certificate() -> None:
+    ca = GatedCA()
+    with trio.fail_after(30):
+        async with loopback_mesh(ca=ca) as mesh:  # type: ignore[arg-type]
+            agent = mesh.client_agent
+            status, text = await get(agent.bound["readiness"], "/healthz/ready")
+            assert status == 503
+            assert "certificate" in text and "not yet issued" in text
+            ca.gate.set()
+            await wait_ready(agent.bound["readiness"])
+            dump = json.loads((await get(agent.bound["admin"], "/config_dump"))[1])
+            assert [c["state"] for c in dump["certificates"]] == ["Available"]

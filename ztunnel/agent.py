@@ -268,7 +268,13 @@ class Agent:
         return explain_connection(self.store, source, destination)
 
     def readiness(self) -> list[str]:
-        return sorted(f"{k}: {v}" for k, v in self.pending.items())
+        """What keeps the agent from being ready: pending pods and missing certificates."""
+        reasons = [f"{k}: {v}" for k, v in self.pending.items()]
+        for uid, proxy in self.proxies.items():
+            if not proxy.certificate_ready.is_set():
+                why = proxy.certificate_error or "not yet issued"
+                reasons.append(f"certificate {uid}: {why}")
+        return sorted(reasons)
 
     def config_dump(self) -> dict[str, Any]:
         return {

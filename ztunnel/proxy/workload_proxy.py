@@ -77,6 +77,9 @@ class WorkloadProxy:
         self._idle = trio.Event()
         self._idle.set()
         self.draining = False
+        # Set once the workload's certificate is issued: readiness waits for it.
+        self.certificate_ready = trio.Event()
+        self.certificate_error = ""
 
     # -- local workload -------------------------------------------------------
 
@@ -171,12 +174,28 @@ class WorkloadProxy:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.pool.run)
+                    nursery.start_soon(self._warm_certificate)
                     await nursery.start(self._accept_all, bound, nursery)
                     task_status.started()
         finally:
             unsubscribe()
             for _, sock, _ in bound:
                 sock.close()
+
+    async def _warm_certificate(self) -> None:
+        """Fetch the workload's certificate up front (ztunnel's warm-up), retrying until it
+        is issued, so the pod's first connection does not wait for the CA."""
+        while True:
+            try:
+                workload = await self.local_workload()
+                await self.ctx.secrets.fetch(workload.identity)
+            except Exception as exc:  # unknown workload yet, CA down: retry, stay not-ready
+                self.certificate_error = str(exc) or type(exc).__name__
+                await trio.sleep(1.0)
+                continue
+            self.certificate_error = ""
+            self.certificate_ready.set()
+            return
 
     def _certificate_rotated(self, identity: Identity, cert: WorkloadCertificate) -> None:
         self.pool.retire(identity)
