@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
+
+# Examples are regenerated each run; no on-disk database (the checkout may be read-only).
+settings.register_profile("ztunnel", database=None)
+settings.load_profile("ztunnel")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
