@@ -138,6 +138,9 @@ async def test_server_half_closes_first_client_still_sends() -> None:
             await stream.send_all(b"late data")
             await stream.send_eof()
             await wait_for(lambda: env.client.active_streams == 0)
+            # The client is done once its END_STREAM is on the socket; the server
+            # reads it a moment later.
+            await wait_for(lambda: len(got) >= len(b"late data"))
             assert bytes(got) == b"late data"
 
 

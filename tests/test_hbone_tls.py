@@ -71,6 +71,27 @@ async def test_bulk_data_both_ways_at_once() -> None:
     assert hashlib.sha256(results["client"]).digest() == hashlib.sha256(b_to_a).digest()
 
 
+async def test_send_nowait_keeps_what_a_full_socket_refused_for_the_next_send_all() -> None:
+    first, second = os.urandom(8 * 1024 * 1024), os.urandom(300 * 1024 + 3)
+    with trio.fail_after(20):
+        client, server = await tls_pair()
+        assert client.can_send_nowait
+        # Nobody reads yet: 8 MiB cannot all fit the socket buffers.
+        assert client.send_nowait(first) is False
+        assert not client.can_send_nowait  # the rest must go out before anything new
+        with pytest.raises(trio.BusyResourceError):
+            client.send_nowait(b"x")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pump, client, second)
+            got = await _drain(server, len(first) + len(second))
+        assert got == first + second  # nothing lost, nothing reordered
+        assert client.can_send_nowait
+        assert client.send_nowait(b"small") is True
+        assert await _drain(server, 5) == b"small"
+        await client.aclose()
+        await server.aclose()
+
+
 async def test_close_gives_peer_eof_and_closed_errors_locally() -> None:
     with trio.fail_after(10):
         client, server = await tls_pair()
