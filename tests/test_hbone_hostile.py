@@ -354,6 +354,31 @@ async def test_ping_flood_from_a_peer_that_never_reads_is_dropped() -> None:
     assert peak <= MAX_UNSENT_REPLIES + 64 * 1024
 
 
+async def test_ping_flood_over_tls_from_a_peer_that_never_reads_is_dropped() -> None:
+    # Over TLSStream our replies are first written directly (send_nowait); once the
+    # socket is full the rest must still be counted and the peer dropped.
+    peer_tls, server_tls = await tls_pair()
+    peer_tls.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    server_tls.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server = HboneServerConnection(server_tls, echo, ping_interval=None)
+    peer = RawPeer(peer_tls, client=True)
+    peak = 0
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.run)
+            try:
+                for i in range(400_000):  # 6.8 MB of PINGs
+                    peer.h2.ping(i.to_bytes(8, "big"))
+                    if i % 1000 == 999:
+                        await peer.flush()
+                        peak = max(peak, server.engine.pending_output)
+            except trio.BrokenResourceError:
+                pass  # the server hung up on us
+            await peer_tls.aclose()
+    assert server.closed and server.close_reason == "peer not reading"
+    assert peak <= MAX_UNSENT_REPLIES + 64 * 1024
+
+
 # -- 5. a peer that never answers the CONNECT ---------------------------------------------
 
 
