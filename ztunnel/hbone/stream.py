@@ -9,6 +9,10 @@ Flow control: ``receive_some`` releases the window for the bytes of the
 ``receive_some`` only after it wrote the last chunk onward, so a slow consumer
 holds at most one stream window (4 MiB) of unacknowledged data and the sender
 stops, exactly the backpressure ztunnel gets from ``release_capacity``.
+A relay may set ``direct_sink`` (a non-blocking write onward): while its
+``receive_some`` is parked with nothing queued, the reader hands each DATA frame
+(up to that call's ``max_bytes``) to the sink and releases the window for exactly
+the bytes it wrote; the rest is queued as usual.
 
 EOF: ``receive_some`` returns b"" only at END_STREAM or RST_STREAM NO_ERROR/CANCEL
 (ztunnel treats those resets as EOF); any other reset or a lost connection is
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import operator
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -61,6 +66,10 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._receiving = False
         self._sending = False
+        # Set by a relay: writes bytes onward without blocking, returns how many it
+        # wrote. Used only while receive_some is parked with nothing queued.
+        self.direct_sink: Callable[[bytes], int] | None = None
+        self._sink_limit = 0  # the parked receive_some's max_bytes; 0: not parked
 
     # -- events from the connection's reader task -------------------------------------
 
@@ -69,8 +78,23 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._changed = trio.Event()
 
     def _on_data(self, data: bytes) -> None:
+        if self._sink_limit and len(data) <= self._sink_limit and not self._inbound:
+            data = self._deliver_directly(data)
+            if not data:
+                return
         self._inbound.append(data)
         self._wake()
+
+    def _deliver_directly(self, data: bytes) -> bytes:
+        """The consumer waits with everything earlier written onward: hand ``data``
+        to its sink from the reader (no task switch) and release the window for what
+        the sink wrote, exactly as receive_some would after the write. Returns the rest."""
+        assert self.direct_sink is not None
+        written = self.direct_sink(data)
+        if written:
+            self._host.engine.acknowledge(self.stream_id, written)
+            self._host.kick()  # deferred to the end of the reader's dispatch
+        return data[written:]
 
     def _on_end(self) -> None:
         self._recv_eof = True
@@ -138,7 +162,12 @@ class HboneStream(trio.abc.HalfCloseableStream):
                     await trio.lowlevel.checkpoint()
                     return b""
                 self._check_usable()
-                await self._changed.wait()
+                if self.direct_sink is not None:
+                    self._sink_limit = max_bytes or DEFAULT_RECEIVE_SIZE
+                try:
+                    await self._changed.wait()
+                finally:
+                    self._sink_limit = 0
         finally:
             self._receiving = False
 
