@@ -144,23 +144,29 @@ def test_ztunnel_run_with_localhost_example_serves_and_drains(tmp_path: Path) ->
 
 
 def wait_for_log(proc: subprocess.Popen[str], message: str, timeout: float) -> dict[str, str]:
+    """The first JSON log record with ``message``; reads the raw fd (no buffered readline,
+    which would hide lines from select)."""
     assert proc.stderr is not None
+    fd = proc.stderr.fileno()
     deadline = time.monotonic() + timeout
-    seen = []
+    buf, seen = b"", []
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 0.2)
-        if not ready:
+        if not select.select([fd], [], [], 0.2)[0]:
             if proc.poll() is not None:
                 break
             continue
-        line = proc.stderr.readline()
-        if not line:
+        chunk = os.read(fd, 65536)
+        if not chunk:
             break
-        seen.append(line)
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("message") == message or record.get("event") == message:
-            return record
-    raise AssertionError(f"{message!r} not logged; got: {''.join(seen)[-2000:]}")
+        buf += chunk
+        while b"\n" in buf:
+            raw, buf = buf.split(b"\n", 1)
+            line = raw.decode(errors="replace")
+            seen.append(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("message") == message or record.get("event") == message:
+                return record
+    raise AssertionError(f"{message!r} not logged; got: {chr(10).join(seen)[-2000:]}")
