@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs what ztunnel-py and its tests need on a fresh Debian machine:
-# system tools (as root: iptables, iproute2, nsenter, iperf3, tcpdump) and a
+# system tools (as root: iptables, iproute2, nsenter, iperf3, tcpdump, curl) and a
 # virtualenv at .venv with the package and its test extras. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(iptables iproute2 util-linux iperf3 tcpdump procps)
+APT_PACKAGES=(iptables iproute2 util-linux iperf3 tcpdump procps curl)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
