@@ -283,28 +283,24 @@ class Agent:
             "policies": [policy_to_dump(p) for p in self.store.policies()],
             "certificates": self.secrets.dump(),
             "staticConfig": self.static.raw if self.static is not None else {},
-            "version": {"version": __version__, "buildProfile": "python", "istioVersion": ""},
             "config": self.config.to_dump(),
             "workloadState": self.workload_state(),
         }
 
     def workload_state(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for uid, proxy in self.proxies.items():
-            conns = self.tracker.connections_for(uid)
-            out[uid] = {
+        """Per proxied pod: state and workload info. The admin handler adds each pod's
+        open connections from the tracker (and the dump's ``version``)."""
+        return {
+            uid: {
                 "state": "Up",
                 "info": {
                     "name": proxy.info.name,
                     "namespace": proxy.info.namespace,
                     "serviceAccount": proxy.info.service_account,
                 },
-                "connections": {
-                    d: [c.dump() for c in conns if c.info.direction == d]
-                    for d in ("inbound", "outbound")
-                },
             }
-        return out
+            for uid, proxy in self.proxies.items()
+        }
 
 
 __all__ = ["Agent", "WorkloadInfo", "make_ca"]
