@@ -328,6 +328,26 @@ async def test_bad_request_reset_in_the_same_read_keeps_other_streams() -> None:
 # -- 4. a peer that floods PINGs and never reads is dropped, memory stays bounded --------
 
 
+async def flood_pings_without_reading(
+    server: HboneServerConnection, peer: RawPeer, peer_stream: trio.abc.Stream
+) -> int:
+    """Send 6.8 MB of PINGs and never read; returns the server's peak unsent output."""
+    peak = 0
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.run)
+            try:
+                for i in range(400_000):
+                    peer.h2.ping(i.to_bytes(8, "big"))
+                    if i % 1000 == 999:
+                        await peer.flush()
+                        peak = max(peak, server.engine.pending_output)
+            except trio.BrokenResourceError:
+                pass  # the server hung up on us
+            await peer_stream.aclose()
+    return peak
+
+
 async def test_ping_flood_from_a_peer_that_never_reads_is_dropped() -> None:
     peer_sock, server_sock = tcp_socketpair()
     peer_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -336,20 +356,7 @@ async def test_ping_flood_from_a_peer_that_never_reads_is_dropped() -> None:
         trio.SocketStream(trio.socket.from_stdlib_socket(server_sock)), echo, ping_interval=None
     )
     peer_stream = trio.SocketStream(trio.socket.from_stdlib_socket(peer_sock))
-    peer = RawPeer(peer_stream, client=True)
-    peak = 0
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.run)
-            try:
-                for i in range(400_000):  # 6.8 MB of PINGs
-                    peer.h2.ping(i.to_bytes(8, "big"))
-                    if i % 1000 == 999:
-                        await peer.flush()
-                        peak = max(peak, server.engine.pending_output)
-            except trio.BrokenResourceError:
-                pass  # the server hung up on us
-            await peer_stream.aclose()
+    peak = await flood_pings_without_reading(server, RawPeer(peer_stream, client=True), peer_stream)
     assert server.closed and server.close_reason == "peer not reading"
     assert peak <= MAX_UNSENT_REPLIES + 64 * 1024
 
@@ -361,20 +368,7 @@ async def test_ping_flood_over_tls_from_a_peer_that_never_reads_is_dropped() -> 
     peer_tls.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     server_tls.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     server = HboneServerConnection(server_tls, echo, ping_interval=None)
-    peer = RawPeer(peer_tls, client=True)
-    peak = 0
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.run)
-            try:
-                for i in range(400_000):  # 6.8 MB of PINGs
-                    peer.h2.ping(i.to_bytes(8, "big"))
-                    if i % 1000 == 999:
-                        await peer.flush()
-                        peak = max(peak, server.engine.pending_output)
-            except trio.BrokenResourceError:
-                pass  # the server hung up on us
-            await peer_tls.aclose()
+    peak = await flood_pings_without_reading(server, RawPeer(peer_tls, client=True), peer_tls)
     assert server.closed and server.close_reason == "peer not reading"
     assert peak <= MAX_UNSENT_REPLIES + 64 * 1024
 
