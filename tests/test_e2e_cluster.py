@@ -198,10 +198,16 @@ def test_installed_rules_equal_the_expected_rule_set(mesh: Mesh) -> None:
 # -- lifecycle -------------------------------------------------------------------------
 
 
+def _until_unenrolled(mesh: Mesh, pod: str) -> None:
+    until(lambda: "ISTIO" not in _iptables_save(mesh, pod), f"rules removed from {pod}")
+    until(lambda: not _listening(mesh, pod, 15008), f"{pod}'s listeners closed")
+
+
 def test_editing_namespace_labels_enrolls_and_unenrolls_live_pods(mesh: Mesh) -> None:
     mesh.path.write_text(NOT_AMBIENT)
-    until(lambda: "ISTIO" not in _iptables_save(mesh, "a"), "rules removed from a")
-    until(lambda: not _listening(mesh, "a", 15008), "a's listeners closed")
+    # Both ends leave the mesh (a on n1, b on n2: two agents, each at its own pace).
+    for pod in ("a", "b"):
+        _until_unenrolled(mesh, pod)
     before = len(mesh.records())
     assert send(mesh, "a", f"{mesh.ip('b')}:8080")["ok"]  # direct now, no agent
     time.sleep(0.3)
