@@ -5,7 +5,7 @@ Run (root): ``.venv/bin/python bench/cluster.py`` (about 45 s) or ``--quick`` (a
 It builds a 2-node cluster in network namespaces (``ztunnel.cluster``) with two namespaces
 that are mirror images of each other: ``mesh`` (labelled ambient) and ``plain`` (not). Each
 has a client pod and a server pod on node1 and a server pod on node2. One real agent runs
-per node (``ztunnel.enroll.harness``); it captures only the ``mesh`` pods, so ``plain`` is
+per node (``ztunnel.testing.harness``); it captures only the ``mesh`` pods, so ``plain`` is
 the direct baseline over the very same bridge and veths.
 
 * Throughput: ``iperf3 -s`` in every server pod, ``iperf3 -c <ip> -t T -J`` (one stream)
@@ -45,8 +45,8 @@ from common import cpu_seconds  # noqa: E402
 
 from ztunnel.cluster import apps  # noqa: E402
 from ztunnel.cluster.net import ClusterNet, cleanup_stale, running_cluster  # noqa: E402
-from ztunnel.cluster.spec import loads_spec  # noqa: E402
-from ztunnel.enroll.harness import (  # noqa: E402
+from ztunnel.sources.clusterfile.spec import loads_spec  # noqa: E402
+from ztunnel.testing.harness import (  # noqa: E402
     AgentProcess,
     start_agent,
     stop_agents,

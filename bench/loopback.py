@@ -7,7 +7,7 @@ What it builds (everything on a random 127.a.b base, torn down at exit):
 * agent A (``ztunnel run``, dedicated mode, workload default/client) at <base>.1,
   SOCKS5 on <base>.1:15080; agent B (default/server) at <base>.2, HBONE inbound on
   <base>.2:15008; both separate processes sharing a CA made by ``ztunnel ca init``
-  and a local config from ``ztunnel.loopback.mesh_yaml``;
+  and a local config from ``ztunnel.testing.loopback.mesh_yaml``;
 * the app (``bench/common.py serve``) at <base>.2:8080, its own process;
 * the load generator here, blocking sockets, bound to <base>.1.
 
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common
 from common import ProcSample, proc_sample
 
-from ztunnel.loopback import APP_PORT, agent_env, mesh_yaml, random_base
+from ztunnel.testing.loopback import APP_PORT, agent_env, mesh_yaml, random_base
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ztunnel.loopback import random_base
+from ztunnel.testing.loopback import random_base
 
 ROOT = Path(__file__).resolve().parent.parent
 ZTUNNEL = [sys.executable, "-m", "ztunnel.cli"]

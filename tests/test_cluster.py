@@ -14,10 +14,10 @@ import pytest
 
 from ztunnel.cluster import apps
 from ztunnel.cluster.net import ClusterNet, build, cleanup_stale, new_prefix, running_cluster
-from ztunnel.cluster.spec import demo_spec, loads_spec
-from ztunnel.cluster.state import cluster_state
-from ztunnel.model.workload import TunnelProtocol
-from ztunnel.redirect.netns import create_named, delete_named, list_named
+from ztunnel.cluster.spec import demo_spec
+from ztunnel.redirect.netns import NetNamespace, create_named, delete_named, list_named
+from ztunnel.sources.clusterfile.mesh import snapshot
+from ztunnel.sources.clusterfile.spec import loads_spec
 
 pytestmark = pytest.mark.root
 
@@ -97,21 +97,15 @@ def test_source_address_is_preserved_between_pods(demo: ClusterNet) -> None:
         proc.wait(5)
 
 
-def test_cluster_state_models_the_pods(demo: ClusterNet) -> None:
-    workloads, services, labels = cluster_state(demo.spec, demo)
-    by_name = {w.name: w for w in workloads}
-    client, echo2, legacy = by_name["client"], by_name["echo-2"], by_name["legacy-client"]
-    assert client.uid == "Kubernetes//Pod/demo/client"
-    assert client.protocol is TunnelProtocol.HBONE and legacy.protocol is TunnelProtocol.TCP
-    assert client.workload_ips == (demo.pod("client").ip,)
-    assert str(client.identity) == "spiffe://cluster.local/ns/demo/sa/client"
-    assert echo2.node == "node2"
-    assert echo2.services == {"demo/echo.demo.svc.cluster.local": {80: 8080}}
-    assert client.services == {}
-    (svc,) = services
-    assert svc.key == "demo/echo.demo.svc.cluster.local"
-    assert [str(v) for v in svc.vips] == ["/10.96.0.10"]
-    assert labels["Kubernetes//Pod/demo/echo-1"] == {"app": "echo"}
+def test_the_agent_finds_every_pod_where_the_simulator_built_it(demo: ClusterNet) -> None:
+    for node in demo.spec.nodes:
+        snap, _ = snapshot(demo.spec, demo.prefix, node)
+        assert [p.key for p in snap.pods] == [p.key for p in demo.pods.values() if p.node == node]
+        for pod in snap.pods:
+            assert pod.netns is not None
+            with NetNamespace.open(pod.netns.path) as ns:
+                addrs = ns.run(["ip", "-4", "-o", "addr", "show", "dev", "eth0"]).stdout
+            assert f" {pod.ips[0]}/16 " in addrs
 
 
 SMALL = """
@@ -151,7 +145,7 @@ def test_cleanup_stale_removes_a_crashed_run_but_not_a_live_one() -> None:
         f"""
         import os, sys
         from ztunnel.cluster.net import build
-        from ztunnel.cluster.spec import loads_spec
+        from ztunnel.sources.clusterfile.spec import loads_spec
         net = build(loads_spec({SMALL!r}))
         print(net.prefix, flush=True)
         os._exit(0)  # crash: no teardown

@@ -1,4 +1,5 @@
-"""Cluster files: what a valid one gives, and how a broken one is reported."""
+"""Cluster files: what a valid one gives (pods, layout, mesh state), and how a broken one is
+reported. All without root: the agent only reads the file."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from ztunnel.cluster.net import PodNet, render_service_rules
-from ztunnel.cluster.spec import demo_spec, load_spec, loads_spec
-from ztunnel.cluster.state import is_enrolled
-from ztunnel.enroll.layout import attach
+from ztunnel.cluster.net import render_service_rules
+from ztunnel.cluster.spec import demo_spec
 from ztunnel.errors import ConfigError
+from ztunnel.model.pod import NetnsRef
+from ztunnel.model.workload import TunnelProtocol
+from ztunnel.sources.clusterfile.layout import PodNet, layout
+from ztunnel.sources.clusterfile.mesh import cluster_state, in_mesh, snapshot
+from ztunnel.sources.clusterfile.spec import load_spec, loads_spec
 
 MINIMAL = """
 namespaces:
@@ -54,7 +58,7 @@ def test_enrollment_follows_namespace_and_pod_labels() -> None:
   - {name: s, namespace: b, node: n1, labels: {istio.io/dataplane-mode: ambient}}
 """
     )
-    assert [is_enrolled(spec, p) for p in spec.pods] == [True, False, False, True]
+    assert [in_mesh(spec, p) for p in spec.pods] == [True, False, False, True]
 
 
 @pytest.mark.parametrize(
@@ -129,6 +133,8 @@ def test_invalid_yaml_and_missing_file() -> None:
         loads_spec("nodes: [a\n", "x.yaml")
     with pytest.raises(ConfigError, match="cannot read"):
         load_spec("/nonexistent/cluster.yaml")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        loads_spec("[" * 5000 + "]" * 5000, "deep.yaml")
 
 
 def test_service_rules_split_traffic_evenly_over_endpoints() -> None:
@@ -157,8 +163,86 @@ def _crowded(pods: int) -> str:
 def test_a_node_holds_at_most_253_pods() -> None:
     # Each node's pods share one /24 (.2-.254): one more would have no address at all.
     spec = loads_spec(_crowded(253))
-    assert attach(spec, "zt000000").pods["ns/p252"].ip == IPv4Address("10.244.1.254")
+    assert layout(spec, "zt000000").pods["ns/p252"].ip == IPv4Address("10.244.1.254")
     with pytest.raises(ConfigError) as info:
         loads_spec(_crowded(254))
     assert info.value.field == "pods[253].node"
     assert "253" in info.value.problem and "'n1'" in info.value.problem
+
+
+def test_layout_uses_the_cluster_addressing() -> None:
+    places = layout(demo_spec(), "zt00beef")
+    assert places.pods["demo/echo-2"].ip == IPv4Address("10.244.2.2")
+    assert places.pods["legacy/legacy-client"].ip == IPv4Address("10.244.2.4")
+    assert places.pods["demo/client"].netns == "zt00beef-pod-demo-client"
+    assert places.pods["demo/client"].netns_path == "/var/run/netns/zt00beef-pod-demo-client"
+    assert places.nodes["node2"].netns == "zt00beef-node-node2"
+    assert places.nodes["node2"].ip == IPv4Address("10.244.2.1")
+    assert [p.name for p in places.pods_on("node1")] == ["client", "echo-1"]
+
+
+def test_cluster_state_models_the_pods() -> None:
+    spec = demo_spec()
+    workloads, services, labels = cluster_state(spec, layout(spec, "zt00beef"))
+    by_name = {w.name: w for w in workloads}
+    client, echo2, legacy = by_name["client"], by_name["echo-2"], by_name["legacy-client"]
+    assert client.uid == "Kubernetes//Pod/demo/client"
+    assert client.protocol is TunnelProtocol.HBONE and legacy.protocol is TunnelProtocol.TCP
+    assert client.workload_ips == (IPv4Address("10.244.1.2"),)
+    assert str(client.identity) == "spiffe://cluster.local/ns/demo/sa/client"
+    assert echo2.node == "node2"
+    assert echo2.services == {"demo/echo.demo.svc.cluster.local": {80: 8080}}
+    assert client.services == {}
+    (svc,) = services
+    assert svc.key == "demo/echo.demo.svc.cluster.local"
+    assert [str(v) for v in svc.vips] == ["/10.96.0.10"]
+    assert labels["Kubernetes//Pod/demo/echo-1"] == {"app": "echo"}
+
+
+def test_snapshot_is_this_nodes_pods_and_the_whole_mesh() -> None:
+    snap, warnings = snapshot(demo_spec(), "zt00beef", "node2")
+    assert warnings == []
+    assert snap.source == "ztunnel/cluster/demo.yaml"
+    assert [p.key for p in snap.pods] == ["demo/echo-2", "demo/other", "legacy/legacy-client"]
+    echo2 = snap.pod("demo/echo-2")
+    assert echo2 is not None
+    assert echo2.uid == "Kubernetes//Pod/demo/echo-2"
+    assert echo2.netns == NetnsRef("/var/run/netns/zt00beef-pod-demo-echo-2")
+    assert echo2.ips == (IPv4Address("10.244.2.2"),)
+    assert echo2.service_account == "echo" and echo2.node == "node2"
+    assert [p.in_mesh for p in snap.pods] == [True, True, False]
+    # The state is the whole cluster's (node1's pods are destinations too), with policies.
+    assert snap.state is not None
+    assert len(snap.state.workloads) == 5
+    by_name = {w.name: w for w in snap.state.workloads}
+    assert by_name["echo-1"].authorization_policies == ("demo/echo-allow-client",)
+    assert by_name["client"].authorization_policies == ()
+    assert [p.key for p in snap.state.policies] == ["demo/echo-allow-client"]
+
+
+def test_pod_level_labels_decide_over_the_namespace() -> None:
+    spec = loads_spec(
+        MINIMAL
+        + """
+  - {name: q, namespace: a, node: n1, labels: {istio.io/dataplane-mode: none}}
+  - {name: s, namespace: b, node: n1, labels: {istio.io/dataplane-mode: ambient}}
+"""
+    )
+    snap, _ = snapshot(spec, "zt000000", "n1")
+    assert {p.name: p.in_mesh for p in snap.pods} == {"p": True, "q": False, "s": True}
+    assert snap.state is not None
+    hbone = {w.name for w in snap.state.workloads if w.protocol is TunnelProtocol.HBONE}
+    assert hbone == {"p", "s"}
+
+
+def test_a_bad_policy_in_the_file_names_the_file_and_the_field() -> None:
+    spec = loads_spec(
+        MINIMAL
+        + "policies:\n  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n"
+        "    metadata: {name: x, namespace: a}\n    spec: {action: NOPE}\n",
+        "c.yaml",
+    )
+    with pytest.raises(ConfigError) as info:
+        snapshot(spec, "zt000000", "n1")
+    assert info.value.source == "c.yaml: AuthorizationPolicy a/x"
+    assert info.value.field == "spec.action"

@@ -30,7 +30,7 @@ from ztunnel.enroll.controller import (
     pending_key,
     read_policy_docs,
 )
-from ztunnel.enroll.harness import recreate_pod_netns
+from ztunnel.testing.harness import recreate_pod_netns
 from ztunnel.enroll.layout import attach
 from ztunnel.enroll.source import ClusterFileSource
 from ztunnel.errors import ConfigError

@@ -10,7 +10,7 @@ import pytest
 import trio
 from mesh_apps import echo_roundtrip, payload, serve_echo, sha
 
-from ztunnel.loopback import APP_PORT, LoopbackMesh, loopback_mesh, random_base, socks5_connect
+from ztunnel.testing.loopback import APP_PORT, LoopbackMesh, loopback_mesh, random_base, socks5_connect
 
 SIZES = [1, 1000, 64 * 1024 + 7, 4 * 1024 * 1024 + 3, 100 * 1024 * 1024]
 
@@ -208,7 +208,7 @@ async def test_unknown_destination_passes_through_as_plain_tcp() -> None:
 
 
 async def test_known_non_mesh_workload_gets_plain_tcp() -> None:
-    from ztunnel.loopback import mesh_yaml
+    from ztunnel.testing.loopback import mesh_yaml
 
     with trio.fail_after(30):
         base = random_base()
@@ -228,7 +228,7 @@ async def test_known_non_mesh_workload_gets_plain_tcp() -> None:
 
 @pytest.mark.parametrize("port", [15001, 15006, 15008, 15080])
 async def test_self_calls_to_agent_ports_on_loopback_are_refused(port: int) -> None:
-    from ztunnel.loopback import Socks5Refused
+    from ztunnel.testing.loopback import Socks5Refused
 
     with trio.fail_after(30):
         async with loopback_mesh() as mesh:

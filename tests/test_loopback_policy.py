@@ -9,7 +9,7 @@ import trio
 from mesh_apps import echo_roundtrip, serve_echo
 
 from ztunnel.admin.ctl import main as ctl_main
-from ztunnel.loopback import APP_PORT, LoopbackMesh, Socks5Refused, loopback_mesh, socks5_connect
+from ztunnel.testing.loopback import APP_PORT, LoopbackMesh, Socks5Refused, loopback_mesh, socks5_connect
 from ztunnel.model.authorization import Action, Authorization, Match, MatchKind, Scope, StringMatch
 
 DENY_CLIENT = Authorization(

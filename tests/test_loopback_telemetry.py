@@ -9,7 +9,7 @@ import trio
 from mesh_apps import echo_roundtrip, serve_echo
 from prometheus_client.parser import text_string_to_metric_families
 
-from ztunnel.loopback import APP_PORT, LoopbackMesh, loopback_mesh, socks5_connect
+from ztunnel.testing.loopback import APP_PORT, LoopbackMesh, loopback_mesh, socks5_connect
 
 SENT = b"x" * 12345
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"

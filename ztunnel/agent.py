@@ -2,7 +2,8 @@
 
 Services: the certificate manager, the admin / metrics / readiness servers,
 and the workload proxies (one in dedicated mode; one per enrolled pod in shared
-mode, run by the enrollment controller). SIGTERM, SIGINT and POST /quitquitquit
+mode, where the enrollment controller decides which and the agent, as its
+``ProxyHost``, runs them). SIGTERM, SIGINT and POST /quitquitquit
 all start the same graceful drain: listeners close at once, open connections get
 CONNECTION_TERMINATION_DEADLINE seconds, then the agent exits.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -19,15 +20,24 @@ import structlog
 import trio
 
 from ztunnel import __version__
+from ztunnel.admin.server import serve_admin, serve_metrics, serve_readiness
 from ztunnel.config import Config, ProxyMode, WorkloadInfo, format_address
+from ztunnel.enroll.controller import EnrollmentController
 from ztunnel.errors import ConfigError
 from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA
 from ztunnel.identity.manager import SecretManager
+from ztunnel.model.identity import Identity
+from ztunnel.model.pod import MeshState, Pod
+from ztunnel.policy.istio import load_policy_dir
 from ztunnel.policy.query import explain_connection
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.policy_watch import watch_policies
-from ztunnel.proxy.sockets import LocalSocketFactory
+from ztunnel.proxy.sockets import LocalSocketFactory, NetnsSocketFactory, SocketFactory
 from ztunnel.proxy.workload_proxy import ProxyAddresses, WorkloadProxy
+from ztunnel.redirect.base import RedirectPorts
+from ztunnel.redirect.modes import make_redirector
+from ztunnel.redirect.netns import NetNamespace
+from ztunnel.sources.clusterfile.source import ClusterFileSource
 from ztunnel.sources.dump import policy_to_dump, service_to_dump, workload_to_dump
 from ztunnel.sources.localconfig import LocalConfig, load_local_config, load_local_config_file
 from ztunnel.state.store import StateStore
@@ -36,6 +46,10 @@ from ztunnel.telemetry.logging import configure_logging
 from ztunnel.telemetry.metrics import Metrics
 
 log = structlog.get_logger("ztunnel.agent")
+
+STARTUP_PENDING = "proxy"  # readiness waits for the first proxy / the first enrollment pass
+# Makes the sockets of a pod's proxy: (pod netns, SO_MARK). Tests use local sockets.
+PodSocketFactory = Callable[[NetNamespace, int], SocketFactory]
 
 
 def make_ca(config: Config) -> CertificateAuthority:
@@ -59,6 +73,15 @@ def load_static_config(config: Config) -> LocalConfig | None:
     if config.local_xds:
         return load_local_config(config.local_xds, "LOCAL_XDS")
     return None
+
+
+def redirect_ports(config: Config) -> RedirectPorts:
+    return RedirectPorts(
+        outbound=config.outbound_addr[1],
+        inbound_plaintext=config.inbound_plaintext_addr[1],
+        inbound=config.inbound_addr[1],
+        mark=config.packet_mark,
+    )
 
 
 class Pending(dict[str, str]):
@@ -97,6 +120,7 @@ class Agent:
         store: StateStore | None = None,
         static: LocalConfig | None = None,
         metrics: Metrics | None = None,
+        pod_sockets: PodSocketFactory = NetnsSocketFactory,
     ) -> None:
         self.config = config
         self.store = store if store is not None else StateStore()
@@ -108,9 +132,11 @@ class Agent:
         self.secrets = SecretManager(ca, ttl=datetime.timedelta(seconds=config.secret_ttl))
         self.ctx = ProxyContext(config, self.store, self.secrets, self.tracker)
         self.proxies: dict[str, WorkloadProxy] = {}
+        self.identities: dict[str, Identity] = {}  # by proxy uid: the certificate it uses
+        self._pod_sockets = pod_sockets
         self._unwatch_policies = watch_policies(self.store, self.tracker)
         self.pending = Pending(self.metrics.pending_proxies.set)
-        self.pending["proxy"] = "workload proxies not started"
+        self.pending[STARTUP_PENDING] = "workload proxies not started"
         self.bound: dict[str, tuple[str, int]] = {}
         self._cancel: Callable[[], None] | None = None
         self._draining = False
@@ -136,12 +162,8 @@ class Agent:
                     "shared (in-pod) mode needs a pod source: --cluster FILE; "
                     "for a single workload use PROXY_MODE=dedicated with PROXY_WORKLOAD_INFO",
                 )
-            from ztunnel.enroll.controller import attach_cluster_source
-
             attach_cluster_source(agent, cluster_file, cluster_prefix, policy_dir)
         elif policy_dir is not None:
-            from ztunnel.policy.istio import load_policy_dir
-
             result = load_policy_dir(policy_dir)
             for warning in result.warnings:
                 log.warning("policy", message=warning)
@@ -189,8 +211,6 @@ class Agent:
                 task_status.started(self)
 
     async def _start_admin(self, nursery: trio.Nursery) -> None:
-        from ztunnel.admin.server import serve_admin, serve_metrics, serve_readiness
-
         cfg = self.config
         port = await nursery.start(
             partial(
@@ -231,12 +251,20 @@ class Agent:
         """Start one workload proxy (raises OSError if a listener cannot bind)."""
         await nursery.start(proxy.run)
         self.proxies[proxy.uid] = proxy
+        self.identities[proxy.uid] = self._identity_of(proxy.info)
         self.metrics.active_proxies.set(len(self.proxies))
         self.metrics.proxies_started.inc()
         if self.config.proxy_mode is ProxyMode.DEDICATED:
             # In-pod listeners live in each pod's netns; the enrollment log names them.
             self.bound.update(proxy.bound)
-        self.pending.pop("proxy", None)
+        self.pending.pop(STARTUP_PENDING, None)
+
+    def _identity_of(self, info: WorkloadInfo) -> Identity:
+        """The identity the proxy's certificate is for (its workload's, once known)."""
+        workload = self.ctx.store.find_workload(info.namespace, info.name, info.service_account)
+        if workload is not None:
+            return workload.identity
+        return Identity(self.config.trust_domain, info.namespace, info.service_account)
 
     async def stop_proxy(self, uid: str, deadline: float) -> None:
         proxy = self.proxies.pop(uid, None)
@@ -245,6 +273,54 @@ class Agent:
         await proxy.drain(deadline)
         self.metrics.active_proxies.set(len(self.proxies))
         self.metrics.proxies_stopped.inc()
+
+    # -- ProxyHost: what the enrollment controller asks of the agent ------------
+
+    def apply_state(self, state: MeshState) -> None:
+        self.store.replace_all(state.workloads, state.services, state.policies)
+
+    async def start_pod_proxy(self, pod: Pod, netns: NetNamespace) -> Mapping[str, Any]:
+        cfg = self.config
+        proxy = WorkloadProxy(
+            self.ctx,
+            WorkloadInfo(pod.namespace, pod.name, pod.service_account),
+            self._pod_sockets(netns, cfg.packet_mark),
+            ProxyAddresses(
+                outbound=cfg.outbound_addr,
+                inbound=cfg.inbound_addr,
+                inbound_plaintext=cfg.inbound_plaintext_addr,
+            ),
+            uid=pod.uid,
+            orig_src=cfg.enable_orig_src,
+        )
+        await self.start_proxy(self.nursery, proxy)
+        return {"transparent": proxy.transparent}
+
+    async def stop_pod_proxy(self, uid: str, deadline: float) -> None:
+        await self.stop_proxy(uid, deadline)
+
+    def release_identity(self, pod: Pod) -> None:
+        """Forget the certificate of a pod that left (it stops renewing), unless another
+        running proxy (another pod of the same service account) still serves it."""
+        identity = self.identities.pop(pod.uid, None)
+        if identity is None:
+            return  # its proxy never started: it never asked for a certificate
+        if pod.uid in self.proxies:
+            self.identities[pod.uid] = identity  # restarted meanwhile: still in use
+            return
+        if identity in (self.identities.get(uid) for uid in self.proxies):
+            return
+        self.secrets.forget(identity)
+        log.info("certificate forgotten", identity=str(identity), pod=pod.key)
+
+    def mark_pending(self, pod_key: str, reason: str) -> None:
+        self.pending[f"pod {pod_key}"] = reason
+
+    def clear_pending(self, pod_key: str) -> None:
+        self.pending.pop(f"pod {pod_key}", None)
+
+    def mark_reconciled(self) -> None:
+        self.pending.pop(STARTUP_PENDING, None)
 
     def request_shutdown(self) -> None:
         """Admin /quitquitquit: drain in the background, then exit."""
@@ -303,4 +379,34 @@ class Agent:
         }
 
 
-__all__ = ["Agent", "WorkloadInfo", "make_ca"]
+def attach_cluster_source(
+    agent: Agent,
+    cluster_file: str,
+    cluster_prefix: str | None,
+    policy_dir: str | None,
+    *,
+    poll: float = 0.5,
+) -> EnrollmentController:
+    """Shared mode from a cluster file: validate the file, prefix, node and policies, and
+    register the enrollment controller (with the configured redirector) with the agent.
+
+    Raises ConfigError before anything starts: an invalid file (naming the field), no
+    prefix, a NODE_NAME that is not a node of the file, or a bad policy.
+    """
+    cfg = agent.config
+    source, initial = ClusterFileSource.open(
+        cluster_file, cluster_prefix, cfg.node_name, policy_dir=policy_dir, poll=poll
+    )
+    controller = EnrollmentController(
+        source,
+        make_redirector(cfg.redirect_mode, redirect_ports(cfg)),
+        agent,
+        initial=initial,
+        drain_deadline=cfg.connection_termination_deadline,
+        poll=poll,
+    )
+    agent.extra_services.append(controller.run)
+    return controller
+
+
+__all__ = ["Agent", "WorkloadInfo", "attach_cluster_source", "make_ca"]

@@ -25,6 +25,14 @@ class ProxyMode(enum.Enum):
     DEDICATED = "dedicated"
 
 
+class RedirectMode(enum.Enum):
+    """How an enrolled pod's traffic reaches the agent (``redirect/modes.py`` maps each to
+    its ``Redirector``)."""
+
+    IPTABLES = "iptables"
+    NONE = "none"  # someone else (istio-cni) installs the redirection
+
+
 @dataclass(frozen=True, slots=True)
 class WorkloadInfo:
     """PROXY_WORKLOAD_INFO: which workload a dedicated-mode agent proxies for."""
@@ -136,6 +144,14 @@ def _mode(value: str, name: str) -> ProxyMode:
         raise ConfigError(name, "", f"expected shared or dedicated, got {value!r}") from exc
 
 
+def _redirect_mode(value: str, name: str) -> RedirectMode:
+    try:
+        return RedirectMode(value.strip().lower())
+    except ValueError as exc:
+        choices = ", ".join(m.value for m in RedirectMode)
+        raise ConfigError(name, "", f"expected one of {choices}, got {value!r}") from exc
+
+
 def _str(value: str, name: str) -> str:
     return value
 
@@ -160,6 +176,12 @@ class Config:
 
     proxy_mode: ProxyMode = _env_field(
         "PROXY_MODE", _mode, ProxyMode.SHARED, "shared (in-pod, per-pod proxies) or dedicated"
+    )
+    redirect_mode: RedirectMode = _env_field(
+        "REDIRECT_MODE",
+        _redirect_mode,
+        RedirectMode.IPTABLES,
+        "how enrolled pods' traffic is redirected (shared mode): iptables or none",
     )
     proxy_workload_info: WorkloadInfo | None = _env_field(
         "PROXY_WORKLOAD_INFO", _workload_info, None, "ns/name/sa of the workload (dedicated mode)"

@@ -27,12 +27,13 @@ from types import FrameType
 from typing import Any, TextIO
 
 from ztunnel.cluster import apps
-from ztunnel.cluster.net import ClusterNet, PodNet, build, cleanup_stale
-from ztunnel.cluster.spec import ClusterSpec, PodSpec, ServiceSpec, load_spec, loads_spec
-from ztunnel.cluster.state import is_enrolled
-from ztunnel.enroll.harness import AgentProcess, start_agent, stop_agents, wait_ready
+from ztunnel.cluster.net import ClusterNet, build, cleanup_stale
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.ca import init_ca_dir
+from ztunnel.sources.clusterfile.layout import PodNet
+from ztunnel.sources.clusterfile.mesh import in_mesh as is_enrolled
+from ztunnel.sources.clusterfile.spec import ClusterSpec, PodSpec, ServiceSpec, load_spec, loads_spec
+from ztunnel.testing.harness import AgentProcess, start_agent, stop_agents, wait_ready
 
 EXIT_FAILED = 1
 EXIT_NOT_ROOT = 2

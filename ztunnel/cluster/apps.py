@@ -27,7 +27,8 @@ from typing import Any
 
 import trio
 
-from ztunnel.cluster.net import ClusterNet, PodNet
+from ztunnel.cluster.net import ClusterNet
+from ztunnel.sources.clusterfile.layout import PodNet
 
 CHUNK = 64 * 1024
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])

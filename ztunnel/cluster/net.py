@@ -11,6 +11,9 @@ Layout (prefix ``zt<6 hex>``, unique per run, so parallel runs never collide):
   lo up, default route via the gateway.
 - ``<prefix>-node-<name>``: one per node for its agent, ``eth0`` at 10.244.<node index+1>.1.
 
+These names and addresses come from the product's ``sources.clusterfile.layout``: the agent
+finds the pods of a cluster built here with the same function.
+
 All veths are created inside the pod-network netns, so nothing touches the root netns.
 A running cluster holds a flock on /run/ztunnel-py/clusters/<prefix>.lock; ``cleanup_stale``
 removes the leftovers of crashed runs (lock not held) and never a live cluster's.
@@ -32,11 +35,9 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from ztunnel.cluster.spec import ClusterSpec, PodSpec
 from ztunnel.errors import ZtunnelError
 from ztunnel.redirect.netns import (
     NETNS_RUN_DIR,
@@ -45,9 +46,9 @@ from ztunnel.redirect.netns import (
     delete_named,
     list_named,
 )
+from ztunnel.sources.clusterfile.layout import GATEWAY, POD_CIDR, NodeNet, PodNet, layout
+from ztunnel.sources.clusterfile.spec import ClusterSpec, PodSpec
 
-POD_CIDR = ipaddress.IPv4Network("10.244.0.0/16")
-GATEWAY = IPv4Address("10.244.0.1")
 SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/12")
 LOCK_DIR = Path("/run/ztunnel-py/clusters")
 _PREFIX_RE = re.compile(r"^(zt[0-9a-f]{6})(?:-|$)")
@@ -58,44 +59,8 @@ class ClusterError(ZtunnelError):
     """The simulated cluster could not be built."""
 
 
-@dataclass(frozen=True, slots=True)
-class PodNet:
-    name: str
-    namespace: str
-    node: str
-    netns: str  # name under /var/run/netns
-    ip: IPv4Address
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def netns_path(self) -> str:
-        return str(NETNS_RUN_DIR / self.netns)
-
-
-@dataclass(frozen=True, slots=True)
-class NodeNet:
-    name: str
-    netns: str
-    ip: IPv4Address
-
-    @property
-    def netns_path(self) -> str:
-        return str(NETNS_RUN_DIR / self.netns)
-
-
 def new_prefix() -> str:
     return f"zt{secrets.token_hex(3)}"
-
-
-def pod_ip(node_index: int, order: int) -> IPv4Address:
-    return IPv4Address(f"10.244.{node_index + 1}.{order + 2}")
-
-
-def node_ip(node_index: int) -> IPv4Address:
-    return IPv4Address(f"10.244.{node_index + 1}.1")
 
 
 class ClusterNet:
@@ -161,22 +126,14 @@ class ClusterNet:
         self._lock()
         with self._netns(self.podnet) as podnet:
             _setup_podnet(podnet)
+            # The agent finds these netns and IPs with the same function.
+            places = layout(self.spec, self.prefix)
             batch: list[str] = []
             for i, node in enumerate(self.spec.nodes):
-                nn = NodeNet(node, f"{self.prefix}-node-{node}", node_ip(i))
-                self.nodes[node] = nn
+                nn = self.nodes[node] = places.nodes[node]
                 batch += self._attach(nn.netns, f"{self.prefix}n{i}", nn.ip)
-            order: dict[str, int] = {}
             for i, p in enumerate(self.spec.pods):
-                k = order[p.node] = order.get(p.node, -1) + 1
-                pn = PodNet(
-                    p.name,
-                    p.namespace,
-                    p.node,
-                    f"{self.prefix}-pod-{p.namespace}-{p.name}",
-                    pod_ip(self.spec.nodes.index(p.node), k),
-                )
-                self.pods[p.key] = pn
+                pn = self.pods[p.key] = places.pods[p.key]
                 batch += self._attach(pn.netns, f"{self.prefix}p{i}", pn.ip)
             podnet.run(["ip", "-batch", "-"], input="\n".join(batch) + "\n")
             members: list[PodNet | NodeNet] = [*self.nodes.values(), *self.pods.values()]

@@ -1,143 +1,103 @@
 """In-pod enrollment: which of this node's pods are in the mesh, and their proxies' lifecycle.
 
-For every snapshot of the cluster the controller (1) replaces the agent's workload state
-(pods, services, policies from the file and ``--policies``) and (2) reconciles this node's
-pods. A pod is enrolled when ``is_enrolled`` says so (namespace labelled
-``istio.io/dataplane-mode=ambient``, pod not opted out). Enrolling holds one fd of the pod's
-netns, installs istio-cni's in-pod iptables rules (idempotent, reconciling what a previous
-agent left) and starts a ``WorkloadProxy`` whose every socket lives in that netns, marked
-0x539. Un-enrolling drains the proxy, then removes exactly our rules and closes the fd.
+The controller follows a ``PodSource`` (full ``PodSnapshot``s) and, for the newest
+snapshot, (1) hands the snapshot's mesh state to the ``ProxyHost`` (the agent) and
+(2) reconciles this node's pods. A pod is enrolled when its source says it is in the
+mesh (``Pod.in_mesh``) and it has not terminated. Enrolling holds one fd of the pod's
+netns, installs redirection through the ``Redirector`` (idempotent, reconciling what a
+previous agent left) and asks the host to start the pod's proxy with every socket in
+that netns. Un-enrolling drains the proxy first (replies of spoofed connections need
+our routing), then removes exactly our redirection, releases the pod's identity and
+closes the fd.
 
-Between snapshots the controller re-checks every pod's netns identity (inode + dev), so a
-sandbox recreated under the same name is re-enrolled, and retries pods whose proxy could
-not bind every 5 s (they stay pending: readiness reports them).
+Between snapshots the controller re-checks every pod's netns identity (dev + inode),
+so a sandbox recreated under the same name is re-enrolled, and retries pods whose
+redirection or proxy could not be set up every 5 s (they stay pending: readiness
+reports them).
 
-On agent shutdown the rules are deliberately left in place, as istio-cni does: a pod whose
-agent is gone fails closed (its traffic is redirected to ports nobody listens on) instead
-of silently leaving the mesh; the next agent reuses the rules and takes over. If the pod
-left the mesh while no agent ran, the next agent removes the rules it finds there instead.
+On agent shutdown the redirection is deliberately left in place, as istio-cni does: a
+pod whose agent is gone fails closed (its traffic goes to ports nobody listens on)
+instead of silently leaving the mesh; the next agent reuses it and takes over. If the
+pod left the mesh while no agent ran, the next agent removes what it finds there.
+
+Nothing one snapshot or one pod does ends the agent: failures are logged (with a
+traceback when they are not one of our errors) and the pod is retried.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from functools import partial
 
 import structlog
 import trio
-import yaml
 
-from ztunnel.cluster.spec import ClusterSpec, PodSpec, load_spec
-from ztunnel.cluster.state import is_enrolled, pod_uid
-from ztunnel.config import Config, WorkloadInfo
-from ztunnel.enroll.layout import AttachedCluster, attach, attached_state
-from ztunnel.enroll.source import ClusterFileSource, PodSource
-from ztunnel.errors import ConfigError, ZtunnelError
-from ztunnel.model.authorization import Authorization
-from ztunnel.model.workload import Service, Workload
-from ztunnel.policy.istio import attach_policies, translate_documents
-from ztunnel.proxy.sockets import NetnsSocketFactory
-from ztunnel.proxy.workload_proxy import ProxyAddresses, WorkloadProxy
-from ztunnel.redirect import iptables
-from ztunnel.redirect.netns import NETNS_RUN_DIR, NetNamespace
-
-if TYPE_CHECKING:
-    from ztunnel.agent import Agent
+from ztunnel.enroll.host import BlockingRunner, PodSource, ProxyHost, in_thread
+from ztunnel.errors import ZtunnelError
+from ztunnel.model.pod import NetnsRef, Pod, PodPhase, PodSnapshot
+from ztunnel.redirect.base import Redirector
+from ztunnel.redirect.netns import NetNamespace
 
 log = structlog.get_logger("ztunnel.enroll")
 
 RETRY_INTERVAL = 5.0  # ztunnel retries a pod whose proxy failed to start every 5 s
-PENDING_KEY = "proxy"  # the agent's "not reconciled yet" readiness entry
 Ident = tuple[int, int]
+_TERMINATED = (PodPhase.SUCCEEDED, PodPhase.FAILED)
 
 
-def pending_key(pod_key: str) -> str:
-    return f"pod {pod_key}"
-
-
-def netns_ident(name: str) -> Ident | None:
-    """(dev, inode) of a named netns, None if it does not exist (no fd needed)."""
+def netns_ident(ref: NetnsRef | None) -> Ident | None:
+    """(dev, inode) of a pod's netns, None if it does not exist (no fd needed)."""
+    if ref is None:
+        return None
     try:
-        st = os.stat(NETNS_RUN_DIR / name)
+        st = os.stat(ref.path)
     except OSError:
         return None
     return (st.st_dev, st.st_ino)
 
 
-def inpod_config(config: Config) -> iptables.InpodConfig:
-    return iptables.InpodConfig(
-        outbound_port=config.outbound_addr[1],
-        inbound_plaintext_port=config.inbound_plaintext_addr[1],
-        inbound_port=config.inbound_addr[1],
-        mark=config.packet_mark,
-    )
+def wants_enrollment(pod: Pod) -> bool:
+    return pod.in_mesh and pod.phase not in _TERMINATED
 
 
-# -- workload state ------------------------------------------------------------------------
+def snapshot_problem(snapshot: PodSnapshot) -> str | None:
+    """Why a snapshot cannot be followed (a source bug), or None."""
+    for what, values in (
+        ("pod", [p.key for p in snapshot.pods]),
+        ("uid", [p.uid for p in snapshot.pods]),
+    ):
+        seen: set[str] = set()
+        for value in values:
+            if value in seen:
+                return f"duplicate {what} {value!r}"
+            seen.add(value)
+    return None
 
 
-def read_policy_docs(policy_dir: str) -> list[Any]:
-    """Every document under ``policy_dir``, each file parsed once and validated (errors name
-    the file and field)."""
-    files = sorted(p for p in Path(policy_dir).rglob("*") if p.suffix in (".yaml", ".yml"))
-    docs: list[Any] = []
-    for file in files:
-        if not file.is_file():
-            continue
-        try:
-            file_docs = [d for d in yaml.safe_load_all(file.read_text()) if d is not None]
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(str(file), "", f"cannot read policies: {exc}") from exc
-        translate_documents(file_docs, source=str(file))  # fail fast, naming this file
-        docs += file_docs
-    return docs
+def _identity(pod: Pod) -> tuple[str, str, str]:
+    return (pod.namespace, pod.name, pod.service_account)
 
 
-def cluster_model(
-    cluster: AttachedCluster, extra_policy_docs: Sequence[Any] = ()
-) -> tuple[list[Workload], list[Service], list[Authorization]]:
-    """Workloads, services and policies of a snapshot (raises ConfigError on a bad policy)."""
-    workloads, services, labels = attached_state(cluster)
-    translated = translate_documents(
-        [*cluster.spec.policies, *extra_policy_docs], source=cluster.spec.source
-    )
-    for warning in translated.warnings:
-        log.warning("policy skipped", message=warning)
-    attached, policies = attach_policies(workloads, labels, translated)
-    return attached, services, policies
-
-
-def _info(spec: PodSpec) -> WorkloadInfo:
-    return WorkloadInfo(spec.namespace, spec.name, spec.service_account)
-
-
-# -- per-pod state -------------------------------------------------------------------------
+def _expected(exc: Exception) -> bool:
+    """Our error taxonomy and the OS's: logged without a traceback."""
+    return isinstance(exc, ZtunnelError | OSError)
 
 
 @dataclass
 class EnrolledPod:
-    """One pod we hold: its netns fd, and its proxy once it started."""
+    """One pod we hold: its netns fd, and whether its proxy runs."""
 
-    spec: PodSpec
-    netns_name: str
+    pod: Pod
     netns: NetNamespace
     ident: Ident
-    proxy: WorkloadProxy | None = None
+    running: bool = False
     retry_at: float = 0.0
 
     @property
     def key(self) -> str:
-        return self.spec.key
-
-    @property
-    def uid(self) -> str:
-        return pod_uid(self.spec)
-
-    def info(self) -> WorkloadInfo:
-        return _info(self.spec)
+        return self.pod.key
 
 
 @dataclass
@@ -150,34 +110,36 @@ class EnrollmentController:
 
     def __init__(
         self,
-        agent: Agent,
         source: PodSource,
-        initial: ClusterSpec,
-        prefix: str,
+        redirector: Redirector,
+        host: ProxyHost,
         *,
-        policy_docs: Sequence[Any] = (),
+        initial: PodSnapshot | None = None,
+        drain_deadline: float = 5.0,
         poll: float = 0.5,
         retry_interval: float = RETRY_INTERVAL,
+        blocking: BlockingRunner = in_thread,
     ) -> None:
-        self.agent = agent
         self.source = source
-        self.prefix = prefix
-        self.node = agent.config.node_name
-        self.policy_docs = list(policy_docs)
+        self.redirector = redirector
+        self.host = host
+        self.drain_deadline = drain_deadline
         self.poll = poll
         self.retry_interval = retry_interval
-        self.rules = inpod_config(agent.config)
-        self.cluster = attach(initial, prefix)
-        self._applied: ClusterSpec | None = None
-        # The last snapshot whose state went into the store: pods are reconciled against it,
-        # so enrollment never follows a snapshot whose policies were rejected.
-        self._good: AttachedCluster | None = None
+        self._blocking = blocking
+        self._latest: PodSnapshot | None = None
+        self._applied: PodSnapshot | None = None
+        # The last snapshot whose state the host took: pods are reconciled against it, so
+        # enrollment never follows a snapshot whose state was rejected.
+        self._good: PodSnapshot | None = None
         self.pods: dict[str, EnrolledPod] = {}
         self._draining: dict[str, _Draining] = {}
         self._blocked: dict[str, str] = {}  # wanted pods we cannot open: key -> reason
         self._checked: dict[str, Ident] = {}  # not-in-mesh pods checked for stranded rules
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        if initial is not None:
+            self._offer(initial)
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -188,282 +150,281 @@ class EnrollmentController:
     # -- service ---------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Started once the first snapshot (``initial``, else the source's first) is
+        reconciled; then follows the source until cancelled."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await self.reconcile()
-                self.agent.pending.pop(PENDING_KEY, None)
                 nursery.start_soon(self._follow_source)
+                while self._latest is None:
+                    await self._wait_wake()
+                await self.reconcile()
+                self.host.mark_reconciled()
                 task_status.started()
                 while True:
                     with trio.move_on_after(self.poll):
-                        await self._wake.wait()
-                    self._wake = trio.Event()
+                        await self._wait_wake()
                     await self.reconcile()
         finally:
-            # Rules stay installed on purpose (fail closed); only our fds go away.
+            # Redirection stays installed on purpose (fail closed); only our fds go away.
             for pod in self.pods.values():
                 pod.netns.close()
 
+    async def _wait_wake(self) -> None:
+        await self._wake.wait()
+        self._wake = trio.Event()
+
     async def _follow_source(self) -> None:
-        async for spec in self.source:
-            if spec == self.cluster.spec:
-                continue
-            try:
-                cluster = attach(spec, self.prefix)
-            except Exception as exc:  # a bad snapshot must never end the agent
-                log.error(
-                    "cannot attach to cluster snapshot; keeping the last good one",
-                    source=spec.source,
-                    error=repr(exc),
-                )
-                continue
-            self.cluster = cluster
-            self._wake.set()
+        async for snapshot in self.source:
+            self._offer(snapshot)
+
+    def _offer(self, snapshot: PodSnapshot) -> None:
+        if snapshot == self._latest:
+            return
+        problem = snapshot_problem(snapshot)
+        if problem is not None:
+            log.error(
+                "pod snapshot rejected; keeping the last good one",
+                source=snapshot.source,
+                problem=problem,
+            )
+            return
+        self._latest = snapshot
+        self._wake.set()
 
     # -- reconciling -----------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """One pass: state from the newest snapshot, then every pod of this node.
+        """One pass: state from the newest snapshot, then every pod of it.
 
-        Pods follow one snapshot for the whole pass (``self.cluster`` may change at every
+        Pods follow one snapshot for the whole pass (a newer one may arrive at every
         await), and only one whose state was applied: store and enrollment stay in step.
         """
-        cluster = self._apply_state()
-        if cluster is None:
+        snapshot = self._apply_state()
+        if snapshot is None:
             return
-        spec = cluster.spec
-        mine = [p for p in spec.pods if p.node == self.node]
-        wanted = {p.key: p for p in mine if is_enrolled(spec, p)}
+        present = {p.key for p in snapshot.pods}
+        wanted = {p.key: p for p in snapshot.pods if wants_enrollment(p)}
         for key in [k for k in self.pods if k not in wanted]:
-            gone = key not in cluster.pods
-            self._start_unenroll(self.pods.pop(key), graceful=not gone, uninstall=True)
+            self._start_unenroll(
+                self.pods.pop(key), graceful=key in present, uninstall=True, release=True
+            )
         for key in [k for k in self._blocked if k not in wanted]:
             del self._blocked[key]
-            self.agent.pending.pop(pending_key(key), None)
+            self.host.clear_pending(key)
         for pod in wanted.values():
-            await self._reconcile_pod(cluster, pod)
+            await self._reconcile_pod(pod)
         others = [
-            p.key
-            for p in mine
+            p
+            for p in snapshot.pods
             if p.key not in wanted and p.key not in self.pods and p.key not in self._draining
         ]
-        await self._remove_stranded(cluster, others)
+        await self._remove_stranded(others)
 
-    def _apply_state(self) -> AttachedCluster | None:
+    def _apply_state(self) -> PodSnapshot | None:
         """Apply the newest snapshot's state once; return the last cleanly applied snapshot."""
-        cluster = self.cluster
-        if self._applied is cluster.spec:
+        snapshot = self._latest
+        if snapshot is None or snapshot is self._applied:
             return self._good
-        self._applied = cluster.spec
-        try:
-            workloads, services, policies = cluster_model(cluster, self.policy_docs)
-        except ConfigError as exc:
-            log.warning(
-                "cluster policies rejected; keeping the previous state",
-                field=exc.field,
-                problem=exc.problem,
+        self._applied = snapshot
+        state = snapshot.state
+        if state is not None:
+            try:
+                self.host.apply_state(state)
+            except Exception as exc:  # a snapshot we cannot take must never end the agent
+                log.error(
+                    "mesh state rejected; keeping the previous state",
+                    source=snapshot.source,
+                    error=repr(exc),
+                    exc_info=not _expected(exc),
+                )
+                return self._good
+            log.info(
+                "mesh state applied",
+                source=snapshot.source,
+                workloads=len(state.workloads),
+                services=len(state.services),
+                policies=len(state.policies),
             )
-            return self._good
-        except Exception as exc:  # a snapshot we cannot model must never end the agent
-            log.error(
-                "cluster state rejected; keeping the previous state",
-                source=cluster.spec.source,
-                error=repr(exc),
-            )
-            return self._good
-        self.agent.store.replace_all(workloads, services, policies)
-        self._good = cluster
-        log.info(
-            "cluster state applied",
-            workloads=len(workloads),
-            services=len(services),
-            policies=len(policies),
-        )
-        return cluster
+        self._good = snapshot
+        return snapshot
 
-    async def _reconcile_pod(self, cluster: AttachedCluster, spec: PodSpec) -> None:
-        name = cluster.pods[spec.key].netns
-        ident = netns_ident(name)
-        held = self.pods.get(spec.key)
-        if held is not None and (held.ident != ident or held.info() != _info(spec)):
-            # A new sandbox (or a changed identity): the old proxy's netns is dead or wrong.
-            log.info("pod sandbox changed, re-enrolling", pod=spec.key)
-            self._start_unenroll(self.pods.pop(spec.key), graceful=False, uninstall=False)
+    async def _reconcile_pod(self, pod: Pod) -> None:
+        ident = netns_ident(pod.netns)
+        held = self.pods.get(pod.key)
+        if held is not None and (
+            held.ident != ident or held.pod.netns != pod.netns or held.pod.uid != pod.uid
+        ):
+            # A new sandbox: the old proxy's netns is dead (or no longer the pod's).
+            log.info("pod sandbox changed, re-enrolling", pod=pod.key)
+            self._start_unenroll(self.pods.pop(pod.key), graceful=False, uninstall=False)
+            held = None
+        elif held is not None and _identity(held.pod) != _identity(pod):
+            log.info("pod identity changed, re-enrolling", pod=pod.key)
+            self._start_unenroll(
+                self.pods.pop(pod.key), graceful=False, uninstall=False, release=True
+            )
             held = None
         if ident is None:
-            self._block(spec.key, f"netns {name} not found")
+            where = f"netns {pod.netns} not found" if pod.netns else "netns not known yet"
+            self._block(pod.key, where)
             return
         if held is None:
-            await self._wait_drained(spec.key)
-            held = self._open(spec, name)
+            await self._wait_drained(pod.key)
+            held = self._open(pod)
             if held is None:
                 return
-            self.pods[spec.key] = held
-        if held.proxy is None and trio.current_time() >= held.retry_at:
+            self.pods[pod.key] = held
+        held.pod = pod  # the newest labels and IPs
+        if not held.running and trio.current_time() >= held.retry_at:
             await self._enroll(held)
 
     def _block(self, key: str, reason: str) -> None:
         """A wanted pod we cannot even open: not ready (no proxy), logged once per reason."""
-        self.agent.pending[pending_key(key)] = reason
+        self.host.mark_pending(key, reason)
         if self._blocked.get(key) != reason:
             self._blocked[key] = reason
             log.warning("pod cannot be enrolled; will retry", pod=key, reason=reason)
 
-    def _open(self, spec: PodSpec, name: str) -> EnrolledPod | None:
+    def _open(self, pod: Pod) -> EnrolledPod | None:
+        assert pod.netns is not None  # _reconcile_pod found its ident
         try:
-            ns = NetNamespace.named(name)
-            ident = ns.ident
-        except (OSError, ZtunnelError) as exc:
-            self._block(spec.key, f"cannot open netns {name}: {exc}")
+            ns = NetNamespace.open(pod.netns.path)
+        except ZtunnelError as exc:
+            self._block(pod.key, str(exc))
             return None
-        self._blocked.pop(spec.key, None)  # pending stays until the proxy runs
-        return EnrolledPod(spec, name, ns, ident)
-
-    async def _enroll(self, pod: EnrolledPod) -> None:
         try:
-            changed = await trio.to_thread.run_sync(iptables.install, pod.netns, self.rules)
-            proxy = self._make_proxy(pod)
-            await self.agent.start_proxy(self.nursery, proxy)
+            ident = ns.ident
+        except OSError as exc:
+            ns.close()
+            self._block(pod.key, f"cannot stat netns {pod.netns}: {exc}")
+            return None
+        self._blocked.pop(pod.key, None)  # pending stays until the proxy runs
+        return EnrolledPod(pod, ns, ident)
+
+    async def _enroll(self, held: EnrolledPod) -> None:
+        pod, netns = held.pod, held.netns
+        try:
+            changed = await self._blocking(partial(self.redirector.install, netns, pod))
         except Exception as exc:  # one pod's failure must never end the agent
-            reason = f"failure to start proxy: {exc}"
-            self.agent.pending[pending_key(pod.key)] = reason
-            pod.retry_at = trio.current_time() + self.retry_interval
-            log.error(
-                "pod enrollment failed; retrying",
-                pod=pod.key,
-                error=str(exc),
-                retry_in=self.retry_interval,
-            )
+            self._failed(held, "failure to install redirection", exc)
             return
-        pod.proxy = proxy
-        self.agent.pending.pop(pending_key(pod.key), None)
+        try:
+            facts = await self.host.start_pod_proxy(pod, netns)
+        except Exception as exc:  # one pod's failure must never end the agent
+            self._failed(held, "failure to start proxy", exc)
+            return
+        held.running = True
+        self.host.clear_pending(held.key)
         log.info(
             "pod enrolled",
-            pod=pod.key,
+            pod=held.key,
             uid=pod.uid,
-            netns=pod.netns_name,
+            netns=str(pod.netns),
+            redirection=self.redirector.mode,
             rules="installed" if changed else "reused",
-            transparent=proxy.transparent,
+            **facts,
         )
 
-    def _make_proxy(self, pod: EnrolledPod) -> WorkloadProxy:
-        cfg = self.agent.config
-        return WorkloadProxy(
-            self.agent.ctx,
-            pod.info(),
-            NetnsSocketFactory(pod.netns, cfg.packet_mark),
-            ProxyAddresses(
-                outbound=cfg.outbound_addr,
-                inbound=cfg.inbound_addr,
-                inbound_plaintext=cfg.inbound_plaintext_addr,
-            ),
-            uid=pod.uid,
-            orig_src=cfg.enable_orig_src,
+    def _failed(self, held: EnrolledPod, what: str, exc: Exception) -> None:
+        self.host.mark_pending(held.key, f"{what}: {exc}")
+        held.retry_at = trio.current_time() + self.retry_interval
+        log.error(
+            "pod enrollment failed; retrying",
+            pod=held.key,
+            failure=what,
+            error=str(exc),
+            retry_in=self.retry_interval,
+            exc_info=not _expected(exc),
         )
 
     # -- un-enrolling ----------------------------------------------------------------
 
-    def _start_unenroll(self, pod: EnrolledPod, *, graceful: bool, uninstall: bool) -> None:
-        self.agent.pending.pop(pending_key(pod.key), None)
-        draining = self._draining[pod.key] = _Draining()
-        self.nursery.start_soon(self._unenroll, pod, graceful, uninstall, draining)
+    def _start_unenroll(
+        self, held: EnrolledPod, *, graceful: bool, uninstall: bool, release: bool = False
+    ) -> None:
+        self.host.clear_pending(held.key)
+        draining = self._draining[held.key] = _Draining()
+        self.nursery.start_soon(self._unenroll, held, graceful, uninstall, release, draining)
 
     async def _unenroll(
-        self, pod: EnrolledPod, graceful: bool, uninstall: bool, draining: _Draining
+        self,
+        held: EnrolledPod,
+        graceful: bool,
+        uninstall: bool,
+        release: bool,
+        draining: _Draining,
     ) -> None:
-        """Drain first (replies of spoofed connections need our routing), then remove rules."""
+        """Drain first (replies of spoofed connections need our routing), then remove."""
         # Every failure is logged and the next step still runs: one pod must never end the agent.
+        pod, netns = held.pod, held.netns
         try:
-            if pod.proxy is not None:
-                deadline = self.agent.config.connection_termination_deadline if graceful else 0.0
+            if held.running:
                 try:
-                    await self.agent.stop_proxy(pod.uid, deadline)
+                    await self.host.stop_pod_proxy(pod.uid, self.drain_deadline if graceful else 0)
                 except Exception as exc:
-                    log.error("could not stop pod proxy", pod=pod.key, error=repr(exc))
+                    log.error(
+                        "could not stop pod proxy",
+                        pod=held.key,
+                        error=repr(exc),
+                        exc_info=not _expected(exc),
+                    )
             if uninstall:
                 try:
-                    await trio.to_thread.run_sync(iptables.uninstall, pod.netns, self.rules)
-                except Exception as exc:
-                    log.warning("could not remove pod rules", pod=pod.key, error=str(exc))
-            log.info("pod un-enrolled", pod=pod.key, rules="removed" if uninstall else "left")
+                    await self._blocking(partial(self.redirector.remove, netns, pod))
+                except Exception as exc:  # stranded: removed once the redirector works again
+                    log.warning(
+                        "could not remove pod rules",
+                        pod=held.key,
+                        error=str(exc),
+                        exc_info=not _expected(exc),
+                    )
+            if release:
+                self.host.release_identity(pod)
+            log.info("pod un-enrolled", pod=held.key, rules="removed" if uninstall else "left")
         finally:
-            pod.netns.close()
+            netns.close()
             draining.done.set()
-            if self._draining.get(pod.key) is draining:
-                del self._draining[pod.key]
+            if self._draining.get(held.key) is draining:
+                del self._draining[held.key]
 
     async def _wait_drained(self, key: str) -> None:
         draining = self._draining.get(key)
         if draining is not None:
             await draining.done.wait()
 
-    async def _remove_stranded(self, cluster: AttachedCluster, keys: list[str]) -> None:
-        """Remove our rules from pods that left the mesh while no agent held them.
+    async def _remove_stranded(self, pods: Iterable[Pod]) -> None:
+        """Remove our redirection from pods that left the mesh while no agent held them.
 
         Otherwise their traffic stays redirected to ports nobody listens on, forever. Each
         netns is checked once (a recreated sandbox has a new ident and is checked again).
         """
+        pods = list(pods)
+        keys = {p.key for p in pods}
         self._checked = {k: v for k, v in self._checked.items() if k in keys}
-        for key in keys:
-            name = cluster.pods[key].netns
-            seen = netns_ident(name)
-            if seen is None or self._checked.get(key) == seen:
+        for pod in pods:
+            seen = netns_ident(pod.netns)
+            if seen is None or self._checked.get(pod.key) == seen:
                 continue
             try:
-                ident, removed = await trio.to_thread.run_sync(self._strip_rules, name)
+                ident, removed = await self._blocking(partial(self._strip, pod))
             except Exception as exc:  # retried next pass: stranded rules black-hole the pod
-                log.warning("could not check a pod for stranded rules", pod=key, error=str(exc))
+                log.warning(
+                    "could not check a pod for stranded rules",
+                    pod=pod.key,
+                    error=str(exc),
+                    exc_info=not _expected(exc),
+                )
                 continue
-            self._checked[key] = ident  # the fd's ident: the netns we really checked
+            self._checked[pod.key] = ident  # the fd's ident: the netns we really checked
             if removed:
-                log.info("removed redirection rules of a pod no longer in the mesh", pod=key)
+                log.info("removed redirection rules of a pod no longer in the mesh", pod=pod.key)
 
-    def _strip_rules(self, name: str) -> tuple[Ident, bool]:
-        """(ident, whether our rules were there and are now removed); runs in a thread."""
-        with NetNamespace.named(name) as ns:
+    def _strip(self, pod: Pod) -> tuple[Ident, bool]:
+        """(ident, whether our redirection was there and is now removed); blocking."""
+        assert pod.netns is not None  # netns_ident found it
+        with NetNamespace.open(pod.netns.path) as ns:
             ident = ns.ident
-            if iptables.installed(ns).empty:
+            if not self.redirector.installed(ns):
                 return ident, False
-            iptables.uninstall(ns, self.rules)
-            return ident, True
-
-
-# -- wiring into the agent -----------------------------------------------------------------
-
-
-def attach_cluster_source(
-    agent: Agent,
-    cluster_file: str,
-    cluster_prefix: str | None,
-    policy_dir: str | None,
-    *,
-    poll: float = 0.5,
-) -> EnrollmentController:
-    """Validate the cluster file, node and policies; register the controller with the agent.
-
-    Raises ConfigError before anything starts: an invalid file (naming the field), no
-    prefix, a NODE_NAME that is not a node of the file, or a bad policy.
-    """
-    spec = load_spec(cluster_file)
-    if not cluster_prefix:
-        raise ConfigError(
-            "--cluster-prefix",
-            "",
-            "required with --cluster (the prefix the cluster was built with)",
-        )
-    node = agent.config.node_name
-    if node not in spec.nodes:
-        raise ConfigError(
-            "NODE_NAME", node, f"not a node of {cluster_file} (nodes: {', '.join(spec.nodes)})"
-        )
-    docs = read_policy_docs(policy_dir) if policy_dir is not None else []
-    cluster = attach(spec, cluster_prefix)
-    workloads, services, policies = cluster_model(cluster, docs)  # fail fast on bad policies
-    agent.store.replace_all(workloads, services, policies)
-    source = ClusterFileSource(cluster_file, poll=poll)
-    controller = EnrollmentController(
-        agent, source, spec, cluster_prefix, policy_docs=docs, poll=poll
-    )
-    agent.extra_services.append(controller.run)
-    return controller
+            return ident, self.redirector.remove(ns, pod)

@@ -24,6 +24,7 @@ DATAPLANE_MODE_AMBIENT = "ambient"
 DATAPLANE_MODE_NONE = "none"
 REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
 USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
+NETNS_RUN_DIR = "/var/run/netns"  # where ``ip netns`` (and kubelet's CNI) names namespaces
 
 
 def wants_ambient(pod_labels: Mapping[str, str], namespace_labels: Mapping[str, str]) -> bool:
@@ -51,6 +52,11 @@ class NetnsRef:
     ``/proc/<pid>/ns/net``, or ``/proc/self/fd/<n>`` for an fd a source holds (ZDS)."""
 
     path: str
+
+    @classmethod
+    def named(cls, name: str) -> NetnsRef:
+        """A namespace named by ``ip netns add <name>``."""
+        return cls(f"{NETNS_RUN_DIR}/{name}")
 
     def __str__(self) -> str:
         return self.path

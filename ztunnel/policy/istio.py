@@ -1,7 +1,9 @@
 """Istio security CRDs → ztunnel authorization, as istiod translates them for ztunnel.
 
-Entry points: ``translate_documents`` (parsed YAML documents), ``load_policy_dir``
-(every ``*.yaml``/``*.yml`` under a directory, multi-document) and
+Entry points: ``translate_documents`` (parsed YAML documents), ``read_policy_dir``
+(the one reader of a policy directory: every ``*.yaml``/``*.yml`` under it,
+multi-document), ``translate_sources`` (several sources as one set),
+``load_policy_dir`` (both) and
 ``attach_policies`` (fill each workload's ``authorization_policies`` with the
 keys of the selector-scoped policies that select it, as istiod does when it
 builds Workload resources). Valid-but-unsupported input (AUDIT/CUSTOM actions,
@@ -35,12 +37,15 @@ from ztunnel.policy.peerauth import (
 
 __all__ = [
     "DEFAULT_ROOT_NAMESPACE",
+    "PolicyDocuments",
     "PolicyTranslationError",
     "TranslatedPolicy",
     "TranslationResult",
     "attach_policies",
     "load_policy_dir",
+    "read_policy_dir",
     "translate_documents",
+    "translate_sources",
 ]
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
@@ -88,23 +93,56 @@ def translate_documents(
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyDocuments:
+    """The documents of one source (a file, a cluster file's ``policies``), in order."""
+
+    source: str
+    documents: tuple[Any, ...]
+
+
+def read_policy_dir(path: str | Path) -> list[PolicyDocuments]:
+    """Every ``*.yaml``/``*.yml`` file under ``path`` (recursively, sorted), parsed.
+
+    The one reader of ``--policies`` for every mode. A file that cannot be read or
+    parsed is a ``PolicyTranslationError`` naming it; so is a missing directory.
+    """
+    base = Path(path)
+    if not base.is_dir():
+        raise PolicyTranslationError(str(base), "", "not a directory")
+    files = sorted(p for p in base.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    out = []
+    for file in files:
+        try:
+            docs = tuple(yaml.safe_load_all(file.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise PolicyTranslationError(str(file), "", f"cannot read policies: {exc}") from exc
+        out.append(PolicyDocuments(str(file), docs))
+    return out
+
+
+def translate_sources(
+    sources: Iterable[PolicyDocuments],
+    *,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+    strict: bool = False,
+) -> TranslationResult:
+    """Translate several sources as one set (errors name the source of the bad document;
+    document order across sources breaks PeerAuthentication age ties)."""
+    result = TranslationResult(root_namespace=root_namespace)
+    order = 0
+    for src in sources:
+        result.extend(_translate(src.documents, root_namespace, src.source, strict, order))
+        order += len(src.documents)
+    _add_peer_auth_policies(result)
+    return result
+
+
 def load_policy_dir(
     path: str | Path, *, root_namespace: str = DEFAULT_ROOT_NAMESPACE, strict: bool = False
 ) -> TranslationResult:
     """Translate every ``*.yaml``/``*.yml`` file under ``path`` (recursively, sorted)."""
-    base = Path(path)
-    files = sorted(p for p in base.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
-    result = TranslationResult(root_namespace=root_namespace)
-    order = 0  # document order across files breaks PeerAuthentication age ties
-    for file in files:
-        try:
-            docs = list(yaml.safe_load_all(file.read_text()))
-        except yaml.YAMLError as exc:
-            raise PolicyTranslationError(str(file), "", f"invalid YAML: {exc}") from exc
-        result.extend(_translate(docs, root_namespace, str(file), strict, order_base=order))
-        order += len(docs)
-    _add_peer_auth_policies(result)
-    return result
+    return translate_sources(read_policy_dir(path), root_namespace=root_namespace, strict=strict)
 
 
 def _translate(

@@ -9,10 +9,13 @@ different → replace our chains in one iptables-restore transaction".
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ztunnel.errors import ZtunnelError
+from ztunnel.model.pod import Pod
 from ztunnel.redirect import routes
+from ztunnel.redirect.base import RedirectPorts
 from ztunnel.redirect.netns import NetNamespace, NetnsError
 
 CHAIN_PRERT = "ISTIO_PRERT"
@@ -42,6 +45,15 @@ class InpodConfig:
     # Off by default: there is no DNS proxy on 15053 yet, and capturing DNS would break it.
     dns_capture: bool = False
     dns_port: int = 15053
+
+    @classmethod
+    def from_ports(cls, ports: RedirectPorts) -> InpodConfig:
+        return cls(
+            outbound_port=ports.outbound,
+            inbound_plaintext_port=ports.inbound_plaintext,
+            inbound_port=ports.inbound,
+            mark=ports.mark,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,12 +251,46 @@ def install(ns: NetNamespace, cfg: InpodConfig) -> bool:
     return changed
 
 
-def uninstall(ns: NetNamespace, cfg: InpodConfig) -> None:
-    """Remove our chains, the jumps into them, and our ip rule/route; a user's rules survive."""
+def uninstall(ns: NetNamespace, cfg: InpodConfig) -> bool:
+    """Remove our chains, the jumps into them, and our ip rule/route; a user's rules survive.
+    True if any of our chains were there."""
+    found = False
     for family in _families(cfg):
         current = installed(ns, family)
         if not current.empty:
             _restore(ns, render_removal(current), family)
+            found = True
     routes.uninstall_routes(
         ns, fwmark=cfg.tproxy_mark, mask=cfg.mask, table=cfg.route_table, ipv6=cfg.ipv6
     )
+    return found
+
+
+class IptablesRedirector:
+    """istio-cni's in-pod iptables rules behind the ``Redirector`` interface
+    (``REDIRECT_MODE=iptables``, the default)."""
+
+    mode = "iptables"
+
+    def __init__(
+        self, ports: RedirectPorts, *, ipv6: bool = False, dns_capture: bool = False
+    ) -> None:
+        self.config = replace(InpodConfig.from_ports(ports), ipv6=ipv6, dns_capture=dns_capture)
+
+    def install(self, netns: NetNamespace, pod: Pod) -> bool:
+        return install(netns, self.config)
+
+    def remove(self, netns: NetNamespace, pod: Pod | None = None) -> bool:
+        return uninstall(netns, self.config)
+
+    def installed(self, netns: NetNamespace) -> bool:
+        return any(not installed(netns, f).empty for f in _families(self.config))
+
+    def describe(self, netns: NetNamespace) -> dict[str, Any]:
+        state = installed(netns)
+        return {
+            "mode": self.mode,
+            "installed": not state.empty,
+            "current": state == expected_state(self.config),
+            "chains": {t: sorted(st.chains) for t, st in state.tables.items()},
+        }

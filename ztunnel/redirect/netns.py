@@ -18,9 +18,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ztunnel.errors import ZtunnelError
+from ztunnel.model import pod
 
 CLONE_NEWNET = 0x40000000
-NETNS_RUN_DIR = Path("/var/run/netns")
+NETNS_RUN_DIR = Path(pod.NETNS_RUN_DIR)
 _THREAD_NETNS = "/proc/thread-self/ns/net"
 # Names go into paths and argv; keep them boring so they can never escape /var/run/netns.
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ztunnel.cluster.net import GATEWAY, POD_CIDR, ClusterNet, NodeNet
+from ztunnel.cluster.net import ClusterNet
 from ztunnel.redirect.netns import NetNamespace, create_named, delete_named
+from ztunnel.sources.clusterfile.layout import GATEWAY, POD_CIDR, NodeNet
 
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 READINESS_PORT = 15021
