@@ -45,6 +45,7 @@ from common import cpu_seconds  # noqa: E402
 
 from ztunnel.cluster import apps  # noqa: E402
 from ztunnel.cluster.net import ClusterNet, cleanup_stale, running_cluster  # noqa: E402
+from ztunnel.identity.ca import init_ca_dir  # noqa: E402
 from ztunnel.sources.clusterfile.spec import loads_spec  # noqa: E402
 from ztunnel.testing.harness import (  # noqa: E402
     AgentProcess,
@@ -52,7 +53,6 @@ from ztunnel.testing.harness import (  # noqa: E402
     stop_agents,
     wait_ready,
 )
-from ztunnel.identity.ca import init_ca_dir  # noqa: E402
 
 IPERF_PORT = 5201
 ECHO_PORT = 8080

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from ztunnel.cluster import apps
 from ztunnel.cluster.net import ClusterNet, running_cluster
+from ztunnel.identity.ca import init_ca_dir
 from ztunnel.sources.clusterfile.spec import loads_spec
 from ztunnel.testing.harness import AgentProcess, start_agent, stop_agents, wait_ready
-from ztunnel.identity.ca import init_ca_dir
 
 APPS = ["python", "-m", "ztunnel.cluster.apps"]
 

@@ -237,8 +237,7 @@ def test_pod_level_labels_decide_over_the_namespace() -> None:
 
 def test_a_bad_policy_in_the_file_names_the_file_and_the_field() -> None:
     spec = loads_spec(
-        MINIMAL
-        + "policies:\n  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n"
+        MINIMAL + "policies:\n  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n"
         "    metadata: {name: x, namespace: a}\n    spec: {action: NOPE}\n",
         "c.yaml",
     )

@@ -19,10 +19,10 @@ from cluster_mesh import APPS, Mesh, cluster_mesh, send, until
 
 from ztunnel.cluster import apps
 from ztunnel.cluster.net import ClusterNet
+from ztunnel.redirect import iptables
 from ztunnel.testing.harness import (
     recreate_pod_netns,
 )
-from ztunnel.redirect import iptables
 
 pytestmark = pytest.mark.root
 

@@ -10,7 +10,13 @@ import pytest
 import trio
 from mesh_apps import echo_roundtrip, payload, serve_echo, sha
 
-from ztunnel.testing.loopback import APP_PORT, LoopbackMesh, loopback_mesh, random_base, socks5_connect
+from ztunnel.testing.loopback import (
+    APP_PORT,
+    LoopbackMesh,
+    loopback_mesh,
+    random_base,
+    socks5_connect,
+)
 
 SIZES = [1, 1000, 64 * 1024 + 7, 4 * 1024 * 1024 + 3, 100 * 1024 * 1024]
 

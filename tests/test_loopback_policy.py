@@ -9,8 +9,14 @@ import trio
 from mesh_apps import echo_roundtrip, serve_echo
 
 from ztunnel.admin.ctl import main as ctl_main
-from ztunnel.testing.loopback import APP_PORT, LoopbackMesh, Socks5Refused, loopback_mesh, socks5_connect
 from ztunnel.model.authorization import Action, Authorization, Match, MatchKind, Scope, StringMatch
+from ztunnel.testing.loopback import (
+    APP_PORT,
+    LoopbackMesh,
+    Socks5Refused,
+    loopback_mesh,
+    socks5_connect,
+)
 
 DENY_CLIENT = Authorization(
     name="deny-client",

@@ -12,8 +12,8 @@ from raw_hbone import HandshakeRejected, connect_headers, request
 
 from ztunnel.identity.ca import FakeCA
 from ztunnel.identity.tls import client_context
-from ztunnel.testing.loopback import APP_PORT, LoopbackMesh, loopback_mesh, socks5_connect
 from ztunnel.model.identity import Identity
+from ztunnel.testing.loopback import APP_PORT, LoopbackMesh, loopback_mesh, socks5_connect
 
 CLIENT = Identity("cluster.local", "default", "client")
 

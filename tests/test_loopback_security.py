@@ -17,8 +17,8 @@ from raw_hbone import HandshakeRejected, connect_headers, request
 from ztunnel.identity.ca import FakeCA
 from ztunnel.identity.errors import TLSIdentityError
 from ztunnel.identity.tls import client_context
-from ztunnel.testing.loopback import APP_PORT, LoopbackMesh, loopback_mesh
 from ztunnel.model.identity import Identity
+from ztunnel.testing.loopback import APP_PORT, LoopbackMesh, loopback_mesh
 
 CLIENT = Identity("cluster.local", "default", "client")
 

@@ -32,7 +32,13 @@ from ztunnel.errors import ZtunnelError
 from ztunnel.identity.ca import init_ca_dir
 from ztunnel.sources.clusterfile.layout import PodNet
 from ztunnel.sources.clusterfile.mesh import in_mesh as is_enrolled
-from ztunnel.sources.clusterfile.spec import ClusterSpec, PodSpec, ServiceSpec, load_spec, loads_spec
+from ztunnel.sources.clusterfile.spec import (
+    ClusterSpec,
+    PodSpec,
+    ServiceSpec,
+    load_spec,
+    loads_spec,
+)
 from ztunnel.testing.harness import AgentProcess, start_agent, stop_agents, wait_ready
 
 EXIT_FAILED = 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import assert_never
 
 from ztunnel.config import RedirectMode
-from ztunnel.redirect.base import NoRedirector, RedirectPorts, Redirector
+from ztunnel.redirect.base import NoRedirector, Redirector, RedirectPorts
 from ztunnel.redirect.iptables import IptablesRedirector
 
 

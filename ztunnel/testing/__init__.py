@@ -1,1 +1,3 @@
-"""Test and benchmark helpers (loopback mesh, simulated-cluster agents): never imported by the product."""
+"""Test and benchmark helpers (the loopback mesh, agents for a simulated cluster).
+
+Never imported by the product (tests/test_enroll_layering.py checks it)."""

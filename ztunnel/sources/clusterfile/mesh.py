@@ -127,4 +127,3 @@ def snapshot(
     places = layout(spec, prefix)
     state, warnings = mesh_state(spec, places, policy_files)
     return PodSnapshot(node_pods(spec, places, node), state, spec.source), warnings
-

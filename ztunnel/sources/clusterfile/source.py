@@ -46,7 +46,9 @@ def _stamp(path: Path) -> FileStamp | None:
 def check_prefix(prefix: str | None) -> str:
     if not prefix:
         raise ConfigError(
-            "--cluster-prefix", "", "required with --cluster (the prefix the cluster was built with)"
+            "--cluster-prefix",
+            "",
+            "required with --cluster (the prefix the cluster was built with)",
         )
     if not _PREFIX_RE.match(prefix) or prefix in (".", ".."):
         raise ConfigError("--cluster-prefix", prefix, "expected letters, digits, '.', '_', '-'")

@@ -314,4 +314,3 @@ def loads_spec(text: str, source: str = "<cluster>") -> ClusterSpec:
     except RecursionError as exc:  # PyYAML recurses once per nesting level
         raise ConfigError(source, "", "invalid YAML: nested too deeply") from exc
     return parse_spec(data, source)
-
