@@ -45,7 +45,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     extra.add_argument(
         "--cluster",
         metavar="FILE",
-        help="simulated cluster file: the agent enrolls this node's pods",
+        help="cluster file (pods, services, policies): the agent enrolls this node's pods",
     )
     extra.add_argument(
         "--cluster-prefix", metavar="PREFIX", help="netns prefix of a running cluster"
