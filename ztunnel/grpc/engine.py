@@ -171,8 +171,10 @@ def _first(headers: list[tuple[str, str]], name: str) -> str | None:
 def _is_grpc(content_type: str | None) -> bool:
     if content_type is None:
         return False
-    return content_type == CONTENT_TYPE or content_type.startswith(CONTENT_TYPE + "+") or (
-        content_type.startswith(CONTENT_TYPE + ";")
+    return (
+        content_type == CONTENT_TYPE
+        or content_type.startswith(CONTENT_TYPE + "+")
+        or (content_type.startswith(CONTENT_TYPE + ";"))
     )
 
 
