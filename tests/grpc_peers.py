@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import secrets
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -38,11 +39,12 @@ def make_tls(
 ) -> ServerTLS:
     """A root and a server certificate valid for ``dns`` and ``ips``."""
     now = datetime.datetime.now(datetime.UTC)
+    root_name = _name(f"test root {secrets.token_hex(4)}")  # distinct: several may be trusted
     root_key = ec.generate_private_key(ec.SECP256R1())
     root = (
         x509.CertificateBuilder()
-        .subject_name(_name("test root"))
-        .issuer_name(_name("test root"))
+        .subject_name(root_name)
+        .issuer_name(root_name)
         .public_key(root_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=1))

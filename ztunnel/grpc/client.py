@@ -370,15 +370,22 @@ async def connect(
     opts = options or ChannelOptions()
     stream = await _dial(target, ssl_context, verify_names, opts)
     conn = Connection(stream, target, opts)
+    # The caller's error is re-raised outside the nursery, so it is not wrapped in an
+    # ExceptionGroup (the background tasks never raise).
+    error: Exception | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn._read_loop)
             nursery.start_soon(conn._keepalive_loop)
-            await conn._flush()  # the connection preface and our SETTINGS
             try:
+                await conn._flush()  # the connection preface and our SETTINGS
                 yield conn
+            except Exception as exc:
+                error = exc
             finally:
                 nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
     finally:
         conn._fail(GrpcError(StatusCode.UNAVAILABLE, "connection closed"))
         with trio.CancelScope(shield=True):
