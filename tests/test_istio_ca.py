@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from tests.grpc_peers import ServerTLS, grpcio_server, make_tls, unary
+from ztunnel.grpc.credentials import headers_from_env
 from ztunnel.identity.ca import FakeCA
 from ztunnel.identity.certificate import new_csr
 from ztunnel.identity.errors import CAError, CertificateError
@@ -24,7 +25,6 @@ from ztunnel.identity.istio_ca import (
     IstioCAClient,
     IstioCAConfig,
     config_from_env,
-    headers_from_env,
 )
 from ztunnel.identity.manager import SecretManager
 from ztunnel.model.identity import Identity
@@ -228,4 +228,4 @@ def test_config_from_env() -> None:
     assert config.cluster_id == "c1"
     assert config.headers == (("x-tenant", "t1"),)
     assert config_from_env({**env, "CA_ROOT_CA": "SYSTEM"}).root_cert is None
-    assert headers_from_env({"CA_HEADER_": "x", "OTHER": "y"}) == ()
+    assert headers_from_env({"CA_HEADER_": "x", "OTHER": "y"}, "CA_HEADER_") == ()

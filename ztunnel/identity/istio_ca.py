@@ -27,14 +27,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import trio
 from cryptography import x509
 from google.protobuf.message import DecodeError
 
 from ztunnel.errors import ConfigError, InvalidIdentity
 from ztunnel.grpc.client import ChannelOptions, Target, connect
+from ztunnel.grpc.credentials import CredentialError, RootsFile, headers_from_env, token_metadata
 from ztunnel.grpc.status import GrpcError, StatusCode
-from ztunnel.grpc.tls import client_context
 from ztunnel.identity._x509 import load_pem_certs, spiffe_identities, uri_sans
 from ztunnel.identity.errors import CAError, CertificateError
 from ztunnel.model.identity import Identity
@@ -52,18 +51,6 @@ class CARequestError(CAError):
     def __init__(self, code: StatusCode, message: str) -> None:
         self.code = code
         super().__init__(f"CA refused: {code.name}: {message}")
-
-
-def headers_from_env(
-    env: Mapping[str, str], prefix: str = CA_HEADER_PREFIX
-) -> tuple[tuple[str, str], ...]:
-    """``CA_HEADER_X_FOO=bar`` -> ``("x-foo", "bar")`` (ztunnel's CA_HEADER_*/XDS_HEADER_*)."""
-    found = []
-    for key in sorted(env):
-        if key.startswith(prefix) and len(key) > len(prefix):
-            name = key[len(prefix) :].lower().replace("_", "-")
-            found.append((name, env[key]))
-    return tuple(found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +78,7 @@ class IstioCAClient:
     def __init__(self, config: IstioCAConfig) -> None:
         self.config = config
         self._target = config.target()
-        self._context: ssl.SSLContext | None = None
-        self._root_stamp: tuple[int, int, int] | None = None
+        self._roots = RootsFile(config.root_cert)
         self.requests = 0  # calls made (tests count CSRs with it)
 
     async def create_certificate(self, csr_pem: bytes, validity: datetime.timedelta) -> list[bytes]:
@@ -102,12 +88,12 @@ class IstioCAClient:
         )
         if self.config.impersonate:
             request.metadata.fields[IMPERSONATED_IDENTITY].string_value = str(identity)
-        metadata = [*await self._auth_headers(), *self.config.headers]
+        metadata, context = await self._credentials()
         self.requests += 1
         try:
             async with connect(
                 self._target,
-                ssl_context=await self._ssl_context(),
+                ssl_context=context,
                 verify_names=self._names(),
                 options=self.config.options,
             ) as conn:
@@ -125,43 +111,13 @@ class IstioCAClient:
         alt = self.config.alt_hostname
         return (self._target.host, alt) if alt else (self._target.host,)
 
-    async def _auth_headers(self) -> list[tuple[str, str]]:
-        path = self.config.token_path
-        if path is None:
-            return []
+    async def _credentials(self) -> tuple[list[tuple[str, str]], ssl.SSLContext | None]:
         try:
-            token = (await trio.Path(path).read_bytes()).strip()
-        except OSError as exc:
-            raise CAError(f"cannot read token {path}: {exc.strerror}") from exc
-        if not token:
-            raise CAError(f"token file {path} exists, but is empty")
-        try:
-            text = token.decode("ascii")
-        except UnicodeDecodeError as exc:
-            raise CAError(f"token file {path} is not ASCII") from exc
-        return [("authorization", f"Bearer {text}"), ("clusterid", self.config.cluster_id)]
-
-    async def _ssl_context(self) -> ssl.SSLContext | None:
-        """The TLS context, rebuilt whenever the root file changed on disk."""
-        if not self._target.tls:
-            return None
-        path = self.config.root_cert
-        if path is None:
-            if self._context is None:
-                self._context = client_context(None)
-            return self._context
-        try:
-            st = await trio.Path(path).stat()
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if self._context is None or stamp != self._root_stamp:
-                roots = await trio.Path(path).read_bytes()
-                load_pem_certs(roots)  # a clear error for a file without certificates
-                self._context, self._root_stamp = client_context(roots), stamp
-        except (OSError, ValueError, ssl.SSLError) as exc:
-            if self._context is None:
-                raise CAError(f"cannot load CA_ROOT_CA {path}: {exc}") from exc
-            # Keep the last good roots (ztunnel: "retaining old channel, will retry").
-        return self._context
+            metadata = await token_metadata(self.config.token_path, self.config.cluster_id)
+            context = await self._roots.context() if self._target.tls else None
+        except CredentialError as exc:
+            raise CAError(str(exc)) from exc
+        return [*metadata, *self.config.headers], context
 
 
 def _csr_identity(csr_pem: bytes) -> Identity:
@@ -208,6 +164,6 @@ def config_from_env(env: Mapping[str, str] | None = None, *, shared: bool = True
         alt_hostname=env.get("ALT_CA_HOSTNAME") or None,
         token_path=Path(env.get("AUTH_TOKEN", "./var/run/secrets/tokens/istio-token")),
         cluster_id=env.get("CLUSTER_ID") or env.get("ISTIO_META_CLUSTER_ID") or "Kubernetes",
-        headers=headers_from_env(env),
+        headers=headers_from_env(env, CA_HEADER_PREFIX),
         impersonate=shared,
     )
