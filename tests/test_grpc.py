@@ -330,3 +330,17 @@ def test_target_parse() -> None:
     for bad in ("istiod", "https://istiod:", "host:99999"):
         with pytest.raises(ValueError):
             Target.parse(bad)
+
+
+async def test_our_server_closes_idle_connections() -> None:
+    async def echo(request: bytes, ctx: ServerContext) -> bytes:
+        return request
+
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, GrpcServer({ECHO: echo}, idle_timeout=0.2))
+        async with connect(Target.parse(f"http://127.0.0.1:{port}")) as conn:
+            assert await conn.unary(ECHO, b"1", time_limit=5) == b"1"
+            await trio.sleep(0.6)
+            assert not conn.alive
+            assert conn.error is not None and conn.error.code is StatusCode.UNAVAILABLE
+        nursery.cancel_scope.cancel()

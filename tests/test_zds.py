@@ -383,3 +383,25 @@ async def test_fds_are_closed_when_the_client_stops(tmp_path: Path) -> None:
     assert own_netns_fds() == before  # and lets it go when it stops
     os.close(fd)
     cni.close()
+
+
+async def test_re_add_of_a_failed_pod_is_retried(make_env: Callable[..., object]) -> None:
+    env: Env = await make_env(report_starts=True)  # type: ignore[misc]
+    cni = await env.cni.accept()
+    fd = own_netns()
+    outcomes = iter(["bind failed", None])
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def controller() -> None:
+                async for snap in env.client.snapshots():
+                    for pod in snap.pods:
+                        env.client.report(pod.uid, next(outcomes))
+
+            nursery.start_soon(controller)
+            assert await cni.send(add("u", "p"), (fd,)) == "failure to start proxy: bind failed"
+            # istio-cni sends the Add again: the same netns, and this time it starts
+            assert await cni.send(add("u", "p"), (fd,)) == ""
+            nursery.cancel_scope.cancel()
+    finally:
+        os.close(fd)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ LOGGER = logging.getLogger("ztunnel.grpc")
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
 _READ_SIZE = 65536
 HANDSHAKE_TIMEOUT = 10.0
+# A connection with no call in flight for this long is closed (clients reconnect on
+# demand), so idle or stuck peers cannot pin tasks and sockets forever.
+IDLE_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +77,12 @@ class GrpcServer:
         *,
         ssl_context: ssl.SSLContext | None = None,
         max_message: int = DEFAULT_MAX_MESSAGE,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.handlers = dict(handlers)
         self.ssl_context = ssl_context
         self.max_message = max_message
+        self.idle_timeout = idle_timeout
 
     async def serve_tcp(
         self,
@@ -129,19 +135,30 @@ class _ServerConnection:
         self.engine = GrpcEngine(client=False, max_message=server.max_message)
         self.calls: dict[int, _ServerCall] = {}
         self.send_lock = trio.Lock()
+        # Reading stops (and the connection closes) once no call was in flight for
+        # the idle timeout; the deadline moves as calls start and end.
+        self.read_scope = trio.CancelScope()
+        self._idle()
+
+    def _idle(self) -> None:
+        if self.calls:
+            self.read_scope.deadline = math.inf
+        else:
+            self.read_scope.deadline = trio.current_time() + self.server.idle_timeout
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             try:
-                await self.flush()
-                while not self.engine.closed:
-                    data = await self.stream.receive_some(_READ_SIZE)
-                    if not data:
-                        break
-                    for event in self.engine.receive_data(data):
-                        self.dispatch(event)
+                with self.read_scope:
                     await self.flush()
+                    while not self.engine.closed:
+                        data = await self.stream.receive_some(_READ_SIZE)
+                        if not data:
+                            break
+                        for event in self.engine.receive_data(data):
+                            self.dispatch(event)
+                        await self.flush()
             except _TRANSPORT_ERRORS as exc:
                 LOGGER.debug("gRPC connection from %s ended: %r", self.peer, exc)
             nursery.cancel_scope.cancel()
@@ -155,6 +172,7 @@ class _ServerConnection:
     def dispatch(self, event: Event) -> None:
         if isinstance(event, CallStarted):
             self.calls[event.stream_id] = _ServerCall(event)
+            self._idle()
         elif isinstance(event, MessageReceived):
             # A unary request is at most max_message bytes: credit it at once.
             self.engine.acknowledge(event.stream_id, event.size)
@@ -167,6 +185,7 @@ class _ServerConnection:
                 self.nursery.start_soon(self.run_call, call)
         elif isinstance(event, CallCancelled):
             call = self.calls.pop(event.stream_id, None)
+            self._idle()
             if call is not None:
                 call.cancelled = True
                 if call.scope is not None:
@@ -178,6 +197,7 @@ class _ServerConnection:
         sid = call.started.stream_id
         code, message, response = await self._invoke(call)
         self.calls.pop(sid, None)
+        self._idle()
         if call.cancelled:
             return
         if response is not None:

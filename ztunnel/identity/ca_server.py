@@ -55,6 +55,7 @@ LOGGER = logging.getLogger("ztunnel.ca")
 DEFAULT_MAX_TTL = datetime.timedelta(hours=24)
 DEFAULT_TTL = datetime.timedelta(hours=24)
 CA_PORT = 15012  # istiod's
+MAX_REQUEST = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,7 +317,12 @@ class CAService:
 
     def server(self, ssl_context: ssl.SSLContext | None = None) -> GrpcServer:
         """A gRPC server carrying this service."""
-        return GrpcServer({CREATE_CERTIFICATE: self.create_certificate}, ssl_context=ssl_context)
+        # A CSR request is about 1 KiB: a small limit bounds what a caller can make us hold.
+        return GrpcServer(
+            {CREATE_CERTIFICATE: self.create_certificate},
+            ssl_context=ssl_context,
+            max_message=MAX_REQUEST,
+        )
 
 
 def _impersonated(request: citadel_pb2.IstioCertificateRequest) -> str | None:

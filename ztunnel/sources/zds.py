@@ -283,6 +283,8 @@ class ZdsClient:
         if kind == "add":
             assert fd is not None and ident is not None
             outcome = self.state.add(request.add, fd, ident)
+            if not outcome.started and outcome.pod.uid in self._failed:
+                self.state.touch()  # a re-Add of a pod whose proxy failed: try it again now
             if outcome.started or outcome.pod.uid in self._failed:
                 self._changed_now()
                 return await self._await_start(outcome.pod.uid, outcome.generation)

@@ -115,6 +115,10 @@ class ZdsState:
         self.version += 1
         return AddOutcome(pod, self._generations, started=True)
 
+    def touch(self) -> None:
+        """Publish the same pods again (the consumer re-tries what failed)."""
+        self.version += 1
+
     def keep(self, keep: zds_pb2.KeepWorkload) -> None:
         if self.snapshot_received:
             raise ProtocolError("KeepWorkload after SnapshotSent")
