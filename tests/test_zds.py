@@ -405,3 +405,30 @@ async def test_re_add_of_a_failed_pod_is_retried(make_env: Callable[..., object]
             nursery.cancel_scope.cancel()
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"\xff\xff\xff\xff", "undecodable"),
+        (b"", "without a payload"),  # an empty message is a request with no payload
+        (b"\x0a" + b"\x80" * 2000, "truncated"),  # longer than the 1024-byte buffer
+    ],
+)
+async def test_unreadable_messages_are_nacked(
+    make_env: Callable[..., object], raw: bytes, problem: str
+) -> None:
+    env: Env = await make_env()  # type: ignore[misc]
+    cni = await env.cni.accept()
+    fd = own_netns()
+    try:
+        # an fd rides along so an empty datagram is still a message
+        await cni.sock.sendmsg(
+            [raw], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+        )
+        with trio.fail_after(5):
+            error = zds_pb2.WorkloadResponse.FromString(await cni.sock.recv(1024)).ack.error
+    finally:
+        os.close(fd)
+    assert error.startswith("failure to read message: ") and problem in error
+    assert await cni.closed_by_peer()

@@ -51,7 +51,7 @@ LOGGER = logging.getLogger("ztunnel.zds")
 DEFAULT_UDS = "/var/run/ztunnel/ztunnel.sock"
 MAX_MESSAGE = 1024
 MAX_FDS = 16  # room to receive (and close) a few too many
-INITIAL_BACKOFF = 0.02
+INITIAL_BACKOFF = 0.01  # doubled before each wait: 20 ms, 40 ms, ... 15 s (ztunnel's)
 MAX_BACKOFF = 15.0
 START_TIMEOUT = 4.0  # istio-cni waits 5 s for each Ack
 
