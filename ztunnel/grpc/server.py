@@ -200,9 +200,12 @@ class _ServerConnection:
         self._idle()
         if call.cancelled:
             return
-        if response is not None:
-            self.engine.send_message(sid, response)
-        self.engine.finish(sid, code, message)
+        try:
+            if response is not None:
+                self.engine.send_message(sid, response)
+            self.engine.finish(sid, code, message)
+        except GrpcError:  # the stream died while the handler ran: nobody to answer
+            return
         with contextlib.suppress(*_TRANSPORT_ERRORS):
             await self.flush()
 

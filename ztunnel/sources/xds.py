@@ -73,6 +73,7 @@ class XdsClient:
         self.acks = 0
         self.nacks = 0
         self.last_error: str | None = None
+        self._responses = 0  # on the current stream: any resets the backoff
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stream until cancelled; ``task_status.started()`` right away (readiness is
@@ -80,9 +81,9 @@ class XdsClient:
         task_status.started()
         backoff = self.config.initial_backoff
         while True:
-            responses = 0
+            self._responses = 0
             try:
-                responses = await self._stream()
+                await self._stream()
                 self.last_error = None
                 LOGGER.warning("xDS stream to %s ended by the server", self._target)
             except (GrpcError, CredentialError) as exc:
@@ -92,17 +93,16 @@ class XdsClient:
                 self.connected = False
             backoff = (
                 self.config.initial_backoff
-                if responses
+                if self._responses
                 else min(backoff * 2, self.config.max_backoff)
             )
             await trio.sleep(backoff)
 
-    async def _stream(self) -> int:
+    async def _stream(self) -> None:
         metadata = await token_metadata(self.config.token_path, self.config.cluster_id)
         context = await self._roots.context() if self._target.tls else None
         alt = self.config.alt_hostname
         names = (self._target.host, alt) if alt else (self._target.host,)
-        responses = 0
         async with (
             connect(self._target, ssl_context=context, verify_names=names,
                     options=self.config.options) as conn,
@@ -117,7 +117,7 @@ class XdsClient:
                     response = xds_pb2.DeltaDiscoveryResponse.FromString(raw)
                 except DecodeError as exc:  # no nonce to NACK: start over
                     raise GrpcError(StatusCode.INTERNAL, f"undecodable response: {exc}") from exc
-                responses += 1
+                self._responses += 1
                 outcome = self.protocol.handle(response)
                 if outcome.ack:
                     self.acks += 1
@@ -127,7 +127,6 @@ class XdsClient:
                 if self.protocol.synced and not self.synced.is_set():
                     LOGGER.info("xDS: initial sync complete")
                     self.synced.set()
-        return responses
 
 
 def config_from_env(env: Mapping[str, str] | None = None) -> XdsConfig:
