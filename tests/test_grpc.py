@@ -344,3 +344,22 @@ async def test_our_server_closes_idle_connections() -> None:
             assert not conn.alive
             assert conn.error is not None and conn.error.code is StatusCode.UNAVAILABLE
         nursery.cancel_scope.cancel()
+
+
+async def test_send_after_the_server_ended_the_call_reports_its_status() -> None:
+    def refuse(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "try later")
+        yield b""  # pragma: no cover (a generator; abort raises first)
+
+    with grpcio_server({STREAM: bidi(refuse)}) as port:
+        async with (
+            connect(Target.parse(f"http://127.0.0.1:{port}")) as conn,
+            conn.call(STREAM) as call,
+        ):
+            with pytest.raises(GrpcError) as info:
+                for _ in range(50):  # keep sending while the refusal arrives
+                    await call.send(b"x")
+                    await trio.sleep(0.01)
+                await call.receive()
+    assert info.value.code is StatusCode.UNAVAILABLE
+    assert info.value.message == "try later"

@@ -247,7 +247,11 @@ class Call:
         return self._state.headers.metadata if self._state.headers else ()
 
     async def send(self, message: bytes) -> None:
+        """Queue a message. On a call the server already ended this is a no-op, as in
+        gRPC: the call's status is what ``receive`` reports."""
         self._raise_if_finished()
+        if not self._conn._engine.sending(self.stream_id):
+            return
         self._conn._engine.send_message(self.stream_id, message)
         await self._conn._flush()
 

@@ -351,6 +351,11 @@ class GrpcEngine:
         with contextlib.suppress(h2.exceptions.H2Error):
             self._h2.close_connection(error_code=code)
 
+    def sending(self, stream_id: int) -> bool:
+        """Whether ``stream_id`` can still take messages (it has not ended)."""
+        stream = self._streams.get(stream_id)
+        return stream is not None and not stream.end_after_flush and stream.trailers is None
+
     def pending_send(self, stream_id: int) -> int:
         """Bytes of ``stream_id`` still waiting for flow-control window."""
         stream = self._streams.get(stream_id)
