@@ -1,0 +1,166 @@
+"""The xDS client: delta ADS to istiod (``XDS_ADDRESS``), applied to the agent's state.
+
+Theory of operation: ``run`` keeps one ``DeltaAggregatedResources`` stream open,
+reconnecting forever. Each attempt dials (TLS verified with ``XDS_ROOT_CA`` against
+the host or ``ALT_XDS_HOSTNAME``; the token and ``clusterid`` re-read per attempt, plus
+``XDS_HEADER_*``), sends the subscriptions (with the versions already held), then
+answers every response with an ACK or NACK (``DeltaXds``). Between attempts it sleeps
+a backoff that starts at 10 ms and doubles up to 15 s; a stream that delivered at
+least one response resets it (istiod closes streams routinely, e.g. max connection
+age). ``synced`` is set once both types were ACKed: readiness waits for it; state
+already applied is kept across reconnects (nothing is flushed while istiod is away).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+from google.protobuf.message import DecodeError
+
+from ztunnel.errors import ConfigError
+from ztunnel.grpc.client import ChannelOptions, Target, connect
+from ztunnel.grpc.credentials import (
+    CredentialError,
+    RootsFile,
+    headers_from_env,
+    token_metadata,
+)
+from ztunnel.grpc.status import GrpcError, StatusCode
+from ztunnel.proto import xds_pb2
+from ztunnel.sources.xds_protocol import DeltaXds, XdsState, build_node
+
+LOGGER = logging.getLogger("ztunnel.xds")
+
+DELTA_ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+INITIAL_BACKOFF = 0.01
+MAX_BACKOFF = 15.0
+MAX_MESSAGE = 64 * 1024 * 1024  # a full push of a large mesh fits (ztunnel allows 200 MiB)
+
+
+@dataclass(frozen=True, slots=True)
+class XdsConfig:
+    address: str  # XDS_ADDRESS
+    root_cert: Path | None = None  # XDS_ROOT_CA; None = the system roots
+    alt_hostname: str | None = None  # ALT_XDS_HOSTNAME
+    token_path: Path | None = None  # AUTH_TOKEN
+    cluster_id: str = "Kubernetes"
+    headers: tuple[tuple[str, str], ...] = ()  # XDS_HEADER_*
+    options: ChannelOptions = field(default_factory=lambda: ChannelOptions(max_message=MAX_MESSAGE))
+    initial_backoff: float = INITIAL_BACKOFF
+    max_backoff: float = MAX_BACKOFF
+
+
+class XdsClient:
+    """Streams workloads, services and policies from istiod into an ``XdsState``."""
+
+    def __init__(self, config: XdsConfig, state: XdsState, node: xds_pb2.Node) -> None:
+        self.config = config
+        try:
+            self._target = Target.parse(config.address)
+        except ValueError as exc:
+            raise ConfigError("XDS_ADDRESS", "", str(exc)) from exc
+        self.protocol = DeltaXds(node, state)
+        self._roots = RootsFile(config.root_cert)
+        self.synced = trio.Event()  # readiness: the first full sync was ACKed
+        self.connected = False
+        self.connections = 0  # streams opened
+        self.acks = 0
+        self.nacks = 0
+        self.last_error: str | None = None
+        self._responses = 0  # on the current stream: any resets the backoff
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stream until cancelled; ``task_status.started()`` right away (readiness is
+        ``synced``, not this call's return)."""
+        task_status.started()
+        backoff = self.config.initial_backoff
+        while True:
+            self._responses = 0
+            try:
+                await self._stream()
+                self.last_error = None
+                LOGGER.warning("xDS stream to %s ended by the server", self._target)
+            except (GrpcError, CredentialError) as exc:
+                self.last_error = str(exc)
+                LOGGER.warning("xDS stream to %s failed: %s", self._target, exc)
+            finally:
+                self.connected = False
+            backoff = (
+                self.config.initial_backoff
+                if self._responses
+                else min(backoff * 2, self.config.max_backoff)
+            )
+            await trio.sleep(backoff)
+
+    async def _stream(self) -> None:
+        metadata = await token_metadata(self.config.token_path, self.config.cluster_id)
+        context = await self._roots.context() if self._target.tls else None
+        alt = self.config.alt_hostname
+        names = (self._target.host, alt) if alt else (self._target.host,)
+        async with (
+            connect(self._target, ssl_context=context, verify_names=names,
+                    options=self.config.options) as conn,
+            conn.call(DELTA_ADS, metadata=[*metadata, *self.config.headers]) as call,
+        ):  # fmt: skip
+            self.connections += 1
+            self.connected = True
+            for request in self.protocol.initial_requests():
+                await call.send(request.SerializeToString())
+            async for raw in call:
+                try:
+                    response = xds_pb2.DeltaDiscoveryResponse.FromString(raw)
+                except DecodeError as exc:  # no nonce to NACK: start over
+                    raise GrpcError(StatusCode.INTERNAL, f"undecodable response: {exc}") from exc
+                self._responses += 1
+                outcome = self.protocol.handle(response)
+                if outcome.ack:
+                    self.acks += 1
+                else:
+                    self.nacks += 1
+                await call.send(outcome.reply.SerializeToString())
+                if self.protocol.synced and not self.synced.is_set():
+                    LOGGER.info("xDS: initial sync complete")
+                    self.synced.set()
+
+
+def config_from_env(env: Mapping[str, str] | None = None) -> XdsConfig:
+    """ztunnel's variables: XDS_ADDRESS (required), XDS_ROOT_CA, ALT_XDS_HOSTNAME,
+    AUTH_TOKEN, CLUSTER_ID / ISTIO_META_CLUSTER_ID, XDS_HEADER_*."""
+    env = os.environ if env is None else env
+    address = env.get("XDS_ADDRESS", "")
+    if not address:
+        raise ConfigError("environment", "XDS_ADDRESS", "required for the xDS client")
+    root = env.get("XDS_ROOT_CA", "./var/run/secrets/istio/root-cert.pem")
+    return XdsConfig(
+        address=address,
+        root_cert=None if root == "SYSTEM" else Path(root),
+        alt_hostname=env.get("ALT_XDS_HOSTNAME") or None,
+        token_path=Path(env.get("AUTH_TOKEN", "./var/run/secrets/tokens/istio-token")),
+        cluster_id=env.get("CLUSTER_ID") or env.get("ISTIO_META_CLUSTER_ID") or "Kubernetes",
+        headers=headers_from_env(env, "XDS_HEADER_"),
+    )
+
+
+def node_from_env(env: Mapping[str, str] | None = None) -> xds_pb2.Node:
+    """ztunnel's node from INSTANCE_IP, POD_NAME, POD_NAMESPACE, NODE_NAME, ISTIO_METAJSON_*."""
+    env = os.environ if env is None else env
+    extra: dict[str, object] = {}
+    for key, value in env.items():
+        if key.startswith("ISTIO_METAJSON_"):
+            try:
+                extra[key.removeprefix("ISTIO_METAJSON_")] = json.loads(value)
+            except ValueError:
+                LOGGER.error("ignoring %s: not JSON", key)
+    return build_node(
+        instance_ip=env.get("INSTANCE_IP", "1.1.1.1"),
+        pod_name=env.get("POD_NAME", ""),
+        pod_namespace=env.get("POD_NAMESPACE", ""),
+        node_name=env.get("NODE_NAME", ""),
+        json_metadata=extra,
+    )
