@@ -59,6 +59,12 @@ class UpstreamResetError(UpstreamError):
     reset_reason = "connection termination"
 
 
+class UpstreamProtocolError(UpstreamResetError):
+    """The upstream's answer is not valid HTTP."""
+
+    reset_reason = "protocol error"
+
+
 class UpstreamTimeoutError(UpstreamError):
     status = 504
     flag = "UT"
