@@ -54,3 +54,34 @@ async def relay(
             if rest is not None:
                 raise rest from None
     return a_to_b[0], b_to_a[0]
+
+
+class PrefixedStream(trio.abc.HalfCloseableStream):
+    """``inner`` with ``prefix`` (bytes already read from it, e.g. by sniffing) put back."""
+
+    def __init__(self, inner: trio.abc.Stream, prefix: bytes = b"") -> None:
+        self.inner = inner
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
+            await trio.lowlevel.checkpoint()
+            return chunk
+        return bytes(await self.inner.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self.inner, trio.abc.HalfCloseableStream):
+            await self.inner.send_eof()
+        else:
+            await self.inner.aclose()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

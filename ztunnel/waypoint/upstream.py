@@ -320,6 +320,10 @@ class UpstreamPool:
         except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
             raise UpstreamConnectError(f"{endpoint.authority}: {exc}") from exc
 
+    async def dial_raw(self, endpoint: Endpoint) -> trio.abc.Stream:
+        """A fresh byte stream to ``endpoint`` (plain TCP passthrough); the caller closes it."""
+        return await self._dial(endpoint)
+
     async def open(
         self, endpoint: Endpoint, protocol: Protocol, head: RequestHead, *, has_body: bool
     ) -> UpstreamCall:
