@@ -61,7 +61,7 @@ class H2Exchange(Exchange):
         assert stream.request is not None
         self._stream = stream
         self.head = stream.request
-        self.has_body = not stream.ended
+        self.has_body = not stream.headers_only
 
     async def receive_data(self) -> bytes:
         try:

@@ -50,8 +50,8 @@ class H1Limits:
     max_drain_bytes: int = 64 * 1024  # unread request body discarded to keep the connection
 
 
-def request_head(event: h11.Request) -> tuple[RequestHead, bool]:
-    """(head, has_body) of an h11 request; cookies are kept as sent."""
+def request_head(event: h11.Request) -> tuple[RequestHead, bool, bool]:
+    """(head, has_body, is an upgrade) of an h11 request."""
     raw = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers)
     upgrade = is_upgrade(raw)
     headers = strip_hop_by_hop(raw, keep_upgrade=upgrade)
@@ -61,14 +61,9 @@ def request_head(event: h11.Request) -> tuple[RequestHead, bool]:
     chunked = "chunked" in (header_value(raw, "transfer-encoding") or "").lower()
     has_body = chunked or (length is not None and length.strip() not in ("", "0"))
     version = event.http_version.decode("ascii")
-    return RequestHead(
-        event.method.decode("ascii"),
-        event.target.decode("latin-1"),
-        authority,
-        headers,
-        "http",
-        version,
-    ), has_body
+    method, target = event.method.decode("ascii"), event.target.decode("latin-1")
+    head = RequestHead(method, target, authority, headers, "http", version)
+    return head, has_body, upgrade
 
 
 def _h11_headers(headers: Headers) -> list[tuple[str, str]]:
@@ -121,10 +116,13 @@ class H1Connection:
 class H1Exchange(Exchange):
     protocol = Protocol.HTTP1
 
-    def __init__(self, conn: H1Connection, head: RequestHead, has_body: bool) -> None:
+    def __init__(
+        self, conn: H1Connection, head: RequestHead, has_body: bool, upgrade: bool = False
+    ) -> None:
         self._c = conn
         self.head = head
         self.has_body = has_body
+        self._upgrade = upgrade
         self._request_done = False
         self.switched = False
 
@@ -191,7 +189,7 @@ class H1Exchange(Exchange):
 
     @property
     def can_upgrade(self) -> bool:
-        return is_upgrade(self.head.headers) and self.head.version == "1.1"
+        return self._upgrade and self.head.version == "1.1"
 
     async def switch_protocols(self, head: ResponseHead) -> tuple[trio.abc.Stream, bytes]:
         headers = [(k, v) for k, v in head.headers if k not in ("connection", "upgrade")]
@@ -229,8 +227,8 @@ async def serve_h1(
                 return
             if not isinstance(event, h11.Request):
                 raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}", 400)
-            head, has_body = request_head(event)
-            ex = H1Exchange(c, head, has_body)
+            head, has_body, upgrade = request_head(event)
+            ex = H1Exchange(c, head, has_body, upgrade)
             await handler(ex)
             if ex.switched or not await _finish_cycle(c, ex):
                 return

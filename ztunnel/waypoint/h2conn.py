@@ -87,6 +87,7 @@ class H2Stream:
         self._lost: str | None = None
         self._changed = trio.Event()
         self.responded = False
+        self.headers_only = False  # the request/response head carried END_STREAM
         self.handler_scope = trio.CancelScope()
 
     # -- events from the reader ----------------------------------------------------------------
@@ -495,7 +496,7 @@ class H2Connection:
             return
         stream = H2Stream(self, event.stream_id)
         stream.request = event.head
-        stream._ended = event.end_stream
+        stream._ended = stream.headers_only = event.end_stream
         self._streams[event.stream_id] = stream
         self._spawn(self._run_handler, stream)
 

@@ -47,6 +47,7 @@ from ztunnel.waypoint.backends import Balancer, service_endpoints, workload_endp
 from ztunnel.waypoint.errors import (
     NoHealthyUpstreamError,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamTimeoutError,
 )
 from ztunnel.waypoint.exchange import DownstreamGone, Exchange
@@ -370,6 +371,7 @@ class RequestFlow:
                 except DownstreamGone as exc:
                     gone = exc
             nursery.cancel_scope.cancel()  # a body pump still running (early answer)
+        self.record.bytes_received = body.received
         gone = gone or self._pump_gone
         if gone is not None:
             raise gone
@@ -503,6 +505,9 @@ class RequestFlow:
     # -- the response ----------------------------------------------------------------------------
 
     async def _respond(self, call: UpstreamCall, resp: ResponseHead, *filters: Filters) -> None:
+        if resp.status == 101:  # only an Upgrade request may switch protocols
+            await call.close()
+            raise UpstreamProtocolError(f"{call.endpoint.authority}: unsolicited 101")
         for f in filters:
             resp = apply_response_filters(f, resp)
         self.record.status = resp.status
