@@ -11,9 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from ipaddress import ip_address
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import pytest
 import trio
 import trio.testing
 from waypoint_testlib import (
+    ECHO_HOST,
     ECHO_VIP,
     GRPC_HEADERS,
     GRPC_VIP,
@@ -27,6 +33,9 @@ from waypoint_testlib import (
     memory_connector,
 )
 
+from ztunnel.waypoint.errors import UpstreamConnectError
+from ztunnel.waypoint.h1server import H1Limits
+from ztunnel.waypoint.h2proto import H2Limits
 from ztunnel.waypoint.proxy import Tunnel
 from ztunnel.waypoint.server import Waypoint
 from ztunnel.waypoint.telemetry import RequestRecord
@@ -131,11 +140,9 @@ async def test_request_headers_as_envoy_forwards_them() -> None:
     assert headers["x-forwarded-for"] == "192.0.2.9"  # passed through, not appended
     assert headers["x-forwarded-proto"] == "http"
     assert len(headers["x-request-id"]) == 36
-    assert (
-        ("x-hop" not in headers
-        and "connection" not in headers)
-        or headers["connection"] != "keep-alive, x-hop"
-    )
+    assert ("x-hop" not in headers and "connection" not in headers) or headers[
+        "connection"
+    ] != "keep-alive, x-hop"
     assert w.records[0].request_id == headers["x-request-id"]
 
 
@@ -225,3 +232,238 @@ async def test_websocket_upgrade_is_passed_through() -> None:
             while len(echoed) < 4:
                 echoed += await stream.receive_some(65536)
         assert echoed == b"PING"
+
+
+# -- traffic management -----------------------------------------------------------------------
+
+ROUTES = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{headers: [{name: x-canary, value: "yes"}]}]
+    backendRefs: [{name: echo-canary, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /split}}]
+    backendRefs: [{name: echo, port: 80, weight: 90}, {name: echo-canary, port: 80, weight: 10}]
+  - matches: [{path: {type: PathPrefix, value: /flaky}}]
+    backendRefs: [{name: echo, port: 80}]
+    retry: {codes: [503], attempts: 2, backoff: 1ms}
+  - matches: [{path: {type: PathPrefix, value: /slow}}]
+    backendRefs: [{name: echo, port: 80}]
+    timeouts: {request: 200ms}
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-route, value: api}]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {add: [{name: x-served-by, value: waypoint}]}
+    backendRefs: [{name: echo, port: 80}]
+  - matches: [{path: {type: Exact, value: /gone}}]
+    backendRefs: [{name: missing, port: 80}]
+"""
+
+
+async def test_header_match_routes_to_the_canary() -> None:
+    async with world(ROUTES) as w:
+        client = H1Client(w.connect())
+        canary = await client.request("GET", "/", [("x-canary", "yes")])
+        stable = await client.request("GET", "/split/x")
+    assert canary.headers["x-pod"] == "canary-1"
+    assert w.records[0].service is not None and w.records[0].service.name == "echo-canary"
+    assert stable.status == 200
+
+
+async def test_weighted_split_in_memory() -> None:
+    async with world(ROUTES) as w:
+        client = H1Client(w.connect())
+        pods = [(await client.request("GET", "/split")).headers["x-pod"] for _ in range(400)]
+    canary = pods.count("canary-1")
+    # p = 0.1, n = 400: sd = 6; 4 sd either way.
+    assert 16 <= canary <= 64, canary
+
+
+async def test_retry_turns_a_flaky_first_503_into_200() -> None:
+    async with world(ROUTES) as w:
+        reply = await H1Client(w.connect()).request("GET", "/flaky")
+    assert reply.status == 200
+    assert w.records[0].attempts == 2
+    first, second = (ep.ip for ep in w.dials[:2])
+    assert first != second  # the retry went to another endpoint (previous_hosts)
+
+
+async def test_no_retry_on_503_without_a_retry_stanza() -> None:
+    async with world() as w:
+        reply = await H1Client(w.connect()).request("GET", "/flaky")
+    assert reply.status == 503  # Istio's default retries do not include 503
+    assert w.records[0].attempts == 1
+
+
+async def test_route_timeout_answers_504() -> None:
+    async with world(ROUTES) as w:
+        with trio.fail_after(5):
+            reply = await H1Client(w.connect()).request("GET", "/slow/2000")
+    assert (reply.status, reply.body) == (504, b"upstream request timeout")
+    assert w.records[0].flags == "UT"
+
+
+async def test_redirect_rewrite_and_header_modifiers() -> None:
+    async with world(ROUTES) as w:
+        client = H1Client(w.connect())
+        moved = await client.request("GET", "/old/page?x=1")
+        api = await client.request("GET", "/api/users")
+    assert moved.status == 301
+    assert moved.headers["location"] == f"http://{ECHO_HOST}/new/page?x=1"
+    seen = api.json()
+    assert seen["path"] == "/v2/users" and seen["headers"]["x-route"] == "api"  # type: ignore[index]
+    assert api.headers["x-served-by"] == "waypoint"
+
+
+async def test_unknown_backend_is_500_and_unmatched_route_404() -> None:
+    async with world(ROUTES) as w:
+        client = H1Client(w.connect())
+        assert (await client.request("GET", "/gone")).status == 500
+        assert (await client.request("GET", "/nothing")).status == 404
+    assert w.records[1].flags == "NR"
+
+
+async def test_no_healthy_endpoint_is_503() -> None:
+    async with world() as w:
+        store = w.wp.state.store
+        for uid in ("Kubernetes//Pod/default/echo-1", "Kubernetes//Pod/default/echo-2"):
+            store.remove_workload(uid)
+        reply = await H1Client(w.connect()).request("GET", "/")
+    assert (reply.status, reply.body) == (503, b"no healthy upstream")
+    assert w.records[0].flags == "UH"
+
+
+async def test_upstream_connect_failure_is_retried_then_503() -> None:
+    async def refuse(endpoint: Endpoint) -> trio.abc.Stream:
+        raise UpstreamConnectError(f"{endpoint.authority}: connection refused")
+
+    async with trio.open_nursery() as nursery:
+        wp, records = make_waypoint(MESH, connector=refuse)
+        await nursery.start(wp.run_upstreams)
+        client, server = trio.testing.memory_stream_pair()
+        tunnel = World(wp, records, Apps(), [], nursery).tunnel()
+        nursery.start_soon(wp.serve_tunnel, server, tunnel)
+        reply = await H1Client(client).request("GET", "/")
+        nursery.cancel_scope.cancel()
+    assert reply.status == 503
+    assert reply.body.startswith(b"upstream connect error or disconnect/reset before headers")
+    assert records[0].attempts == 3  # Istio's default: 2 retries on connect-failure
+    assert records[0].flags == "URX,UF"
+
+
+# -- bad HTTP ---------------------------------------------------------------------------------
+
+
+async def read_all(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data
+
+
+async def test_oversized_headers_get_431_and_others_keep_working() -> None:
+    async with world() as w:
+        bad = w.connect()
+        await bad.send_all(b"GET / HTTP/1.1\r\nHost: echo\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+        assert (await read_all(bad)).startswith(b"HTTP/1.1 431")
+        good = await H1Client(w.connect()).request("GET", "/")
+        assert good.status == 200
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST / HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",  # no Host
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"GET /\x00 HTTP/1.1\r\nHost: a\r\n\r\n",
+    ],
+)
+async def test_invalid_framing_gets_400(request_bytes: bytes) -> None:
+    async with world() as w:
+        bad = w.connect()
+        await bad.send_all(request_bytes)
+        assert (await read_all(bad)).startswith(b"HTTP/1.1 400")
+
+
+async def test_slow_header_gets_408() -> None:
+    async with world(h1=H1Limits(header_timeout=0.2)) as w:
+        slow = w.connect()
+        await slow.send_all(b"GET / HTTP/1.1\r\nHost: ")  # never finishes
+        assert (await read_all(slow)).startswith(b"HTTP/1.1 408")
+
+
+async def test_idle_keepalive_connection_is_closed_silently() -> None:
+    async with world(h1=H1Limits(idle_timeout=0.2)) as w:
+        stream = w.connect()
+        client = H1Client(stream)
+        assert (await client.request("GET", "/")).status == 200
+        assert await read_all(stream) == b""
+
+
+async def test_h2_protocol_error_is_goaway_with_the_code() -> None:
+    async with world() as w:
+        stream = w.connect()
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        await stream.send_all(conn.data_to_send())
+        # A DATA frame on stream 1, which was never opened: PROTOCOL_ERROR (RFC 9113 §5.1).
+        await stream.send_all(b"\x00\x00\x01\x00\x00\x00\x00\x00\x01x")
+        data = await read_all(stream)
+        events = conn.receive_data(data)
+    goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaway and goaway[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+
+
+async def test_h2_oversized_header_list_is_goaway() -> None:
+    async with world(h2=H2Limits(max_header_list_size=4096)) as w:
+        stream = w.connect()
+        client = H2Client(stream)
+        with pytest.raises(ConnectionError, match="GOAWAY"):
+            await client.request("GET", "/", [("x-big", "a" * 10_000)])
+        good = await H2Client(w.connect()).request("GET", "/")
+        assert good.status == 200
+
+
+# -- plain TCP --------------------------------------------------------------------------------
+
+TCP_DENY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-admin, namespace: default}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  rules: [{from: [{source: {namespaces: [ops]}}], to: [{operation: {paths: ["/x"]}}]}]
+"""
+
+
+async def test_non_http_is_relayed_as_tcp() -> None:
+    async with world() as w:
+        stream = w.connect()
+        # Not HTTP: after sniffing, bytes go to an endpoint as they are. The fake app
+        # answers HTTP/1.1 only, so a raw request line sent later still works end to end.
+        await stream.send_all(b"\x16\x03\x01 not http\r\n")
+        data = await read_all(stream)
+    assert data == b""  # the app closed on garbage; what matters: no HTTP answer from us
+    assert w.dials, "the TCP stream reached an endpoint"
+
+
+async def test_tcp_gets_l4_policy_only() -> None:
+    # An ALLOW rule with paths never matches TCP (istiod's forTCP rule): the stream is closed.
+    async with world(TCP_DENY) as w:
+        stream = w.connect()
+        await stream.send_all(b"\x16\x03\x01 not http")
+        assert await read_all(stream) == b""
+    assert not w.dials

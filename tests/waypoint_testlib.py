@@ -7,7 +7,7 @@ implementation on both sides.
 Apps (one per pod name) answer by path:
 
 * ``/status/<code>``: that status;
-* ``/flaky``: 503 the first time each pod sees it, then 200;
+* ``/flaky``: 503 the first time any pod sees it, then 200;
 * ``/slow/<ms>``: sleep, then 200;
 * ``/echo``: the request body back;
 * ``/ws`` with ``Upgrade: websocket``: 101, then every byte upper-cased;
@@ -21,6 +21,7 @@ Every answer carries ``x-pod: <pod>``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -169,6 +170,12 @@ class Apps:
 
     async def serve(self, stream: trio.abc.Stream, pod: str) -> None:
         """Serve one connection to ``pod`` (HTTP/1.1 or HTTP/2 by the preface)."""
+        try:
+            await self._serve(stream, pod)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(self, stream: trio.abc.Stream, pod: str) -> None:
         self.connections[pod] += 1
         first = b""
         while len(first) < len(H2_PREFACE) and H2_PREFACE.startswith(first):
@@ -191,7 +198,7 @@ class Apps:
         status = 200
         if path.startswith("/status/"):
             status = int(path.split("/")[2])
-        elif path == "/flaky" and self.seen[key] == 1:
+        elif path == "/flaky" and sum(n for (_, p), n in self.seen.items() if p == path) == 1:
             status = 503
         elif path.startswith("/slow/"):
             delay = int(path.split("/")[2]) / 1000
@@ -212,7 +219,10 @@ class Apps:
     async def _serve_h1(self, stream: trio.abc.Stream, pod: str, first: bytes) -> None:
         conn = h11.Connection(h11.SERVER)
         conn.receive_data(first)
-        with trio.move_on_after(30):
+        with (
+            trio.move_on_after(30),
+            contextlib.suppress(h11.RemoteProtocolError, trio.BrokenResourceError),
+        ):
             while True:
                 req = await _h11_next(conn, stream)
                 if not isinstance(req, h11.Request):

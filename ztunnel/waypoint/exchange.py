@@ -21,6 +21,15 @@ class DownstreamGone(Exception):
     """The client went away (reset, closed): stop working on its request."""
 
 
+class DownstreamProtocolError(DownstreamGone):
+    """The client's request broke the protocol mid-body (bad chunk, stall): answer
+    ``status`` if nothing was sent yet, then close."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        self.status = status
+        super().__init__(message)
+
+
 class Exchange(ABC):
     protocol: Protocol
     head: RequestHead

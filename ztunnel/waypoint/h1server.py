@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from ztunnel.waypoint.exchange import DownstreamGone, Exchange
+from ztunnel.waypoint.exchange import DownstreamGone, DownstreamProtocolError, Exchange
 from ztunnel.waypoint.messages import (
     Headers,
     Protocol,
@@ -64,6 +64,10 @@ def request_head(event: h11.Request) -> tuple[RequestHead, bool, bool]:
     method, target = event.method.decode("ascii"), event.target.decode("latin-1")
     head = RequestHead(method, target, authority, headers, "http", version)
     return head, has_body, upgrade
+
+
+def _head_size(event: h11.Request) -> int:
+    return len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
 
 
 def _h11_headers(headers: Headers) -> list[tuple[str, str]]:
@@ -139,7 +143,13 @@ class H1Exchange(Exchange):
                 # Envoy answers 100-continue itself and does not forward Expect.
                 await self._c.send(h11.InformationalResponse(status_code=100, headers=[]))
             event = await self._c.read_event(body=True)
-        except (_Timeout, h11.RemoteProtocolError, trio.BrokenResourceError) as exc:
+        except h11.RemoteProtocolError as exc:
+            self._c.must_close = True
+            raise DownstreamProtocolError(f"request body: {exc}", exc.error_status_hint) from exc
+        except _Timeout as exc:
+            self._c.must_close = True
+            raise DownstreamProtocolError("request body timeout", 408) from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._c.must_close = True
             raise DownstreamGone(f"request body: {exc!r}") from exc
         if isinstance(event, h11.Data):
@@ -227,6 +237,9 @@ async def serve_h1(
                 return
             if not isinstance(event, h11.Request):
                 raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}", 400)
+            if _head_size(event) > c.limits.max_header_bytes:
+                # h11 bounds only incomplete heads; a complete one can arrive in one read.
+                raise h11.RemoteProtocolError("request headers too large", 431)
             head, has_body, upgrade = request_head(event)
             ex = H1Exchange(c, head, has_body, upgrade)
             await handler(ex)

@@ -31,6 +31,7 @@ with one metrics update and one access-log line.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import uuid
@@ -50,7 +51,7 @@ from ztunnel.waypoint.errors import (
     UpstreamProtocolError,
     UpstreamTimeoutError,
 )
-from ztunnel.waypoint.exchange import DownstreamGone, Exchange
+from ztunnel.waypoint.exchange import DownstreamGone, DownstreamProtocolError, Exchange
 from ztunnel.waypoint.messages import Headers, Protocol, RequestHead, ResponseHead
 from ztunnel.waypoint.relay import relay
 from ztunnel.waypoint.routes import BackendRef, Filters, RetryPolicy, RouteRule
@@ -229,6 +230,12 @@ class RequestFlow:
     async def run(self) -> None:
         try:
             await self._run()
+        except DownstreamProtocolError as exc:
+            self.record.details = f"downstream_protocol_error: {exc}"
+            self.ex.abort()
+            if not self.ex.responded:
+                with contextlib.suppress(DownstreamGone):
+                    await self._reply(exc.status, f"{exc}\n".encode(), self.record.details)
         except DownstreamGone as exc:
             self.record.flags = "DC"  # downstream connection termination
             self.record.details = self.record.details or f"downstream_gone: {exc}"

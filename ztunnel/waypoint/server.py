@@ -23,6 +23,7 @@ the identities the state expects.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -126,6 +127,13 @@ async def connect_socket(addr: tuple[str, int], timeout: float) -> socket.socket
         sock.close()
         raise
     return sock
+
+
+async def _close(stream: trio.abc.HalfCloseableStream) -> None:
+    """End our direction cleanly (END_STREAM on HBONE), then close."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_eof()
+    await trio.aclose_forcefully(stream)
 
 
 # -- the waypoint --------------------------------------------------------------------------------
@@ -311,12 +319,16 @@ class Waypoint:
         if protocol is None:
             protocol, initial = await self._sniff(stream)
         wrapped = PrefixedStream(stream, initial)
-        if protocol is Protocol.HTTP1:
-            await serve_h1(wrapped, self._request_handler(tunnel), self.config.h1)
-        elif protocol is Protocol.HTTP2:
-            await self._serve_h2(wrapped, tunnel)
-        else:
-            await self._serve_tcp(wrapped, tunnel)
+        try:
+            if protocol is Protocol.HTTP1:
+                await serve_h1(wrapped, self._request_handler(tunnel), self.config.h1)
+            elif protocol is Protocol.HTTP2:
+                await self._serve_h2(wrapped, tunnel)
+            else:
+                await self._serve_tcp(wrapped, tunnel)
+        finally:
+            with trio.CancelScope(shield=True):
+                await _close(wrapped)
 
     async def _sniff(self, stream: trio.abc.Stream) -> tuple[Protocol, bytes]:
         data = b""
