@@ -28,7 +28,7 @@ from ipaddress import IPv4Address, IPv6Address
 import h11
 import trio
 
-from ztunnel.hbone.errors import HboneError
+from ztunnel.errors import ZtunnelError
 from ztunnel.model.identity import Identity
 from ztunnel.model.workload import HBONE_PORT
 from ztunnel.waypoint.errors import (
@@ -443,7 +443,8 @@ def hbone_connector(open_hbone: HboneOpen, open_tcp: HboneOpen) -> Connector:
         opener = open_hbone if endpoint.hbone else open_tcp
         try:
             return await opener(endpoint)
-        except (HboneError, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        except (ZtunnelError, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            # HBONE, TLS, SPIFFE identity and certificate errors all mean: not connected.
             raise UpstreamConnectError(f"{endpoint.authority}: {exc}") from exc
 
     return connect
