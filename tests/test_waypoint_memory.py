@@ -388,6 +388,7 @@ async def test_oversized_headers_get_431_and_others_keep_working() -> None:
         b"POST / HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"GET / HTTP/1.1\r\n\r\n",  # no Host
         b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"GET /\x00 HTTP/1.1\r\nHost: a\r\n\r\n",
     ],
 )
@@ -467,3 +468,20 @@ async def test_tcp_gets_l4_policy_only() -> None:
         await stream.send_all(b"\x16\x03\x01 not http")
         assert await read_all(stream) == b""
     assert not w.dials
+
+
+async def test_http1_connect_is_refused() -> None:
+    async with world() as w:
+        stream = w.connect()
+        await stream.send_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        with trio.fail_after(5):
+            head = await stream.receive_some(65536)
+        assert head.startswith(b"HTTP/1.1 405")
+    assert not w.dials
+
+
+async def test_stalled_request_body_gets_408() -> None:
+    async with world(h1=H1Limits(body_timeout=0.2)) as w:
+        stream = w.connect()
+        await stream.send_all(b"POST /echo HTTP/1.1\r\nHost: echo\r\nContent-Length: 10\r\n\r\nabc")
+        assert (await read_all(stream)).startswith(b"HTTP/1.1 408")

@@ -70,6 +70,11 @@ def _head_size(event: h11.Request) -> int:
     return len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
 
 
+def _ambiguous_length(event: h11.Request) -> bool:
+    names = {k for k, _ in event.headers}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
 def _h11_headers(headers: Headers) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers]
 
@@ -240,6 +245,9 @@ async def serve_h1(
             if _head_size(event) > c.limits.max_header_bytes:
                 # h11 bounds only incomplete heads; a complete one can arrive in one read.
                 raise h11.RemoteProtocolError("request headers too large", 431)
+            if _ambiguous_length(event):
+                # Both framings at once is how requests get smuggled; Envoy refuses it too.
+                raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding", 400)
             head, has_body, upgrade = request_head(event)
             ex = H1Exchange(c, head, has_body, upgrade)
             await handler(ex)

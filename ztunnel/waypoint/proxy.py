@@ -257,6 +257,9 @@ class RequestFlow:
                 f"rbac_access_denied_matched_policy[{decision.policy or 'none'}]",
             )
             return
+        if head.method == "CONNECT":
+            await self._reply(405, b"CONNECT is not proxied by the waypoint", "connect_not_allowed")
+            return
         selected = self._select(head)
         if selected is None:
             await self._reply(404, b"", "route_not_found", flag="NR")
