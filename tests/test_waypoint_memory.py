@@ -485,3 +485,50 @@ async def test_stalled_request_body_gets_408() -> None:
         stream = w.connect()
         await stream.send_all(b"POST /echo HTTP/1.1\r\nHost: echo\r\nContent-Length: 10\r\n\r\nabc")
         assert (await read_all(stream)).startswith(b"HTTP/1.1 408")
+
+
+async def test_upstream_closed_while_idle_is_not_reused() -> None:
+    async with world() as w:
+        client = H1Client(w.connect())
+        first = await client.request("GET", "/close-after")
+        await trio.sleep(0.05)  # the pool's watcher notices the app's close
+        second = await client.request("GET", "/close-after")
+    assert (first.status, second.status) == (200, 200)
+    assert w.wp.pool.idle_count() == 0
+
+
+async def test_rapid_reset_cannot_run_more_handlers_than_the_stream_limit() -> None:
+    async with world(h2=H2Limits(max_concurrent_streams=2)) as w:
+        stream = w.connect()
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        for _ in range(20):  # HEADERS then RST_STREAM, all in one write
+            sid = conn.get_next_available_stream_id()
+            hs = [
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":authority", "e"),
+                (":path", "/slow/300"),
+            ]
+            conn.send_headers(sid, hs, end_stream=True)
+            conn.reset_stream(sid)
+        await stream.send_all(conn.data_to_send())
+        await trio.sleep(0.5)
+    assert len(w.records) <= 2  # the others were refused before any work
+    assert w.apps.requests["echo-1"] + w.apps.requests["echo-2"] == 0
+
+
+async def test_h2_peer_that_never_reads_is_dropped() -> None:
+    client, server = trio.testing.lockstep_stream_pair()
+    async with world() as w:
+        w.nursery.start_soon(w.wp.serve_tunnel, server, w.tunnel())
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        await client.send_all(conn.data_to_send())
+        ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+        with (
+            trio.fail_after(20),
+            pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)),
+        ):
+            for _ in range(100):  # 100 x 17 KB of PINGs, never reading the ACKs
+                await client.send_all(ping * 1000)

@@ -10,6 +10,7 @@ Apps (one per pod name) answer by path:
 * ``/flaky``: 503 the first time any pod sees it, then 200;
 * ``/slow/<ms>``: sleep, then 200;
 * ``/echo``: the request body back;
+* ``/close-after``: 200, then the app closes the (keep-alive) connection;
 * ``/ws`` with ``Upgrade: websocket``: 101, then every byte upper-cased;
 * anything else: 200 with a JSON body ``{"pod", "method", "path", "headers", "body"}``;
 * gRPC (HTTP/2, ``content-type: application/grpc``): ``/test.Echo/Say`` echoes the
@@ -250,6 +251,8 @@ class Apps:
                 out += conn.send(h11.Data(data=payload)) if req.method != b"HEAD" else b""
                 out += conn.send(h11.EndOfMessage())
                 await stream.send_all(out)
+                if path == "/close-after":
+                    return  # drops a keep-alive connection without saying so
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()

@@ -498,6 +498,7 @@ class H2Connection:
         stream.request = event.head
         stream._ended = stream.headers_only = event.end_stream
         self._streams[event.stream_id] = stream
+        self._handlers += 1  # counted from the spawn: handlers of reset streams still count
         self._spawn(self._run_handler, stream)
 
     def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
@@ -506,7 +507,6 @@ class H2Connection:
 
     async def _run_handler(self, stream: H2Stream) -> None:
         assert self._handler is not None
-        self._handlers += 1
         try:
             with stream.handler_scope:
                 await self._handler(stream)
