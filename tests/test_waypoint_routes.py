@@ -408,3 +408,54 @@ def test_selection_does_not_depend_on_route_order(names: list[str]) -> None:
     ordered = [next(r for r in rs if r.name == n) for n in names]
     assert select(ordered, get("/dddd/x")) == "d"
     assert select(ordered, get("/a/x")) == "a"
+
+
+# -- explain and dump (what ctl and the admin page will show) -----------------------------------
+
+
+def test_explain_request_reports_decision_and_route() -> None:
+    from waypoint_testlib import SLEEP, Mesh
+
+    from ztunnel.model.identity import Identity
+    from ztunnel.policy.l7model import WaypointRef
+    from ztunnel.waypoint.explain import ExplainError, config_dump, explain_request
+    from ztunnel.waypoint.state import L7Config, WaypointState
+
+    docs = HEAD.format(name="r", extra="") + (
+        "  rules:\n"
+        "  - matches: [{headers: [{name: x-canary, value: 'yes'}]}]\n"
+        "    backendRefs: [{name: echo-canary, port: 80}]\n"
+        "  - backendRefs: [{name: echo, port: 80, weight: 9},\n"
+        "                  {name: echo-canary, port: 80, weight: 1}]\n"
+        "---\n"
+        "apiVersion: security.istio.io/v1\n"
+        "kind: AuthorizationPolicy\n"
+        "metadata: {name: ns-only, namespace: default}\n"
+        "spec:\n"
+        "  targetRefs: [{kind: Service, group: '', name: echo}]\n"
+        "  rules: [{from: [{source: {namespaces: [default]}}]}]\n"
+    )
+    state = WaypointState(
+        Mesh().store(),
+        WaypointRef("default", "waypoint"),
+        L7Config.from_documents(yaml.safe_load_all(docs)),
+    )
+    allowed = explain_request(
+        state, "10.96.0.10:80", "GET", "/", headers=(("X-Canary", "yes"),), source=SLEEP
+    )
+    assert allowed["decision"]["allowed"] is True
+    assert allowed["route"]["backends"] == [
+        {"service": "default/echo-canary", "port": 80, "weight": 1}
+    ]
+    split = explain_request(state, "echo.default.svc.cluster.local:80", "GET", "/", source=SLEEP)
+    assert [b["weight"] for b in split["route"]["backends"]] == [9, 1]
+    denied = explain_request(
+        state, "10.96.0.10:80", "GET", "/", source=Identity("cluster.local", "x", "y")
+    )
+    assert denied["response"]["status"] == 403
+    assert "source.namespaces" in denied["explanation"]
+    with pytest.raises(ExplainError):
+        explain_request(state, "10.1.1.1:80", "GET", "/")
+    dump = config_dump(state)
+    assert dump["routes"][0]["name"] == "r" and dump["policies"][0]["name"] == "ns-only"
+    assert dump["routes"][0]["rules"][0]["matches"][0]["headers"][0]["name"] == "x-canary"
