@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import yaml
@@ -459,3 +460,26 @@ def test_explain_request_reports_decision_and_route() -> None:
     dump = config_dump(state)
     assert dump["routes"][0]["name"] == "r" and dump["policies"][0]["name"] == "ns-only"
     assert dump["routes"][0]["rules"][0]["matches"][0]["headers"][0]["name"] == "x-canary"
+
+
+def test_l7_config_loads_files_and_declared_protocols(tmp_path: Path) -> None:
+    from ztunnel.errors import ConfigError
+    from ztunnel.waypoint.messages import Protocol
+    from ztunnel.waypoint.sniff import declared_protocol
+    from ztunnel.waypoint.state import L7Config
+
+    (tmp_path / "routes.yaml").write_text(HEAD.format(name="r", extra="") + "  rules: [{}]\n")
+    (tmp_path / "svc.yml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\n"
+        "spec: {ports: [{name: http-web, port: 80}, {name: db, port: 5432, appProtocol: tcp}]}\n"
+    )
+    cfg = L7Config.load([tmp_path])
+    assert [r.name for r in cfg.routes.routes] == ["r"]
+    assert cfg.ports[("default", "echo", 80)] == (None, "http-web")
+    assert declared_protocol(*cfg.ports[("default", "echo", 80)]) is Protocol.HTTP1
+    assert declared_protocol(*cfg.ports[("default", "echo", 5432)]) is Protocol.TCP
+    assert declared_protocol("kubernetes.io/h2c", None) is Protocol.HTTP2
+    assert declared_protocol(None, "unnamed") is None  # sniffed
+    (tmp_path / "bad.yaml").write_text("kind: HTTPRoute\napiVersion: v9\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml"):
+        L7Config.load([tmp_path])
