@@ -88,7 +88,8 @@ class Balancer:
         return max(workload.capacity, 0) if workload is not None else 1
 
     def pick(self, candidates: list[Endpoint], tried: Iterable[Endpoint] = ()) -> Endpoint | None:
-        fresh = [c for c in candidates if c not in set(tried)]
+        seen = set(tried)
+        fresh = [c for c in candidates if c not in seen]
         pool = fresh or candidates
         weights = [self._capacity(c) for c in pool]
         if not pool or sum(weights) <= 0:

@@ -36,6 +36,7 @@ from typing import Protocol as TypingProtocol
 
 import trio
 
+from ztunnel.errors import ZtunnelError
 from ztunnel.hbone.connection import HboneServerConnection, HboneServerStream, serve_hbone
 from ztunnel.hbone.engine import ConnectRequest, validate_connect
 from ztunnel.hbone.pool import HbonePool, PoolKey
@@ -223,7 +224,7 @@ class Waypoint:
                 server_side=True,
                 timeout=self.config.tls_handshake_timeout,
             )
-        except Exception as exc:  # CA down, handshake failure: this connection only
+        except (ZtunnelError, OSError) as exc:  # CA down, handshake failure: this connection only
             get.warning(
                 "connection failed",
                 **{"src.addr": Bare(f"{peer[0]}:{peer[1]}"), "error": f"tls: {exc}"},
