@@ -272,6 +272,28 @@ async def test_bad_http_gets_400_and_431_while_others_are_served() -> None:
     assert good.status == 200
 
 
+async def test_websocket_and_plain_tcp_pass_through() -> None:
+    async with loopback() as lo:
+        ws = await lo.stream()
+        await ws.send_all(
+            b"GET /ws HTTP/1.1\r\nHost: e\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        head = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in head:
+                head += await ws.receive_some(65536)
+            await ws.send_all(b"frame")
+            echoed = b""
+            while len(echoed) < 5:
+                echoed += await ws.receive_some(65536)
+        raw = await lo.stream()
+        await raw.send_all(b"RAW:bytes")  # not a request line: relayed at once
+        with trio.fail_after(5):
+            greeting = await raw.receive_some(65536)
+    assert head.startswith(b"HTTP/1.1 101") and echoed == b"FRAME"
+    assert greeting.endswith(b":RAW:bytes")
+
+
 async def test_metrics_have_istios_request_labels() -> None:
     async with loopback(POLICY) as lo:
         client = H1Client(await lo.stream())

@@ -13,6 +13,7 @@ Apps (one per pod name) answer by path:
 * ``/close-after``: 200, then the app closes the (keep-alive) connection;
 * ``/ws`` with ``Upgrade: websocket``: 101, then every byte upper-cased;
 * anything else: 200 with a JSON body ``{"pod", "method", "path", "headers", "body"}``;
+* a connection starting with ``RAW`` (not HTTP): ``<pod>:`` then every byte echoed;
 * gRPC (HTTP/2, ``content-type: application/grpc``): ``/test.Echo/Say`` echoes the
   message with ``grpc-status: 0`` trailers; ``/test.Echo/Fail`` answers
   trailers-only ``grpc-status: 14`` the first time per pod, then like ``Say``.
@@ -184,7 +185,9 @@ class Apps:
             if not chunk:
                 return
             first += chunk
-        if first.startswith(H2_PREFACE):
+        if first.startswith(b"RAW"):
+            await _echo(stream, pod, first)
+        elif first.startswith(H2_PREFACE):
             await self._serve_h2(stream, pod, first)
         else:
             await self._serve_h1(stream, pod, first)
@@ -357,6 +360,13 @@ class Apps:
             sid, [(":status", str(status)), *rheaders, ("content-length", str(len(payload)))]
         )
         await _h2_send_body(conn, flush, sid, payload)
+
+
+async def _echo(stream: trio.abc.Stream, pod: str, first: bytes) -> None:
+    """Not HTTP: echo every byte back after a greeting naming the pod."""
+    await stream.send_all(f"{pod}:".encode() + first)
+    while data := await stream.receive_some(65536):
+        await stream.send_all(data)
 
 
 async def _h2_send_body(
