@@ -11,8 +11,9 @@ h11 app behind it. Two paths, same client and app:
 Each mode sends ``--requests`` keep-alive GETs on each of ``--connections``
 concurrent connections and prints requests/s and latency p50/p99. One process
 shares one core between all four parties (GIL), so the figures compare the two
-paths; absolute numbers for a separate waypoint process come from the phase-2
-cluster benchmark (h2load / wrk).
+paths; CPU milliseconds per request (all parties together) is the figure that
+holds up on a busy machine. Absolute numbers for a separate waypoint process come
+from the phase-2 cluster benchmark (h2load / wrk).
 
 Run: ``.venv/bin/python bench/waypoint_micro.py [--requests N] [--connections C]``.
 """
@@ -217,14 +218,17 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1)
     args = parser.parse_args()
     for mode in ("l4", "waypoint"):
+        cpu = time.process_time()
         elapsed, lat = trio.run(run, mode, args.requests, args.connections)
+        cpu = time.process_time() - cpu
         lat.sort()
         total = len(lat)
         p50 = statistics.median(lat) * 1000
         p99 = lat[min(total - 1, int(total * 0.99))] * 1000
         print(
             f"{mode:9s} {args.connections} conn x {args.requests} req: "
-            f"{total / elapsed:8.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
+            f"{total / elapsed:8.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
+            f"cpu {cpu / total * 1000:5.2f} ms/req (all parties, setup included)"
         )
 
 

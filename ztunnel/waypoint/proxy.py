@@ -542,6 +542,7 @@ class RequestFlow:
             await self._reply(err.status, err.body, err.detail, flag=err.flag)
             return
         self.record.attempts, self.record.upstream = 1, endpoint.authority
+        self.record.dst_workload = self.ctx.state.store.workload_by_uid(endpoint.uid)
         try:
             call = await self.ctx.pool.open(endpoint, Protocol.HTTP1, head, has_body=False)
             resp = await call.receive_response()
