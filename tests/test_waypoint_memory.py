@@ -36,7 +36,7 @@ from waypoint_testlib import (
 from ztunnel.waypoint.errors import UpstreamConnectError
 from ztunnel.waypoint.h1server import H1Limits
 from ztunnel.waypoint.h2proto import H2Limits
-from ztunnel.waypoint.proxy import Tunnel
+from ztunnel.waypoint.proxy import ProxySettings, Tunnel
 from ztunnel.waypoint.server import Waypoint
 from ztunnel.waypoint.telemetry import RequestRecord
 from ztunnel.waypoint.upstream import Endpoint
@@ -530,3 +530,17 @@ async def test_h2_peer_that_never_reads_is_dropped() -> None:
         ):
             for _ in range(100):  # 100 x 17 KB of PINGs, never reading the ACKs
                 await client.send_all(ping * 1000)
+
+
+async def test_retry_replays_the_request_body() -> None:
+    async with world(ROUTES) as w:
+        reply = await H1Client(w.connect()).request("POST", "/flaky", body=b"p" * 5000)
+    assert reply.status == 200 and reply.json()["body"] == 5000
+    assert w.records[0].attempts == 2 and w.records[0].bytes_received == 5000
+
+
+async def test_a_body_over_the_retry_buffer_turns_retries_off() -> None:
+    async with world(ROUTES, proxy=ProxySettings(retry_buffer=1000)) as w:
+        reply = await H1Client(w.connect()).request("POST", "/flaky", body=b"p" * 5000)
+    assert reply.status == 503
+    assert w.records[0].attempts == 1

@@ -35,7 +35,7 @@ import contextlib
 import math
 import random
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import trio
@@ -124,6 +124,14 @@ class ProxyContext:
             log_request(record)
         if self.records is not None:
             self.records.append(record)
+
+
+@dataclass
+class _Pump:
+    """A running request-body pump: cancel ``scope``, then wait for ``done``."""
+
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
 
 
 class _Retry(Exception):
@@ -448,7 +456,7 @@ class RequestFlow:
     ) -> tuple[UpstreamCall, ResponseHead]:
         """One try; raises _Retry when its outcome is retryable and a retry is possible."""
         per_try = policy.per_try_timeout or math.inf
-        pump: trio.CancelScope | None = None
+        pump: _Pump | None = None
         call: UpstreamCall | None = None
         with self.ctx.balancer.track(endpoint):
             try:
@@ -493,23 +501,30 @@ class RequestFlow:
         call: UpstreamCall,
         nursery: trio.Nursery,
         *,
-        task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[_Pump] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        with trio.CancelScope() as scope:
-            task_status.started(scope)
-            try:
-                await body.pump(call)
-            except UpstreamError:
-                pass  # the response side reports the upstream's failure
-            except DownstreamGone as exc:
-                self._pump_gone = exc  # the client left mid-body: stop the whole exchange
-                nursery.cancel_scope.cancel()
+        handle = _Pump()
+        try:
+            with handle.scope:
+                task_status.started(handle)
+                try:
+                    await body.pump(call)
+                except UpstreamError:
+                    pass  # the response side reports the upstream's failure
+                except DownstreamGone as exc:
+                    self._pump_gone = exc  # the client left mid-body: stop the whole exchange
+                    nursery.cancel_scope.cancel()
+        finally:
+            handle.done.set()
 
-    async def _drop(self, call: UpstreamCall | None, pump: trio.CancelScope | None) -> None:
-        if pump is not None:
-            pump.cancel()
-        if call is not None:
-            with trio.CancelScope(shield=True):
+    async def _drop(self, call: UpstreamCall | None, pump: _Pump | None) -> None:
+        """Abandon an attempt: stop its body pump (and wait for it: the next attempt's
+        pump reads the same request body) and release its upstream call."""
+        with trio.CancelScope(shield=True):
+            if pump is not None:
+                pump.scope.cancel()
+                await pump.done.wait()
+            if call is not None:
                 await call.close()
 
     # -- the response ----------------------------------------------------------------------------
