@@ -544,3 +544,14 @@ async def test_a_body_over_the_retry_buffer_turns_retries_off() -> None:
         reply = await H1Client(w.connect()).request("POST", "/flaky", body=b"p" * 5000)
     assert reply.status == 503
     assert w.records[0].attempts == 1
+
+
+async def test_a_client_that_stops_reading_releases_the_exchange() -> None:
+    client, server = trio.testing.lockstep_stream_pair()  # no buffering: writes wait for reads
+    async with world(h1=H1Limits(body_timeout=0.3)) as w:
+        w.nursery.start_soon(w.wp.serve_tunnel, server, w.tunnel())
+        await client.send_all(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
+        with trio.fail_after(5):
+            while not w.records:
+                await trio.sleep(0.05)
+    assert w.records[0].flags == "DC"

@@ -66,9 +66,10 @@ class Exchange(ABC):
 class H2Exchange(Exchange):
     protocol = Protocol.HTTP2
 
-    def __init__(self, stream: H2Stream) -> None:
+    def __init__(self, stream: H2Stream, idle_timeout: float = 300.0) -> None:
         assert stream.request is not None
         self._stream = stream
+        self._idle = idle_timeout
         self.head = stream.request
         self.has_body = not stream.headers_only
 
@@ -90,9 +91,12 @@ class H2Exchange(Exchange):
 
     async def send_data(self, data: bytes) -> None:
         try:
-            await self._stream.send_data(data)
+            with trio.fail_after(self._idle):  # a client that never opens its window
+                await self._stream.send_data(data)
         except H2StreamError as exc:
             raise DownstreamGone(str(exc)) from exc
+        except trio.TooSlowError as exc:
+            raise DownstreamGone("client stopped reading") from exc
 
     async def send_end(self, trailers: Headers = ()) -> None:
         try:

@@ -46,7 +46,7 @@ class H1Limits:
     max_header_bytes: int = 60 * 1024  # Envoy's max_request_headers_kb default
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
-    body_timeout: float = 300.0  # Envoy's stream idle timeout
+    body_timeout: float = 300.0  # no progress reading or writing a body (Envoy's stream idle)
     max_drain_bytes: int = 64 * 1024  # unread request body discarded to keep the connection
 
 
@@ -115,7 +115,12 @@ class H1Connection:
     async def send(self, event: h11.Event) -> None:
         data = self.conn.send(event)
         if data:
-            await self.transport.send_all(data)
+            # A client that stops reading must not hold the exchange (and its upstream) forever.
+            with trio.move_on_after(self.limits.body_timeout) as scope:
+                await self.transport.send_all(data)
+            if scope.cancelled_caught:
+                self.must_close = True
+                raise trio.BrokenResourceError("client stopped reading")
 
     def next_cycle(self) -> None:
         self.conn.start_next_cycle()

@@ -355,7 +355,7 @@ class Waypoint:
         handle = self._request_handler(tunnel)
 
         async def on_stream(h2stream: H2Stream) -> None:
-            await handle(H2Exchange(h2stream))
+            await handle(H2Exchange(h2stream, self.config.h1.body_timeout))
 
         conn = H2Connection(
             stream,
