@@ -552,6 +552,6 @@ async def test_a_client_that_stops_reading_releases_the_exchange() -> None:
         w.nursery.start_soon(w.wp.serve_tunnel, server, w.tunnel())
         await client.send_all(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
         with trio.fail_after(5):
-            while not w.records:
+            while not w.records:  # noqa: ASYNC110 - polling test state
                 await trio.sleep(0.05)
     assert w.records[0].flags == "DC"
