@@ -156,13 +156,14 @@ async def test_server_with_unexpected_identity_is_refused_by_the_client() -> Non
 
     async def check(mesh: LoopbackMesh) -> None:
         from ztunnel.hbone.pool import PoolKey
+        from ztunnel.model.address import SocketAddr, canonical_ip
 
         proxy = next(iter(mesh.client_agent.proxies.values()))
         key = PoolKey(
             src_identity=CLIENT,
-            dst_identities=(Identity("cluster.local", "default", "not-the-server"),),
-            dst=(mesh.server_ip, 15008),
-            src_ip=mesh.client_ip,
+            dst_identities=frozenset({Identity("cluster.local", "default", "not-the-server")}),
+            dst=SocketAddr.of(mesh.server_ip, 15008),
+            src_ip=canonical_ip(mesh.client_ip),
         )
         with pytest.raises(TLSIdentityError):
             await proxy._dial(key)

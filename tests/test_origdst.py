@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from ztunnel.model.address import SocketAddr
 from ztunnel.proxy.sockets import NetnsSocketFactory, make_listener, original_dst
 from ztunnel.redirect.netns import NetNamespace, create_named, delete_named
 
@@ -60,7 +61,7 @@ def test_original_destination_survives_redirect(netns: NetNamespace, family: int
         with conn:
             # The socket's own address is the redirect target; the original is kept.
             assert conn.getsockname()[1] == 15001
-            assert original_dst(conn) == (dst, 80)
+            assert original_dst(conn) == SocketAddr.of(dst, 80)
 
 
 def test_without_redirect_the_local_address_is_the_destination(netns: NetNamespace) -> None:
@@ -71,4 +72,4 @@ def test_without_redirect_the_local_address_is_the_destination(netns: NetNamespa
         client.connect(("10.99.0.1", 15001))
         conn, _ = listener.accept()
         with conn:
-            assert original_dst(conn) == ("10.99.0.1", 15001)
+            assert original_dst(conn) == SocketAddr.of("10.99.0.1", 15001)

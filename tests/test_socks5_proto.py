@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ztunnel.model.address import HostPort, SocketAddr
 from ztunnel.proxy.socks5_proto import (
     Reply,
     Socks5Error,
@@ -32,12 +33,21 @@ def test_greeting_offers_no_auth() -> None:
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        (b"\x05\x01\x00\x01\x0a\x00\x00\x01\x00\x50", Socks5Request("10.0.0.1", 80, False)),
+        (b"\x05\x01\x00\x01\x0a\x00\x00\x01\x00\x50", Socks5Request(SocketAddr.of("10.0.0.1", 80))),
         (
             b"\x05\x01\x00\x04" + bytes(15) + b"\x01" + b"\x1f\x90",
-            Socks5Request("::1", 8080, False),
+            Socks5Request(SocketAddr.of("::1", 8080)),
         ),
-        (b"\x05\x01\x00\x03\x0bexample.com\x00\x50", Socks5Request("example.com", 80, True)),
+        (b"\x05\x01\x00\x03\x0bexample.com\x00\x50", Socks5Request(HostPort("example.com", 80))),
+        # An IPv4-mapped IPv6 address is the IPv4 address, as an address or as a "domain".
+        (
+            b"\x05\x01\x00\x04" + bytes(10) + b"\xff\xff\x7f\x00\x00\x01" + b"\x3a\x98",
+            Socks5Request(SocketAddr.of("127.0.0.1", 15000)),
+        ),
+        (
+            b"\x05\x01\x00\x03\x10::ffff:127.0.0.1\x3a\x99",
+            Socks5Request(SocketAddr.of("127.0.0.1", 15001)),
+        ),
     ],
 )
 def test_connect_requests_parse_byte_by_byte(raw: bytes, expected: Socks5Request) -> None:
@@ -63,4 +73,4 @@ def test_bad_requests_are_refused_as_soon_as_seen(raw: bytes, reply: Reply) -> N
 
 def test_replies_encode_the_bound_address() -> None:
     assert encode_reply(Reply.SUCCEEDED) == b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
-    assert encode_reply(Reply.NOT_ALLOWED, ("::1", 80))[:4] == b"\x05\x02\x00\x04"
+    assert encode_reply(Reply.NOT_ALLOWED, SocketAddr.of("::1", 80))[:4] == b"\x05\x02\x00\x04"

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from ztunnel.model.address import Authority, SocketAddr, parse_authority
 from ztunnel.model.identity import Identity
+from ztunnel.model.ports import AgentPorts
 from ztunnel.model.workload import (
     ApplicationTunnel,
     AppTunnelProtocol,
@@ -39,9 +41,6 @@ from ztunnel.state.resolve import (
     TcpUpstream,
     UnknownServicePort,
     UnknownWaypoint,
-    format_authority,
-    illegal_ports,
-    is_self_call,
     resolve_inbound,
     resolve_outbound,
 )
@@ -54,6 +53,16 @@ WP_HOST = GatewayAddress(NamespacedHostname("ns", "wp.ns.svc.cluster.local"))
 
 def ip(text: str) -> object:
     return ip_address(text)
+
+
+def sa(host: str, port: int) -> SocketAddr:
+    return SocketAddr.of(host, port)
+
+
+def inbound(store: StateStore, local: Workload, host: str, port: int, dst: str) -> object:
+    """resolve_inbound for the authority ``host:port`` arriving on ``dst``."""
+    authority: Authority = parse_authority(f"{host}:{port}")
+    return resolve_inbound(store, local, authority, ip_address(dst), agent_ports=AgentPorts())
 
 
 def wl(name: str, *ips: str, **kw: object) -> Workload:
@@ -127,7 +136,7 @@ def world(*extra_workloads: Workload, services: tuple[Service, ...] = ()) -> Sta
 def out(
     store: StateStore, dst: str, port: int, source: Workload | None = CLIENT, seed: int = 0
 ) -> object:
-    return resolve_outbound(store, source, dst, port, rng=random.Random(seed))
+    return resolve_outbound(store, source, sa(dst, port), rng=random.Random(seed))
 
 
 def ident(sa: str) -> Identity:
@@ -140,16 +149,16 @@ def ident(sa: str) -> Identity:
 @pytest.mark.parametrize(
     ("dst", "port", "expected"),
     [
-        pytest.param("10.9.9.9", 443, Passthrough((ip("10.9.9.9"), 443)), id="unknown-address"),
-        pytest.param("10.96.0.9", 80, Passthrough((ip("10.96.0.9"), 80)), id="passthrough-service"),
+        pytest.param("10.9.9.9", 443, Passthrough(sa("10.9.9.9", 443)), id="unknown-address"),
+        pytest.param("10.96.0.9", 80, Passthrough(sa("10.96.0.9", 80)), id="passthrough-service"),
         pytest.param(
             "10.0.0.1",
             8000,
             HboneUpstream(
                 wl("a", "10.0.0.1", services={WEB: {}}),
                 None,
-                (ip("10.0.0.1"), 15008),
-                (ip("10.0.0.1"), 8000),
+                sa("10.0.0.1", 15008),
+                sa("10.0.0.1", 8000),
                 (ident("a"),),
             ),
             id="hbone-workload",
@@ -166,7 +175,7 @@ def ident(sa: str) -> Identity:
                     services={WEB: {80: 9090}},
                 ),
                 None,
-                (ip("10.0.0.2"), 8000),
+                sa("10.0.0.2", 8000),
             ),
             id="tcp-workload",
         ),
@@ -176,7 +185,7 @@ def ident(sa: str) -> Identity:
 def test_outbound_direct_branches(dst: str, port: int, expected: object) -> None:
     got = out(world(), dst, port)
     if isinstance(expected, str):
-        assert isinstance(got, TcpUpstream) and got.address == (ip(expected), port)
+        assert isinstance(got, TcpUpstream) and got.address == sa(expected, port)
     else:
         assert got == expected
 
@@ -185,11 +194,11 @@ def test_service_vip_picks_endpoint_and_maps_target_port() -> None:
     store = world()
     picks = {out(store, "10.96.0.1", 80, seed=s).address for s in range(40)}  # type: ignore[attr-defined]
     # a (HBONE): dial 15008, port from service; b (TCP): endpoint port map wins (9090).
-    assert picks == {(ip("10.0.0.1"), 15008), (ip("10.0.0.2"), 9090)}
+    assert picks == {sa("10.0.0.1", 15008), sa("10.0.0.2", 9090)}
     for seed in range(40):
         got = out(store, "10.96.0.1", 80, seed=seed)
         if isinstance(got, HboneUpstream):
-            assert got.authority == (ip("10.0.0.1"), 8080)
+            assert got.authority == sa("10.0.0.1", 8080)
             assert got.service is not None and got.service.key == WEB
             assert got.expected_identities == (ident("a"),)
             assert got.authority_header == "10.0.0.1:8080"
@@ -207,7 +216,7 @@ def test_weighted_selection_follows_capacity() -> None:
     )
     rng = random.Random(42)
     counts = Counter(
-        resolve_outbound(store, CLIENT, "10.96.0.1", 80, rng=rng).workload.name  # type: ignore[union-attr]
+        resolve_outbound(store, CLIENT, sa("10.96.0.1", 80), rng=rng).workload.name  # type: ignore[union-attr]
         for _ in range(4000)
     )
     assert 0.22 < counts["light"] / 4000 < 0.28
@@ -300,7 +309,7 @@ def test_endpoint_port_map_is_used_when_service_target_port_is_zero() -> None:
         [],
     )
     got = out(store, "10.96.0.1", 80)
-    assert isinstance(got, HboneUpstream) and got.authority == (ip("10.0.0.1"), 7070)
+    assert isinstance(got, HboneUpstream) and got.authority == sa("10.0.0.1", 7070)
 
 
 @pytest.mark.parametrize(
@@ -317,7 +326,7 @@ def test_ip_family_choice(vip: str, expected_ip: str) -> None:
         services={"ns/dual.ns.svc.cluster.local": {}, "ns/v4only.ns.svc.cluster.local": {}},
     )
     got = out(world(extra), vip, 80)
-    assert isinstance(got, HboneUpstream) and got.address == (ip(expected_ip), 15008)
+    assert isinstance(got, HboneUpstream) and got.address == sa(expected_ip, 15008)
 
 
 # --- waypoints -------------------------------------------------------------------------------
@@ -327,8 +336,8 @@ def test_service_waypoint_by_hostname() -> None:
     got = out(world(), "10.96.0.6", 80)
     assert isinstance(got, HboneUpstream) and got.waypoint
     assert got.workload.name == "waypoint"
-    assert got.address == (ip("10.0.5.1"), 15008)
-    assert got.authority == (ip("10.96.0.6"), 80)  # the original VIP:port
+    assert got.address == sa("10.0.5.1", 15008)
+    assert got.authority == sa("10.96.0.6", 80)  # the original VIP:port
     assert got.service is not None and got.service.name == "waypointed"
     assert got.expected_identities == (
         Identity.parse("spiffe://cluster.local/ns/ns/sa/wp-svc"),
@@ -339,7 +348,7 @@ def test_service_waypoint_by_hostname() -> None:
 def test_service_waypoint_by_address_uses_its_hbone_port() -> None:
     got = out(world(), "10.96.0.7", 80)
     assert isinstance(got, HboneUpstream) and got.waypoint
-    assert got.address == (ip("10.0.5.1"), 15019)
+    assert got.address == sa("10.0.5.1", 15019)
     assert got.expected_identities == (ident("waypoint"),)
 
 
@@ -351,13 +360,11 @@ def test_unresolvable_waypoint_is_an_error() -> None:
 def test_workload_waypoint_applies_unless_source_is_the_waypoint() -> None:
     store = world()
     via = out(store, "10.0.0.7", 8080)
-    assert (
-        isinstance(via, HboneUpstream) and via.waypoint and via.authority == (ip("10.0.0.7"), 8080)
-    )
+    assert isinstance(via, HboneUpstream) and via.waypoint and via.authority == sa("10.0.0.7", 8080)
     assert via.service is None
     direct = out(store, "10.0.0.7", 8080, source=WAYPOINT)
     assert isinstance(direct, HboneUpstream) and not direct.waypoint
-    assert direct.address == (ip("10.0.0.7"), 15008)
+    assert direct.address == sa("10.0.0.7", 15008)
 
 
 def test_workload_waypoint_is_skipped_when_service_addressed() -> None:
@@ -404,31 +411,6 @@ def test_strict_locality_without_a_match_has_no_upstream() -> None:
         out(_zoned(LoadBalancerMode.STRICT), "10.96.0.1", 80, source=src)
 
 
-# --- self calls and formatting ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("dst", "port", "illegal", "expected"),
-    [
-        ("127.0.0.1", 15001, illegal_ports(), True),
-        ("127.0.0.5", 15006, illegal_ports(), True),
-        ("::1", 15008, illegal_ports(), True),
-        ("::ffff:127.0.0.1", 15008, illegal_ports(), True),
-        ("127.0.0.1", 15080, illegal_ports(), False),
-        ("127.0.0.1", 15080, illegal_ports(socks5=True), True),
-        ("127.0.0.1", 8080, illegal_ports(), False),
-        ("10.0.0.1", 15008, illegal_ports(), False),
-    ],
-)
-def test_is_self_call(dst: str, port: int, illegal: frozenset[int], expected: bool) -> None:
-    assert is_self_call(dst, port, illegal) is expected
-
-
-def test_authority_format_brackets_ipv6() -> None:
-    assert format_authority((ip_address("fd00::1"), 80)) == "[fd00::1]:80"
-    assert format_authority((ip_address("10.0.0.1"), 80)) == "10.0.0.1:80"
-
-
 # --- the reference example -------------------------------------------------------------------
 
 
@@ -440,11 +422,11 @@ def test_localhost_example_service_reaches_hbone_or_tcp_on_8080() -> None:
     rng = random.Random(7)
     seen = set()
     for _ in range(50):
-        got = resolve_outbound(store, source, "127.10.0.1", 80, rng=rng)
+        got = resolve_outbound(store, source, sa("127.10.0.1", 80), rng=rng)
         if isinstance(got, HboneUpstream):
             assert (got.address, got.authority) == (
-                (ip("127.0.0.1"), 15008),
-                (ip("127.0.0.1"), 8080),
+                sa("127.0.0.1", 15008),
+                sa("127.0.0.1", 8080),
             )
             assert (
                 Identity.parse("spiffe://cluster.local/ns/default/sa/local")
@@ -452,7 +434,7 @@ def test_localhost_example_service_reaches_hbone_or_tcp_on_8080() -> None:
             )
             seen.add("hbone")
         else:
-            assert isinstance(got, TcpUpstream) and got.address == (ip("127.0.0.2"), 8080)
+            assert isinstance(got, TcpUpstream) and got.address == sa("127.0.0.2", 8080)
             seen.add("tcp")
     assert seen == {"hbone", "tcp"}
 
@@ -479,7 +461,7 @@ POD_B = wl("b", "10.0.0.2", "fd00::2", protocol=TunnelProtocol.TCP, services={WE
 def test_inbound_targets(
     local: Workload, host: str, port: int, dst: str, expected_port: int, service: str | None
 ) -> None:
-    got = resolve_inbound(world(), local, host, port, dst)
+    got = inbound(world(), local, host, port, dst)
     assert got.port == got.connect_port == expected_port
     assert (got.service.key if got.service else None) == service
 
@@ -500,26 +482,26 @@ def test_inbound_errors_carry_http_status(
     host: str, port: int, dst: str, error: type[ResolveError], status: int
 ) -> None:
     with pytest.raises(error) as info:
-        resolve_inbound(world(), POD_A, host, port, dst)
+        inbound(world(), POD_A, host, port, dst)
     assert info.value.status == status
 
 
 def test_inbound_hostname_resolving_to_an_illegal_port_is_a_self_call() -> None:
     store = world(services=(svc("loop", ports={80: 15006}),))
     with pytest.raises(SelfCall):
-        resolve_inbound(store, POD_A, "loop.ns.svc.cluster.local", 80, "10.0.0.1")
+        inbound(store, POD_A, "loop.ns.svc.cluster.local", 80, "10.0.0.1")
 
 
 def test_inbound_ip_mismatch_allowed_for_app_tunnel_and_uses_its_port() -> None:
     tunnel = ApplicationTunnel(AppTunnelProtocol.PROXY, 15088)
     waypoint = wl("waypoint", "10.0.5.1", application_tunnel=tunnel)
-    got = resolve_inbound(world(), waypoint, "10.96.0.6", 80, "10.0.5.1")
+    got = inbound(world(), waypoint, "10.96.0.6", 80, "10.0.5.1")
     assert (got.port, got.connect_port, got.application_tunnel) == (80, 15088, tunnel)
 
 
 def test_inbound_ip_mismatch_allowed_when_target_uses_us_as_waypoint() -> None:
     store = world()
-    got = resolve_inbound(store, WAYPOINT, "10.0.0.7", 8080, "10.0.5.1")  # walled -> waypoint
+    got = inbound(store, WAYPOINT, "10.0.0.7", 8080, "10.0.5.1")  # walled -> waypoint
     assert got.port == 8080
     with pytest.raises(IPMismatch):  # a's waypoint is not us
-        resolve_inbound(store, WAYPOINT, "10.0.0.1", 8080, "10.0.5.1")
+        inbound(store, WAYPOINT, "10.0.0.1", 8080, "10.0.5.1")

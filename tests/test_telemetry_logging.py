@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import pytest
 from test_telemetry_metrics import ECHO, ECHO_SVC, SHELL, outbound
 
+from ztunnel.model.address import SocketAddr
+from ztunnel.model.outcome import Failure, FailureKind
 from ztunnel.telemetry import logging as zlog
 from ztunnel.telemetry.connections import ConnectionInfo, ConnectionTracker
 from ztunnel.telemetry.metrics import Metrics
@@ -59,7 +61,7 @@ def test_plain_access_log_has_ztunnel_fields(stream: io.StringIO) -> None:
 def test_json_access_log_and_error_level(stream: io.StringIO) -> None:
     zlog.configure_logging("debug", "json", stream)
     conn = ConnectionTracker(Metrics()).open(outbound(direction="inbound", reporter="destination"))
-    conn.close(error="connection reset by peer")
+    conn.close(Failure(FailureKind.RELAY, "connection reset by peer"))
     opened, complete = (json.loads(ln) for ln in lines(stream))
     assert (opened["level"], opened["scope"], opened["message"]) == (
         "debug",
@@ -78,7 +80,9 @@ def test_json_access_log_and_error_level(stream: io.StringIO) -> None:
 
 def test_absent_fields_are_omitted(stream: io.StringIO) -> None:
     zlog.configure_logging("info", "json", stream)
-    info = ConnectionInfo("outbound", "source", ("127.0.0.1", 1), ("192.0.2.1", 80))
+    info = ConnectionInfo(
+        "outbound", "source", SocketAddr.of("127.0.0.1", 1), SocketAddr.of("192.0.2.1", 80)
+    )
     ConnectionTracker(Metrics()).open(info).close()
     [entry] = [json.loads(ln) for ln in lines(stream)]
     assert not any(k.startswith("src.w") or k.endswith("identity") for k in entry)
@@ -88,7 +92,12 @@ def test_absent_fields_are_omitted(stream: io.StringIO) -> None:
 def test_connection_failed_is_a_warning(stream: io.StringIO) -> None:
     zlog.configure_logging("info", "plain", stream)
     tracker = ConnectionTracker(Metrics())
-    tracker.connection_failed(("10.0.0.1", 5), ("10.0.0.2", 15008), "inbound", "tls handshake")
+    tracker.connection_failed(
+        SocketAddr.of("10.0.0.1", 5),
+        SocketAddr.of("10.0.0.2", 15008),
+        "inbound",
+        Failure(FailureKind.TLS_HANDSHAKE, "tls handshake"),
+    )
     [line] = lines(stream)
     assert line.split("\t")[1:3] == ["warn", "access"]
     assert line.endswith(
@@ -126,7 +135,7 @@ def test_level_changes_apply_without_restart(stream: io.StringIO) -> None:
 
 def test_off_silences_a_target(stream: io.StringIO) -> None:
     zlog.configure_logging("access=off,info", "plain", stream)
-    ConnectionTracker(Metrics()).open(outbound()).close(error="boom")
+    ConnectionTracker(Metrics()).open(outbound()).close(Failure(FailureKind.INTERNAL, "boom"))
     logging.getLogger("ztunnel.other").warning("kept %d", 1)
     assert [ln.split("\t")[3] for ln in lines(stream)] == ["kept 1"]
 

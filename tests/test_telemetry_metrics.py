@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from ipaddress import ip_address
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ztunnel.model.address import HostPort, SocketAddr
 from ztunnel.model.identity import Identity
+from ztunnel.model.outcome import Failure, FailureKind, ResponseFlag
 from ztunnel.model.workload import Locality, Service, TunnelProtocol, Workload
 from ztunnel.telemetry.connections import ConnectionInfo, ConnectionTracker
-from ztunnel.telemetry.metrics import TRAFFIC_LABELS, Metrics
+from ztunnel.telemetry.metrics import FAILURE_FLAGS, TRAFFIC_LABELS, Metrics
 
 SHELL = Workload(
     uid="Kubernetes//Pod/default/shell-1",
@@ -55,9 +58,9 @@ def outbound(**kw: object) -> ConnectionInfo:
     fields: dict[str, object] = dict(
         direction="outbound",
         reporter="source",
-        src_addr=("10.244.0.24", 46238),
-        dst_addr=("10.244.1.7", 15008),
-        hbone_addr=("10.244.1.7", 8080),
+        src_addr=SocketAddr.of("10.244.0.24", 46238),
+        dst_addr=SocketAddr.of("10.244.1.7", 15008),
+        hbone_addr=SocketAddr.of("10.244.1.7", 8080),
         src_workload=SHELL,
         dst_workload=ECHO,
         dst_service=ECHO_SVC,
@@ -140,10 +143,12 @@ def test_bytes_are_counted_live_and_sockets_tracked() -> None:
 def test_inbound_denied_counts_failure_with_flag() -> None:
     metrics = Metrics()
     tracker = ConnectionTracker(metrics)
-    info = outbound(direction="inbound", reporter="destination", dst_addr=("10.244.1.7", 8080))
+    info = outbound(
+        direction="inbound", reporter="destination", dst_addr=SocketAddr.of("10.244.1.7", 8080)
+    )
     conn = tracker.open(info)
-    conn.close(error="RBAC: denied", response_flags="DENY")
-    conn.close(error="again", response_flags="CONNECT")  # idempotent
+    conn.close(Failure(FailureKind.DENIED, "RBAC: denied"))
+    conn.close(Failure(FailureKind.CONNECT_REFUSED, "again"))  # idempotent
     assert value(metrics, "istio_tcp_connections_opened_total", reporter="destination") == 1
     assert value(metrics, "istio_tcp_connections_opened_total", response_flags="-") == 1
     assert value(metrics, "istio_tcp_connections_closed_total", response_flags="DENY") == 1
@@ -154,8 +159,43 @@ def test_inbound_denied_counts_failure_with_flag() -> None:
 
 def test_non_failure_flag_does_not_count_as_failed() -> None:
     metrics = Metrics()
-    ConnectionTracker(metrics).open(outbound()).close(response_flags="-")
+    tracker = ConnectionTracker(metrics)
+    tracker.open(outbound()).close()
+    tracker.open(outbound()).close(Failure(FailureKind.RELAY, "connection reset by peer"))
+    assert value(metrics, "istio_tcp_connections_closed_total", response_flags="-") == 2
     assert samples(metrics, "istio_tcp_connections_failed_total") == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "flag"),
+    [
+        (FailureKind.DENIED, "DENY"),
+        (FailureKind.POLICY_CUT, "DENY"),
+        (FailureKind.UPSTREAM_DENIED, "CONNECT"),
+        (FailureKind.CONNECT_TIMEOUT, "CONNECT"),
+        (FailureKind.INTERRUPTED, "-"),
+        (FailureKind.INTERNAL, "-"),
+    ],
+)
+def test_failure_kind_sets_the_response_flag(kind: FailureKind, flag: str) -> None:
+    metrics = Metrics()
+    ConnectionTracker(metrics).open(outbound()).close(Failure(kind, "why"))
+    assert value(metrics, "istio_tcp_connections_closed_total", response_flags=flag) == 1
+    failed = value(metrics, "istio_tcp_connections_failed_total", response_flags=flag)
+    assert failed == (0 if flag == "-" else 1)
+
+
+def test_failure_flags_are_istios() -> None:
+    assert {
+        "CONNECT",
+        "DENY",
+        "TLS_FAILURE",
+        "H2_HANDSHAKE_FAILURE",
+        "NETWORK_POLICY",
+        "IDENTITY_ERROR",
+        "CERT_REVOKED",
+    } == FAILURE_FLAGS
+    assert ResponseFlag.NONE.value == "-" and ResponseFlag.NONE not in FAILURE_FLAGS
 
 
 def test_unknown_everything_renders_unknown() -> None:
@@ -163,8 +203,8 @@ def test_unknown_everything_renders_unknown() -> None:
     info = ConnectionInfo(
         direction="outbound",
         reporter="source",
-        src_addr=("127.0.0.1", 1),
-        dst_addr=("192.0.2.1", 80),
+        src_addr=SocketAddr.of("127.0.0.1", 1),
+        dst_addr=SocketAddr.of("192.0.2.1", 80),
     )
     ConnectionTracker(metrics).open(info)
     [(labels, _)] = samples(metrics, "istio_tcp_connections_opened_total")
@@ -230,5 +270,18 @@ def test_registry_lookup_and_cancel() -> None:
 
 def test_ipv6_addresses_are_bracketed() -> None:
     tracker = ConnectionTracker(Metrics())
-    conn = tracker.open(outbound(src_addr=(ip_address("fd00::1"), 5000)))
+    conn = tracker.open(outbound(src_addr=SocketAddr.of("fd00::1", 5000)))
     assert conn.dump()["src"] == "[fd00::1]:5000"
+
+
+def test_addresses_are_formatted_at_the_edge() -> None:
+    tracker = ConnectionTracker(Metrics())
+    info = outbound(
+        src_addr=SocketAddr.of("::ffff:10.244.0.24", 46238),  # a dual-stack listener's view
+        hbone_addr=HostPort("echo.echo.svc.cluster.local", 80),
+    )
+    fields = tracker.open(info).log_fields()
+    assert (fields["src.addr"], fields["dst.hbone_addr"]) == (
+        "10.244.0.24:46238",
+        "echo.echo.svc.cluster.local:80",
+    )

@@ -21,11 +21,12 @@ import trio
 
 from ztunnel import __version__
 from ztunnel.admin.server import serve_admin, serve_metrics, serve_readiness
-from ztunnel.config import Config, ProxyMode, WorkloadInfo, format_address
+from ztunnel.config import Config, ProxyMode, WorkloadInfo
 from ztunnel.enroll.controller import EnrollmentController
 from ztunnel.errors import ConfigError
 from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA
 from ztunnel.identity.manager import SecretManager
+from ztunnel.model.address import format_hostport
 from ztunnel.model.identity import Identity
 from ztunnel.model.pod import MeshState, Pod
 from ztunnel.policy.istio import load_policy_dir
@@ -206,7 +207,7 @@ class Agent:
                     "agent ready",
                     version=__version__,
                     mode=self.config.proxy_mode.value,
-                    **{k: format_address(v) for k, v in self.bound.items()},
+                    **{k: format_hostport(*v) for k, v in self.bound.items()},
                 )
                 task_status.started(self)
 

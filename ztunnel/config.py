@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ztunnel.errors import ConfigError
+from ztunnel.model import ports
+from ztunnel.model.address import format_hostport
+from ztunnel.model.ports import AgentPorts
 
 T = TypeVar("T")
 
@@ -51,6 +54,8 @@ class WorkloadInfo:
         return cls(*parts)
 
 
+# A listener address: the host stays a string because "::" and "0.0.0.0" mean "every
+# interface" to bind(); connections carry ``model.address.SocketAddr`` instead.
 Address = tuple[str, int]
 
 
@@ -68,11 +73,6 @@ def parse_address(value: str, name: str) -> Address:
     if not 0 <= port <= 65535:
         raise ConfigError(name, "", f"port {port} out of range 0..65535")
     return host, port
-
-
-def format_address(addr: Address) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -249,25 +249,28 @@ class Config:
         "drain deadline on shutdown (default: from TERMINATION_GRACE_PERIOD_SECONDS, else 5s)",
     )
     outbound_addr: Address = _env_field(
-        "ZTUNNEL_OUTBOUND_ADDR", parse_address, ("::", 15001), "outbound capture listener"
+        "ZTUNNEL_OUTBOUND_ADDR", parse_address, ("::", ports.OUTBOUND), "outbound capture listener"
     )
     inbound_addr: Address = _env_field(
-        "ZTUNNEL_INBOUND_ADDR", parse_address, ("::", 15008), "inbound HBONE listener"
+        "ZTUNNEL_INBOUND_ADDR", parse_address, ("::", ports.INBOUND), "inbound HBONE listener"
     )
     inbound_plaintext_addr: Address = _env_field(
-        "ZTUNNEL_INBOUND_PLAINTEXT_ADDR", parse_address, ("::", 15006), "inbound plaintext listener"
+        "ZTUNNEL_INBOUND_PLAINTEXT_ADDR",
+        parse_address,
+        ("::", ports.INBOUND_PLAINTEXT),
+        "inbound plaintext listener",
     )
     socks5_addr: Address = _env_field(
-        "ZTUNNEL_SOCKS5_ADDR", parse_address, ("127.0.0.1", 15080), "SOCKS5 listener"
+        "ZTUNNEL_SOCKS5_ADDR", parse_address, ("127.0.0.1", ports.SOCKS5), "SOCKS5 listener"
     )
     admin_addr: Address = _env_field(
-        "ZTUNNEL_ADMIN_ADDR", parse_address, ("127.0.0.1", 15000), "admin endpoint"
+        "ZTUNNEL_ADMIN_ADDR", parse_address, ("127.0.0.1", ports.ADMIN), "admin endpoint"
     )
     stats_addr: Address = _env_field(
-        "ZTUNNEL_STATS_ADDR", parse_address, ("::", 15020), "Prometheus metrics"
+        "ZTUNNEL_STATS_ADDR", parse_address, ("::", ports.STATS), "Prometheus metrics"
     )
     readiness_addr: Address = _env_field(
-        "ZTUNNEL_READINESS_ADDR", parse_address, ("::", 15021), "readiness probe"
+        "ZTUNNEL_READINESS_ADDR", parse_address, ("::", ports.READINESS), "readiness probe"
     )
 
     @classmethod
@@ -302,6 +305,24 @@ class Config:
         if self.fake_ca and self.ca_dir:
             raise ConfigError("CA_DIR", "", "FAKE_CA and CA_DIR are exclusive")
 
+    def agent_ports(self) -> AgentPorts:
+        """The agent's ports, as configured and by default, for the self-call checks."""
+        proxy = {
+            *ports.DATA_PLANE,
+            self.outbound_addr[1],
+            self.inbound_addr[1],
+            self.inbound_plaintext_addr[1],
+        }
+        if self.socks5_enabled:
+            proxy |= {ports.SOCKS5, self.socks5_addr[1]}
+        services = {
+            *ports.SERVICES,
+            self.admin_addr[1],
+            self.stats_addr[1],
+            self.readiness_addr[1],
+        }
+        return AgentPorts.of(proxy, services)
+
     def to_dump(self) -> dict[str, Any]:
         """camelCase view for config_dump's "config" section."""
         out: dict[str, Any] = {}
@@ -312,7 +333,7 @@ class Config:
             elif isinstance(value, WorkloadInfo):
                 value = dataclasses.asdict(value)
             elif isinstance(value, tuple):
-                value = format_address(value)
+                value = format_hostport(*value)
             head, *rest = f.name.split("_")
             out[head + "".join(p.title() for p in rest)] = value
         return out

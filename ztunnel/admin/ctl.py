@@ -18,7 +18,9 @@ from typing import TextIO
 
 import yaml
 
-DEFAULT_ADMIN = "http://127.0.0.1:15000"
+from ztunnel.model import ports
+
+DEFAULT_ADMIN = f"http://127.0.0.1:{ports.ADMIN}"
 TIMEOUT = 5.0
 
 # The admin endpoint is dialled directly, whatever http_proxy says.

@@ -18,6 +18,7 @@ import trio
 import ztunnel
 from ztunnel.admin import debug
 from ztunnel.admin.http import ListenTarget, Request, Response, serve_http
+from ztunnel.model import ports
 from ztunnel.telemetry import logging as zlog
 from ztunnel.telemetry.connections import ConnectionTracker, TrackedConnection
 from ztunnel.telemetry.metrics import CONTENT_TYPE, Metrics
@@ -27,9 +28,9 @@ DumpProvider = Callable[[], Mapping[str, object]]
 Explainer = Callable[[str, str], Mapping[str, object]]
 ReadinessProbe = Callable[[], Sequence[str]]
 
-ADMIN_ADDRESS = ("127.0.0.1", 15000)
-METRICS_ADDRESS = ("0.0.0.0", 15020)
-READINESS_ADDRESS = ("0.0.0.0", 15021)
+ADMIN_ADDRESS = ("127.0.0.1", ports.ADMIN)
+METRICS_ADDRESS = ("0.0.0.0", ports.STATS)
+READINESS_ADDRESS = ("0.0.0.0", ports.READINESS)
 
 LOGGING_HELP = """\
 usage: POST /logging\t\t\t\t(To list current level)

@@ -25,6 +25,7 @@ import trio
 from ztunnel.hbone.connection import HboneClientConnection
 from ztunnel.hbone.engine import H2Settings
 from ztunnel.hbone.stream import HboneStream
+from ztunnel.model.address import IPAddress, SocketAddr
 from ztunnel.model.identity import Identity
 
 log = logging.getLogger("ztunnel.hbone.pool")
@@ -36,8 +37,8 @@ class PoolKey:
 
     src_identity: Identity
     dst_identities: frozenset[Identity]
-    dst: tuple[str, int]
-    src_ip: str
+    dst: SocketAddr
+    src_ip: IPAddress | None  # None: the OS picks the source
 
 
 Dial = Callable[[PoolKey], Awaitable[trio.abc.Stream]]

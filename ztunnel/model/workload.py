@@ -12,12 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
+from ztunnel.model import ports
 from ztunnel.model.identity import DEFAULT_TRUST_DOMAIN, Identity
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 
-HBONE_PORT = 15008
+HBONE_PORT = ports.HBONE  # where a mesh workload (or waypoint) accepts HBONE by default
 
 
 class TunnelProtocol(enum.Enum):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztunnel.errors import InvalidIdentity, ZtunnelError
+from ztunnel.model.address import SocketAddr, canonical_ip
 from ztunnel.model.identity import Identity
 from ztunnel.model.workload import IPAddress, Service, TunnelProtocol, Workload
 from ztunnel.policy.rbac import ConnectionAttrs, decision_to_json, evaluate, explain
@@ -61,7 +62,7 @@ def resolve_source(store: StateStore, text: str) -> Source:
             raise ExplainError(str(exc)) from exc
         return Source(ipaddress.ip_address("0.0.0.0"), identity, None)
     try:
-        ip = ipaddress.ip_address(text)
+        ip = canonical_ip(text)
     except ValueError:
         workload = find_pod(store, text)
         if workload is None or not workload.workload_ips:
@@ -82,7 +83,7 @@ def resolve_targets(store: StateStore, text: str) -> list[Target]:
         raise ExplainError(f"--to {text!r}: expected <pod|ip|service>:<port>")
     port, host = int(port_text), host.strip("[]")
     try:
-        ip = ipaddress.ip_address(host)
+        ip = canonical_ip(host)
     except ValueError:
         return _targets_by_name(store, host, port, text)
     workload = store.workload_by_ip(ip)
@@ -132,7 +133,7 @@ def explain_connection(store: StateStore, source: str, destination: str) -> dict
             {
                 "destination": {
                     "workload": f"{target.workload.namespace}/{target.workload.name}",
-                    "address": f"{target.ip}:{target.port}",
+                    "address": str(SocketAddr(target.ip, target.port)),
                     "service": target.service.hostname if target.service else None,
                 },
                 "decision": decision_to_json(decision),

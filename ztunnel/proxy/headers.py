@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import secrets
 
+from ztunnel.model.address import SocketAddr
 from ztunnel.model.workload import Workload
-
-
-def format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def baggage(workload: Workload | None, cluster_id: str = "Kubernetes") -> str:
@@ -36,8 +33,8 @@ def parse_baggage(value: str) -> dict[str, str]:
     return out
 
 
-def forwarded(client: tuple[str, int], service_host: str | None) -> str:
-    value = f'for="{format_hostport(*client)}"'
+def forwarded(client: SocketAddr, service_host: str | None) -> str:
+    value = f'for="{client}"'
     return f"{value};host={service_host}" if service_host else value
 
 

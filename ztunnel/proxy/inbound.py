@@ -11,68 +11,61 @@ app, then the app is dialled from the client's IP where the kernel allows
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import socket
-from typing import TYPE_CHECKING
 
 import trio
 
-from ztunnel.config import Address
-from ztunnel.hbone.connection import HboneServerStream, serve_hbone
-from ztunnel.hbone.engine import ConnectRequest, validate_connect
+from ztunnel.hbone.connection import HboneServerStream
+from ztunnel.hbone.engine import ConnectRequest
+from ztunnel.hbone.errors import HboneError
 from ztunnel.hbone.tlsstream import tls_handshake
+from ztunnel.identity.errors import TLSIdentityError
 from ztunnel.identity.tls import peer_identity, server_context, verify_client_trust_domain
+from ztunnel.model.address import Authority, SocketAddr, parse_authority
 from ztunnel.model.identity import Identity
+from ztunnel.model.outcome import Failure, FailureKind
 from ztunnel.model.workload import Service, Workload
 from ztunnel.proxy import headers
 from ztunnel.proxy.authorize import serve_inbound
-from ztunnel.proxy.relay import describe
+from ztunnel.proxy.deps import FlowDeps
+from ztunnel.proxy.outcome import NETWORK_ERRORS, describe
 from ztunnel.proxy.sockets import sockname
-from ztunnel.state.resolve import ResolveError, resolve_inbound
+from ztunnel.state.resolve import ResolveError, SelfCall, resolve_inbound
 from ztunnel.telemetry.connections import ConnectionInfo
 
-if TYPE_CHECKING:
-    from ztunnel.proxy.workload_proxy import WorkloadProxy
-
-TLS_HANDSHAKE_TIMEOUT = 10.0
+# Errors of answering a client that went away.
+_ANSWER_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, HboneError)
 
 
-async def serve_inbound_connection(
-    proxy: WorkloadProxy, conn: socket.socket, peer: Address
-) -> None:
+async def serve_inbound_connection(deps: FlowDeps, conn: socket.socket, peer: SocketAddr) -> None:
     local_addr = sockname(conn)
-    tracker = proxy.ctx.tracker
+    tracker = deps.tracker
     try:
-        local = await proxy.local_workload()
-        cert = await proxy.ctx.secrets.fetch(local.identity)
+        local = await deps.local_workload()
+        cert = await deps.certificate(local.identity)
         tls = await tls_handshake(
-            conn, server_context(cert), server_side=True, timeout=TLS_HANDSHAKE_TIMEOUT
+            conn,
+            server_context(cert),
+            server_side=True,
+            timeout=deps.settings.tls_handshake_timeout,
         )
-    except Exception as exc:
-        tracker.connection_failed(
-            peer, local_addr, "inbound", f"tls handshake failed: {describe(exc)}"
-        )
+    except NETWORK_ERRORS as exc:
+        failure = Failure(FailureKind.TLS_HANDSHAKE, f"tls handshake failed: {describe(exc)}")
+        tracker.connection_failed(peer, local_addr, "inbound", failure)
         return
     try:
         der = tls.peer_certificate_der() or b""
         verify_client_trust_domain(der, local.identity.trust_domain)
         # As ztunnel: policy sees the certificate's first SPIFFE SAN.
         src_identity = peer_identity(der)
-    except Exception as exc:
-        tracker.connection_failed(peer, local_addr, "inbound", f"client identity rejected: {exc}")
+    except (TLSIdentityError, OSError) as exc:
+        failure = Failure(FailureKind.IDENTITY_REJECTED, f"client identity rejected: {exc}")
+        tracker.connection_failed(peer, local_addr, "inbound", failure)
         await trio.aclose_forcefully(tls)
         return
-    conn_ctx = InboundConnection(proxy, local, src_identity, peer, local_addr)
+    streams = InboundConnection(deps, local, src_identity, peer, local_addr)
     try:
-        await serve_hbone(
-            tls,
-            conn_ctx.handle_stream,
-            stream_window=proxy.ctx.config.http2_stream_window_size,
-            connection_window=proxy.ctx.config.http2_connection_window_size,
-            max_frame_size=proxy.ctx.config.http2_frame_size,
-            on_connection=proxy.server_connections.add,
-            on_close=proxy.server_connections.discard,
-        )
+        await deps.serve_hbone(tls, streams.handle_stream)
     finally:
         await trio.aclose_forcefully(tls)
 
@@ -82,13 +75,13 @@ class InboundConnection:
 
     def __init__(
         self,
-        proxy: WorkloadProxy,
+        deps: FlowDeps,
         local: Workload,
         src_identity: Identity,
-        peer: Address,
-        local_addr: Address,
+        peer: SocketAddr,
+        local_addr: SocketAddr,
     ) -> None:
-        self.proxy = proxy
+        self.deps = deps
         self._local = local
         self.src_identity = src_identity
         self.peer = peer
@@ -101,7 +94,7 @@ class InboundConnection:
         A pooled HBONE connection outlives policy and workload updates; every stream
         must be judged by the current ones, not by those of the TLS handshake.
         """
-        return self.proxy.ctx.store.workload_by_uid(self._local.uid) or self._local
+        return self.deps.store.workload_by_uid(self._local.uid) or self._local
 
     def guess_service(self, request: ConnectRequest) -> Service | None:
         """The service the client addressed (Forwarded host=), if this pod backs it.
@@ -111,54 +104,57 @@ class InboundConnection:
         host = headers.forwarded_host(request.header("forwarded"))
         if host is None:
             return None
-        service = self.proxy.ctx.store.service_by_hostname(
-            host, prefer_namespace=self.local.namespace
-        )
+        service = self.deps.store.service_by_hostname(host, prefer_namespace=self.local.namespace)
         if service is None or self.local.uid not in service.endpoints:
             return None
         return service
 
     async def handle_stream(self, request: ConnectRequest, stream: HboneServerStream) -> None:
-        proxy, ctx = self.proxy, self.proxy.ctx
-        _, host, port = validate_connect(request)
-        dst_ip = self.local_addr[0]
+        deps = self.deps
+        try:
+            # serve_hbone answered malformed authorities with 400 already.
+            authority: Authority = parse_authority(request.authority)
+        except ValueError:
+            with contextlib.suppress(*_ANSWER_ERRORS):
+                await stream.respond(400, [])
+            return
         local = self.local
         try:
             target = resolve_inbound(
-                ctx.store,
+                deps.store,
                 local,
-                host,
-                port,
-                ipaddress.ip_address(dst_ip),
-                illegal=ctx.illegal_ports,
+                authority,
+                self.local_addr.ip,
+                agent_ports=deps.settings.ports,
             )
         except ResolveError as exc:
-            ctx.tracker.connection_failed(self.peer, (host, port), "inbound", str(exc))
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            kind = FailureKind.SELF_CALL if isinstance(exc, SelfCall) else FailureKind.NO_ROUTE
+            deps.tracker.connection_failed(self.peer, authority, "inbound", Failure(kind, str(exc)))
+            with contextlib.suppress(*_ANSWER_ERRORS):
                 await stream.respond(exc.status, [])
             return
-        upstream_addr = (dst_ip, target.port)
+        upstream = SocketAddr(self.local_addr.ip, target.port)
         service = target.service or self.guess_service(request)
-        src_workload = ctx.store.workload_by_ip(ipaddress.ip_address(self.peer[0]))
-        tracked = ctx.tracker.open(
+        tracked = deps.tracker.open(
             ConnectionInfo(
                 direction="inbound",
                 reporter="destination",
                 src_addr=self.peer,
-                dst_addr=upstream_addr,
-                hbone_addr=(host, port),
-                src_workload=src_workload,
+                dst_addr=upstream,
+                hbone_addr=authority,
+                src_workload=deps.store.workload_by_ip(self.peer.ip),
                 dst_workload=local,
                 dst_service=service,
                 src_identity=self.src_identity,
                 dst_identity=local.identity,
                 security_policy="mutual_tls",
-                proxy_uid=proxy.uid,
+                proxy_uid=deps.settings.proxy_uid,
             )
         )
-        resp_headers = [("baggage", headers.baggage(local, ctx.config.cluster_id))]
+        baggage = headers.baggage(local, deps.settings.cluster_id)
 
         async def respond(status: int) -> None:
-            await stream.respond(status, [h for h in resp_headers if h[1]] if status == 200 else [])
+            ok = status == 200 and baggage
+            await stream.respond(status, [("baggage", baggage)] if ok else [])
 
-        await serve_inbound(proxy, tracked, local, stream, upstream_addr, respond)
+        await serve_inbound(deps, tracked, local, stream, upstream, respond)

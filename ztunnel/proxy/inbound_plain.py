@@ -8,52 +8,58 @@ kernel allows.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
-from typing import TYPE_CHECKING
 
 import trio
 
-from ztunnel.config import Address
+from ztunnel.model.address import SocketAddr
+from ztunnel.model.outcome import Failure, FailureKind
 from ztunnel.proxy.authorize import serve_inbound
+from ztunnel.proxy.deps import FlowDeps, UnknownSourceWorkload
 from ztunnel.proxy.sockets import original_dst, socket_stream
 from ztunnel.telemetry.connections import ConnectionInfo
 
-if TYPE_CHECKING:
-    from ztunnel.proxy.workload_proxy import WorkloadProxy
 
-
-async def serve_plaintext_connection(
-    proxy: WorkloadProxy, conn: socket.socket, peer: Address
-) -> None:
-    ctx = proxy.ctx
+async def serve_plaintext_connection(deps: FlowDeps, conn: socket.socket, peer: SocketAddr) -> None:
     dst = original_dst(conn)
-    if dst[1] in ctx.illegal_ports:
-        ctx.tracker.connection_failed(peer, dst, "inbound", f"self call to port {dst[1]} refused")
+    client = socket_stream(conn)
+    try:
+        await proxy_plaintext(deps, client, peer, dst)
+    finally:
+        await trio.aclose_forcefully(client)
+
+
+async def proxy_plaintext(
+    deps: FlowDeps, client: trio.abc.HalfCloseableStream, peer: SocketAddr, dst: SocketAddr
+) -> None:
+    """Authorize and carry one redirected plaintext connection to ``dst`` (its original
+    destination, on this pod); never raises for network trouble."""
+    tracker = deps.tracker
+    if deps.settings.ports.is_proxy_port(dst.port):
+        failure = Failure(FailureKind.SELF_CALL, f"self call to port {dst.port} refused")
+        tracker.connection_failed(peer, dst, "inbound", failure)
         return
     try:
-        local = await proxy.local_workload()
-    except LookupError as exc:
-        ctx.tracker.connection_failed(peer, dst, "inbound", str(exc))
+        local = await deps.local_workload()
+    except UnknownSourceWorkload as exc:
+        tracker.connection_failed(
+            peer, dst, "inbound", Failure(FailureKind.UNKNOWN_SOURCE, str(exc))
+        )
         return
-    tracked = ctx.tracker.open(
+    tracked = tracker.open(
         ConnectionInfo(
             direction="inbound",
             reporter="destination",
             src_addr=peer,
             dst_addr=dst,
             hbone_addr=None,
-            src_workload=ctx.store.workload_by_ip(ipaddress.ip_address(peer[0])),
+            src_workload=deps.store.workload_by_ip(peer.ip),
             dst_workload=local,
             dst_service=None,
             src_identity=None,
             dst_identity=local.identity,
             security_policy="unknown",
-            proxy_uid=proxy.uid,
+            proxy_uid=deps.settings.proxy_uid,
         )
     )
-    client = socket_stream(conn)
-    try:
-        await serve_inbound(proxy, tracked, local, client, dst, respond=None)
-    finally:
-        await trio.aclose_forcefully(client)
+    await serve_inbound(deps, tracked, local, client, dst, respond=None)

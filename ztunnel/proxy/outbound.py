@@ -1,144 +1,133 @@
 """Outbound: a captured app connection (15001) or a SOCKS5 one becomes HBONE, TCP or passthrough.
 
-Order follows ztunnel's outbound.rs: self-call check, source workload, resolve
-the destination (workload by IP, service VIP with weighted endpoint choice,
-waypoints), then HBONE through the pool, plain TCP to known non-mesh workloads,
-or passthrough for unknown addresses. Outbound applies no policy: the
+Order follows ztunnel's outbound.rs: self-call check (before anything else, so a
+connection to one of the agent's own ports is never dialled), source workload,
+resolve the destination (workload by IP, service VIP with weighted endpoint
+choice, waypoints), then HBONE through the pool, plain TCP to known non-mesh
+workloads, or passthrough for unknown addresses. Outbound applies no policy: the
 destination's agent decides.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import trio
 
-from ztunnel.config import Address
-from ztunnel.hbone.connection import HboneStatusError
 from ztunnel.hbone.pool import PoolKey
+from ztunnel.model.address import IPAddress, SocketAddr
+from ztunnel.model.outcome import Failure, FailureKind
+from ztunnel.model.workload import Workload
 from ztunnel.proxy import headers
-from ztunnel.proxy.relay import Outcome, describe, relay
-from ztunnel.proxy.sockets import connect_socket, original_dst, socket_stream
+from ztunnel.proxy.deps import FlowDeps, UnknownSourceWorkload, dial
+from ztunnel.proxy.outcome import (
+    NETWORK_ERRORS,
+    Outcome,
+    closing,
+    describe,
+    relay_failure,
+    upstream_failure,
+)
+from ztunnel.proxy.relay import relay
+from ztunnel.proxy.sockets import original_dst, socket_stream
 from ztunnel.state.resolve import (
     HboneUpstream,
     Passthrough,
     ResolveError,
-    TcpUpstream,
     Upstream,
     resolve_outbound,
 )
 from ztunnel.telemetry.connections import ConnectionInfo, TrackedConnection
 
-if TYPE_CHECKING:
-    from ztunnel.model.workload import Workload
-    from ztunnel.proxy.workload_proxy import WorkloadProxy
-
-# Called once the upstream is connected (True) or has failed (False, reason); SOCKS5 replies then.
-ReadyHook = Callable[[bool, str], Awaitable[None]]
+# Called once the upstream is connected (None) or has failed (why); SOCKS5 replies then.
+ReadyHook = Callable[[Failure | None], Awaitable[None]]
 
 
-async def serve_outbound_connection(
-    proxy: WorkloadProxy, conn: socket.socket, peer: Address
-) -> None:
+async def serve_outbound_connection(deps: FlowDeps, conn: socket.socket, peer: SocketAddr) -> None:
     dst = original_dst(conn)
     stream = socket_stream(conn)
     try:
-        await proxy_outbound(proxy, stream, peer, dst)
+        await proxy_outbound(deps, stream, peer, dst)
     finally:
         await trio.aclose_forcefully(stream)
 
 
-def is_self_call(proxy: WorkloadProxy, dst: Address) -> bool:
-    return ipaddress.ip_address(dst[0]).is_loopback and dst[1] in proxy.ctx.illegal_ports
-
-
 async def proxy_outbound(
-    proxy: WorkloadProxy,
+    deps: FlowDeps,
     downstream: trio.abc.HalfCloseableStream,
-    client: Address,
-    dst: Address,
+    client: SocketAddr,
+    dst: SocketAddr,
     *,
     ready: ReadyHook | None = None,
     early_data: bytes = b"",
 ) -> None:
     """Carry one outbound connection to ``dst``; never raises for network trouble."""
-    tracker = proxy.ctx.tracker
 
-    async def fail(reason: str) -> None:
-        tracker.connection_failed(client, dst, "outbound", reason)
+    async def refuse(failure: Failure) -> None:
+        deps.tracker.connection_failed(client, dst, "outbound", failure)
         if ready is not None:
-            await ready(False, reason)
+            await ready(failure)
 
-    if is_self_call(proxy, dst):
-        await fail(f"self call to {dst[0]}:{dst[1]} refused")
+    if deps.settings.ports.is_self_call(dst):
+        await refuse(Failure(FailureKind.SELF_CALL, f"self call to {dst} refused"))
         return
     try:
-        source = await proxy.local_workload()
-        upstream = resolve_outbound(
-            proxy.ctx.store, source, ipaddress.ip_address(dst[0]), dst[1], rng=proxy.ctx.rng
-        )
-    except (LookupError, ResolveError) as exc:
-        await fail(str(exc))
+        source = await deps.local_workload()
+        upstream = resolve_outbound(deps.store, source, dst, rng=deps.rng)
+    except UnknownSourceWorkload as exc:
+        await refuse(Failure(FailureKind.UNKNOWN_SOURCE, str(exc)))
         return
-    tracked = tracker.open(connection_info(proxy, source, client, dst, upstream))
+    except ResolveError as exc:
+        await refuse(Failure(FailureKind.NO_ROUTE, str(exc)))
+        return
+    tracked = deps.tracker.open(connection_info(deps, source, client, upstream))
     # Closed exactly once whatever happens, also when a drain cancels us midway.
-    outcome = Outcome()
-    try:
+    with closing(tracked) as outcome:
         await _carry(
-            proxy, source, downstream, client, dst, upstream, tracked, ready, early_data, outcome
+            deps, source, downstream, client, upstream, tracked, outcome, ready, early_data
         )
-    finally:
-        tracked.close(outcome.error, outcome.flags)
 
 
 async def _carry(
-    proxy: WorkloadProxy,
+    deps: FlowDeps,
     source: Workload,
     downstream: trio.abc.HalfCloseableStream,
-    client: Address,
-    dst: Address,
+    client: SocketAddr,
     upstream: Upstream,
     tracked: TrackedConnection,
+    outcome: Outcome,
     ready: ReadyHook | None,
     early_data: bytes,
-    outcome: Outcome,
 ) -> None:
     try:
-        upstream_stream = await open_upstream(proxy, source, client, dst, upstream)
-    except HboneStatusError as exc:
-        outcome.set(f"http status: {exc.status}", "CONNECT")
-    except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
-        outcome.set(f"connect to upstream failed: {describe(exc)}", "CONNECT")
-    except Exception as exc:  # TLS identity mismatch, h2 failure...: deny on doubt
-        outcome.set(f"connect to upstream failed: {exc}", "CONNECT")
-    else:
-        try:
-            if ready is not None:
-                await ready(True, "")
-            if early_data:
-                await upstream_stream.send_all(early_data)
-                tracked.add_sent(len(early_data))
-            result = await relay(
-                downstream,
-                upstream_stream,
-                on_a_to_b=tracked.add_sent,
-                on_b_to_a=tracked.add_received,
-            )
-            outcome.set(result.error)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            outcome.set(describe(exc))
-        finally:
-            await trio.aclose_forcefully(upstream_stream)
+        upstream_stream = await open_upstream(deps, source, client, upstream)
+    except NETWORK_ERRORS as exc:
+        outcome.failure = upstream_failure(exc)
+        if ready is not None:
+            await ready(outcome.failure)
         return
-    if ready is not None:
-        await ready(False, str(outcome.error))
+    try:
+        if ready is not None:
+            await ready(None)
+        if early_data:
+            await upstream_stream.send_all(early_data)
+            tracked.add_sent(len(early_data))
+        result = await relay(
+            downstream,
+            upstream_stream,
+            on_a_to_b=tracked.add_sent,
+            on_b_to_a=tracked.add_received,
+        )
+        outcome.failure = relay_failure(result.error)
+    except NETWORK_ERRORS as exc:
+        outcome.failure = Failure(FailureKind.RELAY, describe(exc))
+    finally:
+        await trio.aclose_forcefully(upstream_stream)
 
 
 def connection_info(
-    proxy: WorkloadProxy, source: Workload, client: Address, dst: Address, upstream: Upstream
+    deps: FlowDeps, source: Workload, client: SocketAddr, upstream: Upstream
 ) -> ConnectionInfo:
     workload = None if isinstance(upstream, Passthrough) else upstream.workload
     service = None if isinstance(upstream, Passthrough) else upstream.service
@@ -155,42 +144,38 @@ def connection_info(
         src_identity=source.identity,
         dst_identity=workload.identity if (hbone and workload is not None) else None,
         security_policy="mutual_tls" if hbone else "unknown",
-        proxy_uid=proxy.uid,
+        proxy_uid=deps.settings.proxy_uid,
     )
 
 
 async def open_upstream(
-    proxy: WorkloadProxy, source: Workload, client: Address, dst: Address, upstream: Upstream
+    deps: FlowDeps, source: Workload, client: SocketAddr, upstream: Upstream
 ) -> trio.abc.HalfCloseableStream:
-    if isinstance(upstream, HboneUpstream):
-        key = PoolKey(
-            src_identity=source.identity,
-            dst_identities=frozenset(upstream.expected_identities),
-            dst=(str(upstream.address[0]), upstream.address[1]),
-            src_ip=source_ip(source, client[0]),
-        )
-        service_host = upstream.service.hostname if upstream.service is not None else None
-        extra = [
-            ("baggage", headers.baggage(source, proxy.ctx.config.cluster_id)),
-            ("forwarded", headers.forwarded(client, service_host)),
-            ("traceparent", headers.traceparent()),
-        ]
-        return await proxy.pool.open_stream(
-            key, upstream.authority_header, [h for h in extra if h[1]]
-        )
-    assert isinstance(upstream, TcpUpstream | Passthrough)
-    sock = await connect_socket(proxy.factory, (str(upstream.address[0]), upstream.address[1]))
-    return socket_stream(sock)
+    """An HBONE stream through the pool, or a TCP connection; raises NETWORK_ERRORS."""
+    if not isinstance(upstream, HboneUpstream):
+        return await dial(deps, upstream.address)
+    key = PoolKey(
+        src_identity=source.identity,
+        dst_identities=frozenset(upstream.expected_identities),
+        dst=upstream.address,
+        src_ip=source_ip(source, client.ip),
+    )
+    service_host = upstream.service.hostname if upstream.service is not None else None
+    extra = [
+        ("baggage", headers.baggage(source, deps.settings.cluster_id)),
+        ("forwarded", headers.forwarded(client, service_host)),
+        ("traceparent", headers.traceparent()),
+    ]
+    return await deps.open_hbone(key, upstream.authority_header, [h for h in extra if h[1]])
 
 
-def source_ip(workload: Workload, client_ip: str) -> str:
+def source_ip(workload: Workload, client_ip: IPAddress) -> IPAddress:
     """The pool key's source IP: the client's if it is the workload's, else the workload's.
 
     In-pod, the client is always the pod; in dedicated mode an app may connect from
     elsewhere (e.g. 127.0.0.1), and the tunnel should still leave from the workload IP.
     """
-    ip = ipaddress.ip_address(client_ip)
-    if ip in workload.workload_ips or not workload.workload_ips:
+    if client_ip in workload.workload_ips or not workload.workload_ips:
         return client_ip
-    same_family = [w for w in workload.workload_ips if w.version == ip.version]
-    return str((same_family or list(workload.workload_ips))[0])
+    same_family = [w for w in workload.workload_ips if w.version == client_ip.version]
+    return (same_family or list(workload.workload_ips))[0]

@@ -29,14 +29,13 @@ def recheck_connections(store: StateStore, conns: Iterable[TrackedConnection]) -
         if info.direction != "inbound" or info.dst_workload is None or conn.cancel is None:
             continue
         local = store.workload_by_uid(info.dst_workload.uid) or info.dst_workload
-        dst = (str(info.dst_addr[0]), int(info.dst_addr[1]))
-        decision = authorize(store, local, str(info.src_addr[0]), dst, info.src_identity)
+        decision = authorize(store, local, info.src_addr.ip, info.dst_addr, info.src_identity)
         if decision.allowed:
             continue
         log.info(
             "closing connection no longer allowed by policy",
-            src=str(info.src_addr[0]),
-            dst=f"{info.dst_addr[0]}:{info.dst_addr[1]}",
+            src=str(info.src_addr.ip),
+            dst=str(info.dst_addr),
             policy=decision.policy,
             reason=decision.message,
         )

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import trio
 
 from ztunnel.hbone.stream import HboneStream
+from ztunnel.proxy.outcome import describe
 
 SMALL, MEDIUM, LARGE = 1024, 16 * 1024 - 64, 256 * 1024 - 64
 MEDIUM_AFTER, LARGE_AFTER = 128 * 1024, 10 * 1024 * 1024
@@ -130,28 +131,3 @@ async def relay(
             nursery.start_soon(direction, a, b, True, scope)
             nursery.start_soon(direction, b, a, False, scope)
     return result
-
-
-@dataclass
-class Outcome:
-    """How a tracked connection ended: its access-log error and response flag.
-
-    Starts pessimistic so a connection cancelled midway (drain, dying HBONE
-    connection) is still closed with an explanation rather than as a success.
-    """
-
-    error: str | None = "connection closed by the agent before completion"
-    flags: str = "-"
-
-    def set(self, error: str | None, flags: str = "-") -> None:
-        self.error, self.flags = error, flags
-
-
-def describe(exc: BaseException) -> str:
-    """A short, log-friendly reason, following the chain to the OS error if any."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror.lower()
-        seen = seen.__cause__ or seen.__context__
-    return str(exc) or type(exc).__name__

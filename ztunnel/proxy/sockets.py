@@ -12,11 +12,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import math
 import socket
 import struct
 from typing import TYPE_CHECKING, Protocol
 
 import trio
+
+from ztunnel.config import Address
+from ztunnel.model.address import IPAddress, SocketAddr
 
 if TYPE_CHECKING:
     from ztunnel.redirect.netns import NetNamespace
@@ -31,8 +35,6 @@ IPV6_FREEBIND = 78
 SOL_IPV6 = 41
 LISTEN_BACKLOG = 128
 CONNECT_TIMEOUT = 10.0
-
-Address = tuple[str, int]
 
 
 class SocketFactory(Protocol):
@@ -61,21 +63,14 @@ def apply_mark(sock: socket.socket, mark: int | None) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
 
-def family_of(host: str) -> int:
-    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+def family_of(ip: IPAddress) -> int:
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
-def canonical_ip(host: str) -> str:
-    """IPv4-mapped IPv6 (``::ffff:1.2.3.4``) becomes plain IPv4, as ztunnel's to_canonical."""
-    ip = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
-def sockname(sock: socket.socket | trio.socket.SocketType, peer: bool = False) -> Address:
-    raw = sock.getpeername() if peer else sock.getsockname()
-    return canonical_ip(raw[0]), int(raw[1])
+def sockname(sock: socket.socket | trio.socket.SocketType, peer: bool = False) -> SocketAddr:
+    """The socket's local (or peer) address, canonical (a dual-stack socket's
+    ``::ffff:10.0.0.1`` is 10.0.0.1)."""
+    return SocketAddr.from_sockaddr(sock.getpeername() if peer else sock.getsockname())
 
 
 def try_transparent(sock: socket.socket) -> bool:
@@ -112,7 +107,7 @@ def make_listener(
     return sock, is_transparent
 
 
-async def accept(listener: socket.socket) -> tuple[socket.socket, Address]:
+async def accept(listener: socket.socket) -> tuple[socket.socket, SocketAddr]:
     """Accept one connection (non-blocking, TCP_NODELAY) on a non-blocking listener."""
     while True:
         await trio.lowlevel.wait_readable(listener)
@@ -126,7 +121,7 @@ async def accept(listener: socket.socket) -> tuple[socket.socket, Address]:
 
 
 def _bound(factory: SocketFactory, host: str, port: int) -> socket.socket:
-    family = family_of(host)
+    family = family_of(ipaddress.ip_address(host))
     sock = factory.new_socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -141,18 +136,18 @@ def _bound(factory: SocketFactory, host: str, port: int) -> socket.socket:
     return sock
 
 
-def original_dst(sock: socket.socket | trio.socket.SocketType) -> Address:
+def original_dst(sock: socket.socket | trio.socket.SocketType) -> SocketAddr:
     """The pre-REDIRECT destination (SO_ORIGINAL_DST, v4 then v6), else the local address."""
     try:
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
         port = struct.unpack_from("!H", raw, 2)[0]
-        return str(ipaddress.IPv4Address(raw[4:8])), port
+        return SocketAddr(ipaddress.IPv4Address(raw[4:8]), port)
     except OSError:
         pass
     try:
         raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
         port = struct.unpack_from("!H", raw, 2)[0]
-        return canonical_ip(str(ipaddress.IPv6Address(raw[8:24]))), port
+        return SocketAddr(ipaddress.IPv6Address(raw[8:24]), port)
     except OSError:
         return sockname(sock)
 
@@ -163,35 +158,37 @@ def set_nodelay(sock: socket.socket | trio.socket.SocketType) -> None:
 
 async def connect_socket(
     factory: SocketFactory,
-    dst: Address,
+    dst: SocketAddr,
     *,
-    src_ip: str | None = None,
+    src_ip: IPAddress | None = None,
     transparent: bool = False,
-    connect_timeout: float = CONNECT_TIMEOUT,
+    connect_timeout: float | None = CONNECT_TIMEOUT,
 ) -> socket.socket:
     """Connect a non-blocking stdlib socket (created by ``factory``) to ``dst``.
 
     ``src_ip`` binds the source address first; with ``transparent`` the socket may
     use a non-local source (the original client's IP), as ztunnel's freebind_connect.
-    Raises OSError (TimeoutError after ``connect_timeout`` seconds).
+    Raises OSError (TimeoutError after ``connect_timeout`` seconds; None: the caller
+    applies its own deadline).
     """
-    sock = factory.new_socket(family_of(dst[0]), socket.SOCK_STREAM)
+    sock = factory.new_socket(family_of(dst.ip), socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         set_nodelay(sock)
         if src_ip is not None and family_of(src_ip) == sock.family:
             _bind_source(sock, src_ip, transparent)
-        with trio.move_on_after(connect_timeout) as scope:
+        limit = math.inf if connect_timeout is None else connect_timeout
+        with trio.move_on_after(limit) as scope:
             await _connect(sock, dst)
         if scope.cancelled_caught:
-            raise TimeoutError(errno.ETIMEDOUT, f"connect to {dst[0]}:{dst[1]} timed out")
+            raise TimeoutError(errno.ETIMEDOUT, f"connect to {dst} timed out")
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-def _bind_source(sock: socket.socket, src_ip: str, transparent: bool) -> None:
+def _bind_source(sock: socket.socket, src_ip: IPAddress, transparent: bool) -> None:
     if transparent:
         try_transparent(sock)
         level, opt = (
@@ -202,7 +199,7 @@ def _bind_source(sock: socket.socket, src_ip: str, transparent: bool) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(level, opt, 1)
     try:
-        sock.bind((src_ip, 0))
+        sock.bind((str(src_ip), 0))
     except OSError as exc:
         # A source we cannot use (not local, no transparency) is not fatal: the
         # connection still works, only source-IP preservation is lost.
@@ -210,16 +207,16 @@ def _bind_source(sock: socket.socket, src_ip: str, transparent: bool) -> None:
             raise
 
 
-async def _connect(sock: socket.socket, dst: Address) -> None:
-    err = sock.connect_ex(dst)
+async def _connect(sock: socket.socket, dst: SocketAddr) -> None:
+    err = sock.connect_ex(dst.sockaddr())
     if err == 0:
         return
     if err not in (errno.EINPROGRESS, errno.EAGAIN):
-        raise OSError(err, f"connect to {dst[0]}:{dst[1]}: {errno.errorcode.get(err, err)}")
+        raise OSError(err, f"connect to {dst}: {errno.errorcode.get(err, err)}")
     await trio.lowlevel.wait_writable(sock)
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
-        raise OSError(err, f"connect to {dst[0]}:{dst[1]}: {errno.errorcode.get(err, err)}")
+        raise OSError(err, f"connect to {dst}: {errno.errorcode.get(err, err)}")
 
 
 def socket_stream(sock: socket.socket) -> trio.SocketStream:

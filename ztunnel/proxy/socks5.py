@@ -3,18 +3,23 @@
 A domain name is looked up in the mesh state (service hostname -> its VIP,
 then workload hostname), never in DNS: the agent only proxies what it knows.
 The SOCKS reply is sent once the upstream is connected, so a client sees a
-denied or failed connection as a SOCKS error instead of an instant EOF.
+denied or failed connection as a SOCKS error instead of an instant EOF; the
+reply code follows the failure's kind (``REPLIES``): a self call or a policy
+denial is "not allowed", an unknown name or no usable destination "host
+unreachable", a refused dial "connection refused", anything else "general
+failure".
 """
 
 from __future__ import annotations
 
-import ipaddress
+import contextlib
 import socket
-from typing import TYPE_CHECKING
 
 import trio
 
-from ztunnel.config import Address
+from ztunnel.model.address import Authority, SocketAddr
+from ztunnel.model.outcome import Failure, FailureKind
+from ztunnel.proxy.deps import FlowDeps
 from ztunnel.proxy.outbound import proxy_outbound
 from ztunnel.proxy.sockets import socket_stream
 from ztunnel.proxy.socks5_proto import (
@@ -26,46 +31,81 @@ from ztunnel.proxy.socks5_proto import (
     parse_greeting,
     parse_request,
 )
+from ztunnel.state.store import StateStore
 
-if TYPE_CHECKING:
-    from ztunnel.proxy.workload_proxy import WorkloadProxy
-
-HANDSHAKE_TIMEOUT = 10.0
 MAX_HANDSHAKE = 600  # greeting (257) + request (262) is the most SOCKS5 can need
 
+# The SOCKS5 reply for each way a connection can fail before it is relayed.
+REPLIES: dict[FailureKind, Reply] = {
+    FailureKind.SELF_CALL: Reply.NOT_ALLOWED,
+    FailureKind.DENIED: Reply.NOT_ALLOWED,
+    FailureKind.UPSTREAM_DENIED: Reply.NOT_ALLOWED,  # the destination's policy (HBONE 401)
+    FailureKind.UNKNOWN_HOST: Reply.HOST_UNREACHABLE,
+    FailureKind.NO_ROUTE: Reply.HOST_UNREACHABLE,
+    FailureKind.UNREACHABLE: Reply.HOST_UNREACHABLE,
+    FailureKind.CONNECT_TIMEOUT: Reply.HOST_UNREACHABLE,
+    FailureKind.CONNECT_REFUSED: Reply.CONNECTION_REFUSED,
+}
 
-async def serve_socks5_connection(proxy: WorkloadProxy, conn: socket.socket, peer: Address) -> None:
+# Errors of writing to a SOCKS client that went away.
+_CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def reply_for(failure: Failure | None) -> Reply:
+    if failure is None:
+        return Reply.SUCCEEDED
+    return REPLIES.get(failure.kind, Reply.GENERAL_FAILURE)
+
+
+async def serve_socks5_connection(deps: FlowDeps, conn: socket.socket, peer: SocketAddr) -> None:
     stream = socket_stream(conn)
-    request: Socks5Request | None = None
-    leftover = b""
     try:
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
-            request, leftover = await _handshake(stream)
-        if request is None:  # refused, malformed, or too slow: already answered or closed
-            return
-        dst = _resolve(proxy, request)
-        if dst is None:
-            proxy.ctx.tracker.connection_failed(
-                peer, (request.host, request.port), "outbound", "unknown SOCKS5 hostname"
-            )
-            await stream.send_all(encode_reply(Reply.HOST_UNREACHABLE))
-            return
-
-        async def ready(ok: bool, reason: str) -> None:
-            if ok:
-                reply = Reply.SUCCEEDED
-            else:
-                reply = Reply.NOT_ALLOWED if "401" in reason else Reply.GENERAL_FAILURE
-            await stream.send_all(encode_reply(reply))
-
-        await proxy_outbound(proxy, stream, peer, dst, ready=ready, early_data=leftover)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
+        await proxy_socks5(deps, stream, peer)
     finally:
         await trio.aclose_forcefully(stream)
 
 
-async def _handshake(stream: trio.SocketStream) -> tuple[Socks5Request | None, bytes]:
+async def proxy_socks5(
+    deps: FlowDeps, stream: trio.abc.HalfCloseableStream, peer: SocketAddr
+) -> None:
+    """Negotiate, then carry the requested connection; never raises for network trouble."""
+    request: Socks5Request | None = None
+    leftover = b""
+    try:
+        with trio.move_on_after(deps.settings.socks5_handshake_timeout):
+            request, leftover = await _handshake(stream)
+    except _CLIENT_GONE:
+        return
+    if request is None:  # refused, malformed, or too slow: already answered or closed
+        return
+
+    async def answer(failure: Failure | None) -> None:
+        with contextlib.suppress(*_CLIENT_GONE):
+            await stream.send_all(encode_reply(reply_for(failure)))
+
+    dst = resolve_target(deps.store, request.target)
+    if dst is None:
+        failure = Failure(FailureKind.UNKNOWN_HOST, "unknown SOCKS5 hostname")
+        deps.tracker.connection_failed(peer, request.target, "outbound", failure)
+        await answer(failure)
+        return
+    await proxy_outbound(deps, stream, peer, dst, ready=answer, early_data=leftover)
+
+
+def resolve_target(store: StateStore, target: Authority) -> SocketAddr | None:
+    """An address as is; a name through the mesh state (service VIP, then workload IP)."""
+    if isinstance(target, SocketAddr):
+        return target
+    service = store.service_by_hostname(target.host)
+    if service is not None and service.vips:
+        return SocketAddr(service.vips[0].address, target.port)
+    for workload in store.workloads():
+        if workload.hostname == target.host and workload.workload_ips:
+            return SocketAddr(workload.workload_ips[0], target.port)
+    return None
+
+
+async def _handshake(stream: trio.abc.Stream) -> tuple[Socks5Request | None, bytes]:
     buf = b""
     try:
         while (greeting := parse_greeting(buf)) is None:
@@ -86,25 +126,8 @@ async def _handshake(stream: trio.SocketStream) -> tuple[Socks5Request | None, b
     return request, buf[used:]
 
 
-async def _more(stream: trio.SocketStream, buf: bytes) -> bytes:
+async def _more(stream: trio.abc.Stream, buf: bytes) -> bytes:
     data = await stream.receive_some(MAX_HANDSHAKE)
     if not data or len(buf) + len(data) > MAX_HANDSHAKE:
         raise EOFError
     return buf + data
-
-
-def _resolve(proxy: WorkloadProxy, request: Socks5Request) -> Address | None:
-    if not request.is_domain:
-        return request.host, request.port
-    try:
-        return str(ipaddress.ip_address(request.host)), request.port
-    except ValueError:
-        pass
-    store = proxy.ctx.store
-    service = store.service_by_hostname(request.host)
-    if service is not None and service.vips:
-        return str(service.vips[0].address), request.port
-    for workload in store.workloads():
-        if workload.hostname == request.host and workload.workload_ips:
-            return str(workload.workload_ips[0]), request.port
-    return None

@@ -12,6 +12,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from ztunnel.model.address import Authority, HostPort, SocketAddr
+
 VERSION = 5
 NO_AUTH = 0
 NO_ACCEPTABLE_METHODS = 0xFF
@@ -38,9 +40,10 @@ class Socks5Error(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Socks5Request:
-    host: str  # an IP literal or a domain name
-    port: int
-    is_domain: bool
+    """A CONNECT request: an address (canonical, so ``::ffff:127.0.0.1`` is 127.0.0.1,
+    also when sent as a domain name) or a host name to look up."""
+
+    target: Authority
 
 
 def parse_greeting(buf: bytes) -> tuple[bool, int] | None:
@@ -68,28 +71,32 @@ def parse_request(buf: bytes) -> tuple[Socks5Request, int] | None:
     if len(buf) < 5:
         return None
     atyp = buf[3]
-    if atyp == ATYP_IPV4:
-        end = 4 + 4
-        host = str(ipaddress.IPv4Address(buf[4:end])) if len(buf) >= end else ""
-    elif atyp == ATYP_IPV6:
-        end = 4 + 16
-        host = str(ipaddress.IPv6Address(buf[4:end])) if len(buf) >= end else ""
-    elif atyp == ATYP_DOMAIN:
-        end = 5 + buf[4]
-        host = buf[5:end].decode("ascii", "replace") if len(buf) >= end else ""
-    else:
-        raise Socks5Error(Reply.ADDRESS_TYPE_NOT_SUPPORTED, f"address type {atyp} not supported")
+    end = {ATYP_IPV4: 4 + 4, ATYP_IPV6: 4 + 16, ATYP_DOMAIN: 5 + buf[4]}[atyp]
     if len(buf) < end + 2:
         return None
     (port,) = struct.unpack_from("!H", buf, end)
-    return Socks5Request(host, port, atyp == ATYP_DOMAIN), end + 2
+    if atyp == ATYP_IPV4:
+        return Socks5Request(SocketAddr(ipaddress.IPv4Address(buf[4:end]), port)), end + 2
+    if atyp == ATYP_IPV6:
+        return Socks5Request(SocketAddr(ipaddress.IPv6Address(buf[4:end]), port)), end + 2
+    return Socks5Request(_named(buf[5:end].decode("ascii", "replace"), port)), end + 2
+
+
+def _named(host: str, port: int) -> Authority:
+    """A domain-name request: an IP literal in text form is that address."""
+    try:
+        return SocketAddr.of(host, port)
+    except ValueError:
+        return HostPort(host, port)
 
 
 def encode_method_choice(accept: bool) -> bytes:
     return bytes([VERSION, NO_AUTH if accept else NO_ACCEPTABLE_METHODS])
 
 
-def encode_reply(reply: Reply, bound: tuple[str, int] = ("0.0.0.0", 0)) -> bytes:
-    ip = ipaddress.ip_address(bound[0])
-    atyp = ATYP_IPV4 if ip.version == 4 else ATYP_IPV6
-    return bytes([VERSION, reply, 0, atyp]) + ip.packed + struct.pack("!H", bound[1])
+_UNSPECIFIED = SocketAddr(ipaddress.IPv4Address(0), 0)
+
+
+def encode_reply(reply: Reply, bound: SocketAddr = _UNSPECIFIED) -> bytes:
+    atyp = ATYP_IPV4 if bound.family == 4 else ATYP_IPV6
+    return bytes([VERSION, reply, 0, atyp]) + bound.ip.packed + struct.pack("!H", bound.port)

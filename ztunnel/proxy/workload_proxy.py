@@ -14,24 +14,43 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
+import structlog
 import trio
 
 from ztunnel.config import Address, WorkloadInfo
+from ztunnel.errors import ZtunnelError
+from ztunnel.hbone.connection import Handler as StreamHandler
+from ztunnel.hbone.connection import serve_hbone
 from ztunnel.hbone.pool import HbonePool, PoolKey
 from ztunnel.hbone.tlsstream import TLSStream, tls_handshake
 from ztunnel.identity.certificate import WorkloadCertificate
 from ztunnel.identity.tls import client_context, verify_server_identity
+from ztunnel.model.address import IPAddress, SocketAddr
 from ztunnel.model.identity import Identity
 from ztunnel.model.workload import Workload
 from ztunnel.proxy.context import ProxyContext
-from ztunnel.proxy.sockets import SocketFactory, accept, connect_socket, make_listener
+from ztunnel.proxy.deps import FlowDeps, FlowSettings, wait_for_workload
+from ztunnel.proxy.inbound import serve_inbound_connection
+from ztunnel.proxy.inbound_plain import serve_plaintext_connection
+from ztunnel.proxy.outbound import serve_outbound_connection
+from ztunnel.proxy.sockets import (
+    SocketFactory,
+    accept,
+    connect_socket,
+    make_listener,
+    socket_stream,
+)
+from ztunnel.proxy.socks5 import serve_socks5_connection
 
-WORKLOAD_WAIT = 5.0  # ztunnel waits this long for the local workload to appear in xDS
+log = structlog.get_logger("ztunnel.proxy")
 
-Handler = Callable[[socket.socket, Address], Awaitable[None]]
+# A listener's per-connection entry point, before and after binding it to the FlowDeps.
+Flow = Callable[[FlowDeps, socket.socket, SocketAddr], Awaitable[None]]
+Handler = Callable[[socket.socket, SocketAddr], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,38 +100,60 @@ class WorkloadProxy:
         self.certificate_ready = trio.Event()
         self.certificate_error = ""
 
-    # -- local workload -------------------------------------------------------
-
-    def find_local_workload(self) -> Workload | None:
-        return self.ctx.store.find_workload(
-            self.info.namespace, self.info.name, self.info.service_account
-        )
+    # -- what the flows get ---------------------------------------------------
 
     async def local_workload(self) -> Workload:
         """The proxied workload, waiting briefly for the config to name it."""
-        workload = self.find_local_workload()
-        if workload is not None:
-            return workload
-        changed = trio.Event()
-        unsubscribe = self.ctx.store.subscribe(lambda kinds: changed.set())
-        try:
-            with trio.move_on_after(WORKLOAD_WAIT):
-                while (workload := self.find_local_workload()) is None:
-                    await changed.wait()
-                    changed = trio.Event()
-                return workload
-        finally:
-            unsubscribe()
-        raise LookupError(
-            f"unknown source workload {self.info.namespace}/{self.info.name} "
-            f"(sa {self.info.service_account}) after {WORKLOAD_WAIT:.0f}s"
+        return await wait_for_workload(self.ctx.store, self.info)
+
+    def flow_deps(self) -> FlowDeps:
+        """The flows' view of this proxy; built once the listeners are bound."""
+        cfg = self.ctx.config
+        bound_ports = (port for _, port in self.bound.values())
+        settings = FlowSettings(
+            proxy_uid=self.uid,
+            cluster_id=cfg.cluster_id,
+            ports=cfg.agent_ports().with_proxy(bound_ports),
+            transparent=self.transparent,
+        )
+        return FlowDeps(
+            store=self.ctx.store,
+            tracker=self.ctx.tracker,
+            settings=settings,
+            local_workload=self.local_workload,
+            dial=self._dial_tcp,
+            open_hbone=self.pool.open_stream,
+            certificate=self.ctx.secrets.fetch,
+            serve_hbone=self._serve_hbone,
+            rng=self.ctx.rng,
+        )
+
+    async def _dial_tcp(
+        self, dst: SocketAddr, *, src_ip: IPAddress | None = None, transparent: bool = False
+    ) -> trio.abc.HalfCloseableStream:
+        # The flow applies the connect timeout.
+        sock = await connect_socket(
+            self.factory, dst, src_ip=src_ip, transparent=transparent, connect_timeout=None
+        )
+        return socket_stream(sock)
+
+    async def _serve_hbone(self, tls: trio.abc.Stream, handler: StreamHandler) -> None:
+        cfg = self.ctx.config
+        await serve_hbone(
+            tls,
+            handler,
+            stream_window=cfg.http2_stream_window_size,
+            connection_window=cfg.http2_connection_window_size,
+            max_frame_size=cfg.http2_frame_size,
+            on_connection=self.server_connections.add,
+            on_close=self.server_connections.discard,
         )
 
     # -- HBONE dialing (the pool's connector) ---------------------------------
 
     async def _dial(self, key: PoolKey) -> TLSStream:
         cert = await self.ctx.secrets.fetch(key.src_identity)
-        sock = await connect_socket(self.factory, key.dst, src_ip=key.src_ip or None)
+        sock = await connect_socket(self.factory, key.dst, src_ip=key.src_ip)
         tls = await tls_handshake(sock, client_context(cert), server_side=False)
         try:
             verify_server_identity(tls.peer_certificate_der() or b"", key.dst_identities)
@@ -123,32 +164,25 @@ class WorkloadProxy:
 
     # -- lifecycle --------------------------------------------------------------
 
-    def _bind(self) -> list[tuple[str, socket.socket, Handler]]:
-        from ztunnel.proxy.inbound import serve_inbound_connection
-        from ztunnel.proxy.inbound_plain import serve_plaintext_connection
-        from ztunnel.proxy.outbound import serve_outbound_connection
-        from ztunnel.proxy.socks5 import serve_socks5_connection
-
+    def _bind(self) -> list[tuple[str, socket.socket, Flow]]:
         wants = self._orig_src_wanted is not False
-        plan: list[tuple[str, Address, Handler, bool]] = [
-            ("outbound", self.addresses.outbound, self._wrap(serve_outbound_connection), False),
-            ("inbound", self.addresses.inbound, self._wrap(serve_inbound_connection), wants),
+        plan: list[tuple[str, Address, Flow, bool]] = [
+            ("outbound", self.addresses.outbound, serve_outbound_connection, False),
+            ("inbound", self.addresses.inbound, serve_inbound_connection, wants),
             (
                 "inbound_plaintext",
                 self.addresses.inbound_plaintext,
-                self._wrap(serve_plaintext_connection),
+                serve_plaintext_connection,
                 wants,
             ),
         ]
         if self.addresses.socks5 is not None:
-            plan.append(
-                ("socks5", self.addresses.socks5, self._wrap(serve_socks5_connection), False)
-            )
-        bound: list[tuple[str, socket.socket, Handler]] = []
+            plan.append(("socks5", self.addresses.socks5, serve_socks5_connection, False))
+        bound: list[tuple[str, socket.socket, Flow]] = []
         try:
-            for name, addr, handler, transparent in plan:
+            for name, addr, flow, transparent in plan:
                 sock, is_transparent = make_listener(self.factory, addr, transparent=transparent)
-                bound.append((name, sock, handler))
+                bound.append((name, sock, flow))
                 self.bound[name] = sock.getsockname()[:2]
                 if transparent:
                     self.transparent = is_transparent if self._orig_src_wanted is None else True
@@ -158,16 +192,10 @@ class WorkloadProxy:
             raise
         return bound
 
-    def _wrap(
-        self, fn: Callable[[WorkloadProxy, socket.socket, Address], Awaitable[None]]
-    ) -> Handler:
-        async def handler(conn: socket.socket, peer: Address) -> None:
-            await fn(self, conn, peer)
-
-        return handler
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        bound = self._bind()
+        listeners = self._bind()
+        deps = self.flow_deps()  # once: the transparency and the bound ports are known now
+        bound = [(name, sock, partial(flow, deps)) for name, sock, flow in listeners]
         # A rotated client certificate must not keep being presented on pooled connections.
         unsubscribe = self.ctx.secrets.subscribe(self._certificate_rotated)
         try:
@@ -179,7 +207,7 @@ class WorkloadProxy:
                     task_status.started()
         finally:
             unsubscribe()
-            for _, sock, _ in bound:
+            for _, sock, _ in listeners:
                 sock.close()
 
     async def _warm_certificate(self) -> None:
@@ -189,7 +217,7 @@ class WorkloadProxy:
             try:
                 workload = await self.local_workload()
                 await self.ctx.secrets.fetch(workload.identity)
-            except Exception as exc:  # unknown workload yet, CA down: retry, stay not-ready
+            except ZtunnelError as exc:  # unknown workload yet, CA down: retry, stay not-ready
                 self.certificate_error = str(exc) or type(exc).__name__
                 await trio.sleep(1.0)
                 continue
@@ -202,7 +230,7 @@ class WorkloadProxy:
 
     async def _accept_all(
         self,
-        bound: list[tuple[str, socket.socket, Handler]],
+        bound: Iterable[tuple[str, socket.socket, Handler]],
         handlers: trio.Nursery,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -222,19 +250,19 @@ class WorkloadProxy:
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of resources: back off instead of spinning; never crash the agent.
-                    self.ctx.log.error("accept failed", listener=name, error=str(exc))
+                    log.error("accept failed", listener=name, error=str(exc))
                     await trio.sleep(0.1)
                     continue
                 raise
-            handlers.start_soon(self._run_handler, handler, conn, peer)
+            handlers.start_soon(self._run_handler, name, handler, conn, peer)
 
-    async def _run_handler(self, handler: Handler, conn: socket.socket, peer: Address) -> None:
+    async def _run_handler(
+        self, name: str, handler: Handler, conn: socket.socket, peer: SocketAddr
+    ) -> None:
         self._active += 1
         self._idle = trio.Event() if self._active == 1 else self._idle
         try:
-            await handler(conn, peer)
-        except Exception as exc:  # one connection's bug must never take the proxy down
-            self.ctx.log.exception("connection handler failed", error=str(exc))
+            await run_handler(name, handler, conn, peer)
         finally:
             conn.close()
             self._active -= 1
@@ -261,3 +289,12 @@ class WorkloadProxy:
         self._accept_scope.cancel()
         if self._scope is not None:
             self._scope.cancel()
+
+
+async def run_handler(name: str, handler: Handler, conn: socket.socket, peer: SocketAddr) -> None:
+    """Run one connection's flow. The flows handle network trouble themselves; anything
+    that escapes is a bug, logged with its traceback: it must never take the proxy down."""
+    try:
+        await handler(conn, peer)
+    except Exception:
+        log.exception("connection handler failed", listener=name, peer=str(peer))

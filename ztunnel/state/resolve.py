@@ -21,20 +21,25 @@ waypoint service has no mapping for it (ztunnel requires one or an app tunnel).
 
 Inbound follows ``find_inbound_upstream`` / ``validate_destination`` (§1.3 step 3).
 Every error carries the HTTP status the HBONE server answers with.
+
+Addresses are ``SocketAddr`` values (canonical IP + port) in and out; the
+outbound self-call check is ``AgentPorts.is_self_call`` (model/ports.py), run by
+the outbound proxy before it resolves.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from ztunnel.errors import InvalidIdentity, ZtunnelError
+from ztunnel.model import ports
+from ztunnel.model.address import Authority, HostPort, SocketAddr
 from ztunnel.model.identity import Identity
+from ztunnel.model.ports import AgentPorts
 from ztunnel.model.workload import (
-    HBONE_PORT,
     ApplicationTunnel,
     Endpoint,
     GatewayAddress,
@@ -49,33 +54,7 @@ from ztunnel.model.workload import (
     TunnelProtocol,
     Workload,
 )
-from ztunnel.state.store import StateStore, canonical_ip
-
-OUTBOUND_PORT = 15001
-INBOUND_PLAINTEXT_PORT = 15006
-SOCKS5_PORT = 15080
-ILLEGAL_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT})
-
-SocketAddress = tuple[IPAddress, int]
-
-
-def illegal_ports(socks5: bool = False) -> frozenset[int]:
-    """The agent's own ports: a connection *to* one of them would loop (ztunnel's illegal_ports)."""
-    return ILLEGAL_PORTS | {SOCKS5_PORT} if socks5 else ILLEGAL_PORTS
-
-
-def is_self_call(
-    dst_ip: IPAddress | str, dst_port: int, illegal: frozenset[int] = ILLEGAL_PORTS
-) -> bool:
-    """Outbound to loopback on one of our own ports is refused (``SelfCall``)."""
-    return canonical_ip(dst_ip).is_loopback and dst_port in illegal
-
-
-def format_authority(addr: SocketAddress) -> str:
-    """``ip:port``, or ``[v6]:port``: the HBONE ``:authority`` form."""
-    ip, port = addr
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-
+from ztunnel.state.store import StateStore
 
 # --- errors ------------------------------------------------------------------------------
 
@@ -137,26 +116,26 @@ class NoHostname(_Named):
 class HboneUpstream:
     workload: Workload  # the workload dialled: the destination, or the waypoint
     service: Service | None  # the service the client addressed, if any
-    address: SocketAddress  # TCP destination: ip:15008 (or the waypoint's HBONE port)
-    authority: SocketAddress  # CONNECT :authority
+    address: SocketAddr  # TCP destination: ip:15008 (or the waypoint's HBONE port)
+    authority: SocketAddr  # CONNECT :authority
     expected_identities: tuple[Identity, ...]  # peer SAN must be one of these
     waypoint: bool = False
 
     @property
     def authority_header(self) -> str:
-        return format_authority(self.authority)
+        return str(self.authority)
 
 
 @dataclass(frozen=True, slots=True)
 class TcpUpstream:
     workload: Workload
     service: Service | None
-    address: SocketAddress
+    address: SocketAddr
 
 
 @dataclass(frozen=True, slots=True)
 class Passthrough:
-    address: SocketAddress
+    address: SocketAddr
 
 
 Upstream = HboneUpstream | TcpUpstream | Passthrough
@@ -329,11 +308,11 @@ def _to_waypoint(
     store: StateStore,
     gw: GatewayAddress,
     source: Workload | None,
-    target: SocketAddress,
+    target: SocketAddr,
     service: Service | None,
     rng: random.Random,
 ) -> HboneUpstream:
-    wp = _find_waypoint(store, gw, source, target[0], rng)
+    wp = _find_waypoint(store, gw, source, target.ip, rng)
     _same_network(wp.workload, source)
     ip = _pick_ip(wp.workload, wp.wanted_ip, wp.service.ip_families if wp.service else None)
     if ip is None:
@@ -342,7 +321,7 @@ def _to_waypoint(
     return HboneUpstream(
         workload=wp.workload,
         service=service,
-        address=(ip, wp.port),
+        address=SocketAddr(ip, wp.port),
         authority=target,
         expected_identities=_identities(wp.workload, sans),
         waypoint=True,
@@ -385,27 +364,27 @@ def _direct(
     if ip is None:
         raise NoValidDestination(f"workload {w.uid} has no usable IP")
     if w.protocol is TunnelProtocol.TCP:
-        return TcpUpstream(w, svc, (ip, port))
+        return TcpUpstream(w, svc, SocketAddr(ip, port))
     sans = svc.subject_alt_names if svc else ()
-    return HboneUpstream(w, svc, (ip, hbone_port), (ip, port), _identities(w, sans))
+    return HboneUpstream(
+        w, svc, SocketAddr(ip, hbone_port), SocketAddr(ip, port), _identities(w, sans)
+    )
 
 
 def resolve_outbound(
     store: StateStore,
     source: Workload | None,
-    dst_ip: IPAddress | str,
-    dst_port: int,
+    target: SocketAddr,
     *,
     rng: random.Random,
-    hbone_port: int = HBONE_PORT,
+    hbone_port: int = ports.HBONE,
 ) -> Upstream:
-    """Pick the upstream for an outbound connection to ``dst_ip:dst_port``.
+    """Pick the upstream for an outbound connection to ``target`` (the original destination).
 
     Raises:
         ResolveError: a subclass naming why there is no usable destination.
     """
-    ip = canonical_ip(dst_ip)
-    target = (ip, dst_port)
+    ip, dst_port = target.ip, target.port
     network = source.network if source is not None else ""
     namespace = source.namespace if source is not None else None
     found = store.find_address(ip, network, namespace)
@@ -429,13 +408,6 @@ def resolve_outbound(
 # --- inbound -----------------------------------------------------------------------------
 
 
-def _parse_ip(host: str) -> IPAddress | None:
-    try:
-        return canonical_ip(ipaddress.ip_address(host.strip("[]")))
-    except ValueError:
-        return None
-
-
 def _sandwiched(store: StateStore, local: Workload, authority_ip: IPAddress) -> bool:
     """The authority's target has this workload as its waypoint (ztunnel's sandwich check)."""
     target = store.find_address(authority_ip, local.network)
@@ -457,32 +429,32 @@ def _service_target_port(svc: Service, local: Workload, svc_port: int) -> int:
 def resolve_inbound(
     store: StateStore,
     local: Workload,
-    authority_host: str,
-    authority_port: int,
-    dst_ip: IPAddress | str,
+    authority: Authority,
+    dst_ip: IPAddress,
     *,
-    illegal: frozenset[int] = ILLEGAL_PORTS,
+    agent_ports: AgentPorts,
 ) -> InboundTarget:
     """Map an HBONE CONNECT authority to the local pod's target port.
+
+    ``dst_ip`` is the (canonical) local address the connection arrived on.
 
     Raises:
         IPMismatch (400), NoHostname / NoPortForServices / SelfCall (503).
     """
-    authority_ip = _parse_ip(authority_host)
     service: Service | None = None
-    if authority_ip is not None:
-        if (
-            authority_ip != canonical_ip(dst_ip)
-            and local.application_tunnel is None
-            and not _sandwiched(store, local, authority_ip)
-        ):
-            raise IPMismatch(f"authority {authority_host} is not the destination {dst_ip}")
-        port = authority_port
-    else:
-        service = store.service_by_hostname(authority_host, prefer_namespace=local.namespace)
+    if isinstance(authority, HostPort):
+        service = store.service_by_hostname(authority.host, prefer_namespace=local.namespace)
         if service is None:
-            raise NoHostname(f"no service {authority_host}")
-        port = _service_target_port(service, local, authority_port)
-    if port in illegal:
+            raise NoHostname(f"no service {authority.host}")
+        port = _service_target_port(service, local, authority.port)
+    else:
+        if (
+            authority.ip != dst_ip
+            and local.application_tunnel is None
+            and not _sandwiched(store, local, authority.ip)
+        ):
+            raise IPMismatch(f"authority {authority.ip} is not the destination {dst_ip}")
+        port = authority.port
+    if agent_ports.is_proxy_port(port):
         raise SelfCall(f"target port {port} is one of the agent's own ports")
     return InboundTarget(port, service, local.application_tunnel)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import ipaddress
 from collections.abc import Callable, Iterable
 
+from ztunnel.model.address import canonical_ip
 from ztunnel.model.authorization import Authorization, Scope
 from ztunnel.model.workload import (
     Endpoint,
@@ -44,14 +44,6 @@ class Kind(enum.Enum):
 
 Subscriber = Callable[[frozenset[Kind]], None]
 AddrKey = tuple[str, IPAddress]
-
-
-def canonical_ip(ip: IPAddress | str) -> IPAddress:
-    """Parse ``ip`` and unmap IPv4-mapped IPv6 (``::ffff:1.2.3.4``), as ztunnel's to_canonical."""
-    addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
 
 
 def _add(index: dict[object, set[str]], key: object, member: str) -> None:

@@ -4,7 +4,9 @@ A proxy calls ``tracker.open(info)`` once it knows where a connection goes,
 feeds ``add_sent``/``add_received`` as bytes move (counted live, as ztunnel
 does, so long connections show up in scrapes), and ``close(...)`` at the end.
 Opened and byte counters carry ``response_flags="-"``; closed and failed carry
-the flag the connection ended with (ztunnel records the flag at close).
+the flag of the ``Failure`` the connection ended with (ztunnel records the flag
+at close). Addresses arrive as ``SocketAddr`` / ``Authority`` values and are
+formatted here, at the edge, for the logs, the metrics and the config dump.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Literal, Protocol
 
 from prometheus_client import Counter
 
+from ztunnel.model.address import Authority, SocketAddr
 from ztunnel.model.identity import Identity
+from ztunnel.model.outcome import Failure, ResponseFlag
 from ztunnel.model.workload import Service, Workload
 from ztunnel.telemetry.logging import ACCESS_LOGGER, Bare, get_logger
 from ztunnel.telemetry.metrics import FAILURE_FLAGS, TRAFFIC_LABELS, UNKNOWN, Metrics
@@ -25,8 +28,6 @@ from ztunnel.telemetry.metrics import FAILURE_FLAGS, TRAFFIC_LABELS, UNKNOWN, Me
 Direction = Literal["inbound", "outbound"]
 Reporter = Literal["source", "destination"]
 SecurityPolicy = Literal["mutual_tls", "unknown"]
-Host = str | IPv4Address | IPv6Address
-Addr = tuple[Host, int]
 
 _FLAGS_INDEX = TRAFFIC_LABELS.index("response_flags")
 
@@ -40,13 +41,6 @@ class AccessLogger(Protocol):
     def error(self, event: str | None = None, *args: Any, **kw: Any) -> Any: ...
 
 
-def format_addr(addr: Addr) -> str:
-    """``ip:port``, ``[v6]:port`` for IPv6 literals, ``host:port`` for hostnames."""
-    host, port = addr
-    text = str(host)
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
-
-
 @dataclass(frozen=True, slots=True)
 class ConnectionInfo:
     """Everything known about a proxied connection when it is opened.
@@ -58,9 +52,9 @@ class ConnectionInfo:
 
     direction: Direction
     reporter: Reporter
-    src_addr: Addr
-    dst_addr: Addr
-    hbone_addr: Addr | None = None
+    src_addr: SocketAddr
+    dst_addr: SocketAddr
+    hbone_addr: Authority | None = None
     src_workload: Workload | None = None
     dst_workload: Workload | None = None
     dst_service: Service | None = None
@@ -79,7 +73,9 @@ def _canonical(w: Workload) -> tuple[str, str]:
     return w.canonical_name or w.workload_name or w.name, w.canonical_revision
 
 
-def traffic_labels(info: ConnectionInfo, response_flags: str = "-") -> tuple[str, ...]:
+def traffic_labels(
+    info: ConnectionInfo, response_flags: ResponseFlag = ResponseFlag.NONE
+) -> tuple[str, ...]:
     """CommonTrafficLabels values, in ``TRAFFIC_LABELS`` order (reference §6.3)."""
     src, dst, svc = info.src_workload, info.dst_workload, info.dst_service
     src_canon, src_rev = _canonical(src) if src else ("", "")
@@ -107,7 +103,7 @@ def traffic_labels(info: ConnectionInfo, response_flags: str = "-") -> tuple[str
         dst_rev,
         dst.cluster_id if dst else "",
         "tcp",
-        response_flags,
+        response_flags.value,
         info.security_policy,
         src.locality.region if src else "",
         src.locality.zone if src else "",
@@ -148,30 +144,30 @@ class TrackedConnection:
     def duration(self) -> float:
         return self._tracker.clock() - self._start
 
-    def close(self, error: str | None = None, response_flags: str = "-") -> None:
-        """Record the end of the connection; later calls do nothing."""
+    def close(self, failure: Failure | None = None) -> None:
+        """Record the end of the connection (``None``: it completed); later calls do nothing."""
         if self.closed:
             return
         self.closed = True
-        self._tracker._closed(self, error, response_flags)
+        self._tracker._closed(self, failure)
 
-    def labels(self, response_flags: str = "-") -> tuple[str, ...]:
-        if response_flags == "-":
+    def labels(self, response_flags: ResponseFlag = ResponseFlag.NONE) -> tuple[str, ...]:
+        if response_flags is ResponseFlag.NONE:
             return self._labels
         i = _FLAGS_INDEX
-        return (*self._labels[:i], response_flags, *self._labels[i + 1 :])
+        return (*self._labels[:i], response_flags.value, *self._labels[i + 1 :])
 
     def log_fields(self) -> dict[str, object]:
         """ztunnel's access-log fields for this connection (absent ones are None)."""
         i = self.info
         src, dst = i.src_workload, i.dst_workload
         return {
-            "src.addr": Bare(format_addr(i.src_addr)),
+            "src.addr": Bare(str(i.src_addr)),
             "src.workload": src.name if src else None,
             "src.namespace": src.namespace if src else None,
             "src.identity": str(i.src_identity) if i.src_identity else None,
-            "dst.addr": Bare(format_addr(i.dst_addr)),
-            "dst.hbone_addr": Bare(format_addr(i.hbone_addr)) if i.hbone_addr else None,
+            "dst.addr": Bare(str(i.dst_addr)),
+            "dst.hbone_addr": Bare(str(i.hbone_addr)) if i.hbone_addr else None,
             "dst.service": i.dst_service.hostname if i.dst_service else None,
             "dst.workload": dst.name if dst else None,
             "dst.namespace": dst.namespace if dst else None,
@@ -185,9 +181,9 @@ class TrackedConnection:
         return {
             "direction": i.direction,
             "reporter": i.reporter,
-            "src": format_addr(i.src_addr),
-            "originalDst": format_addr(i.hbone_addr or i.dst_addr),
-            "actualDst": format_addr(i.dst_addr),
+            "src": str(i.src_addr),
+            "originalDst": str(i.hbone_addr or i.dst_addr),
+            "actualDst": str(i.dst_addr),
             "protocol": "HBONE" if i.security_policy == "mutual_tls" else "TCP",
             "srcWorkload": i.src_workload.uid if i.src_workload else None,
             "dstWorkload": i.dst_workload.uid if i.dst_workload else None,
@@ -240,16 +236,16 @@ class ConnectionTracker:
         return [c.dump() for c in self._open.values()]
 
     def connection_failed(
-        self, src_addr: Addr, dst_addr: Addr, direction: Direction, error: str
+        self, src_addr: SocketAddr, dst_addr: Authority, direction: Direction, failure: Failure
     ) -> None:
         """An early denial (before a connection could be opened): WARN log only, as ztunnel."""
         self._log.warning(
             "connection failed",
             **{
-                "src.addr": Bare(format_addr(src_addr)),
-                "dst.addr": Bare(format_addr(dst_addr)),
+                "src.addr": Bare(str(src_addr)),
+                "dst.addr": Bare(str(dst_addr)),
                 "direction": direction,
-                "error": error,
+                "error": failure.message,
             },
         )
 
@@ -260,12 +256,13 @@ class ConnectionTracker:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def _closed(self, conn: TrackedConnection, error: str | None, response_flags: str) -> None:
+    def _closed(self, conn: TrackedConnection, failure: Failure | None) -> None:
         self._open.pop(id(conn), None)
-        labels = conn.labels(response_flags)
+        flag = failure.flag if failure is not None else ResponseFlag.NONE
+        labels = conn.labels(flag)
         m = self.metrics
         self._counter(m.connections_closed, labels).inc()
-        if response_flags in FAILURE_FLAGS:
+        if flag in FAILURE_FLAGS:
             self._counter(m.connections_failed, labels).inc()
         m.sockets_open.labels(conn.info.reporter).dec()
         fields = conn.log_fields()
@@ -273,7 +270,7 @@ class ConnectionTracker:
             bytes_sent=conn.bytes_sent,
             bytes_recv=conn.bytes_received,
             duration=f"{round(conn.duration() * 1000)}ms",
-            error=error,
+            error=failure.message if failure is not None else None,
         )
-        emit = self._log.error if error else self._log.info
+        emit = self._log.error if failure is not None else self._log.info
         emit("connection complete", **fields)

@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import ztunnel
+from ztunnel.model.outcome import ResponseFlag
 
 # ztunnel exposes no ``*_created`` series; the switch is process-wide in prometheus-client.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -63,17 +64,7 @@ TRAFFIC_LABELS: tuple[str, ...] = (
 )
 
 # response_flags values that also count into istio_tcp_connections_failed_total.
-FAILURE_FLAGS = frozenset(
-    {
-        "CONNECT",
-        "DENY",
-        "TLS_FAILURE",
-        "H2_HANDSHAKE_FAILURE",
-        "NETWORK_POLICY",
-        "IDENTITY_ERROR",
-        "CERT_REVOKED",
-    }
-)
+FAILURE_FLAGS = frozenset(flag for flag in ResponseFlag if flag.is_failure)
 
 
 class _FdCollector(Collector):
