@@ -12,7 +12,8 @@ app (or the remote agent) on the other end.
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import Any
@@ -298,3 +299,12 @@ async def read_until_eof(stream: trio.abc.ReceiveStream) -> bytes:
     while chunk := await stream.receive_some(65536):
         data += chunk
     return data
+
+
+@asynccontextmanager
+async def bounded() -> AsyncIterator[trio.Nursery]:
+    """A nursery with a (virtual-time) deadline: a flow that hangs fails the test at once
+    instead of waiting for pytest-timeout (autojump never fires without a deadline)."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            yield nursery

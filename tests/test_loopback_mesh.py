@@ -232,14 +232,17 @@ async def test_known_non_mesh_workload_gets_plain_tcp() -> None:
             nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("port", [15001, 15006, 15008, 15080])
-async def test_self_calls_to_agent_ports_on_loopback_are_refused(port: int) -> None:
+@pytest.mark.parametrize("port", [15001, 15006, 15008, 15080, 15000])
+@pytest.mark.parametrize("host", ["client", "::ffff:127.0.0.1"])
+async def test_self_calls_to_agent_ports_on_loopback_are_refused(port: int, host: str) -> None:
     from ztunnel.testing.loopback import Socks5Refused
 
     with trio.fail_after(30):
         async with loopback_mesh() as mesh:
-            with pytest.raises(Socks5Refused):
-                await socks5_connect(mesh.socks5, mesh.client_ip, port)
+            target = mesh.client_ip if host == "client" else host
+            with pytest.raises(Socks5Refused) as refused:
+                await socks5_connect(mesh.socks5, target, port)
+            assert refused.value.reply == 2  # "not allowed by ruleset", never dialled
             # ...and the agent still serves a normal connection.
             async with trio.open_nursery() as nursery:
                 await start_mesh_with_echo(nursery, mesh)

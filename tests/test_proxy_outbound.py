@@ -21,6 +21,7 @@ from proxy_fakes import (
     CLIENT,
     SERVER,
     Bench,
+    bounded,
     fail,
     hang,
     read_until_eof,
@@ -61,7 +62,7 @@ async def run_to_end(bench: Bench, dst: SocketAddr) -> None:
 
 async def test_service_vip_goes_over_hbone_to_an_endpoint(autojump_clock: object) -> None:
     bench = Bench()
-    async with trio.open_nursery() as nursery:
+    async with bounded() as nursery:
         app = await start(bench, sa("10.96.0.1:80"), nursery)
 
         # Resolution and the pool: VIP -> endpoint 10.0.0.2, HBONE port, target port 8080.
@@ -136,7 +137,7 @@ async def test_non_mesh_destinations_are_dialled_as_plain_tcp(
     autojump_clock: object, dst: str, expected_dial: str, security: str
 ) -> None:
     bench = Bench()
-    async with trio.open_nursery() as nursery:
+    async with bounded() as nursery:
         app = await start(bench, sa(dst), nursery)
         assert [d.dst for d in bench.net.dials] == [sa(expected_dial)]
         assert bench.pool.opened == []
@@ -210,7 +211,7 @@ async def test_unknown_source_workload_is_refused_after_waiting(autojump_clock: 
 
 async def test_source_workload_appearing_while_waiting_is_used(autojump_clock: object) -> None:
     bench = Bench(known=False)
-    async with trio.open_nursery() as nursery:
+    async with bounded() as nursery:
         app = await start(bench, sa("10.0.0.2:8080"), nursery)
         await trio.sleep(2)
         bench.store.upsert_workload(CLIENT)
@@ -282,7 +283,7 @@ async def test_dial_timeout_is_a_connect_failure_after_the_deadline(autojump_clo
 
 async def test_broken_upstream_mid_relay_is_logged_without_a_flag(autojump_clock: object) -> None:
     bench = Bench()
-    async with trio.open_nursery() as nursery:
+    async with bounded() as nursery:
         app = await start(bench, sa("10.9.9.9:443"), nursery)
         [upstream] = bench.net.peers
         await app.send_all(b"hello")
@@ -297,7 +298,7 @@ async def test_broken_upstream_mid_relay_is_logged_without_a_flag(autojump_clock
 
 async def test_drain_cancelling_a_connection_still_closes_it(autojump_clock: object) -> None:
     bench = Bench()
-    async with trio.open_nursery() as nursery:
+    async with bounded() as nursery:
         await start(bench, sa("10.0.0.2:8080"), nursery)
         assert bench.metric("istio_tcp_sockets_open") == 1
         nursery.cancel_scope.cancel()
