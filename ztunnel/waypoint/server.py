@@ -50,6 +50,7 @@ from ztunnel.identity.tls import (
     verify_client_trust_domain,
     verify_server_identity,
 )
+from ztunnel.model.address import SocketAddr
 from ztunnel.model.identity import Identity
 from ztunnel.model.workload import HBONE_PORT, Service, Workload
 from ztunnel.policy.l7 import evaluate
@@ -428,7 +429,7 @@ class Waypoint:
 
     async def _dial_hbone(self, key: PoolKey) -> TLSStream:
         cert = await self.secrets.fetch(key.src_identity)
-        sock = await connect_socket(key.dst, self.config.upstream_connect_timeout)
+        sock = await connect_socket(key.dst.sockaddr(), self.config.upstream_connect_timeout)
         tls = await tls_handshake(sock, client_context(cert), server_side=False)
         try:
             verify_server_identity(tls.peer_certificate_der() or b"", key.dst_identities)
@@ -441,8 +442,8 @@ class Waypoint:
         key = PoolKey(
             self.config.identity,
             frozenset(endpoint.identities),
-            (str(endpoint.ip), self.config.hbone_port),
-            "",
+            SocketAddr(endpoint.ip, self.config.hbone_port),
+            None,
         )
         return await self.hbone_pool.open_stream(key, endpoint.authority)
 
