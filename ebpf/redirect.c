@@ -1,0 +1,259 @@
+/* ztunnel-py eBPF redirection: three tc programs inside an enrolled pod's network namespace.
+ *
+ * They do what istio-cni's in-pod iptables rules do (reference §3.1), without netfilter:
+ *
+ *   zt_ingress   pod interface, ingress   SYN from outside to any port but 15008 is assigned
+ *                                         (bpf_sk_assign) to the agent's plaintext listener
+ *                                         15006; the accepted socket's local address is the
+ *                                         original destination, the source IP is untouched.
+ *   zt_egress    pod interface, egress    a packet that belongs to a socket of this netns
+ *                                         (an agent socket the app talks to: a captured
+ *                                         outbound connection, or the spoofed-source
+ *                                         connection of the inbound path), or a new outbound
+ *                                         SYN of the app, is looped back into the pod's own
+ *                                         stack: loop mark + bpf_redirect to lo ingress.
+ *   zt_loopback  lo, ingress              a looped-back SYN is assigned to the agent's
+ *                                         outbound listener 15001 (its accepted socket's local
+ *                                         address is the original destination).
+ *
+ * Looped-back packets carry a non-local destination; the ip rule "fwmark 0x111/0xfff lookup
+ * 100" with "local default dev lo table 100" (the same rule the iptables mode adds) delivers
+ * them locally, and accept_local on lo lets the pod's own source address in.
+ *
+ * Never touched: the agent's own packets (skb->mark 0x539), anything that is not TCP, traffic
+ * on lo that we did not loop back (127.0.0.1, the pod's own IP), port 15008 inbound, kubelet
+ * probes (169.254.7.127). Fail closed: a SYN that should be captured while the agent's
+ * listener is absent is dropped (the client retries), never delivered elsewhere. Only a
+ * listener carrying the agent's mark qualifies, so an app cannot stand in for the agent.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/tcp.h>
+
+#include "ztunnel_redirect.h"
+
+BPF_ARRAY(zt_config, struct zt_config, 1);
+BPF_PERCPU_ARRAY(zt_stats, u64, ZT_STAT_MAX);
+
+#define ZT_NO_SOCKET (-1)
+
+struct zt_flow {
+	struct bpf_sock_tuple tuple; /* as the receiving socket sees it: saddr = remote end */
+	u16 dport; /* host order */
+	u8 v6;
+	u8 syn; /* SYN without ACK: a new connection */
+};
+
+static __always_inline void zt_count(int idx)
+{
+	u64 *value = zt_stats.lookup(&idx);
+	if (value)
+		*value += 1;
+}
+
+static __always_inline struct zt_config *zt_cfg(void)
+{
+	int zero = 0;
+	return zt_config.lookup(&zero);
+}
+
+static __always_inline int zt_parse_l4(void *l4, void *end, struct zt_flow *f)
+{
+	struct tcphdr *tcp = l4;
+	if ((void *)(tcp + 1) > end)
+		return -1;
+	f->dport = bpf_ntohs(tcp->dest);
+	f->syn = tcp->syn && !tcp->ack;
+	if (f->v6) {
+		f->tuple.ipv6.sport = tcp->source;
+		f->tuple.ipv6.dport = tcp->dest;
+	} else {
+		f->tuple.ipv4.sport = tcp->source;
+		f->tuple.ipv4.dport = tcp->dest;
+	}
+	return 0;
+}
+
+/* TCP over IPv4 or IPv6 (no extension headers) → 0 and *f; anything else → -1 (left alone). */
+static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_flow *f)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return -1;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
+			return -1;
+		if (ip->frag_off & bpf_htons(0x3fff)) /* fragments carry no (full) TCP header */
+			return -1;
+		f->v6 = 0;
+		f->tuple.ipv4.saddr = ip->saddr;
+		f->tuple.ipv4.daddr = ip->daddr;
+		return zt_parse_l4((void *)ip + ip->ihl * 4, end, f);
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
+			return -1;
+		f->v6 = 1;
+		__builtin_memcpy(f->tuple.ipv6.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(f->tuple.ipv6.daddr, &ip6->daddr, 16);
+		return zt_parse_l4((void *)(ip6 + 1), end, f);
+	}
+	return -1;
+}
+
+/* A packet we may act on: TCP, and IPv6 only when IPv6 capture is on. Headers may sit in
+ * paged data on ingress: pull them into the linear part once. */
+static __always_inline int zt_parse_for(struct zt_config *cfg, struct __sk_buff *skb,
+					struct zt_flow *f, int pull)
+{
+	int err = zt_parse(skb, f);
+	if (err != 0 && pull &&
+	    bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr) +
+					   sizeof(struct tcphdr)) == 0)
+		err = zt_parse(skb, f);
+	if (err != 0 || (f->v6 && !(cfg->flags & ZT_F_IPV6)))
+		return -1;
+	return 0;
+}
+
+static __always_inline int zt_is_probe(struct zt_config *cfg, struct zt_flow *f, int src)
+{
+	if (f->v6) {
+		u32 *addr = src ? f->tuple.ipv6.saddr : f->tuple.ipv6.daddr;
+		u32 *probe = (u32 *)cfg->probe_v6;
+		return addr[0] == probe[0] && addr[1] == probe[1] && addr[2] == probe[2] &&
+		       addr[3] == probe[3];
+	}
+	u32 addr = src ? f->tuple.ipv4.saddr : f->tuple.ipv4.daddr;
+	return addr == *(u32 *)cfg->probe_v4;
+}
+
+/* The verifier wants a constant tuple size: one call per family. */
+static __always_inline struct bpf_sock *zt_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *t,
+						 int v6)
+{
+	if (v6)
+		return bpf_skc_lookup_tcp(skb, t, sizeof(t->ipv6), BPF_F_CURRENT_NETNS, 0);
+	return bpf_skc_lookup_tcp(skb, t, sizeof(t->ipv4), BPF_F_CURRENT_NETNS, 0);
+}
+
+/* State of the socket this packet would be delivered to (BPF_TCP_*), or ZT_NO_SOCKET. */
+static __always_inline int zt_socket_state(struct __sk_buff *skb, struct zt_flow *f)
+{
+	struct bpf_sock *sk = zt_lookup(skb, &f->tuple, f->v6);
+	if (!sk)
+		return ZT_NO_SOCKET;
+	int state = sk->state;
+	bpf_sk_release(sk);
+	return state;
+}
+
+/* A connection of this netns owns the packet. A listener does not (it matched by port only),
+ * and neither does TIME_WAIT: a new SYN on a TIME_WAIT tuple would be handed to whatever
+ * listens on the original port, past the agent. */
+static __always_inline int zt_owned(int state)
+{
+	return state != ZT_NO_SOCKET && state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT;
+}
+
+/* Hand a new connection to the agent's listener on `port`; drop it when there is none. */
+static __always_inline int zt_assign(struct __sk_buff *skb, struct zt_config *cfg,
+				     struct zt_flow *f, u16 port, int stat)
+{
+	struct bpf_sock_tuple t = f->tuple;
+	if (f->v6)
+		t.ipv6.dport = bpf_htons(port);
+	else
+		t.ipv4.dport = bpf_htons(port);
+
+	struct bpf_sock *sk = zt_lookup(skb, &t, f->v6);
+	if (!sk) {
+		zt_count(ZT_STAT_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	struct bpf_sock *full = bpf_sk_fullsock(sk);
+	if (!full || full->state != BPF_TCP_LISTEN ||
+	    (full->mark & cfg->mark_mask) != cfg->agent_mark) {
+		bpf_sk_release(sk);
+		zt_count(ZT_STAT_NO_LISTENER);
+		return TC_ACT_SHOT;
+	}
+	long err = bpf_sk_assign(skb, full, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		zt_count(ZT_STAT_ASSIGN_FAILED);
+		return TC_ACT_SHOT;
+	}
+	zt_count(stat);
+	return TC_ACT_OK;
+}
+
+/* Pod interface, ingress: new connections from the pod network go to 15006 (15008 excepted). */
+int zt_ingress(struct __sk_buff *skb)
+{
+	struct zt_config *cfg = zt_cfg();
+	struct zt_flow f = {};
+
+	if (!cfg || !(cfg->flags & ZT_F_CAPTURE_INBOUND))
+		return TC_ACT_OK;
+	if (zt_parse_for(cfg, skb, &f, 1) != 0 || !f.syn)
+		return TC_ACT_OK; /* established flows find their socket by themselves */
+	if (f.dport == cfg->inbound_port || zt_is_probe(cfg, &f, 1))
+		return TC_ACT_OK;
+	if (zt_owned(zt_socket_state(skb, &f)))
+		return TC_ACT_OK; /* a retransmitted SYN of a connection being accepted */
+	return zt_assign(skb, cfg, &f, cfg->inbound_plaintext_port, ZT_STAT_INBOUND_CAPTURED);
+}
+
+/* Pod interface, egress: packets for the pod's own sockets, and new app connections, go back
+ * into the pod's stack through lo. */
+int zt_egress(struct __sk_buff *skb)
+{
+	struct zt_config *cfg = zt_cfg();
+	struct zt_flow f = {};
+
+	if (!cfg || !(cfg->flags & ZT_F_CAPTURE_OUTBOUND))
+		return TC_ACT_OK;
+	if ((skb->mark & cfg->mark_mask) == cfg->agent_mark)
+		return TC_ACT_OK; /* the agent's own sockets are never captured */
+	if (zt_parse_for(cfg, skb, &f, 0) != 0 || zt_is_probe(cfg, &f, 0))
+		return TC_ACT_OK;
+	/* The tuple as a local receiver would see it: exactly this packet's addresses. */
+	int state = zt_socket_state(skb, &f);
+	if (state == ZT_NO_SOCKET || state == BPF_TCP_LISTEN) {
+		if (!f.syn)
+			return TC_ACT_OK; /* a flow that existed before enrollment keeps going out */
+	} else if (!f.syn) {
+		zt_count(ZT_STAT_LOOPED);
+	}
+	/* A looped packet must look addressed to lo, or ip_rcv drops it as PACKET_OTHERHOST. */
+	u8 lo_mac[ETH_ALEN] = {};
+	if (bpf_skb_store_bytes(skb, 0, lo_mac, ETH_ALEN, 0) != 0)
+		return TC_ACT_SHOT;
+	skb->mark = (skb->mark & ~cfg->mark_mask) | cfg->loop_mark;
+	return bpf_redirect(cfg->lo_ifindex, BPF_F_INGRESS);
+}
+
+/* lo, ingress: a looped-back new connection goes to the agent's outbound listener 15001. */
+int zt_loopback(struct __sk_buff *skb)
+{
+	struct zt_config *cfg = zt_cfg();
+	struct zt_flow f = {};
+
+	if (!cfg || (skb->mark & cfg->mark_mask) != cfg->loop_mark || cfg->loop_mark == 0)
+		return TC_ACT_OK; /* ordinary loopback traffic */
+	if (zt_parse_for(cfg, skb, &f, 0) != 0 || !f.syn)
+		return TC_ACT_OK;
+	if (zt_owned(zt_socket_state(skb, &f)))
+		return TC_ACT_OK;
+	return zt_assign(skb, cfg, &f, cfg->outbound_port, ZT_STAT_OUTBOUND_CAPTURED);
+}
