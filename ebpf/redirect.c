@@ -15,6 +15,13 @@
  *   zt_loopback  lo, ingress              a looped-back SYN is assigned to the agent's
  *                                         outbound listener 15001 (its accepted socket's local
  *                                         address is the original destination).
+ *   zt_sk_lookup the pod netns (sk_lookup)  completes the one case tc cannot: a SYN whose tuple
+ *                                         still has a TIME_WAIT socket of the agent. The stack
+ *                                         must see that SYN to retire the TIME_WAIT socket, and
+ *                                         then looks a listener up by port, which would be the
+ *                                         app's. So tc records the agent's listener for exactly
+ *                                         that tuple in zt_handoff and lets the SYN through;
+ *                                         this program answers the lookup with it.
  *
  * Looped-back packets carry a non-local destination; the ip rule "fwmark 0x111/0xfff lookup
  * 100" with "local default dev lo table 100" (the same rule the iptables mode adds) delivers
@@ -36,8 +43,17 @@
 
 #include "ztunnel_redirect.h"
 
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
 BPF_ARRAY(zt_config, struct zt_config, 1);
 BPF_PERCPU_ARRAY(zt_stats, u64, ZT_STAT_MAX);
+/* Entries live for one packet's trip through the stack; a listener that closes leaves it. */
+BPF_TABLE("sockhash", struct zt_handoff_key, int, zt_handoff, 1024);
 
 #define ZT_NO_SOCKET (-1)
 
@@ -158,16 +174,16 @@ static __always_inline int zt_socket_state(struct __sk_buff *skb, struct zt_flow
 }
 
 /* A connection of this netns owns the packet. A listener does not (it matched by port only),
- * and neither does TIME_WAIT: a new SYN on a TIME_WAIT tuple would be handed to whatever
- * listens on the original port, past the agent. */
+ * and neither does TIME_WAIT: a new SYN on that tuple is a new connection (see zt_capture). */
 static __always_inline int zt_owned(int state)
 {
 	return state != ZT_NO_SOCKET && state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT;
 }
 
-/* Hand a new connection to the agent's listener on `port`; drop it when there is none. */
-static __always_inline int zt_assign(struct __sk_buff *skb, struct zt_config *cfg,
-				     struct zt_flow *f, u16 port, int stat)
+/* The agent's listener on `port` for this flow (a reference the caller releases), or NULL.
+ * Only a listener carrying the agent's mark qualifies. */
+static __always_inline struct bpf_sock *zt_listener(struct __sk_buff *skb, struct zt_config *cfg,
+						    struct zt_flow *f, u16 port)
 {
 	struct bpf_sock_tuple t = f->tuple;
 	if (f->v6)
@@ -176,18 +192,53 @@ static __always_inline int zt_assign(struct __sk_buff *skb, struct zt_config *cf
 		t.ipv4.dport = bpf_htons(port);
 
 	struct bpf_sock *sk = zt_lookup(skb, &t, f->v6);
-	if (!sk) {
-		zt_count(ZT_STAT_NO_LISTENER);
-		return TC_ACT_SHOT;
-	}
+	if (!sk)
+		return NULL;
 	struct bpf_sock *full = bpf_sk_fullsock(sk);
 	if (!full || full->state != BPF_TCP_LISTEN ||
 	    (full->mark & cfg->mark_mask) != cfg->agent_mark) {
 		bpf_sk_release(sk);
+		return NULL;
+	}
+	return full;
+}
+
+static __always_inline void zt_handoff_key_of(struct zt_flow *f, struct zt_handoff_key *key)
+{
+	if (f->v6) {
+		key->family = AF_INET6;
+		__builtin_memcpy(key->remote, f->tuple.ipv6.saddr, 16);
+		__builtin_memcpy(key->local, f->tuple.ipv6.daddr, 16);
+		key->remote_port = bpf_ntohs(f->tuple.ipv6.sport);
+		key->local_port = bpf_ntohs(f->tuple.ipv6.dport);
+	} else {
+		key->family = AF_INET;
+		key->remote[0] = f->tuple.ipv4.saddr;
+		key->local[0] = f->tuple.ipv4.daddr;
+		key->remote_port = bpf_ntohs(f->tuple.ipv4.sport);
+		key->local_port = bpf_ntohs(f->tuple.ipv4.dport);
+	}
+}
+
+/* Hand a new connection to the agent's listener on `port`; drop it when there is none.
+ * `state` is what already holds the tuple: TIME_WAIT goes through zt_handoff (the stack has
+ * to retire it first), anything else is assigned here. */
+static __always_inline int zt_capture(struct __sk_buff *skb, struct zt_config *cfg,
+				      struct zt_flow *f, u16 port, int stat, int state)
+{
+	struct bpf_sock *sk = zt_listener(skb, cfg, f, port);
+	if (!sk) {
 		zt_count(ZT_STAT_NO_LISTENER);
 		return TC_ACT_SHOT;
 	}
-	long err = bpf_sk_assign(skb, full, 0);
+	long err;
+	if (state == BPF_TCP_TIME_WAIT) {
+		struct zt_handoff_key key = {};
+		zt_handoff_key_of(f, &key);
+		err = zt_handoff.update(&key, (int *)sk);
+	} else {
+		err = bpf_sk_assign(skb, sk, 0);
+	}
 	bpf_sk_release(sk);
 	if (err) {
 		zt_count(ZT_STAT_ASSIGN_FAILED);
@@ -209,9 +260,11 @@ int zt_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK; /* established flows find their socket by themselves */
 	if (f.dport == cfg->inbound_port || zt_is_probe(cfg, &f, 1))
 		return TC_ACT_OK;
-	if (zt_owned(zt_socket_state(skb, &f)))
+	int state = zt_socket_state(skb, &f);
+	if (zt_owned(state))
 		return TC_ACT_OK; /* a retransmitted SYN of a connection being accepted */
-	return zt_assign(skb, cfg, &f, cfg->inbound_plaintext_port, ZT_STAT_INBOUND_CAPTURED);
+	return zt_capture(skb, cfg, &f, cfg->inbound_plaintext_port, ZT_STAT_INBOUND_CAPTURED,
+			  state);
 }
 
 /* Pod interface, egress: packets for the pod's own sockets, and new app connections, go back
@@ -253,7 +306,46 @@ int zt_loopback(struct __sk_buff *skb)
 		return TC_ACT_OK; /* ordinary loopback traffic */
 	if (zt_parse_for(cfg, skb, &f, 0) != 0 || !f.syn)
 		return TC_ACT_OK;
-	if (zt_owned(zt_socket_state(skb, &f)))
+	int state = zt_socket_state(skb, &f);
+	if (zt_owned(state))
 		return TC_ACT_OK;
-	return zt_assign(skb, cfg, &f, cfg->outbound_port, ZT_STAT_OUTBOUND_CAPTURED);
+	return zt_capture(skb, cfg, &f, cfg->outbound_port, ZT_STAT_OUTBOUND_CAPTURED, state);
+}
+
+/* The pod netns's socket lookup: answers a lookup zt_capture prepared in zt_handoff. */
+int zt_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	struct zt_handoff_key key = {};
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	key.family = ctx->family;
+	if (ctx->family == AF_INET6) {
+		key.remote[0] = ctx->remote_ip6[0];
+		key.remote[1] = ctx->remote_ip6[1];
+		key.remote[2] = ctx->remote_ip6[2];
+		key.remote[3] = ctx->remote_ip6[3];
+		key.local[0] = ctx->local_ip6[0];
+		key.local[1] = ctx->local_ip6[1];
+		key.local[2] = ctx->local_ip6[2];
+		key.local[3] = ctx->local_ip6[3];
+	} else {
+		key.remote[0] = ctx->remote_ip4;
+		key.local[0] = ctx->local_ip4;
+	}
+	key.remote_port = bpf_ntohs(ctx->remote_port);
+	key.local_port = ctx->local_port;
+
+	struct bpf_sock *sk = (struct bpf_sock *)zt_handoff.lookup(&key);
+	if (!sk)
+		return SK_PASS; /* not ours: the stack's own lookup decides */
+	long err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	zt_handoff.delete(&key);
+	if (err) {
+		zt_count(ZT_STAT_ASSIGN_FAILED);
+		return SK_DROP; /* never fall back to the app's listener */
+	}
+	zt_count(ZT_STAT_HANDOFF);
+	return SK_PASS;
 }

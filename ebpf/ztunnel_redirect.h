@@ -33,7 +33,20 @@ enum zt_stat {
 	ZT_STAT_LOOPED,                /* packets looped back to a local socket (replies, captured flows) */
 	ZT_STAT_NO_LISTENER,           /* SYN dropped: the agent's listener is not there (fail closed) */
 	ZT_STAT_ASSIGN_FAILED,         /* SYN dropped: bpf_sk_assign refused the listener */
+	ZT_STAT_HANDOFF,               /* SYN on a TIME_WAIT tuple handed over via zt_sk_lookup */
 	ZT_STAT_MAX,
+};
+
+/* zt_handoff key (kernel only, never read by the agent): one new connection whose SYN met a
+ * TIME_WAIT socket of ours, as the sk_lookup program sees it. Addresses in network order
+ * (IPv4 in the first word, the rest zero), ports in host order. Both ends are in the key and
+ * one end is always the pod's own IP, so pods sharing the map never match each other's. */
+struct zt_handoff_key {
+	__u32 remote[4];
+	__u32 local[4];
+	__u16 remote_port;
+	__u16 local_port;
+	__u32 family; /* AF_INET or AF_INET6 */
 };
 
 #endif

@@ -26,17 +26,24 @@ BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
+BPF_LINK_DETACH = 34
+
+ATTACH_SK_LOOKUP = 36
+LINK_TYPE_NETNS = 5
 
 _ATTR_SIZE = 128  # larger than every command's part of union bpf_attr that we fill
 _INFO_SIZE = 256  # larger than bpf_prog_info / bpf_map_info; the kernel fills what it knows
 
-# bpf_prog_info / bpf_map_info field offsets (include/uapi/linux/bpf.h)
+# bpf_prog_info / bpf_map_info / bpf_link_info field offsets (include/uapi/linux/bpf.h)
 _PROG_TYPE, _PROG_ID, _PROG_TAG, _PROG_NAME = 0, 4, 8, 64
 _MAP_TYPE, _MAP_ID, _MAP_KEY, _MAP_VALUE, _MAP_MAX, _MAP_NAME = 0, 4, 8, 12, 16, 24
 _NAME_LEN = 16
+_LINK_TYPE, _LINK_ID, _LINK_PROG, _LINK_NETNS_INO, _LINK_NETNS_ATTACH = 0, 4, 8, 16, 20
 
 PROG_TYPES = {3: "sched_cls"}
-MAP_TYPES = {1: "hash", 2: "array", 6: "percpu_array"}
+MAP_TYPES = {1: "hash", 2: "array", 6: "percpu_array", 18: "sockhash"}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -65,6 +72,15 @@ class MapInfo:
     key_size: int
     value_size: int
     max_entries: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    id: int
+    type: int
+    prog_id: int
+    netns_ino: int  # 0 once the netns is gone (the link is then detached)
+    attach_type: int
 
 
 def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
@@ -140,6 +156,34 @@ def map_info(fd: int) -> MapInfo:
         value_size=value,
         max_entries=max_entries,
     )
+
+
+def link_info(fd: int) -> LinkInfo:
+    raw = _info(fd)
+    ltype, lid, prog_id = struct.unpack_from("=III", raw, _LINK_TYPE)
+    ino, attach = struct.unpack_from("=II", raw, _LINK_NETNS_INO)
+    return LinkInfo(id=lid, type=ltype, prog_id=prog_id, netns_ino=ino, attach_type=attach)
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A link fd attaching ``prog_fd`` to ``target_fd`` (for sk_lookup: a netns fd)."""
+    attr = _attr()
+    struct.pack_into("=IIII", attr, 0, prog_fd, target_fd, attach_type, 0)
+    return _bpf(BPF_LINK_CREATE, attr, f"link program fd {prog_fd} to fd {target_fd}")
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Swap the program of a link atomically."""
+    attr = _attr()
+    struct.pack_into("=IIII", attr, 0, link_fd, prog_fd, 0, 0)
+    _bpf(BPF_LINK_UPDATE, attr, f"update link fd {link_fd}")
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach now, whoever else still holds the link."""
+    attr = _attr()
+    struct.pack_into("=I", attr, 0, link_fd)
+    _bpf(BPF_LINK_DETACH, attr, f"detach link fd {link_fd}")
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:

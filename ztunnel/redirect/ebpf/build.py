@@ -2,8 +2,8 @@
 
 Layout under the agent's bpffs directory (default /sys/fs/bpf/ztunnel):
 
-    build-<id>/zt_ingress zt_egress zt_loopback    the programs, shared by every pod
-    build-<id>/zt_config zt_stats                  their maps
+    build-<id>/zt_ingress zt_egress zt_loopback zt_sk_lookup   the programs, shared by all pods
+    build-<id>/zt_config zt_stats zt_handoff                  their maps
 
 ``<id>`` hashes the C sources and the bcc version, so an agent restarted with the same code
 opens the pinned programs (no compiler run, nothing re-attached) and an upgraded agent gets
@@ -31,8 +31,16 @@ from ztunnel.redirect.ebpf.layout import (
     sum_percpu,
 )
 
-PROGRAMS = ("zt_ingress", "zt_egress", "zt_loopback")
-MAPS = ("zt_config", "zt_stats")
+# name -> (BPF program type, expected attach type or -1)
+PROG_TYPE_SCHED_CLS, PROG_TYPE_SK_LOOKUP, ATTACH_SK_LOOKUP = 3, 30, 36
+PROGRAM_TYPES = {
+    "zt_ingress": (PROG_TYPE_SCHED_CLS, -1),
+    "zt_egress": (PROG_TYPE_SCHED_CLS, -1),
+    "zt_loopback": (PROG_TYPE_SCHED_CLS, -1),
+    "zt_sk_lookup": (PROG_TYPE_SK_LOOKUP, ATTACH_SK_LOOKUP),
+}
+PROGRAMS = tuple(PROGRAM_TYPES)
+MAPS = ("zt_config", "zt_stats", "zt_handoff")
 SOURCE = "redirect.c"
 BUILD_PREFIX = "build-"
 
@@ -144,7 +152,10 @@ def _compile_and_pin(source_dir: Path, target: Path, bcc: Any) -> None:
                 src_file=str(source_dir / SOURCE).encode(),
                 cflags=[f"-I{source_dir}", "-Wno-unused-function"],
             )
-            fns = [module.load_func(name.encode(), bcc.BPF.SCHED_CLS) for name in PROGRAMS]
+            fns = [
+                module.load_func(name.encode(), ptype, attach_type=attach)
+                for name, (ptype, attach) in PROGRAM_TYPES.items()
+            ]
         except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EbpfUnavailable(f"cannot compile or load {SOURCE}: {first}") from exc
@@ -152,7 +163,9 @@ def _compile_and_pin(source_dir: Path, target: Path, bcc: Any) -> None:
             for name, fn in zip(PROGRAMS, fns, strict=True):
                 bpfsys.obj_pin(fn.fd, tmp / name)
             for name in MAPS:
-                bpfsys.obj_pin(module[name.encode()].map_fd, tmp / name)
+                # By fd: bcc's table wrappers do not know every map type (sockhash).
+                fd = bcc.libbcc.lib.bpf_table_fd(module.module, name.encode())
+                bpfsys.obj_pin(fd, tmp / name)
         finally:
             module.cleanup()  # closes the fds; the pins keep programs and maps alive
         remove_tree(target)

@@ -39,6 +39,7 @@ STATS: tuple[str, ...] = (
     "looped",
     "no_listener",
     "assign_failed",
+    "handoff",
 )
 
 _SCALAR = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}

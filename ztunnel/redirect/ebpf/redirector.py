@@ -7,8 +7,9 @@ What one ``install`` puts in a pod netns (and ``remove`` takes out again):
 - the ip rule ``fwmark 0x111/0xfff lookup 100`` + ``local default dev lo table 100`` (the
   same as the iptables mode), which deliver looped-back packets locally;
 - ``net.ipv4.conf.lo.accept_local=1``: looped-back packets carry the pod's own source address;
-- pins of the attached programs under ``<pin root>/pods/<netns dev>_<netns inode>/``, the
-  record a restarted agent (and bpftool) reads.
+- an sk_lookup link on the netns (``zt_sk_lookup``: the TIME_WAIT handoff), pinned;
+- pins of the attached programs under ``<pin root>/pods/netns-<netns cookie>/``, next to the
+  link: the record a restarted agent (and bpftool) reads.
 
 No iptables rule is involved. The programs and maps themselves are shared by all pods and
 pinned once per build (``build.py``).
@@ -17,8 +18,10 @@ pinned once per build (``build.py``).
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from ztunnel.proxy.sockets import Address, sockname
 from ztunnel.redirect import iptables, routes
 from ztunnel.redirect.base import RedirectPorts
 from ztunnel.redirect.ebpf import bpfsys, tc
+from ztunnel.redirect.ebpf.bpfsys import ATTACH_SK_LOOKUP
 from ztunnel.redirect.ebpf.build import Build, default_source_dir, load, remove_tree
 from ztunnel.redirect.ebpf.environment import check_environment
 from ztunnel.redirect.ebpf.layout import (
@@ -42,6 +46,8 @@ from ztunnel.redirect.netns import NetNamespace, NetnsError
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/ztunnel")
 PODS_DIR = "pods"
 ACCEPT_LOCAL = "net.ipv4.conf.lo.accept_local"
+SO_NETNS_COOKIE = 71
+LINK_PIN = "sk_lookup"  # the pod's sk_lookup link, pinned next to its program pins
 
 
 def original_dst(sock: Any) -> Address:
@@ -55,8 +61,16 @@ def original_dst(sock: Any) -> Address:
     return sockname(sock)
 
 
-def pod_dir_name(ident: tuple[int, int]) -> str:
-    return f"{ident[0]}_{ident[1]}"
+def netns_cookie(netns: NetNamespace) -> int:
+    """The kernel's 64-bit cookie of a netns: unique for the machine's uptime, unlike the
+    nsfs inode, which a new netns may reuse once an old one is gone."""
+    with netns.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    return int(struct.unpack("=Q", raw)[0])
+
+
+def pod_dir_name(cookie: int) -> str:
+    return f"netns-{cookie}"
 
 
 def pin_name(hook: Hook) -> str:
@@ -64,11 +78,11 @@ def pin_name(hook: Hook) -> str:
     return f"{hook.device.replace('.', '~')}-{hook.direction}"
 
 
-def parse_pod_dir_name(name: str) -> tuple[int, int] | None:
-    dev, sep, ino = name.partition("_")
-    if not sep or not dev.isdigit() or not ino.isdigit():
+def parse_pod_dir_name(name: str) -> int | None:
+    prefix, sep, cookie = name.partition("-")
+    if prefix != "netns" or not sep or not cookie.isdigit():
         return None
-    return int(dev), int(ino)
+    return int(cookie)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +149,7 @@ class EbpfRedirector:
             return self._build
 
     def pod_dir(self, netns: NetNamespace) -> Path:
-        return self.pin_root / PODS_DIR / pod_dir_name(netns.ident)
+        return self.pin_root / PODS_DIR / pod_dir_name(netns_cookie(netns))
 
     # -- Redirector --------------------------------------------------------------
 
@@ -156,6 +170,7 @@ class EbpfRedirector:
                 tc.detach(netns, stale.device, stale.direction)
                 changed = True
             changed |= self._sync_pins(netns, build, hooks)
+            changed |= self._sync_sk_lookup(netns, build)
         except (EbpfError, NetnsError, bpfsys.BpfError, OSError) as exc:
             self._remove(netns, quiet=True)
             raise EbpfError(f"eBPF redirection for {pod.key} failed: {exc}") from exc
@@ -186,6 +201,7 @@ class EbpfRedirector:
                 for a in attached
             ],
         }
+        out["sk_lookup"] = self._describe_link(netns)
         state = routes.routes_state(
             netns,
             fwmark=self.settings.loop_mark,
@@ -209,11 +225,28 @@ class EbpfRedirector:
             out["counters_all_pods"] = build.counters()
         return out
 
+    def _describe_link(self, netns: NetNamespace) -> dict[str, Any] | None:
+        path = self.pod_dir(netns) / LINK_PIN
+        if not path.exists():
+            return None
+        fd = bpfsys.obj_get(path)
+        try:
+            info = bpfsys.link_info(fd)
+        finally:
+            os.close(fd)
+        build = self._build
+        return {
+            "link_id": info.id,
+            "prog_id": info.prog_id,
+            "attached": info.netns_ino == netns.ident[1],
+            "current": build is not None and build.prog_ids.get("zt_sk_lookup") == info.prog_id,
+        }
+
     # -- lifecycle helpers (phase-2 wiring: agent start and resync) -------------------------
 
-    def prune(self, keep: Iterable[tuple[int, int]]) -> list[str]:
+    def prune(self, keep: Iterable[NetNamespace]) -> list[str]:
         """Drop the pins of pods whose netns is not in ``keep`` (gone while no agent ran)."""
-        wanted = {pod_dir_name(ident) for ident in keep}
+        wanted = {self.pod_dir(ns).name for ns in keep}
         pods = self.pin_root / PODS_DIR
         dropped = []
         if pods.is_dir():
@@ -245,7 +278,7 @@ class EbpfRedirector:
         want = {pin_name(h): h.program for h in hooks}
         changed = False
         for child in directory.iterdir():
-            if child.name not in want:
+            if child.name not in want and child.name != LINK_PIN:
                 child.unlink()
                 changed = True
         for name, program in want.items():
@@ -261,6 +294,33 @@ class EbpfRedirector:
             changed = True
         return changed
 
+    def _sync_sk_lookup(self, netns: NetNamespace, build: Build) -> bool:
+        """One sk_lookup link in the pod netns, pinned, running the current program."""
+        path = self.pod_dir(netns) / LINK_PIN
+        want = build.prog_ids["zt_sk_lookup"]
+        if path.exists():
+            fd = bpfsys.obj_get(path)
+            try:
+                info = bpfsys.link_info(fd)
+                if info.netns_ino == netns.ident[1] and info.attach_type == ATTACH_SK_LOOKUP:
+                    if info.prog_id == want:
+                        return False
+                    _with_fd(build.path("zt_sk_lookup"), lambda prog: bpfsys.link_update(fd, prog))
+                    return True
+            finally:
+                os.close(fd)
+            path.unlink()  # a link of a netns that is gone, or not ours
+        prog = bpfsys.obj_get(build.path("zt_sk_lookup"))
+        try:
+            link = bpfsys.link_create(prog, netns.fd, ATTACH_SK_LOOKUP)
+        finally:
+            os.close(prog)
+        try:
+            bpfsys.obj_pin(link, path)
+        finally:
+            os.close(link)
+        return True
+
     def _remove(self, netns: NetNamespace, *, quiet: bool) -> bool:
         """Detach and unpin ours, and drop the routes unless the iptables mode still uses
         them. ``quiet`` (rollback after a failed install) never raises."""
@@ -273,6 +333,14 @@ class EbpfRedirector:
                 raise
             return False
         return found
+
+
+def _with_fd(path: Path, use: Callable[[int], None]) -> None:
+    fd = bpfsys.obj_get(path)
+    try:
+        use(fd)
+    finally:
+        os.close(fd)
 
 
 def _pinned_prog_id(path: Path) -> int | None:
@@ -313,6 +381,9 @@ def _detach(netns: NetNamespace, pod_dir: Path) -> bool:
     for device in sorted({a.device for a in attached}):
         tc.drop_clsact_if_empty(netns, device)
     found = bool(attached)
+    link = pod_dir / LINK_PIN
+    if link.exists():
+        _with_fd(link, bpfsys.link_detach)  # detached even if someone else holds the link
     if pod_dir.exists():
         remove_tree(pod_dir)
         found = True
@@ -363,7 +434,8 @@ def clean_other_modes(
     """
     s = settings or EbpfSettings()
     cleaned = []
-    if active != "ebpf" and _detach(netns, pin_root / PODS_DIR / pod_dir_name(netns.ident)):
+    pod_dir = pin_root / PODS_DIR / pod_dir_name(netns_cookie(netns))
+    if active != "ebpf" and _detach(netns, pod_dir):
         cleaned.append("ebpf")
     if active != "iptables" and _remove_iptables_chains(netns):
         cleaned.append("iptables")
