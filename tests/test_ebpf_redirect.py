@@ -21,6 +21,7 @@ from ztunnel.redirect import iptables
 from ztunnel.redirect.ebpf import (
     EbpfError,
     EbpfRedirector,
+    EbpfSettings,
     EbpfUnavailable,
     bpfsys,
     clean_other_modes,
@@ -382,6 +383,74 @@ def test_outbound_fails_closed_without_the_agents_listener(
         with pytest.raises(TimeoutError):
             connect(net.pod, (PEER_IP, 80), timeout=1.5).close()
         assert nothing_pending(peer_l) and nothing_pending(impostor)
+
+
+def test_ipv6_is_captured_when_enabled(net: Net, pin_root: Path) -> None:
+    pod6, peer6 = "fd00:200::2", "fd00:200::1"
+    net.pod.run(["ip", "-6", "addr", "add", f"{pod6}/64", "dev", "eth0", "nodad"])
+    net.pod.run(["ip", "-6", "route", "add", "default", "via", peer6])
+    net.peer.run(["ip", "-6", "addr", "add", f"{peer6}/64", "dev", "eth1", "nodad"])
+    redirector = EbpfRedirector(pin_root=pin_root, settings=EbpfSettings(ipv6=True))
+    redirector.install(net.pod, POD)
+    with (
+        agent_listener(net.pod, 15001) as out_l,
+        agent_listener(net.pod, 15006) as in_l,
+        app_listener6(net.pod, 8080) as app_l,
+    ):
+        with connect6(net.pod, ("fd00:77::5", 80)) as app:
+            conn, peer = accept(out_l)
+            with conn:
+                assert original_dst(conn) == ("fd00:77::5", 80)
+                assert peer == sockets.sockname(app)
+                echo(app, conn)
+        with connect6(net.peer, (pod6, 8080)) as client:
+            downstream, (client_ip, _) = accept(in_l)
+            assert client_ip == peer6 and original_dst(downstream) == (pod6, 8080)
+            with downstream, connect6(net.pod, (pod6, 8080), spoof=client_ip) as up:
+                app_conn, (seen_ip, _) = accept(app_l)
+                with app_conn:
+                    assert seen_ip == peer6
+                    echo(up, app_conn)
+                echo(client, downstream)
+    redirector.remove(net.pod, POD)
+    assert not routes_state(net.pod, fwmark=0x111, mask=0xFFF, table=100, family=6).route
+
+
+def app_listener6(ns: NetNamespace, port: int) -> socket.socket:
+    sock = ns.socket(socket.AF_INET6)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("::", port))
+    sock.listen(16)
+    sock.settimeout(5)
+    return sock
+
+
+def connect6(ns: NetNamespace, addr: tuple[str, int], spoof: str | None = None) -> socket.socket:
+    sock = ns.socket(socket.AF_INET6)
+    sock.settimeout(5)
+    try:
+        if spoof is not None:
+            sock.setsockopt(socket.SOL_SOCKET, sockets.SO_MARK, MARK)
+            sock.setsockopt(sockets.SOL_IPV6, sockets.IPV6_TRANSPARENT, 1)
+            sock.setsockopt(sockets.SOL_IPV6, sockets.IPV6_FREEBIND, 1)
+            sock.bind((spoof, 0))
+        sock.connect(addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def test_the_outbound_listener_must_be_transparent(net: Net, redirector: EbpfRedirector) -> None:
+    """Why eBPF mode needs IP_TRANSPARENT on 15001 (the proxy sets it only on the inbound
+    listeners today): the accepted connection's local address is the remote destination, and
+    without transparency the kernel cannot send the SYN-ACK from it."""
+    redirector.install(net.pod, POD)
+    plain, _ = sockets.make_listener(
+        sockets.NetnsSocketFactory(net.pod, MARK), ("::", 15001), transparent=False
+    )
+    with plain, pytest.raises(TimeoutError):
+        connect(net.pod, REMOTE, timeout=1.5).close()
 
 
 # --- lifecycle -----------------------------------------------------------------------------
