@@ -24,12 +24,12 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ztunnel.model.pod import Pod
 from ztunnel.proxy.sockets import Address, sockname
 from ztunnel.redirect import iptables, routes
-from ztunnel.redirect.base import RedirectPorts
+from ztunnel.redirect.base import Redirector, RedirectPorts
 from ztunnel.redirect.ebpf import bpfsys, tc
 from ztunnel.redirect.ebpf.bpfsys import ATTACH_SK_LOOKUP
 from ztunnel.redirect.ebpf.build import Build, default_source_dir, load, remove_tree
@@ -442,3 +442,7 @@ def clean_other_modes(
     if cleaned and active == "none":
         _remove_routes(netns, s)
     return cleaned
+
+
+if TYPE_CHECKING:  # mypy holds EbpfRedirector to the Redirector protocol
+    _conforms: Redirector = EbpfRedirector()
