@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import struct
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -234,38 +236,42 @@ def test_bpffs_detection_uses_the_longest_matching_mount(tmp_path: Path) -> None
     assert not environment.bpffs_mounted("/sys/fs/bpf/ztunnel", str(mounts))
 
 
-def test_bcc_shim_imports_only_the_bcc_package_from_a_dist_dir(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def no_bcc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No ``bcc`` imported nor importable from sys.path; the real one (if any) comes back."""
+    saved = {k: m for k, m in sys.modules.items() if k == "bcc" or k.startswith("bcc.")}
+    for name in saved:
+        del sys.modules[name]
+    monkeypatch.setattr(environment.importlib.util, "find_spec", lambda name: None)
+    try:
+        yield
+    finally:
+        for name in [k for k in sys.modules if k == "bcc" or k.startswith("bcc.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+@pytest.mark.usefixtures("no_bcc")
+def test_bcc_shim_imports_only_the_bcc_package_from_a_dist_dir(tmp_path: Path) -> None:
     pkg = tmp_path / "bcc"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("from .table import TABLE\n__version__ = 'fake'\n")
     (pkg / "table.py").write_text("TABLE = 'ok'\n")
     (tmp_path / "yaml.py").write_text("raise RuntimeError('must not be importable')\n")
-    import sys
-
-    monkeypatch.delitem(sys.modules, "bcc", raising=False)
-    monkeypatch.delitem(sys.modules, "bcc.table", raising=False)
-    monkeypatch.setattr(environment.importlib.util, "find_spec", lambda name: None)
     module = environment.import_bcc([str(tmp_path / "missing"), str(tmp_path)])
     assert module.__version__ == "fake"
     assert module.TABLE == "ok"
     assert str(tmp_path) not in sys.path  # only bcc came in, not the whole directory
-    monkeypatch.delitem(sys.modules, "bcc")
+    del sys.modules["bcc"]
     with pytest.raises(ImportError, match="no bcc package"):
         environment.import_bcc([str(tmp_path / "missing")])
 
 
-def test_bcc_shim_leaves_no_half_imported_module(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("no_bcc")
+def test_bcc_shim_leaves_no_half_imported_module(tmp_path: Path) -> None:
     pkg = tmp_path / "bcc"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("raise OSError('libbcc.so.0: cannot open shared object')\n")
-    import sys
-
-    monkeypatch.delitem(sys.modules, "bcc", raising=False)
-    monkeypatch.setattr(environment.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(OSError, match="libbcc"):
         environment.import_bcc([str(tmp_path)])
     assert "bcc" not in sys.modules
