@@ -17,12 +17,13 @@ fi
 # bcc looks for the running kernel's headers in /lib/modules/$(uname -r)/build. Debian only
 # ships headers for its own kernels; when the running kernel has none (a VM's own kernel),
 # point build/source at the newest Debian headers. The BPF programs only use stable uapi
-# structs (verified with 6.1 headers on 6.18). A working build dir is never touched.
+# structs (verified with 6.1 headers on 6.18). A working build dir or link (a Debian kernel's
+# own) is never touched; a dangling one (headers upgraded) is re-pointed.
 link_kernel_headers() {
     local mod arch hdr common
     mod="/lib/modules/$(uname -r)"
     arch=$(dpkg --print-architecture)
-    if [ -d "$mod/build/include" ] && ! [ -L "$mod/build" ]; then
+    if [ -d "$mod/build/include" ]; then
         return 0
     fi
     hdr=$(find /usr/src -maxdepth 1 -name "linux-headers-*-$arch" | sort -V | tail -n 1)
