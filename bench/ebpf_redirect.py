@@ -52,8 +52,21 @@ def pod_netns() -> Iterator[NetNamespace]:
     pod_name, peer_name = f"zt{tag}-bpod", f"zt{tag}-bpeer"
     pod, peer = create_named(pod_name), create_named(peer_name)
     try:
-        pod.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-                 "netns", peer_name])  # fmt: skip
+        pod.run(
+            [
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth1",
+                "netns",
+                peer_name,
+            ]
+        )
         pod.run(["ip", "addr", "add", "10.200.0.2/24", "dev", "eth0"])
         pod.run(["ip", "link", "set", "eth0", "up"])
         pod.run(["ip", "route", "add", "default", "via", "10.200.0.1"])
@@ -170,12 +183,12 @@ def main() -> None:
     )
     results: dict[str, list[tuple[float, float, float, float]]] = {}
     try:
-        modes: list[tuple[str, Callable[[NetNamespace], None], tuple[str, int]]] = [
+        ebpf = EbpfRedirector(pin_root=pin_root)
+        modes: list[tuple[str, Callable[[NetNamespace], object], tuple[str, int]]] = [
             ("loopback", lambda ns: None, ("127.0.0.1", 15001)),
-            ("iptables", lambda ns: iptables.install(ns, iptables.InpodConfig()) and None, REMOTE),
-            ("ebpf", lambda ns: EbpfRedirector(pin_root=pin_root).install(ns, pod) and None,
-             REMOTE),
-        ]  # fmt: skip
+            ("iptables", lambda ns: iptables.install(ns, iptables.InpodConfig()), REMOTE),
+            ("ebpf", lambda ns: ebpf.install(ns, pod), REMOTE),
+        ]
         for round_ in range(ROUNDS):
             print(f"round {round_ + 1}")
             for name, install, dst in modes:

@@ -66,10 +66,12 @@ class Net:
     peer: NetNamespace  # "the rest of the cluster", on a veth to each pod
 
 
-def _veth(pod: NetNamespace, peer_name: str, peer: NetNamespace, pod_ip: str, peer_ip: str,
-          peer_dev: str) -> None:  # fmt: skip
-    pod.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", peer_dev,
-             "netns", peer_name])  # fmt: skip
+def _veth(
+    pod: NetNamespace, peer_name: str, peer: NetNamespace, pod_ip: str, peer_ip: str, peer_dev: str
+) -> None:
+    pod.run(
+        ["ip", "link", "add", "eth0", "type", "veth", "peer", "name", peer_dev, "netns", peer_name]
+    )
     pod.run(["ip", "addr", "add", f"{pod_ip}/24", "dev", "eth0"])
     pod.run(["ip", "link", "set", "eth0", "up"])
     pod.run(["ip", "route", "add", "default", "via", peer_ip])
@@ -552,14 +554,16 @@ def foreign_prog(pin_root: Path) -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
+def attach_foreign(ns: NetNamespace, direction: str, prog: Path, *where: str) -> None:
+    argv = ["tc", "filter", "add", "dev", "eth0", direction, *where]
+    ns.run([*argv, "bpf", "da", "object-pinned", str(prog)])
+
+
 def test_remove_keeps_a_users_own_tc_filter(
     net: Net, redirector: EbpfRedirector, foreign_prog: Path
 ) -> None:
     redirector.install(net.pod, POD)
-    net.pod.run(
-        ["tc", "filter", "add", "dev", "eth0", "ingress", "prio", "7", "bpf", "da",
-         "object-pinned", str(foreign_prog)]
-    )  # fmt: skip
+    attach_foreign(net.pod, "ingress", foreign_prog, "prio", "7")
     redirector.remove(net.pod, POD)
     assert tc.ours(net.pod) == []
     assert [f.prog_name for f in all_bpf_filters(net.pod)] == ["user_prog"]
@@ -579,10 +583,7 @@ def test_a_failed_install_leaves_nothing_behind(
 ) -> None:
     # A foreign filter holding our (prio, handle) on eth0 egress, the last hook attached.
     net.pod.run(["tc", "qdisc", "add", "dev", "eth0", "clsact"])
-    net.pod.run(
-        ["tc", "filter", "add", "dev", "eth0", "egress", "prio", "1", "handle", "0x2d7",
-         "bpf", "da", "object-pinned", str(foreign_prog)]
-    )  # fmt: skip
+    attach_foreign(net.pod, "egress", foreign_prog, "prio", "1", "handle", "0x2d7")
     with pytest.raises(EbpfError, match="foreign filter 'user_prog'"):
         redirector.install(net.pod, POD)
     remaining = [(f.device, f.direction, f.prog_name) for f in all_bpf_filters(net.pod)]
