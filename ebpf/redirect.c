@@ -29,9 +29,11 @@
  *
  * Never touched: the agent's own packets (skb->mark 0x539), anything that is not TCP, traffic
  * on lo that we did not loop back (127.0.0.1, the pod's own IP), port 15008 inbound, kubelet
- * probes (169.254.7.127). Fail closed: a SYN that should be captured while the agent's
- * listener is absent is dropped (the client retries), never delivered elsewhere. Only a
- * listener carrying the agent's mark qualifies, so an app cannot stand in for the agent.
+ * probes (169.254.7.127). Fail closed: inbound TCP we cannot parse (fragments, long IPv6
+ * header chains) is dropped, since the stack would reassemble it and deliver it past the agent;
+ * a SYN that should be captured while the agent's listener is absent is dropped (the client
+ * retries), never delivered elsewhere. Only a listener carrying the agent's mark qualifies, so
+ * an app cannot stand in for the agent.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -77,11 +79,19 @@ static __always_inline struct zt_config *zt_cfg(void)
 	return zt_config.lookup(&zero);
 }
 
+/* What a packet is to us. OPAQUE: it may carry TCP we cannot see (a fragment, a malformed
+ * header, an IPv6 header chain longer than we walk); inbound, such packets are dropped, since
+ * the stack would reassemble or parse them and deliver them past the agent. */
+enum zt_parsed { ZT_TCP, ZT_OTHER, ZT_OPAQUE, ZT_SHORT };
+
+#define ZT_IPV6_MAX_EXT 4
+#define ZT_PULL_MAX 256
+
 static __always_inline int zt_parse_l4(void *l4, void *end, struct zt_flow *f)
 {
 	struct tcphdr *tcp = l4;
 	if ((void *)(tcp + 1) > end)
-		return -1;
+		return ZT_SHORT;
 	f->dport = bpf_ntohs(tcp->dest);
 	f->syn = tcp->syn && !tcp->ack;
 	if (f->v6) {
@@ -91,10 +101,16 @@ static __always_inline int zt_parse_l4(void *l4, void *end, struct zt_flow *f)
 		f->tuple.ipv4.sport = tcp->source;
 		f->tuple.ipv4.dport = tcp->dest;
 	}
-	return 0;
+	return ZT_TCP;
 }
 
-/* TCP over IPv4 or IPv6 (no extension headers) → 0 and *f; anything else → -1 (left alone). */
+static __always_inline int zt_ipv6_ext(u8 next)
+{
+	return next == 0 /* hop-by-hop */ || next == 43 /* routing */ || next == 60 /* dst opts */ ||
+	       next == 51 /* AH */;
+}
+
+/* TCP over IPv4 (options allowed) or IPv6 (up to ZT_IPV6_MAX_EXT extension headers). */
 static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_flow *f)
 {
 	void *data = (void *)(long)skb->data;
@@ -102,43 +118,65 @@ static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_flow *f)
 	struct ethhdr *eth = data;
 
 	if ((void *)(eth + 1) > end)
-		return -1;
+		return ZT_SHORT;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
-		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
-			return -1;
-		if (ip->frag_off & bpf_htons(0x3fff)) /* fragments carry no (full) TCP header */
-			return -1;
 		f->v6 = 0;
+		if ((void *)(ip + 1) > end)
+			return ZT_SHORT;
+		if (ip->protocol != IPPROTO_TCP)
+			return ZT_OTHER;
+		if (ip->ihl < 5 || (ip->frag_off & bpf_htons(0x3fff))) /* MF or an offset */
+			return ZT_OPAQUE;
 		f->tuple.ipv4.saddr = ip->saddr;
 		f->tuple.ipv4.daddr = ip->daddr;
 		return zt_parse_l4((void *)ip + ip->ihl * 4, end, f);
 	}
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
-		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
-			return -1;
 		f->v6 = 1;
+		if ((void *)(ip6 + 1) > end)
+			return ZT_SHORT;
+		u8 next = ip6->nexthdr;
+		void *cursor = (void *)(ip6 + 1);
+#pragma unroll
+		for (int i = 0; i < ZT_IPV6_MAX_EXT; i++) {
+			if (!zt_ipv6_ext(next))
+				break;
+			struct ipv6_opt_hdr *opt = cursor;
+			if ((void *)(opt + 1) > end)
+				return ZT_SHORT;
+			cursor += next == 51 ? (opt->hdrlen + 2) * 4 : (opt->hdrlen + 1) * 8;
+			next = opt->nexthdr;
+		}
+		if (next == 44 /* fragment */ || zt_ipv6_ext(next))
+			return ZT_OPAQUE;
+		if (next != IPPROTO_TCP)
+			return ZT_OTHER; /* as ip6tables -p tcp: ESP, UDP, ICMPv6, ... are not TCP */
 		__builtin_memcpy(f->tuple.ipv6.saddr, &ip6->saddr, 16);
 		__builtin_memcpy(f->tuple.ipv6.daddr, &ip6->daddr, 16);
-		return zt_parse_l4((void *)(ip6 + 1), end, f);
+		return zt_parse_l4(cursor, end, f);
 	}
-	return -1;
+	return ZT_OTHER;
 }
 
-/* A packet we may act on: TCP, and IPv6 only when IPv6 capture is on. Headers may sit in
- * paged data on ingress: pull them into the linear part once. */
+/* zt_parse, with the headers pulled into the linear part when they sit in paged data
+ * (ingress), and IPv6 left alone unless IPv6 capture is on. A packet still too short to show
+ * its TCP header is OPAQUE. */
 static __always_inline int zt_parse_for(struct zt_config *cfg, struct __sk_buff *skb,
 					struct zt_flow *f, int pull)
 {
-	int err = zt_parse(skb, f);
-	if (err != 0 && pull &&
-	    bpf_skb_pull_data(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr) +
-					   sizeof(struct tcphdr)) == 0)
-		err = zt_parse(skb, f);
-	if (err != 0 || (f->v6 && !(cfg->flags & ZT_F_IPV6)))
-		return -1;
-	return 0;
+	int parsed = zt_parse(skb, f);
+	if (parsed == ZT_SHORT && pull) {
+		u32 len = skb->len < ZT_PULL_MAX ? skb->len : ZT_PULL_MAX;
+		if (bpf_skb_pull_data(skb, len) == 0)
+			parsed = zt_parse(skb, f);
+	}
+	if (parsed == ZT_SHORT)
+		parsed = ZT_OPAQUE;
+	if (f->v6 && !(cfg->flags & ZT_F_IPV6))
+		return ZT_OTHER;
+	return parsed;
 }
 
 static __always_inline int zt_is_probe(struct zt_config *cfg, struct zt_flow *f, int src)
@@ -256,7 +294,12 @@ int zt_ingress(struct __sk_buff *skb)
 
 	if (!cfg || !(cfg->flags & ZT_F_CAPTURE_INBOUND))
 		return TC_ACT_OK;
-	if (zt_parse_for(cfg, skb, &f, 1) != 0 || !f.syn)
+	int parsed = zt_parse_for(cfg, skb, &f, 1);
+	if (parsed == ZT_OPAQUE) {
+		zt_count(ZT_STAT_OPAQUE_DROPPED);
+		return TC_ACT_SHOT;
+	}
+	if (parsed != ZT_TCP || !f.syn)
 		return TC_ACT_OK; /* established flows find their socket by themselves */
 	if (f.dport == cfg->inbound_port || zt_is_probe(cfg, &f, 1))
 		return TC_ACT_OK;
@@ -278,7 +321,7 @@ int zt_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if ((skb->mark & cfg->mark_mask) == cfg->agent_mark)
 		return TC_ACT_OK; /* the agent's own sockets are never captured */
-	if (zt_parse_for(cfg, skb, &f, 0) != 0 || zt_is_probe(cfg, &f, 0))
+	if (zt_parse_for(cfg, skb, &f, 0) != ZT_TCP || zt_is_probe(cfg, &f, 0))
 		return TC_ACT_OK;
 	/* The tuple as a local receiver would see it: exactly this packet's addresses. */
 	int state = zt_socket_state(skb, &f);
@@ -304,7 +347,7 @@ int zt_loopback(struct __sk_buff *skb)
 
 	if (!cfg || (skb->mark & cfg->mark_mask) != cfg->loop_mark || cfg->loop_mark == 0)
 		return TC_ACT_OK; /* ordinary loopback traffic */
-	if (zt_parse_for(cfg, skb, &f, 0) != 0 || !f.syn)
+	if (zt_parse_for(cfg, skb, &f, 0) != ZT_TCP || !f.syn)
 		return TC_ACT_OK;
 	int state = zt_socket_state(skb, &f);
 	if (zt_owned(state))

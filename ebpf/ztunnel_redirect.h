@@ -34,6 +34,7 @@ enum zt_stat {
 	ZT_STAT_NO_LISTENER,           /* SYN dropped: the agent's listener is not there (fail closed) */
 	ZT_STAT_ASSIGN_FAILED,         /* SYN dropped: bpf_sk_assign refused the listener */
 	ZT_STAT_HANDOFF,               /* SYN on a TIME_WAIT tuple handed over via zt_sk_lookup */
+	ZT_STAT_OPAQUE_DROPPED,        /* inbound TCP we cannot parse (fragment, long IPv6 chain) */
 	ZT_STAT_MAX,
 };
 

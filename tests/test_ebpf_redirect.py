@@ -9,6 +9,8 @@ import json
 import secrets
 import shutil
 import socket
+import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -453,6 +455,99 @@ def test_the_outbound_listener_must_be_transparent(net: Net, redirector: EbpfRed
     )
     with plain, pytest.raises(TimeoutError):
         connect(net.pod, REMOTE, timeout=1.5).close()
+
+
+# --- packets the stack would reassemble or parse past the programs -------------------------
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def tcp_syn(pseudo_addresses: bytes, sport: int, dport: int, v6: bool) -> bytes:
+    """A bare 20-byte TCP SYN with its checksum over the v4 or v6 pseudo header."""
+    header = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, 0x02, 65535, 0, 0)
+    tail = struct.pack("!I3xB", 20, 6) if v6 else struct.pack("!xBH", 6, 20)
+    csum = _checksum(pseudo_addresses + tail + header)
+    return header[:16] + struct.pack("!H", csum) + header[18:]
+
+
+def ipv4_packet(src: str, dst: str, payload: bytes, frag: int) -> bytes:
+    """IPv4 header (the kernel fills in length and checksum for raw sockets) + payload."""
+    addresses = socket.inet_aton(src) + socket.inet_aton(dst)
+    return struct.pack("!BBHHHBBH", 0x45, 0, 0, 0x1234, frag, 64, 6, 0) + addresses + payload
+
+
+def syn_ack_seen(sniffer: socket.socket, port: int, ip_header: bool) -> bool:
+    """Did a SYN-ACK for our crafted SYN (destination ``port``) come back within a second?"""
+    sniffer.settimeout(0.2)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        try:
+            packet = sniffer.recv(65535)
+        except TimeoutError:
+            continue
+        tcp = packet[(packet[0] & 0x0F) * 4 :] if ip_header else packet
+        dport, flags = struct.unpack_from("!H", tcp, 2)[0], tcp[13]
+        if dport == port and flags & 0x12 == 0x12:
+            return True
+    return False
+
+
+def test_fragmented_inbound_tcp_is_dropped_not_reassembled_past_the_agent(
+    net: Net, redirector: EbpfRedirector
+) -> None:
+    """A SYN split into IP fragments would be reassembled by the pod's stack after tc and
+    reach the app's listener directly; the programs drop what they cannot parse."""
+    redirector.install(net.pod, POD)
+    build = redirector.prepare()
+    before = build.counters()
+    pseudo = socket.inet_aton(PEER_IP) + socket.inet_aton(POD_IP)
+    with (
+        agent_listener(net.pod, 15006),
+        app_listener(net.pod, 8080),
+        net.peer.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as sniffer,
+        net.peer.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw,
+    ):
+        syn = tcp_syn(pseudo, 41001, 8080, v6=False)
+        raw.sendto(ipv4_packet(PEER_IP, POD_IP, syn[:16], 0x2000), (POD_IP, 0))  # MF
+        raw.sendto(ipv4_packet(PEER_IP, POD_IP, syn[16:], 16 // 8), (POD_IP, 0))
+        assert not syn_ack_seen(sniffer, 41001, ip_header=True)
+        # Control: the same SYN in one piece is answered, by the agent's listener.
+        syn = tcp_syn(pseudo, 41002, 8080, v6=False)
+        raw.sendto(ipv4_packet(PEER_IP, POD_IP, syn, 0), (POD_IP, 0))
+        assert syn_ack_seen(sniffer, 41002, ip_header=True)
+    after = build.counters()
+    assert after["opaque_dropped"] >= before["opaque_dropped"] + 1
+    assert after["inbound_captured"] == before["inbound_captured"] + 1
+
+
+def test_ipv6_extension_headers_do_not_hide_a_syn(net: Net, pin_root: Path) -> None:
+    pod6, peer6 = "fd00:200::2", "fd00:200::1"
+    net.pod.run(["ip", "-6", "addr", "add", f"{pod6}/64", "dev", "eth0", "nodad"])
+    net.peer.run(["ip", "-6", "addr", "add", f"{peer6}/64", "dev", "eth1", "nodad"])
+    redirector = EbpfRedirector(pin_root=pin_root, settings=EbpfSettings(ipv6=True))
+    redirector.install(net.pod, POD)
+    build = redirector.prepare()
+    before = build.counters()["inbound_captured"]
+    src, dst = socket.inet_pton(socket.AF_INET6, peer6), socket.inet_pton(socket.AF_INET6, pod6)
+    syn = tcp_syn(src + dst, 41003, 8080, v6=True)
+    dst_opts = bytes([6, 0, 1, 4, 0, 0, 0, 0])  # next header TCP, PadN to 8 bytes
+    header = struct.pack("!IHBB", 6 << 28, len(dst_opts) + len(syn), 60, 64) + src + dst
+    with (
+        agent_listener(net.pod, 15006),
+        app_listener6(net.pod, 8080),
+        net.peer.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP) as sniffer,
+        net.peer.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw,
+    ):
+        raw.sendto(header + dst_opts + syn, (pod6, 0))
+        assert syn_ack_seen(sniffer, 41003, ip_header=False)
+    assert build.counters()["inbound_captured"] == before + 1  # the agent's, not the app's
 
 
 # --- lifecycle -----------------------------------------------------------------------------

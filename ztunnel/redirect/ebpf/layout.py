@@ -40,6 +40,7 @@ STATS: tuple[str, ...] = (
     "no_listener",
     "assign_failed",
     "handoff",
+    "opaque_dropped",
 )
 
 _SCALAR = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}
