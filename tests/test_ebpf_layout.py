@@ -3,8 +3,10 @@ the bcc import shim, and parsing what tc prints."""
 
 from __future__ import annotations
 
+import os
 import re
 import struct
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,6 +160,27 @@ def test_build_id_follows_sources_and_bcc_version(tmp_path: Path) -> None:
     assert build.build_id(tmp_path, "0.26.0") == first
     (tmp_path / "ztunnel_redirect.h").write_text("#define X 1\n")
     assert build.build_id(tmp_path, "0.26.0") != first
+
+
+def test_drop_other_builds_keeps_the_current_one_and_live_compiles(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    keep, old = "a" * 12, "b" * 12
+    names = [
+        f"build-{keep}",
+        f"build-{old}",
+        f"build-{keep}-tmp-{dead.pid}",  # a compile that crashed
+        f"build-{keep}-tmp-{os.getpid()}",  # a compile running right now
+        "pods",
+    ]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "zt_config").write_text("")
+    dropped = build.drop_other_builds(tmp_path, keep=keep)
+    assert sorted(dropped) == sorted([f"build-{old}", f"build-{keep}-tmp-{dead.pid}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"build-{keep}", f"build-{keep}-tmp-{os.getpid()}", "pods"]
+    )
 
 
 # --- environment checks ------------------------------------------------------------------

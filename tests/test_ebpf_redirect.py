@@ -10,6 +10,8 @@ import secrets
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -728,6 +730,34 @@ def test_prune_drops_the_pins_of_pods_that_are_gone(net: Net, redirector: EbpfRe
     assert redirector.pod_dir(net.pod2).name in dropped
     assert redirector.pod_dir(net.pod).name not in dropped
     assert redirector.pod_dir(net.pod).exists() and not redirector.pod_dir(net.pod2).exists()
+
+
+def test_two_agents_compiling_the_same_build_at_once_share_one(
+    pin_root: Path, tmp_path: Path
+) -> None:
+    sources = tmp_path / "ebpf"
+    shutil.copytree(SOURCES, sources)
+    with (sources / "redirect.c").open("a") as f:
+        f.write("\n/* a build nobody pinned yet */\n")
+    root = pin_root.with_name(pin_root.name + "-race")
+    script = (
+        "import json, pathlib, sys\n"
+        "from ztunnel.redirect.ebpf import EbpfRedirector\n"
+        "b = EbpfRedirector(pin_root=pathlib.Path(sys.argv[1]),"
+        " source_dir=pathlib.Path(sys.argv[2])).prepare()\n"
+        "print(json.dumps(b.prog_ids))\n"
+    )
+    argv = [sys.executable, "-c", script, str(root), str(sources)]
+    try:
+        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0]
+        assert json.loads(outputs[0]) == json.loads(outputs[1])
+        assert [p.name for p in root.iterdir()] == [
+            EbpfRedirector(pin_root=root, source_dir=sources).prepare().dir.name
+        ]
+    finally:
+        ebpf_build.remove_tree(root)
 
 
 # --- switching modes ------------------------------------------------------------------------

@@ -14,8 +14,10 @@ build's pins are dropped (attached programs live on until replaced).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ PROGRAMS = tuple(PROGRAM_TYPES)
 MAPS = ("zt_config", "zt_stats", "zt_handoff")
 SOURCE = "redirect.c"
 BUILD_PREFIX = "build-"
+_BUILD_RE = re.compile(r"^build-([0-9a-f]{12})(?:-tmp-(\d+))?$")
 
 
 def default_source_dir() -> Path:
@@ -168,8 +171,14 @@ def _compile_and_pin(source_dir: Path, target: Path, bcc: Any) -> None:
                 bpfsys.obj_pin(fd, tmp / name)
         finally:
             module.cleanup()  # closes the fds; the pins keep programs and maps alive
-        remove_tree(target)
-        tmp.rename(target)
+        if target.exists() and not _complete(target):
+            remove_tree(target)  # a damaged build (pins deleted by hand)
+        try:
+            tmp.rename(target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            remove_tree(tmp)  # another agent on this pin root pinned the same build first
     except BaseException:
         remove_tree(tmp)
         raise
@@ -192,12 +201,27 @@ def load(pin_root: Path, source_dir: Path, config: MapConfig) -> Build:
 
 
 def drop_other_builds(pin_root: Path, keep: str | None) -> list[str]:
-    """Unpin builds other than ``keep``; programs still attached somewhere stay loaded."""
+    """Unpin builds other than ``keep``, and the temporary directories of dead compiles;
+    programs still attached somewhere stay loaded."""
     dropped: list[str] = []
     if not pin_root.is_dir():
         return dropped
     for child in pin_root.iterdir():
-        if child.name.startswith(BUILD_PREFIX) and child.name != f"{BUILD_PREFIX}{keep}":
+        m = _BUILD_RE.match(child.name)
+        if m is None:
+            continue
+        pid = m.group(2)
+        if (pid is not None and not _alive(int(pid))) or (pid is None and m.group(1) != keep):
             remove_tree(child)
             dropped.append(child.name)
     return dropped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
