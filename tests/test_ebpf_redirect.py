@@ -651,8 +651,10 @@ def foreign_prog(pin_root: Path) -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
-def attach_foreign(ns: NetNamespace, direction: str, prog: Path, *where: str) -> None:
-    argv = ["tc", "filter", "add", "dev", "eth0", direction, *where]
+def attach_foreign(
+    ns: NetNamespace, direction: str, prog: Path, *where: str, device: str = "eth0"
+) -> None:
+    argv = ["tc", "filter", "add", "dev", device, direction, *where]
     ns.run([*argv, "bpf", "da", "object-pinned", str(prog)])
 
 
@@ -687,6 +689,24 @@ def test_a_failed_install_leaves_nothing_behind(
     assert remaining == [("eth0", "egress", "user_prog")]  # ours rolled back, theirs kept
     assert not redirector.pod_dir(net.pod).exists()
     assert not routes_state(net.pod, fwmark=0x111, mask=0xFFF, table=100).rule
+
+
+def test_a_failed_reconcile_keeps_the_pod_captured(
+    net: Net, redirector: EbpfRedirector, foreign_prog: Path
+) -> None:
+    redirector.install(net.pod, POD)
+    # A new device whose hook a foreign filter holds: the next reconcile fails on it.
+    net.pod.run(["ip", "link", "add", "eth5", "type", "veth", "peer", "name", "eth6"])
+    net.pod.run(["tc", "qdisc", "add", "dev", "eth5", "clsact"])
+    attach_foreign(net.pod, "ingress", foreign_prog, "prio", "1", "handle", "0x2d7", device="eth5")
+    with pytest.raises(EbpfError, match="foreign filter"):
+        redirector.install(net.pod, POD)
+    assert set(EXPECTED_FILTERS) <= set(our_filters(net.pod))
+    assert redirector.pod_dir(net.pod).exists()
+    with agent_listener(net.pod, 15001) as out_l, connect(net.pod, REMOTE) as app:
+        conn, _ = accept(out_l)
+        with conn:
+            echo(app, conn)
 
 
 def test_describe_shows_programs_and_maps(net: Net, redirector: EbpfRedirector) -> None:

@@ -154,13 +154,20 @@ class EbpfRedirector:
     # -- Redirector --------------------------------------------------------------
 
     def install(self, netns: NetNamespace, pod: Pod) -> bool:
-        """Attach (or keep) our programs, routes and sysctl; roll back fully on failure."""
+        """Attach (or keep) our programs, routes and sysctl.
+
+        On failure a first install is rolled back to nothing; a reconcile of a pod that was
+        already redirected leaves what is attached (each tc replace is atomic), so a
+        transient error never turns an enrolled pod's capture off.
+        """
         build = self.prepare()
+        fresh = True
         try:
+            current = {(a.device, a.direction): a for a in tc.ours(netns)}
+            fresh = not current and not self.pod_dir(netns).exists()
             changed = self._install_routes(netns)
             changed |= _set_accept_local(netns, True)
             hooks = tc.plan(netns)
-            current = {(a.device, a.direction): a for a in tc.ours(netns)}
             for hook in hooks:
                 attached = current.pop((hook.device, hook.direction), None)
                 if attached is None or attached.prog_id != build.prog_ids[hook.program]:
@@ -172,7 +179,8 @@ class EbpfRedirector:
             changed |= self._sync_pins(netns, build, hooks)
             changed |= self._sync_sk_lookup(netns, build)
         except (EbpfError, NetnsError, bpfsys.BpfError, OSError) as exc:
-            self._remove(netns, quiet=True)
+            if fresh:
+                self._remove(netns, quiet=True)
             raise EbpfError(f"eBPF redirection for {pod.key} failed: {exc}") from exc
         return changed
 
