@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ztunnel.redirect.ebpf import bpfsys
+import ztunnel.redirect.ebpf.bpfsys as bpfsys
 from ztunnel.redirect.ebpf.environment import EbpfUnavailable, import_bcc
 from ztunnel.redirect.ebpf.layout import (
     CONFIG_STRUCT,

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import ztunnel.redirect.ebpf.bpfsys as bpfsys
+import ztunnel.redirect.ebpf.tc as tc
 from ztunnel.model.pod import Pod
 from ztunnel.proxy.sockets import Address, sockname
 from ztunnel.redirect import iptables, routes
 from ztunnel.redirect.base import Redirector, RedirectPorts
-from ztunnel.redirect.ebpf import bpfsys, tc
 from ztunnel.redirect.ebpf.bpfsys import ATTACH_SK_LOOKUP
 from ztunnel.redirect.ebpf.build import Build, default_source_dir, load, remove_tree
 from ztunnel.redirect.ebpf.environment import check_environment
