@@ -192,7 +192,9 @@ class TokenFileAuth(httpx2.Auth):
             pass  # keep the last token: a rotation in progress must not drop credentials
         return self._header
 
-    def auth_flow(self, request: httpx2.Request) -> Generator[httpx2.Request, httpx2.Response, None]:
+    def auth_flow(
+        self, request: httpx2.Request
+    ) -> Generator[httpx2.Request, httpx2.Response, None]:
         request.headers["Authorization"] = self._current()
         response = yield request
         if response.status_code == 401:
@@ -221,7 +223,9 @@ class _BearerAuth(httpx2.Auth):
     def __init__(self, token: str) -> None:
         self._header = f"Bearer {token.strip()}"
 
-    def auth_flow(self, request: httpx2.Request) -> Generator[httpx2.Request, httpx2.Response, None]:
+    def auth_flow(
+        self, request: httpx2.Request
+    ) -> Generator[httpx2.Request, httpx2.Response, None]:
         request.headers["Authorization"] = self._header
         yield request
 

@@ -77,7 +77,9 @@ class ApiClient:
         except httpx2.RequestError as exc:
             raise KubeUnavailable(f"watch {kind}: {exc!r}") from exc
 
-    async def _events(self, response: httpx2.Response, kind: ResourceKind) -> AsyncIterator[WatchEvent]:
+    async def _events(
+        self, response: httpx2.Response, kind: ResourceKind
+    ) -> AsyncIterator[WatchEvent]:
         splitter = LineSplitter()
         chunks = response.aiter_bytes()
         while True:

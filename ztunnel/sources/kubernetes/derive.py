@@ -111,11 +111,11 @@ def _strs(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in _map(value).items() if isinstance(v, str)}
 
 
-def labels(obj: JSON) -> dict[str, str]:
+def labels_of(obj: JSON) -> dict[str, str]:
     return _strs(_meta(obj).get("labels"))
 
 
-def annotations(obj: JSON) -> dict[str, str]:
+def annotations_of(obj: JSON) -> dict[str, str]:
     return _strs(_meta(obj).get("annotations"))
 
 
@@ -181,11 +181,11 @@ def redirection_enabled(pod: JSON, namespace: JSON | None, settings: Settings) -
     meta_ns, name = _namespace(pod), _name(pod)
     if settings.self_pod == (meta_ns, name):
         return False
-    if meta_ns == settings.system_namespace and labels(pod).get("app") == "ztunnel":
+    if meta_ns == settings.system_namespace and labels_of(pod).get("app") == "ztunnel":
         return False
-    if SIDECAR_STATUS_ANNOTATION in annotations(pod) or _spec(pod).get("hostNetwork") is True:
+    if SIDECAR_STATUS_ANNOTATION in annotations_of(pod) or _spec(pod).get("hostNetwork") is True:
         return False
-    return wants_ambient(labels(pod), labels(namespace) if namespace else {})
+    return wants_ambient(labels_of(pod), labels_of(namespace) if namespace else {})
 
 
 def workload_uid(cluster_id: str, namespace: str, name: str) -> str:
@@ -211,8 +211,8 @@ def node_pods(
                 namespace=_namespace(obj),
                 service_account=str(_spec(obj).get("serviceAccountName") or "default"),
                 node=settings.node_name,
-                labels=labels(obj),
-                annotations=annotations(obj),
+                labels=labels_of(obj),
+                annotations=annotations_of(obj),
                 ips=pod_ips(obj),
                 netns=netns.get(k8s_uid),
                 phase=pod_phase(obj),
@@ -240,7 +240,7 @@ def workload_name_and_type(pod: JSON) -> tuple[str, WorkloadType]:
     if owner is None:
         return name, WorkloadType.POD
     kind, owner_name = owner.get("kind"), str(owner.get("name") or "")
-    template_hash = labels(pod).get("pod-template-hash", "")
+    template_hash = labels_of(pod).get("pod-template-hash", "")
     if kind == "ReplicaSet" and template_hash and owner_name.endswith(template_hash):
         return owner_name.removesuffix(f"-{template_hash}"), WorkloadType.DEPLOYMENT
     if kind == "Job":
@@ -298,7 +298,7 @@ def waypoints(gateways: Mapping[str, JSON], network: str = "") -> dict[str, Wayp
         route = _hbone_allowed_routes(gw)
         out[key] = Waypoint(
             address=address,
-            traffic_type=labels(gw).get(WAYPOINT_FOR_LABEL, "service"),
+            traffic_type=labels_of(gw).get(WAYPOINT_FOR_LABEL, "service"),
             namespace=_namespace(gw),
             allowed_from=str(route.get("from") or "Same"),
             selector=_strs(_map(route.get("selector")).get("matchLabels")),
@@ -347,15 +347,15 @@ def waypoint_for(
     """The waypoint the object's own label, else its namespace's, names (istiod's
     fetchWaypointForTarget plus the traffic-type check)."""
     own_ns = _namespace(obj)
-    key, opted_out = _use_waypoint(labels(obj), own_ns)
+    key, opted_out = _use_waypoint(labels_of(obj), own_ns)
     if opted_out:
         return None
     if key is None and namespace is not None:
-        key, _ = _use_waypoint(labels(namespace), own_ns)
+        key, _ = _use_waypoint(labels_of(namespace), own_ns)
     wp = known.get(key) if key else None
     if wp is None or not wp.serves(traffic):
         return None
-    if not wp.admits(own_ns, labels(namespace) if namespace else {}):
+    if not wp.admits(own_ns, labels_of(namespace) if namespace else {}):
         return None
     return wp.address
 
@@ -399,7 +399,7 @@ def _service_info(
         NetworkAddress(settings.network, ip)
         for ip in _ips(v for v in cluster_ips if v and v != "None")
     )
-    is_waypoint = labels(svc).get(MANAGED_GATEWAY_LABEL) == MANAGED_BY_MESH
+    is_waypoint = labels_of(svc).get(MANAGED_GATEWAY_LABEL) == MANAGED_BY_MESH
     service = Service(
         name=_name(svc),
         namespace=_namespace(svc),
@@ -451,7 +451,9 @@ def _slice_ports(info: _ServiceInfo, es: JSON) -> dict[int, int]:
 # --- the whole state ----------------------------------------------------------------------
 
 
-def mesh_state(objects: ClusterObjects, settings: Settings) -> tuple[MeshState, dict[str, dict[str, str]]]:
+def mesh_state(
+    objects: ClusterObjects, settings: Settings
+) -> tuple[MeshState, dict[str, dict[str, str]]]:
     """(workloads and services without policies, labels by workload uid for policy
     selection). Policies are attached by the caller (``policy.istio.attach_policies``)."""
     known = waypoints(objects.gateways, settings.network)
@@ -466,7 +468,7 @@ def mesh_state(objects: ClusterObjects, settings: Settings) -> tuple[MeshState, 
         wl = _pod_workload(pod, objects, settings, infos, by_target.get(key, ()), known)
         if wl is not None:
             workloads.append(wl)
-            pod_labels[wl.uid] = labels(pod)
+            pod_labels[wl.uid] = labels_of(pod)
     workloads.extend(_slice_workloads(objects.endpoint_slices, infos, settings))
     services = tuple(i.service for i in infos.values())
     return MeshState(workloads=tuple(workloads), services=services), pod_labels
@@ -476,7 +478,7 @@ def _slice_members(slices: Mapping[str, JSON]) -> dict[str, list[tuple[str, JSON
     """Pod ``namespace/name`` → (service key, slice) for every slice endpoint naming a pod."""
     out: dict[str, list[tuple[str, JSON]]] = {}
     for es in slices.values():
-        service = labels(es).get(SERVICE_NAME_LABEL)
+        service = labels_of(es).get(SERVICE_NAME_LABEL)
         if not service or es.get("addressType") == "FQDN":
             continue
         for ep in _list(es.get("endpoints")):
@@ -498,7 +500,7 @@ def _pod_workload(
     phase, ips = pod_phase(pod), pod_ips(pod)
     if phase in (PodPhase.SUCCEEDED, PodPhase.FAILED) or not ips:
         return None
-    ns_name, pod_lbls, pod_ann = _namespace(pod), labels(pod), annotations(pod)
+    ns_name, pod_lbls, pod_ann = _namespace(pod), labels_of(pod), annotations_of(pod)
     namespace = objects.namespaces.get(ns_name)
     services: dict[str, dict[int, int]] = {}
     for info in infos.values():
@@ -506,9 +508,9 @@ def _pod_workload(
         if svc.namespace == ns_name and info.selector and _selects(info.selector, pod_lbls):
             services[svc.key] = _pod_ports(info, pod)
     for svc_key, es in slices:  # services without a selector, through their slices
-        info = infos.get(svc_key)
-        if info is not None and not info.selector and info.service.key not in services:
-            services[info.service.key] = _slice_ports(info, es)
+        by_slice = infos.get(svc_key)
+        if by_slice and not by_slice.selector and by_slice.service.key not in services:
+            services[by_slice.service.key] = _slice_ports(by_slice, es)
     ready = pod_ready(pod) and not _meta(pod).get("deletionTimestamp")
     native = pod_lbls.get(TUNNEL_LABEL) == "http"
     hbone = native or pod_ann.get(REDIRECTION_ANNOTATION) == REDIRECTION_ENABLED
@@ -550,10 +552,11 @@ def _slice_workloads(
     """Workloads for slice endpoints that are not pods (a Service fronting external IPs)."""
     out = []
     for es in slices.values():
-        service = labels(es).get(SERVICE_NAME_LABEL)
-        info = infos.get(f"{_namespace(es)}/{service}") if service else None
-        if info is None or es.get("addressType") == "FQDN":
+        service = labels_of(es).get(SERVICE_NAME_LABEL)
+        found = infos.get(f"{_namespace(es)}/{service}") if service else None
+        if found is None or es.get("addressType") == "FQDN":
             continue
+        info = found
         ports = _slice_ports(info, es)
         seen: set[IPAddress] = set()
         for raw in _list(es.get("endpoints")):
@@ -583,4 +586,3 @@ def _slice_workloads(
                 )
             )
     return out
-

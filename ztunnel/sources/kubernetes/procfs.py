@@ -31,7 +31,9 @@ from ipaddress import IPv6Address, ip_address
 from ztunnel.model.address import IPAddress
 from ztunnel.model.pod import NetnsRef
 
-_UUID = r"[0-9a-fA-F]{8}[-_]?[0-9a-fA-F]{4}[-_]?[0-9a-fA-F]{4}[-_]?[0-9a-fA-F]{4}[-_]?[0-9a-fA-F]{12}"
+_UUID = (
+    r"[0-9a-fA-F]{8}[-_]?[0-9a-fA-F]{4}[-_]?[0-9a-fA-F]{4}[-_]?[0-9a-fA-F]{4}[-_]?[0-9a-fA-F]{12}"
+)
 _POD_UID = re.compile(rf"(?:^|[/_.:-])pod({_UUID})(?=$|[/_.:-])")
 _FIB_LOCAL = re.compile(r"\|-- (\S+)\n\s+/32 host LOCAL")
 
@@ -160,7 +162,9 @@ class ProcNetnsFinder:
         if ident is None or start is None or ident == host:
             return None
         original_uid, ips = wanted[uid]
-        owned = local_ips(self._read(pid, "net", "fib_trie") or "", self._read(pid, "net", "if_inet6") or "")
+        owned = local_ips(
+            self._read(pid, "net", "fib_trie") or "", self._read(pid, "net", "if_inet6") or ""
+        )
         if not ips & owned:
             return None
         ref = NetnsRef(os.path.join(self.root, pid, "ns", "net"))
@@ -171,7 +175,5 @@ class ProcNetnsFinder:
         pid = str(found.pid)
         stat = self._read(pid, "stat")
         return (
-            stat is not None
-            and start_time(stat) == found.start
-            and self._ident(pid) == found.ident
+            stat is not None and start_time(stat) == found.start and self._ident(pid) == found.ident
         )

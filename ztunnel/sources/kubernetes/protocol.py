@@ -65,6 +65,11 @@ PEER_AUTHENTICATIONS = (
     ResourceKind("security.istio.io", "v1", "peerauthentications", "PeerAuthentication"),
     ResourceKind("security.istio.io", "v1beta1", "peerauthentications", "PeerAuthentication"),
 )
+# Waypoints are Gateway API Gateways (v1; v1beta1 on older clusters).
+GATEWAYS = (
+    ResourceKind("gateway.networking.k8s.io", "v1", "gateways", "Gateway"),
+    ResourceKind("gateway.networking.k8s.io", "v1beta1", "gateways", "Gateway"),
+)
 
 
 @dataclass(frozen=True, slots=True)
