@@ -8,8 +8,8 @@ malformed body a ``KubeProtocolError``. Nothing else leaves this module.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import httpx2
@@ -49,7 +49,7 @@ class ApiClient:
     @asynccontextmanager
     async def watch(
         self, kind: ResourceKind, params: Mapping[str, str], *, read_timeout: float
-    ) -> AsyncIterator[AsyncIterator[WatchEvent]]:
+    ) -> AsyncIterator[AsyncGenerator[WatchEvent, None]]:
         """A watch stream; iterating it yields events until the server ends the watch.
 
         ``read_timeout`` bounds the silence between two chunks: with bookmarks and a
@@ -67,7 +67,11 @@ class ApiClient:
             if response.status_code != 200:
                 body = await self._read(response, kind)
                 raise error_response(response.status_code, body)
-            yield self._events(response, kind)
+            events = self._events(response, kind)
+            try:
+                yield events
+            finally:
+                await events.aclose()  # an abandoned generator must not wait for the GC
         finally:
             await response.aclose()
 
@@ -81,16 +85,16 @@ class ApiClient:
         self, response: httpx2.Response, kind: ResourceKind
     ) -> AsyncIterator[WatchEvent]:
         splitter = LineSplitter()
-        chunks = response.aiter_bytes()
-        while True:
-            try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                break
-            except httpx2.RequestError as exc:
-                raise KubeUnavailable(f"watch {kind} broke: {exc!r}") from exc
-            for line in splitter.feed(chunk):
-                yield parse_watch_line(line)
+        async with aclosing(response.aiter_bytes()) as chunks:
+            while True:
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except httpx2.RequestError as exc:
+                    raise KubeUnavailable(f"watch {kind} broke: {exc!r}") from exc
+                for line in splitter.feed(chunk):
+                    yield parse_watch_line(line)
         if splitter.pending:
             raise KubeProtocolError(f"watch {kind} ended inside an event")
 
