@@ -340,3 +340,22 @@ async def test_first_snapshot_waits_for_every_resource() -> None:
     async with source_for(server) as (_, follower):
         await follower.until(lambda s: True)
     assert all(in_mesh(s) == {"mesh/a"} for s in follower.seen)
+
+
+async def test_no_snapshot_before_the_policies_can_be_read() -> None:
+    server = FakeApiServer()
+    base_cluster(server)
+    server.apply(k.authorization_policy("broken", "mesh", {"action": "DENY", "rules": "x"}))
+    async with running(server), trio.open_nursery() as nursery:
+        client = ApiClient(httpx2.AsyncClient(base_url=server.url))
+        src = KubernetesPodSource(client, Settings(node_name="node1"), reflector_options=FAST)
+        nursery.start_soon(src.run)
+        await trio.sleep(1.0)
+        # Publishing without the DENY it cannot read would open what it closes.
+        assert src.latest is None
+        server.delete(AUTHORIZATION_POLICIES[0], "mesh", "broken")
+        with trio.fail_after(10):
+            while src.latest is None:  # noqa: ASYNC110 (polls the published value)
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    await client.aclose()
