@@ -83,7 +83,7 @@ class ApiClient:
 
     async def _events(
         self, response: httpx2.Response, kind: ResourceKind
-    ) -> AsyncIterator[WatchEvent]:
+    ) -> AsyncGenerator[WatchEvent, None]:
         splitter = LineSplitter()
         async with aclosing(response.aiter_bytes()) as chunks:
             while True:
