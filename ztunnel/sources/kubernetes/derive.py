@@ -462,16 +462,41 @@ def mesh_state(
         ns = objects.namespaces.get(_namespace(svc))
         infos[key] = _service_info(svc, ns, settings, known)
     by_target = _slice_members(objects.endpoint_slices)
+    selecting = _selector_index(infos.values())
     workloads: list[Workload] = []
     pod_labels: dict[str, dict[str, str]] = {}
     for key, pod in sorted(objects.pods.items()):
-        wl = _pod_workload(pod, objects, settings, infos, by_target.get(key, ()), known)
+        candidates = _candidates(selecting, _namespace(pod), labels_of(pod))
+        wl = _pod_workload(pod, objects, settings, infos, candidates, by_target.get(key, ()), known)
         if wl is not None:
             workloads.append(wl)
             pod_labels[wl.uid] = labels_of(pod)
     workloads.extend(_slice_workloads(objects.endpoint_slices, infos, settings))
     services = tuple(i.service for i in infos.values())
     return MeshState(workloads=tuple(workloads), services=services), pod_labels
+
+
+_SelectorIndex = dict[tuple[str, str, str], list[_ServiceInfo]]
+
+
+def _selector_index(infos: Iterable[_ServiceInfo]) -> _SelectorIndex:
+    """Services with a selector by (namespace, one of their selector's label pairs): a pod
+    then checks only services that can select it, not every service of the cluster."""
+    index: _SelectorIndex = {}
+    for info in infos:
+        if info.selector:
+            label, value = min(info.selector.items())
+            index.setdefault((info.service.namespace, label, value), []).append(info)
+    return index
+
+
+def _candidates(
+    index: _SelectorIndex, namespace: str, pod_labels: Mapping[str, str]
+) -> list[_ServiceInfo]:
+    out: list[_ServiceInfo] = []
+    for label, value in pod_labels.items():
+        out.extend(index.get((namespace, label, value), ()))
+    return out
 
 
 def _slice_members(slices: Mapping[str, JSON]) -> dict[str, list[tuple[str, JSON]]]:
@@ -494,6 +519,7 @@ def _pod_workload(
     objects: ClusterObjects,
     settings: Settings,
     infos: Mapping[str, _ServiceInfo],
+    candidates: Sequence[_ServiceInfo],
     slices: Sequence[tuple[str, JSON]],
     known: Mapping[str, Waypoint],
 ) -> Workload | None:
@@ -503,10 +529,9 @@ def _pod_workload(
     ns_name, pod_lbls, pod_ann = _namespace(pod), labels_of(pod), annotations_of(pod)
     namespace = objects.namespaces.get(ns_name)
     services: dict[str, dict[int, int]] = {}
-    for info in infos.values():
-        svc = info.service
-        if svc.namespace == ns_name and info.selector and _selects(info.selector, pod_lbls):
-            services[svc.key] = _pod_ports(info, pod)
+    for info in candidates:  # same namespace, sharing a selector label: check the rest
+        if _selects(info.selector, pod_lbls):
+            services[info.service.key] = _pod_ports(info, pod)
     for svc_key, es in slices:  # services without a selector, through their slices
         by_slice = infos.get(svc_key)
         if by_slice and not by_slice.selector and by_slice.service.key not in services:
