@@ -21,6 +21,7 @@ import pytest
 
 from ztunnel.model.pod import Pod
 from ztunnel.proxy import sockets
+from ztunnel.model.address import SocketAddr
 from ztunnel.redirect import iptables
 from ztunnel.redirect.ebpf import (
     EbpfError,
@@ -149,7 +150,7 @@ def connect(
     return sock
 
 
-def accept(listener: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
+def accept(listener: socket.socket) -> tuple[socket.socket, SocketAddr]:
     """Accept with the peer in canonical form (a dual-stack listener sees ::ffff:a.b.c.d)."""
     conn, _ = listener.accept()
     return conn, sockets.sockname(conn, peer=True)
@@ -216,9 +217,9 @@ def test_outbound_reaches_the_outbound_listener_with_its_original_destination(
             with connect(net.pod, dst) as app:
                 conn, peer = accept(out_l)
                 with conn:
-                    assert original_dst(conn) == dst
+                    assert original_dst(conn) == SocketAddr.of(*dst)
                     # The proxy's generic lookup agrees (no SO_ORIGINAL_DST: it falls back).
-                    assert sockets.original_dst(conn) == dst
+                    assert sockets.original_dst(conn) == SocketAddr.of(*dst)
                     assert peer == sockets.sockname(app)
                     echo(app, conn)
         assert nothing_pending(peer_l)  # the real peer never saw the captured connection
@@ -232,8 +233,8 @@ def test_inbound_to_an_app_port_reaches_the_plaintext_listener_with_the_client_i
         with connect(net.peer, (POD_IP, 8080)) as client:
             conn, peer = accept(in_l)
             with conn:
-                assert original_dst(conn) == (POD_IP, 8080)
-                assert peer[0] == PEER_IP
+                assert original_dst(conn) == SocketAddr.of(POD_IP, 8080)
+                assert str(peer.ip) == PEER_IP
                 echo(client, conn)
         assert nothing_pending(app_l)  # the app is reached only through the agent
 
@@ -268,7 +269,7 @@ def test_hbone_port_reaches_the_hbone_listener_untouched(
             conn, peer = accept(hbone_l)
             with conn:
                 assert sockets.sockname(conn) == (POD_IP, 15008)
-                assert peer[0] == PEER_IP
+                assert str(peer.ip) == PEER_IP
                 echo(client, conn)
         assert nothing_pending(in_l)
 
@@ -406,7 +407,7 @@ def test_ipv6_is_captured_when_enabled(net: Net, pin_root: Path) -> None:
         with connect6(net.pod, ("fd00:77::5", 80)) as app:
             conn, peer = accept(out_l)
             with conn:
-                assert original_dst(conn) == ("fd00:77::5", 80)
+                assert original_dst(conn) == SocketAddr.of("fd00:77::5", 80)
                 assert peer == sockets.sockname(app)
                 echo(app, conn)
         with connect6(net.peer, (pod6, 8080)) as client:

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import ztunnel.redirect.ebpf.bpfsys as bpfsys
 import ztunnel.redirect.ebpf.tc as tc
+from ztunnel.model.address import SocketAddr
 from ztunnel.model.pod import Pod
-from ztunnel.proxy.sockets import Address, sockname
 from ztunnel.redirect import iptables, routes
 from ztunnel.redirect.base import Redirector, RedirectPorts
 from ztunnel.redirect.ebpf.bpfsys import ATTACH_SK_LOOKUP
@@ -51,7 +51,7 @@ SO_NETNS_COOKIE = 71
 LINK_PIN = "sk_lookup"  # the pod's sk_lookup link, pinned next to its program pins
 
 
-def original_dst(sock: Any) -> Address:
+def original_dst(sock: Any) -> SocketAddr:
     """The original destination of a connection captured in eBPF mode.
 
     ``bpf_sk_assign`` hands the unmodified packet to the listener, so the accepted socket's
@@ -59,7 +59,7 @@ def original_dst(sock: Any) -> Address:
     ``ip:port``; inbound: the pod IP and the app port). No NAT happened, so there is no
     SO_ORIGINAL_DST to ask, and nothing a stale conntrack entry could make disagree.
     """
-    return sockname(sock)
+    return SocketAddr.from_sockaddr(sock.getsockname())
 
 
 def netns_cookie(netns: NetNamespace) -> int:
