@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from ztunnel.model.address import SocketAddr
 from ztunnel.model.pod import Pod
 from ztunnel.proxy import sockets
-from ztunnel.model.address import SocketAddr
 from ztunnel.redirect import iptables
 from ztunnel.redirect.ebpf import (
     EbpfError,
@@ -150,10 +150,10 @@ def connect(
     return sock
 
 
-def accept(listener: socket.socket) -> tuple[socket.socket, SocketAddr]:
+def accept(listener: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
     """Accept with the peer in canonical form (a dual-stack listener sees ::ffff:a.b.c.d)."""
     conn, _ = listener.accept()
-    return conn, sockets.sockname(conn, peer=True)
+    return conn, sockets.sockname(conn, peer=True).sockaddr()
 
 
 def nothing_pending(listener: socket.socket) -> bool:
@@ -220,7 +220,7 @@ def test_outbound_reaches_the_outbound_listener_with_its_original_destination(
                     assert original_dst(conn) == SocketAddr.of(*dst)
                     # The proxy's generic lookup agrees (no SO_ORIGINAL_DST: it falls back).
                     assert sockets.original_dst(conn) == SocketAddr.of(*dst)
-                    assert peer == sockets.sockname(app)
+                    assert peer == sockets.sockname(app).sockaddr()
                     echo(app, conn)
         assert nothing_pending(peer_l)  # the real peer never saw the captured connection
 
@@ -234,7 +234,7 @@ def test_inbound_to_an_app_port_reaches_the_plaintext_listener_with_the_client_i
             conn, peer = accept(in_l)
             with conn:
                 assert original_dst(conn) == SocketAddr.of(POD_IP, 8080)
-                assert str(peer.ip) == PEER_IP
+                assert peer[0] == PEER_IP
                 echo(client, conn)
         assert nothing_pending(app_l)  # the app is reached only through the agent
 
@@ -268,8 +268,8 @@ def test_hbone_port_reaches_the_hbone_listener_untouched(
         with connect(net.peer, (POD_IP, 15008)) as client:
             conn, peer = accept(hbone_l)
             with conn:
-                assert sockets.sockname(conn) == (POD_IP, 15008)
-                assert str(peer.ip) == PEER_IP
+                assert sockets.sockname(conn).sockaddr() == (POD_IP, 15008)
+                assert peer[0] == PEER_IP
                 echo(client, conn)
         assert nothing_pending(in_l)
 
@@ -298,7 +298,7 @@ def test_loopback_traffic_inside_the_pod_is_not_captured(
             with connect(net.pod, dst) as client:
                 conn, _ = accept(app_l)
                 with conn:
-                    assert sockets.sockname(conn) == dst
+                    assert sockets.sockname(conn).sockaddr() == dst
                     echo(client, conn)
         assert nothing_pending(out_l) and nothing_pending(in_l)
 
@@ -408,11 +408,11 @@ def test_ipv6_is_captured_when_enabled(net: Net, pin_root: Path) -> None:
             conn, peer = accept(out_l)
             with conn:
                 assert original_dst(conn) == SocketAddr.of("fd00:77::5", 80)
-                assert peer == sockets.sockname(app)
+                assert peer == sockets.sockname(app).sockaddr()
                 echo(app, conn)
         with connect6(net.peer, (pod6, 8080)) as client:
             downstream, (client_ip, _) = accept(in_l)
-            assert client_ip == peer6 and original_dst(downstream) == (pod6, 8080)
+            assert client_ip == peer6 and original_dst(downstream).sockaddr() == (pod6, 8080)
             with downstream, connect6(net.pod, (pod6, 8080), spoof=client_ip) as up:
                 app_conn, (seen_ip, _) = accept(app_l)
                 with app_conn:
@@ -795,7 +795,7 @@ def test_switching_from_iptables_to_ebpf_cleans_the_iptables_rules(
     with agent_listener(net.pod, 15001) as out_l, connect(net.pod, REMOTE) as app:
         conn, _ = accept(out_l)
         with conn:
-            assert original_dst(conn) == REMOTE
+            assert original_dst(conn).sockaddr() == REMOTE
             echo(app, conn)
 
 
