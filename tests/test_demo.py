@@ -64,8 +64,15 @@ def test_demo_runs_traffic_explains_it_and_cleans_up() -> None:
 
 @pytest.mark.root
 def test_demo_keep_stays_up_until_ctrl_c() -> None:
+    # SIGINT ignored as a shell without job control leaves it for background jobs: the demo
+    # must still honour Ctrl-C (it sets the handler itself).
     proc = subprocess.Popen(
-        [*DEMO, "--keep"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+        [*DEMO, "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     out = ""
     try:
@@ -88,8 +95,13 @@ def test_demo_keep_stays_up_until_ctrl_c() -> None:
             assert '"workloadState"' in dump.stdout and "Kubernetes//Pod/demo/" in dump.stdout
         proc.send_signal(signal.SIGINT)
         # Generous: the teardown drains agents and deletes netns, slow on a loaded machine.
-        rest, _ = proc.communicate(timeout=90)
-        assert proc.returncode == 0, rest
+        try:
+            rest, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, err = proc.communicate()
+            raise AssertionError(f"no teardown after SIGINT:\n{rest}\n{err[-3000:]}") from None
+        assert proc.returncode == 0, rest + err[-3000:]
         assert "Torn down" in rest
         assert not _leftovers(prefix)
     finally:

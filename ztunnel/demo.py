@@ -352,11 +352,18 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    """SIGTERM and SIGINT both end the demo with a teardown. SIGINT is set explicitly: a
+    process started in the background by a shell without job control inherits it ignored,
+    and "Press Ctrl-C" (or ``kill -INT``) must still work there."""
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _demo_spec_file(cluster_file: str | None, workdir: Path) -> tuple[ClusterSpec, Path]:
