@@ -340,6 +340,7 @@ async def test_denied_connection_stays_visible_after_it_closed(world: World) -> 
     """The open-connection views forget a denial at once; the graph keeps it."""
     world.tracker.open(world.connection("other", "echo-1")).close(deny("connection denied"))
     status, body, _ = await get(world, "/config_dump")
+    assert status == 200
     assert json.loads(body)["connections"] == []
     assert edge(await graph_of(world), "demo/other", "demo/echo-1", "denied")["connections"] == 1
 

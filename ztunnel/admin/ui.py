@@ -125,6 +125,7 @@ class UiRoutes:
             pages[f"/ui/{view}"] = functools.partial(self._view, view)
         for path in ASSETS:
             pages[path] = self._asset
+        pages["/favicon.ico"] = lambda _request: Response(204)  # browsers ask; nothing to show
         self.routes: dict[str, Callable[[Request], Response]] = {
             path: functools.partial(self._guarded, handler) for path, handler in pages.items()
         }

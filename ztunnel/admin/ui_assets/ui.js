@@ -7,7 +7,7 @@
 (function () {
   const SVG = "http://www.w3.org/2000/svg";
   const POLL_MS = 2000;
-  const COL_W = 300, NODE_W = 200, NODE_H = 44, ROW_H = 74, PAD = 30;
+  const COL_W = 370, NODE_W = 190, NODE_H = 48, ROW_H = 80, PAD = 30;
   const OUTCOME_TEXT = {
     mtls: "mTLS, allowed", plaintext: "plaintext", denied: "denied by policy", failed: "failed",
   };
@@ -80,7 +80,7 @@
     for (const o of graph.outcomes) {
       const m = svg("marker", {
         id: "arrow-" + o, viewBox: "0 0 10 10", refX: 10, refY: 5,
-        markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse",
+        markerWidth: 9, markerHeight: 9, markerUnits: "userSpaceOnUse", orient: "auto-start-reverse",
       });
       m.appendChild(svg("path", { d: "M0,0 L10,5 L0,10 z", class: "arrow-" + o }));
       defs.appendChild(m);
@@ -88,6 +88,7 @@
     root.appendChild(defs);
     const layer = (name) => root.appendChild(svg("g", { class: name }));
     const members = layer("members"), edges = layer("edges"), boxes = layer("nodes");
+    const labels = layer("labels");  // above everything, so no line hides a label's click
     for (const n of graph.nodes) {
       if (n.kind !== "service") continue;
       for (const ep of n.endpoints || []) {
@@ -98,12 +99,15 @@
         }));
       }
     }
-    const lanes = new Map();  // parallel edges between the same pair get separate lanes
-    graph.edges.forEach((e, i) => {
-      const pair = e.source + ">" + e.target;
-      const lane = lanes.get(pair) || 0;
-      lanes.set(pair, lane + 1);
-      edges.appendChild(drawEdge(e, pos, nodes, lane, i));
+    const srcLane = lanes(graph.edges, (e) => e.source);
+    const dstLane = lanes(graph.edges, (e) => e.target);
+    const middle = graph.nodes.filter((n) => n.kind === "service").map((n) => pos.get(n.id).y);
+    const bypass = middle.length ? Math.max(...middle) + NODE_H + 18 : null;
+    graph.edges.forEach((e) => {
+      const route = { src: srcLane.get(e.id), dst: dstLane.get(e.id), bypass };
+      const [line, text] = drawEdge(e, pos, nodes, route);
+      edges.appendChild(line);
+      labels.appendChild(text);
     });
     for (const n of graph.nodes) boxes.appendChild(drawNode(n, pos.get(n.id)));
     markSelected();
@@ -117,20 +121,38 @@
     return null;
   }
 
-  function drawEdge(e, pos, nodes, lane, index) {
+  // Edges sharing an end fan out over the box's height, one lane each.
+  function lanes(edges, end) {
+    const groups = new Map();
+    for (const e of edges) {
+      const k = end(e);
+      if (!groups.has(k)) groups.set(k, []);
+      groups.get(k).push(e.id);
+    }
+    const out = new Map();
+    for (const ids of groups.values()) {
+      const gap = Math.min(14, (NODE_H - 8) / ids.length);
+      ids.forEach((id, i) => out.set(id, (i - (ids.length - 1) / 2) * gap));
+    }
+    return out;
+  }
+
+  function drawEdge(e, pos, nodes, route) {
     const a = pos.get(e.source), b = pos.get(e.target);
-    const off = (lane - 0.5) * 8;
-    const points = [[a.x + NODE_W, a.y + NODE_H / 2 + off]];
+    const mid = (p) => p.y + NODE_H / 2;
+    const points = [[a.x + NODE_W, mid(a) + route.src]];
     const svc = via(e, nodes);
-    if (svc && pos.has(svc)) {
+    if (svc && pos.has(svc)) {  // through the service the client addressed
       const s = pos.get(svc);
-      points.push([s.x - 2, s.y + NODE_H / 2 + off], [s.x + NODE_W + 2, s.y + NODE_H / 2 + off]);
+      points.push([s.x - 2, mid(s) + route.src], [s.x + NODE_W + 2, mid(s) + route.dst]);
+    } else if (route.bypass !== null && b.x - a.x > COL_W) {  // around the services
+      points.push([a.x + COL_W, route.bypass + route.dst], [a.x + COL_W + NODE_W, route.bypass + route.dst]);
     }
     if (b.x <= a.x) {  // a back edge (destination left of source): loop below
-      points.push([a.x + NODE_W + 20, b.y + NODE_H + 10 + off]);
+      points.push([a.x + NODE_W + 20, b.y + NODE_H + 10 + route.dst]);
       points.push([b.x + NODE_W / 2, b.y + NODE_H + 2]);
     } else {
-      points.push([b.x - 2, b.y + NODE_H / 2 + off]);
+      points.push([b.x - 2, mid(b) + route.dst]);
     }
     const d = points.map((p, i) => (i ? "L" : "M") + p[0].toFixed(1) + "," + p[1].toFixed(1)).join(" ");
     const cls = "edge " + e.outcome + (e.open > 0 ? " open" : "");
@@ -142,12 +164,19 @@
     g.appendChild(svg("path", { class: "line", d: d, "marker-end": "url(#arrow-" + e.outcome + ")" }));
     g.appendChild(svg("path", { class: "hit", d: d }));
     const last = points[points.length - 1], prev = points[points.length - 2];
-    const tx = (last[0] + prev[0]) / 2, ty = (last[1] + prev[1]) / 2 - 5 + (index % 2) * 2;
+    // The label sits a fixed distance before the arrow head: edges into one box have
+    // separate lanes there, so their labels never overlap.
+    const len = Math.hypot(last[0] - prev[0], last[1] - prev[1]) || 1;
+    const t = Math.max(0, 1 - 78 / len);
+    const tx = prev[0] + (last[0] - prev[0]) * t, ty = prev[1] + (last[1] - prev[1]) * t - 3;
     const open = e.open > 0 ? ", " + e.open + " open" : "";
-    g.appendChild(svg("text", { x: tx.toFixed(1), y: ty.toFixed(1), "text-anchor": "middle" },
+    const text = svg("g", { class: "edge-label " + e.outcome, "data-edge": e.id });
+    text.appendChild(svg("title", {}, title));
+    text.appendChild(svg("text", { x: tx.toFixed(1), y: ty.toFixed(1), "text-anchor": "middle" },
       e.connections + " conn" + open + ", " + bytes(e.bytesSent + e.bytesRecv)));
     byElement.set(g, { kind: "edge", id: e.id });
-    return g;
+    byElement.set(text, { kind: "edge", id: e.id });
+    return [g, text];
   }
 
   function drawNode(n, p) {
@@ -323,11 +352,14 @@
     try {
       const r = await fetch("/api/graph", { cache: "no-store" });
       if (!r.ok) throw new Error("HTTP " + r.status);
-      const text = await r.text();
-      const h = JSON.parse(text).history;
+      const next = await r.json();
+      const h = next.history;
+      // Redraw only when what is drawn changed (not for a new timestamp), so a click or
+      // a selection is never lost to a redraw of the same picture.
+      const text = JSON.stringify([next.node, next.nodes, next.edges.map(drawn)]);
       if (text !== lastText) {
         const before = graph;
-        graph = JSON.parse(text);
+        graph = next;
         lastText = text;
         document.getElementById("title").textContent = "ztunnel" + (graph.node ? " on " + graph.node : "");
         draw();
@@ -343,12 +375,18 @@
     setTimeout(poll, POLL_MS);
   }
 
+  function drawn(e) {
+    const copy = Object.assign({}, e);
+    delete copy.lastSeen;
+    return copy;
+  }
+
   function refreshSelected(before) {
     // Re-render the details only when the selected item changed, so reading is not disturbed.
     const list = selected.kind === "edge" ? "edges" : "nodes";
     const old = before[list].find((x) => x.id === selected.id);
     const now = graph[list].find((x) => x.id === selected.id);
-    if (JSON.stringify(old) !== JSON.stringify(now)) showSelected();
+    if (JSON.stringify(old && drawn(old)) !== JSON.stringify(now && drawn(now))) showSelected();
   }
 
   document.addEventListener("DOMContentLoaded", () => {
