@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from html.parser import HTMLParser
 from ipaddress import ip_address
@@ -298,6 +299,8 @@ async def test_connection_refused_before_tracking_is_kept_as_failed(world: World
     _, body, _ = await get(world, f"/api/connections?edge={e['id']}")
     [entry] = json.loads(body)["entries"]
     assert entry["log"]["message"] == "connection failed" and entry["log"]["level"] == "warn"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", entry["log"]["time"])
+    assert list(entry["log"])[:4] == ["level", "time", "scope", "message"]
 
 
 async def test_connections_api_filters_by_edge_and_node_newest_first(world: World) -> None:

@@ -47,10 +47,14 @@ def classify(security_policy: object, failure: Failure | None) -> Outcome:
 def _bounded(value: object) -> object:
     if isinstance(value, bool | int | float) or value is None:
         return value
-    text = str(value)
+    text = value if isinstance(value, str) else str(value)
     if len(text) > MAX_FIELD_CHARS:
         return text[: MAX_FIELD_CHARS - 1] + TRUNCATED
     return text
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _bounded_map(values: Mapping[str, object]) -> dict[str, object]:
@@ -65,15 +69,17 @@ class HistoryEntry:
     ended_at: float  # wall clock, seconds since the epoch
     outcome: Outcome
     connection: Mapping[str, object]  # the tracker's dump() keys (camelCase); {} if never opened
-    log: Mapping[str, object]  # the access-log record as the JSON log format writes it
+    log: Mapping[str, object]  # the access-log record's level, scope, message and fields
 
     def to_json(self) -> dict[str, object]:
+        """With the log line as the JSON log format writes it (time formatted on read)."""
         return {
             "seq": self.seq,
             "endedAt": round(self.ended_at, 3),
             "outcome": self.outcome,
             **self.connection,
-            "log": dict(self.log),
+            # level first, then time, as the JSON log format orders them
+            "log": {"level": self.log.get("level"), "time": _iso(self.ended_at), **self.log},
         }
 
 
@@ -128,7 +134,6 @@ class ConnectionHistory:
         self.recorded += 1
         log: dict[str, object] = {
             "level": level,
-            "time": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
             "scope": "access",
             "message": message,
             **_bounded_map(fields),
