@@ -16,6 +16,8 @@ import tracemalloc
 from ipaddress import ip_address
 
 from ztunnel.admin.ui_graph import build_graph
+from ztunnel.model.address import SocketAddr
+from ztunnel.model.outcome import Failure, FailureKind
 from ztunnel.model.workload import TunnelProtocol, Workload
 from ztunnel.sources.dump import workload_to_dump
 from ztunnel.telemetry import logging as zlog
@@ -42,9 +44,9 @@ def _info(port: int) -> ConnectionInfo:
     return ConnectionInfo(
         direction="inbound",
         reporter="destination",
-        src_addr=("10.244.1.2", port),
-        dst_addr=("10.244.1.3", 8080),
-        hbone_addr=("10.244.1.3", 8080),
+        src_addr=SocketAddr.of("10.244.1.2", port),
+        dst_addr=SocketAddr.of("10.244.1.3", 8080),
+        hbone_addr=SocketAddr.of("10.244.1.3", 8080),
         src_workload=SRC,
         dst_workload=DST,
         src_identity=SRC.identity,
@@ -92,7 +94,7 @@ def full_history_bytes(error: str | None) -> int:
     tracker = ConnectionTracker(Metrics(), history=history)
     base = tracemalloc.get_traced_memory()[0]
     for i in range(history.capacity * 2):
-        tracker.open(_info(i)).close(error, "DENY" if error else "-")
+        tracker.open(_info(i)).close(Failure(FailureKind.DENIED, error) if error else None)
     gc.collect()
     used = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()

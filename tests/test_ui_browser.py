@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import trio
 from test_demo import ROOT, _env, _leftovers, _prefix
-from test_ui_api import BAGGAGE, HOSTILE, World
+from test_ui_api import BAGGAGE, HOSTILE, World, deny
 
 from ztunnel.admin.server import serve_admin
 
@@ -264,7 +264,7 @@ def serve_in_thread(world: World) -> Iterator[int]:
 def test_hostile_names_render_as_text_and_nothing_runs(browser: Any, artefacts: Path) -> None:
     world = World()
     world.demo_traffic()
-    world.tracker.open(world.connection(HOSTILE, "echo-1")).close(BAGGAGE + HOSTILE, "DENY")
+    world.tracker.open(world.connection(HOSTILE, "echo-1")).close(deny(BAGGAGE + HOSTILE))
     with serve_in_thread(world) as port:
         page = browser.new_page()
         log = PageLog(page)
