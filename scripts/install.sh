@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what ztunnel-py and its tests need on a fresh Debian machine:
-# system tools (as root: iptables, iproute2, nsenter, iperf3, tcpdump, curl), what eBPF
-# redirection needs (bcc, kernel headers linked for the running kernel, bpftool, a mounted
-# bpffs; skipped with ZTUNNEL_SKIP_EBPF=1) and a virtualenv at .venv with the package and its
-# test extras. Safe to re-run.
+# system tools (as root: iptables, iproute2, nsenter, iperf3, tcpdump, curl; chromium for the
+# UI's browser tests), what eBPF redirection needs (bcc, kernel headers linked for the running
+# kernel, bpftool, a mounted bpffs; skipped with ZTUNNEL_SKIP_EBPF=1) and a virtualenv at .venv
+# with the package and its test extras. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +42,9 @@ mount_bpffs() {
         mount -t bpf bpf /sys/fs/bpf || echo "cannot mount bpffs at /sys/fs/bpf: eBPF mode unavailable"
     fi
 }
+
+# Headless browser for the admin UI's browser tests (driven by Playwright via executable_path).
+APT_PACKAGES+=(chromium)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()

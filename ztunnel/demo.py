@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from ztunnel.cluster import apps
+from ztunnel.cluster.forward import PortForward
 from ztunnel.cluster.net import ClusterNet, build, cleanup_stale
 from ztunnel.errors import ZtunnelError
 from ztunnel.identity.ca import init_ca_dir
@@ -39,7 +40,13 @@ from ztunnel.sources.clusterfile.spec import (
     load_spec,
     loads_spec,
 )
-from ztunnel.testing.harness import AgentProcess, start_agent, stop_agents, wait_ready
+from ztunnel.testing.harness import (
+    ADMIN_PORT,
+    AgentProcess,
+    start_agent,
+    stop_agents,
+    wait_ready,
+)
 
 EXIT_FAILED = 1
 EXIT_NOT_ROOT = 2
@@ -321,8 +328,31 @@ def report(net: ClusterNet, observed: Sequence[Observed], out: TextIO) -> None:
     print(LEGEND, file=out)
 
 
-def keep_instructions(net: ClusterNet, cluster_file: Path, out: TextIO) -> None:
-    print("\nThe cluster keeps running. Look inside:", file=out)
+def forward_admin_ports(net: ClusterNet) -> dict[str, PortForward]:
+    """One host loopback port per agent's admin (the UI): 15000, 15001, ... or any free one."""
+    forwards: dict[str, PortForward] = {}
+    for i, (node, nn) in enumerate(net.nodes.items()):
+        for port in (ADMIN_PORT + i, 0):
+            fwd = PortForward(nn.netns, ("127.0.0.1", ADMIN_PORT), ("127.0.0.1", port))
+            try:
+                fwd.start()
+            except OSError:
+                continue
+            forwards[node] = fwd
+            break
+    return forwards
+
+
+def keep_instructions(
+    net: ClusterNet, cluster_file: Path, out: TextIO, ui: dict[str, PortForward] | None = None
+) -> None:
+    print(
+        "\nThe cluster keeps running. Open the UI (live graph of each agent's connections):",
+        file=out,
+    )
+    for node, fwd in (ui or {}).items():
+        print(f"  UI agent@{node}: http://127.0.0.1:{fwd.port}/", file=out)
+    print("Look inside:", file=out)
     for node, nn in net.nodes.items():
         print(f"  agent@{node}: admin http://127.0.0.1:15000 inside netns {nn.netns}", file=out)
         print(f"    ip netns exec {nn.netns} curl -s 127.0.0.1:15000/config_dump", file=out)
@@ -393,6 +423,7 @@ class Demo:
         self.net: ClusterNet | None = None
         self.agents: dict[str, AgentProcess] = {}
         self.programs: dict[str, Any] = {}
+        self.forwards: dict[str, PortForward] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="ztunnel-demo-"))
 
     def run(self) -> int:
@@ -420,13 +451,17 @@ class Demo:
         report(net, observed, out)
         print(f"\n(demo ran in {time.monotonic() - started:.1f}s)", file=out, flush=True)
         if self.keep:
-            keep_instructions(net, path, out)
+            self.forwards = forward_admin_ports(net)
+            keep_instructions(net, path, out, self.forwards)
             while True:
                 signal.pause()
         return 0
 
     def teardown(self) -> None:
         """Agents first (graceful drain), then programs, then the network; always all of it."""
+        for fwd in self.forwards.values():
+            with contextlib.suppress(Exception):
+                fwd.stop()
         with contextlib.suppress(Exception):
             stop_agents(self.agents)
         with contextlib.suppress(Exception):

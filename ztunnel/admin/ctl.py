@@ -1,7 +1,8 @@
 """``ztunnel ctl``: read a running agent's admin endpoint (like ``istioctl ztunnel-config``).
 
 Everything comes from ``/config_dump`` (ztunnel's camelCase shape, plus our
-``connections`` list) except ``log``, which POSTs to ``/logging``. Blocking
+``connections`` list) except ``log``, which POSTs to ``/logging``, ``explain``
+(``/explain``) and ``graph`` (``/api/graph``, the admin UI's data). Blocking
 urllib is fine here: this is a short-lived CLI, not part of the agent.
 """
 
@@ -53,11 +54,11 @@ def _http(admin: str, path: str, method: str = "GET") -> str:
         raise AdminError(f"cannot reach ztunnel admin at {admin}: {reason}", 2) from exc
 
 
-def _s(value: object) -> str:
+def cell(value: object) -> str:
     return "-" if value in (None, "", [], {}) else str(value)
 
 
-def _list(dump: Dump, key: str) -> list[Mapping[str, object]]:
+def section(dump: Dump, key: str) -> list[Mapping[str, object]]:
     items = dump.get(key) or []
     return [i for i in items if isinstance(i, Mapping)] if isinstance(items, list) else []
 
@@ -76,11 +77,11 @@ def _workload_row(w: Mapping[str, object]) -> Row:
     ips = w.get("workloadIps") or []
     address = ",".join(map(str, ips)) if isinstance(ips, list) else str(ips)
     return [
-        _s(w.get("namespace")),
-        _s(w.get("name")),
-        _s(address or w.get("hostname")),
-        _s(w.get("node")),
-        _s(w.get("protocol") or "TCP"),
+        cell(w.get("namespace")),
+        cell(w.get("name")),
+        cell(address or w.get("hostname")),
+        cell(w.get("node")),
+        cell(w.get("protocol") or "TCP"),
         _identity(w),
     ]
 
@@ -93,9 +94,9 @@ def _service_row(svc: Mapping[str, object]) -> Row:
         1 for e in eps if not isinstance(e, Mapping) or e.get("status", "Healthy") == "Healthy"
     )
     return [
-        _s(svc.get("namespace")),
-        _s(svc.get("name") or svc.get("hostname")),
-        _s(",".join(_vip(v) for v in vips) if isinstance(vips, list) else vips),
+        cell(svc.get("namespace")),
+        cell(svc.get("name") or svc.get("hostname")),
+        cell(",".join(_vip(v) for v in vips) if isinstance(vips, list) else vips),
         f"{healthy}/{len(eps)}",
     ]
 
@@ -103,10 +104,10 @@ def _service_row(svc: Mapping[str, object]) -> Row:
 def _policy_row(p: Mapping[str, object]) -> Row:
     rules = p.get("rules") or []
     return [
-        _s(p.get("namespace")),
-        _s(p.get("name")),
-        _s(p.get("scope")),
-        _s(p.get("action")),
+        cell(p.get("namespace")),
+        cell(p.get("name")),
+        cell(p.get("scope")),
+        cell(p.get("action")),
         str(len(rules) if isinstance(rules, list) else 0),
     ]
 
@@ -115,22 +116,22 @@ def _cert_row(c: Mapping[str, object]) -> Row:
     chain = c.get("certChain") or []
     leaf = chain[0] if isinstance(chain, list) and chain and isinstance(chain[0], Mapping) else {}
     return [
-        _s(c.get("identity")),
-        _s(c.get("state")),
-        _s(leaf.get("serialNumber")),
-        _s(leaf.get("expirationTime")),
+        cell(c.get("identity")),
+        cell(c.get("state")),
+        cell(leaf.get("serialNumber")),
+        cell(leaf.get("expirationTime")),
     ]
 
 
 def _connection_row(c: Mapping[str, object]) -> Row:
     return [
-        _s(c.get("direction")),
-        _s(c.get("src")),
-        _s(c.get("originalDst") or c.get("actualDst")),
-        _s(c.get("srcIdentity")),
-        _s(c.get("dstIdentity")),
-        _s(c.get("bytesSent", 0)),
-        _s(c.get("bytesRecv", 0)),
+        cell(c.get("direction")),
+        cell(c.get("src")),
+        cell(c.get("originalDst") or c.get("actualDst")),
+        cell(c.get("srcIdentity")),
+        cell(c.get("dstIdentity")),
+        cell(c.get("bytesSent", 0)),
+        cell(c.get("bytesRecv", 0)),
     ]
 
 
@@ -152,6 +153,73 @@ VIEWS: Mapping[str, tuple[str, Row, Callable[[Mapping[str, object]], Row]]] = {
 }
 
 
+GRAPH_HEADER: Row = [
+    "SRC",
+    "DST",
+    "SERVICE",
+    "OUTCOME",
+    "OPEN",
+    "CONNECTIONS",
+    "BYTES-SENT",
+    "BYTES-RECV",
+    "SRC-IDENTITY",
+    "DST-IDENTITY",
+]
+
+
+def node_label(node: Mapping[str, object]) -> str:
+    """A graph node as people name it: ``namespace/name``, or the bare address."""
+    if node.get("kind") == "address":
+        return str(node.get("name"))
+    return f"{node.get('namespace')}/{node.get('name')}"
+
+
+def graph_rows(graph: Mapping[str, object]) -> list[Row]:
+    """``/api/graph``'s edges as rows of GRAPH_HEADER (also the UI's page without JS)."""
+    nodes = graph.get("nodes")
+    names = {
+        str(n.get("id")): node_label(n)
+        for n in (nodes if isinstance(nodes, list) else [])
+        if isinstance(n, Mapping)
+    }
+    edges = graph.get("edges")
+    rows: list[Row] = []
+    for e in edges if isinstance(edges, list) else []:
+        if not isinstance(e, Mapping):
+            continue
+        services = e.get("services")
+        rows.append(
+            [
+                names.get(str(e.get("source")), str(e.get("source"))),
+                names.get(str(e.get("target")), str(e.get("target"))),
+                cell(",".join(map(str, services)) if isinstance(services, list) else ""),
+                cell(e.get("outcome")),
+                cell(e.get("open", 0)),
+                cell(e.get("connections", 0)),
+                cell(e.get("bytesSent", 0)),
+                cell(e.get("bytesRecv", 0)),
+                cell(e.get("srcIdentity")),
+                cell(e.get("dstIdentity")),
+            ]
+        )
+    return rows
+
+
+def render_graph(graph: Mapping[str, object], output: str) -> str:
+    if output == "json":
+        return json.dumps(graph, indent=2) + "\n"
+    if output == "yaml":
+        return str(yaml.safe_dump(dict(graph), sort_keys=False))
+    table = format_table(GRAPH_HEADER, sorted(graph_rows(graph)))
+    stats = graph.get("history")
+    if isinstance(stats, Mapping):
+        table += (
+            f"(history: last {stats.get('size')} of {stats.get('recorded')} ended connections,"
+            f" capacity {stats.get('capacity')})\n"
+        )
+    return table
+
+
 def format_table(header: Row, rows: Sequence[Row]) -> str:
     """Left-aligned columns separated by three spaces, kubectl style."""
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
@@ -164,7 +232,7 @@ def format_table(header: Row, rows: Sequence[Row]) -> str:
 
 def render(view: str, dump: Dump, output: str) -> str:
     key, header, row = VIEWS[view]
-    items = _list(dump, key)
+    items = section(dump, key)
     if output == "json":
         return json.dumps(items, indent=2) + "\n"
     if output == "yaml":
@@ -191,6 +259,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in VIEWS:
         _common(sub.add_parser(name, help=f"list {name}"), defaults=False)
+    graph = sub.add_parser(
+        "graph", help="who talked to whom: open and recent connections by outcome (/api/graph)"
+    )
+    _common(graph, defaults=False)
     log = sub.add_parser("log", help="show or change the log level")
     _common(log, defaults=False)
     log.add_argument("--level", help="filter, e.g. debug or ztunnel::proxy=debug,info")
@@ -221,6 +293,9 @@ def _run(args: argparse.Namespace) -> str:
         params = urllib.parse.urlencode({"from": args.source, "to": args.destination})
         result = json.loads(_http(args.admin, "/explain?" + params))
         return render_explain(result, args.output)
+    if args.command == "graph":
+        graph = json.loads(_http(args.admin, "/api/graph"))
+        return render_graph(graph if isinstance(graph, Mapping) else {}, args.output)
     dump = json.loads(_http(args.admin, "/config_dump"))
     return render(args.command, dump if isinstance(dump, Mapping) else {}, args.output)
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from html import escape
+from urllib.parse import urlsplit
 
 import trio
 
 import ztunnel
 from ztunnel.admin import debug
 from ztunnel.admin.http import ListenTarget, Request, Response, serve_http
+from ztunnel.admin.ui import UiRoutes, is_loopback_host
 from ztunnel.model import ports
 from ztunnel.telemetry import logging as zlog
 from ztunnel.telemetry.connections import ConnectionTracker, TrackedConnection
@@ -49,6 +50,9 @@ usage: GET /explain?from=<source>&to=<destination>:<port>
 """
 
 ENDPOINTS: tuple[tuple[str, str], ...] = (
+    ("/", "this page: the live graph of this node's connections"),
+    ("/api/graph", "JSON: the graph's nodes and edges (also `ztunnel ctl graph`)"),
+    ("/api/connections", "JSON: recent ended connections and their access-log lines"),
     ("/config_dump", "dump the current ztunnel configuration, connections and certificates"),
     ("/logging", "POST: query or change the log level"),
     ("/quitquitquit", "POST: start a graceful shutdown (drain, then exit)"),
@@ -88,8 +92,9 @@ class AdminHandler:
         self._explainer = explainer
         self._tracker = tracker
         self._on_quit = on_quit
+        self.ui = UiRoutes(self.config_dump, tracker, ENDPOINTS)
         self._routes: dict[str, Callable[[Request], Response]] = {
-            "/": self._index,
+            **self.ui.routes,
             "/config_dump": self._config_dump,
             "/logging": self._logging,
             "/quitquitquit": self._quit,
@@ -102,17 +107,11 @@ class AdminHandler:
         route = self._routes.get(request.path)
         if route is None:
             return Response.text(404, "Not Found\n")
+        if request.method == "POST" and not _same_machine_origin(request):
+            # A page in the operator's browser may POST here (a form needs no CORS):
+            # state-changing requests from another origin are refused.
+            return Response.text(403, "cross-origin POST refused\n")
         return route(request)
-
-    def _index(self, _request: Request) -> Response:
-        items = "\n".join(
-            f'<li><a href="{path}">{path}</a>: {escape(text)}</li>' for path, text in ENDPOINTS
-        )
-        page = (
-            "<html><head><title>ztunnel admin</title></head><body>\n"
-            f"<h1>ztunnel admin</h1>\n<ul>\n{items}\n</ul>\n</body></html>\n"
-        )
-        return Response(200, page.encode(), "text/html; charset=utf-8")
 
     def _config_dump(self, _request: Request) -> Response:
         return Response.json(self.config_dump())
@@ -164,6 +163,15 @@ class AdminHandler:
 
     def _memory(self, _request: Request) -> Response:
         return Response.json(debug.memory_report())
+
+
+def _same_machine_origin(request: Request) -> bool:
+    """No ``Origin`` (curl, ctl) or a loopback one; ``Origin: null`` is a sandboxed page."""
+    for key, value in request.headers:
+        if key.lower() == "origin":
+            host = urlsplit(value).netloc
+            return bool(host) and is_loopback_host(host)
+    return True
 
 
 def _with_connections(

@@ -22,6 +22,7 @@ from ztunnel.model.address import Authority, SocketAddr
 from ztunnel.model.identity import Identity
 from ztunnel.model.outcome import Failure, ResponseFlag
 from ztunnel.model.workload import Service, Workload
+from ztunnel.telemetry.history import ConnectionHistory
 from ztunnel.telemetry.logging import ACCESS_LOGGER, Bare, get_logger
 from ztunnel.telemetry.metrics import FAILURE_FLAGS, TRAFFIC_LABELS, UNKNOWN, Metrics
 
@@ -207,9 +208,12 @@ class ConnectionTracker:
         logger: AccessLogger | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        history: ConnectionHistory | None = None,
     ) -> None:
         self.metrics = metrics
         self.clock = clock
+        # Ended connections and their access-log lines, for the admin UI (bounded).
+        self.history = history if history is not None else ConnectionHistory()
         self._log: AccessLogger = logger if logger is not None else get_logger(ACCESS_LOGGER)
         self._open: dict[int, TrackedConnection] = {}
         # prometheus-client's labels() validates all 27 values on every call; connections
@@ -239,15 +243,14 @@ class ConnectionTracker:
         self, src_addr: SocketAddr, dst_addr: Authority, direction: Direction, failure: Failure
     ) -> None:
         """An early denial (before a connection could be opened): WARN log only, as ztunnel."""
-        self._log.warning(
-            "connection failed",
-            **{
-                "src.addr": Bare(str(src_addr)),
-                "dst.addr": Bare(str(dst_addr)),
-                "direction": direction,
-                "error": failure.message,
-            },
-        )
+        fields: dict[str, object] = {
+            "src.addr": Bare(str(src_addr)),
+            "dst.addr": Bare(str(dst_addr)),
+            "direction": direction,
+            "error": failure.message,
+        }
+        self._log.warning("connection failed", **fields)
+        self.history.failed(fields, failure)
 
     def _counter(self, metric: Counter, labels: tuple[str, ...]) -> Counter:
         key = (id(metric), labels)
@@ -274,3 +277,4 @@ class ConnectionTracker:
         )
         emit = self._log.error if failure is not None else self._log.info
         emit("connection complete", **fields)
+        self.history.closed(conn.dump(), fields, failure)
