@@ -10,7 +10,7 @@ from hyperframe.frame import Frame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ztunnel.hbone.engine import H2Settings, HboneEngine, parse_authority, validate_connect
+from ztunnel.hbone.engine import HboneEngine, parse_authority, validate_connect
 from ztunnel.hbone.errors import ConnectionGoneError, StreamClosedError
 from ztunnel.hbone.events import (
     ConnectionClosed,
@@ -24,6 +24,7 @@ from ztunnel.hbone.events import (
     StreamEnded,
     StreamReset,
 )
+from ztunnel.hbone.settings import HboneSettings
 
 MIB = 1024 * 1024
 
@@ -33,7 +34,7 @@ class Pair:
 
     def __init__(self, **server_settings: int) -> None:
         self.client = HboneEngine(client=True)
-        self.server = HboneEngine(client=False, settings=H2Settings.server(**server_settings))
+        self.server = HboneEngine(client=False, settings=HboneSettings(**server_settings))
         self.client_events: list[Event] = []
         self.server_events: list[Event] = []
         self.pump()
