@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from ztunnel.hbone.errors import ConnectionGoneError, HboneStatusError
 from ztunnel.hbone.events import ConnectRequest
 from ztunnel.hbone.settings import HboneSettings
 from ztunnel.hbone.stream import HboneStream
+from ztunnel.telemetry import logging as zlog
 
 MIB = 1024 * 1024
 FAST_PING = HboneSettings(ping_interval=0.05, ping_timeout=0.2)
@@ -250,6 +252,19 @@ async def test_ping_timeout_drops_a_silent_peer() -> None:
             await nursery.start(conn.run)
     assert conn.closed and conn.close_reason == "ping timeout"
     await silent.aclose()
+
+
+@pytest.mark.parametrize(("spec", "shown"), [("ztunnel::hbone=debug,warn", True), ("warn", False)])
+async def test_hbone_logs_are_key_value_and_filtered_by_target(spec: str, shown: bool) -> None:
+    out = io.StringIO()
+    zlog.configure_logging(spec, "plain", out)
+    try:
+        await test_ping_timeout_drops_a_silent_peer()
+    finally:
+        zlog.unconfigure_logging()
+    lines = [line.split("\t")[1:] for line in out.getvalue().splitlines()]
+    expected = ["info", "ztunnel.hbone", "no PING ack, dropping connection timeout_seconds=0.2"]
+    assert lines == ([expected] if shown else [])
 
 
 async def test_peer_without_http2_handshake_fails_to_start() -> None:
