@@ -4,7 +4,8 @@ Theory of operation: the driver feeds received bytes to ``receive_data`` and get
 our own events back (``ztunnel.hbone.events``); every call that produces output
 queues bytes the driver collects with ``data_to_send``. No I/O, no trio.
 
-Three deliberate departures from driving h2 naively:
+Three deliberate departures from driving h2 naively (plus our own per-stream
+state, ``StreamState``, so the driver asks the engine, not h2, what a stream may do):
 
 * **Flow control is released only on ``acknowledge``.** The driver acknowledges
   bytes once they were written onward, so a slow reader stops the sender at the
