@@ -520,7 +520,7 @@ def test_send_and_end_are_refused_where_the_state_forbids_them(
         assert pair.client.send_data(sid, b"data") == 4
         assert pair.client.end_stream(sid) is state.after_local_end()
         return
-    with pytest.raises(StreamClosedError, match=re.escape(f"is {state.value}")):
+    with pytest.raises(StreamClosedError, match=re.escape(f"is {state.label}")):
         pair.client.send_data(sid, b"data")
     with pytest.raises(StreamClosedError):
         pair.client.end_stream(sid)

@@ -87,26 +87,19 @@ class StreamState(enum.Enum):
     transitions (the ``after_*`` methods) and refuses operations a state forbids.
     """
 
-    OPEN = "open"
-    HALF_CLOSED_LOCAL = "half-closed (local)"
-    HALF_CLOSED_REMOTE = "half-closed (remote)"
-    CLOSED = "closed"
-    RESET = "reset"
+    # (label, can_send, local_ended, finished); plain attributes, because the data
+    # path asks on every write (an enum property and set lookup cost Python calls).
+    OPEN = ("open", True, False, False)
+    HALF_CLOSED_LOCAL = ("half-closed (local)", False, True, False)
+    HALF_CLOSED_REMOTE = ("half-closed (remote)", True, False, False)
+    CLOSED = ("closed", False, True, True)
+    RESET = ("reset", False, False, True)
 
-    @property
-    def can_send(self) -> bool:
-        """DATA and END_STREAM may still be sent."""
-        return self in _CAN_SEND
-
-    @property
-    def local_ended(self) -> bool:
-        """We sent END_STREAM (and were not reset before)."""
-        return self in _LOCAL_ENDED
-
-    @property
-    def finished(self) -> bool:
-        """Nothing more will be sent or received on the stream."""
-        return self in _FINISHED
+    def __init__(self, label: str, can_send: bool, local_ended: bool, finished: bool) -> None:
+        self.label = label
+        self.can_send = can_send  # DATA and END_STREAM may still be sent
+        self.local_ended = local_ended  # we sent END_STREAM (and were not reset before)
+        self.finished = finished  # nothing more is sent or received on the stream
 
     def after_local_end(self) -> StreamState:
         """We send END_STREAM; raises StreamClosedError where that is not allowed."""
@@ -114,7 +107,7 @@ class StreamState(enum.Enum):
             return StreamState.HALF_CLOSED_LOCAL
         if self is StreamState.HALF_CLOSED_REMOTE:
             return StreamState.CLOSED
-        raise StreamClosedError(f"cannot end a stream that is {self.value}")
+        raise StreamClosedError(f"cannot end a stream that is {self.label}")
 
     def after_remote_end(self) -> StreamState:
         """The peer's END_STREAM arrived (h2 already refused it where not allowed)."""
@@ -129,9 +122,6 @@ class StreamState(enum.Enum):
         return self if self.finished else StreamState.RESET
 
 
-_CAN_SEND = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
-_LOCAL_ENDED = frozenset({StreamState.HALF_CLOSED_LOCAL, StreamState.CLOSED})
-_FINISHED = frozenset({StreamState.CLOSED, StreamState.RESET})
 # Finished streams whose state ``stream_state`` still reports (like h2's own
 # memory of closed streams, bounded so a long-lived connection does not grow).
 FINISHED_STREAMS_KEPT = 1024
@@ -282,7 +272,9 @@ class HboneEngine:
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         """Queue as much of ``data`` as flow control allows; returns bytes taken."""
-        self._sendable(stream_id)
+        state = self._streams.get(stream_id)
+        if state is None or not state.can_send or self.closed:
+            self._sendable(stream_id)  # raises the precise StreamClosedError
         with self._stream_op(stream_id):
             window = self._h2.local_flow_control_window(stream_id)
             total = min(len(data), window)
@@ -322,7 +314,7 @@ class HboneEngine:
         state = self._streams.get(stream_id)
         if state is None or not state.can_send:
             shown = state or self._finished.get(stream_id)
-            why = shown.value if shown is not None else "not open"
+            why = shown.label if shown is not None else "not open"
             raise StreamClosedError(f"stream {stream_id} is {why}")
         return state
 

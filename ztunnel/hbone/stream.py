@@ -110,7 +110,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
 
     def __init__(self, host: StreamHost, stream_id: int) -> None:
         self._host = host
-        self._stream_id = stream_id
+        self.stream_id = stream_id  # read-only by contract (StreamEvents); an attribute for speed
         self.response_status: int | None = None
         self.response_headers: Headers = ()
         self._state = StreamState.OPEN  # a stream object is made for an open stream
@@ -127,10 +127,6 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._sink_limit = 0  # the parked receive_some's max_bytes; 0: not parked
 
     # -- read-only state ------------------------------------------------------------
-
-    @property
-    def stream_id(self) -> int:
-        return self._stream_id
 
     @property
     def state(self) -> StreamState:
@@ -173,7 +169,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
         assert self.direct_sink is not None
         written = self.direct_sink(data)
         if written:
-            self._host.engine.acknowledge(self._stream_id, written)
+            self._host.engine.acknowledge(self.stream_id, written)
             self._host.kick()  # deferred to the end of the reader's dispatch
         return data[written:]
 
@@ -271,7 +267,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
 
     def _release_previous(self) -> None:
         if self._unacked:
-            self._host.engine.acknowledge(self._stream_id, self._unacked)
+            self._host.engine.acknowledge(self.stream_id, self._unacked)
             self._unacked = 0
             self._host.kick()
 
@@ -311,7 +307,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
 
     def _queue(self, view: memoryview) -> int:
         try:
-            return self._host.engine.send_data(self._stream_id, view)
+            return self._host.engine.send_data(self.stream_id, view)
         except StreamClosedError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
 
@@ -322,7 +318,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
         try:
             while True:
                 self._check_send()
-                if self._host.engine.send_window(self._stream_id) > 0:
+                if self._host.engine.send_window(self.stream_id) > 0:
                     await trio.lowlevel.checkpoint()
                     return
                 await self._changed.wait()
@@ -340,7 +336,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
             return
         self._check_usable()
         try:
-            self._state = self._host.engine.end_stream(self._stream_id)
+            self._state = self._host.engine.end_stream(self.stream_id)
         except StreamClosedError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
         await self._host.wait_flushed(self._host.kick())
@@ -358,7 +354,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._host.kick()
 
     def _reset_locally(self, code: int) -> None:
-        new = self._host.engine.reset(self._stream_id, code)
+        new = self._host.engine.reset(self.stream_id, code)
         if new is not None:
             self._state = new
 
@@ -372,7 +368,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._inbound.clear()
             self._unacked = 0
             # Credit the connection window.
-            self._host.engine.acknowledge(self._stream_id, pending)
+            self._host.engine.acknowledge(self.stream_id, pending)
             self._host.kick()
             self._host.stream_finished(self)
             self._wake()
@@ -408,9 +404,7 @@ class HboneServerStream(HboneStream):
         self._check_usable()
         end = status != 200
         try:
-            self._state = self._host.engine.respond(
-                self._stream_id, status, headers, end_stream=end
-            )
+            self._state = self._host.engine.respond(self.stream_id, status, headers, end_stream=end)
         except StreamClosedError as exc:  # the peer went away: not our error
             raise trio.BrokenResourceError(str(exc)) from exc
         self.responded = True
