@@ -39,6 +39,7 @@ from ztunnel.hbone import (
     ConnectRequest,
     HboneClientConnection,
     HboneServerStream,
+    HboneSettings,
     serve_hbone,
     tls_handshake,
 )
@@ -47,6 +48,7 @@ from ztunnel.identity.tls import client_context, server_context
 from ztunnel.model.identity import Identity
 
 CHUNK = 256 * 1024
+NO_PING = HboneSettings(ping_interval=None)  # ztunnel's sizes, no keepalive timer
 RECEIVE = 64 * 1024
 TRANSPORTS = ("plain", "sslstream", "tlsstream")
 StreamMaker = Callable[[socket.socket, bool], Awaitable[trio.abc.Stream]]
@@ -129,12 +131,12 @@ async def hbone_sink(tls: trio.abc.Stream) -> None:
         await stream.send_all(str(total).encode())
         await stream.send_eof()
 
-    await serve_hbone(tls, handler, ping_interval=None)
+    await serve_hbone(tls, handler, settings=NO_PING)
 
 
 async def hbone_push(tls: trio.abc.Stream, nbytes: int) -> float:
     async with trio.open_nursery() as nursery:
-        conn = HboneClientConnection(tls, ping_interval=None)
+        conn = HboneClientConnection(tls, settings=NO_PING)
         await nursery.start(conn.run)
         stream = await conn.open_stream("127.0.0.1:8080")
         chunk = b"\x5a" * CHUNK

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,12 +20,15 @@ from ztunnel.hbone.connection import (
     HboneServerStream,
     serve_hbone,
 )
-from ztunnel.hbone.engine import H2Settings, HboneEngine
+from ztunnel.hbone.engine import HboneEngine
 from ztunnel.hbone.errors import ConnectionGoneError, HboneStatusError
 from ztunnel.hbone.events import ConnectRequest
+from ztunnel.hbone.settings import HboneSettings
 from ztunnel.hbone.stream import HboneStream
+from ztunnel.telemetry import logging as zlog
 
 MIB = 1024 * 1024
+FAST_PING = HboneSettings(ping_interval=0.05, ping_timeout=0.2)
 
 
 @dataclass
@@ -52,11 +56,12 @@ class Env:
 
 
 @asynccontextmanager
-async def hbone_env(handler: object, **client_kw: object) -> AsyncIterator[Env]:
+async def hbone_env(handler: object, settings: HboneSettings | None = None) -> AsyncIterator[Env]:
+    """A client connection with ``settings`` and a server with the defaults."""
     client_tls, server_tls = await tls_pair()
     async with trio.open_nursery() as nursery:
         server = await nursery.start(serve_hbone, server_tls, handler)
-        client = HboneClientConnection(client_tls, **client_kw)  # type: ignore[arg-type]
+        client = HboneClientConnection(client_tls, settings=settings)
         await nursery.start(client.run)
         yield Env(client, server, nursery)
         nursery.cancel_scope.cancel()
@@ -193,7 +198,10 @@ async def test_drain_deadline_closes_stuck_streams() -> None:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
                 lambda task_status: serve_hbone(
-                    server_tls, stuck, drain_timeout=0.2, task_status=task_status
+                    server_tls,
+                    stuck,
+                    settings=HboneSettings(drain_timeout=0.2),
+                    task_status=task_status,
                 )
             )
             client = HboneClientConnection(client_tls)
@@ -221,7 +229,7 @@ async def test_unacknowledged_data_stops_the_sender() -> None:
 
 async def test_max_streams_is_min_of_pool_limit_and_peer_setting() -> None:
     with trio.fail_after(10):
-        async with hbone_env(Echo(), max_streams=500) as env:
+        async with hbone_env(Echo(), HboneSettings(pool_max_streams=500)) as env:
             assert env.client.max_streams == 200
         async with hbone_env(Echo()) as env:
             assert env.client.max_streams == 100
@@ -229,14 +237,14 @@ async def test_max_streams_is_min_of_pool_limit_and_peer_setting() -> None:
 
 async def test_keepalive_keeps_a_live_connection() -> None:
     with trio.fail_after(10):
-        async with hbone_env(Echo(), ping_interval=0.05, ping_timeout=0.5) as env:
+        async with hbone_env(Echo(), HboneSettings(ping_interval=0.05, ping_timeout=0.5)) as env:
             await trio.sleep(0.5)
             assert not env.client.is_closed
 
 
 async def test_ping_timeout_drops_a_silent_peer() -> None:
     client_tls, silent = await tls_pair()
-    conn = HboneClientConnection(client_tls, ping_interval=0.05, ping_timeout=0.2)
+    conn = HboneClientConnection(client_tls, settings=FAST_PING)
     with trio.fail_after(10):
         # the peer sends its SETTINGS (handshake done), then never answers anything
         await silent.send_all(HboneEngine(client=False).data_to_send())
@@ -246,9 +254,22 @@ async def test_ping_timeout_drops_a_silent_peer() -> None:
     await silent.aclose()
 
 
+@pytest.mark.parametrize(("spec", "shown"), [("ztunnel::hbone=debug,warn", True), ("warn", False)])
+async def test_hbone_logs_are_key_value_and_filtered_by_target(spec: str, shown: bool) -> None:
+    out = io.StringIO()
+    zlog.configure_logging(spec, "plain", out)
+    try:
+        await test_ping_timeout_drops_a_silent_peer()
+    finally:
+        zlog.unconfigure_logging()
+    lines = [line.split("\t")[1:] for line in out.getvalue().splitlines()]
+    expected = ["info", "ztunnel.hbone", "no PING ack, dropping connection timeout_seconds=0.2"]
+    assert lines == ([expected] if shown else [])
+
+
 async def test_peer_without_http2_handshake_fails_to_start() -> None:
     client_tls, silent = await tls_pair()
-    conn = HboneClientConnection(client_tls, ping_interval=0.05, ping_timeout=0.2)
+    conn = HboneClientConnection(client_tls, settings=FAST_PING)
     with trio.fail_after(10), pytest.raises(ConnectionGoneError, match="ping timeout"):
         await conn.run()
     await silent.aclose()
@@ -267,9 +288,9 @@ async def test_peer_disconnect_breaks_open_streams() -> None:
 
 
 async def test_small_windows_still_move_large_data() -> None:
-    settings = H2Settings.client(stream_window=65_535, connection_window=65_535)
+    settings = HboneSettings(stream_window=65_535, connection_window=65_535)
     with trio.fail_after(20):
-        async with hbone_env(Echo(), settings=settings) as env:
+        async with hbone_env(Echo(), settings) as env:
             stream = await env.client.open_stream("10.0.0.2:80")
             payload = os.urandom(3 * MIB)
             assert await echo_roundtrip(stream, payload) == payload
@@ -298,7 +319,7 @@ async def test_half_closeable_stream_conformance() -> None:
             await trio.testing.check_half_closeable_stream(make_pair, None)
 
 
-async def test_serve_hbone_size_overrides_and_lifecycle_callbacks() -> None:
+async def test_serve_hbone_settings_and_lifecycle_callbacks() -> None:
     seen: list[str] = []
     client_tls, server_tls = await tls_pair()
     with trio.fail_after(10):
@@ -307,8 +328,7 @@ async def test_serve_hbone_size_overrides_and_lifecycle_callbacks() -> None:
                 lambda task_status: serve_hbone(
                     server_tls,
                     Echo(),
-                    stream_window=1 * MIB,
-                    max_frame_size=64 * 1024,
+                    settings=HboneSettings(stream_window=1 * MIB, max_frame_size=64 * 1024),
                     on_connection=lambda c: seen.append("open"),
                     on_close=lambda c: seen.append("close"),
                     task_status=task_status,

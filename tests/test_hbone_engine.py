@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
 import h2.config
 import h2.connection
 import h2.events
 import pytest
-from hyperframe.frame import Frame
+from hyperframe.frame import DataFrame, Frame, RstStreamFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ztunnel.hbone.engine import H2Settings, HboneEngine, parse_authority, validate_connect
+from ztunnel.hbone.engine import (
+    FINISHED_STREAMS_KEPT,
+    HboneEngine,
+    StreamState,
+    parse_authority,
+    validate_connect,
+)
 from ztunnel.hbone.errors import ConnectionGoneError, StreamClosedError
 from ztunnel.hbone.events import (
     ConnectionClosed,
@@ -24,6 +32,7 @@ from ztunnel.hbone.events import (
     StreamEnded,
     StreamReset,
 )
+from ztunnel.hbone.settings import HboneSettings
 
 MIB = 1024 * 1024
 
@@ -31,9 +40,9 @@ MIB = 1024 * 1024
 class Pair:
     """Moves bytes between a client and a server engine until both are quiet."""
 
-    def __init__(self, **server_settings: int) -> None:
+    def __init__(self, server_settings: HboneSettings | None = None) -> None:
         self.client = HboneEngine(client=True)
-        self.server = HboneEngine(client=False, settings=H2Settings.server(**server_settings))
+        self.server = HboneEngine(client=False, settings=server_settings)
         self.client_events: list[Event] = []
         self.server_events: list[Event] = []
         self.pump()
@@ -387,3 +396,192 @@ def test_pending_output_counts_unsent_replies() -> None:
     assert unsent == 10 * 17 + 9  # ten PING ACKs and one SETTINGS ACK
     assert len(server.data_to_send()) == unsent
     assert server.pending_output == 0
+
+
+# -- stream states (RFC 9113 §5.1 as HBONE uses it) ---------------------------------------
+
+OPEN, HCL, HCR = StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE
+CLOSED, RESET = StreamState.CLOSED, StreamState.RESET
+
+
+def states(pair: Pair, sid: int) -> tuple[StreamState | None, StreamState | None]:
+    return pair.client.stream_state(sid), pair.server.stream_state(sid)
+
+
+def test_clean_close_client_first_walks_open_half_closed_closed() -> None:
+    pair = Pair()
+    sid = pair.client.send_connect("10.0.0.2:80")
+    assert states(pair, sid) == (OPEN, None)
+    pair.pump()
+    assert states(pair, sid) == (OPEN, OPEN)
+    assert pair.server.respond(sid, 200) is OPEN
+    assert pair.client.end_stream(sid) is HCL
+    pair.pump()
+    assert states(pair, sid) == (HCL, HCR)
+    pair.server.send_data(sid, b"still allowed in half-closed (remote)")
+    assert pair.server.end_stream(sid) is CLOSED
+    pair.pump()
+    assert states(pair, sid) == (CLOSED, CLOSED)
+
+
+def test_clean_close_server_first() -> None:
+    pair = Pair()
+    sid = pair.open()
+    assert pair.server.end_stream(sid) is HCL
+    pair.pump()
+    assert states(pair, sid) == (HCR, HCL)
+    assert pair.client.end_stream(sid) is CLOSED
+    pair.pump()
+    assert states(pair, sid) == (CLOSED, CLOSED)
+
+
+def test_non_200_with_end_stream_half_closes_the_server_side() -> None:
+    pair = Pair()
+    sid = pair.client.send_connect("10.0.0.2:80")
+    pair.pump()
+    assert pair.server.respond(sid, 401, end_stream=True) is HCL
+    pair.pump()
+    assert states(pair, sid) == (HCR, HCL)
+
+
+def test_connect_with_end_stream_on_headers_is_half_closed_remote() -> None:
+    server = HboneEngine(client=False)
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    raw.initiate_connection()
+    raw.send_headers(1, [(":method", "CONNECT"), (":authority", "a:80")], end_stream=True)
+    events = server.receive_data(raw.data_to_send())
+    assert [type(e) for e in events if isinstance(e, ConnectRequest | StreamEnded)] == [
+        ConnectRequest,
+        StreamEnded,
+    ]
+    assert server.stream_state(1) is HCR
+    assert server.respond(1, 200) is HCR
+    assert server.end_stream(1) is CLOSED
+
+
+def _in_state(state: StreamState) -> tuple[Pair, int]:
+    """A pair with one stream that is ``state`` on the client side."""
+    pair = Pair()
+    sid = pair.open()
+    if state in (HCL, CLOSED):
+        pair.client.end_stream(sid)
+    if state in (HCR, CLOSED):
+        pair.server.end_stream(sid)
+    if state is RESET:
+        pair.server.reset(sid, ErrorCode.CANCEL)
+    pair.pump()
+    pair.take("client"), pair.take("server")
+    assert pair.client.stream_state(sid) is state
+    return pair, sid
+
+
+@pytest.mark.parametrize("state", [OPEN, HCL, HCR])
+def test_reset_of_a_live_stream_is_sent_and_final(state: StreamState) -> None:
+    pair, sid = _in_state(state)
+    assert pair.client.reset(sid, ErrorCode.INTERNAL_ERROR) is RESET
+    pair.pump()
+    assert pair.take("server") == [StreamReset(sid, ErrorCode.INTERNAL_ERROR, remote=True)]
+    assert states(pair, sid) == (RESET, RESET)
+    for engine in (pair.client, pair.server):
+        with pytest.raises(StreamClosedError):
+            engine.send_data(sid, b"x")
+        with pytest.raises(StreamClosedError):
+            engine.end_stream(sid)
+    with pytest.raises(StreamClosedError):
+        pair.server.respond(sid, 200)
+
+
+@pytest.mark.parametrize("state", [CLOSED, RESET])
+def test_reset_of_a_finished_stream_sends_nothing(state: StreamState) -> None:
+    pair, sid = _in_state(state)
+    assert pair.client.reset(sid) is state
+    assert pair.client.data_to_send() == b""
+    assert pair.client.stream_state(sid) is state
+
+
+@pytest.mark.parametrize("state", [OPEN, HCL, HCR])
+def test_reset_received_in_each_live_state(state: StreamState) -> None:
+    pair, sid = _in_state(state)
+    pair.server.reset(sid, ErrorCode.CANCEL)
+    pair.pump()
+    assert pair.take("client") == [StreamReset(sid, ErrorCode.CANCEL, remote=True)]
+    assert pair.client.stream_state(sid) is RESET
+
+
+@pytest.mark.parametrize(
+    ("state", "allowed"),
+    [(OPEN, True), (HCR, True), (HCL, False), (CLOSED, False), (RESET, False)],
+)
+def test_send_and_end_are_refused_where_the_state_forbids_them(
+    state: StreamState, allowed: bool
+) -> None:
+    pair, sid = _in_state(state)
+    if allowed:
+        assert pair.client.send_data(sid, b"data") == 4
+        assert pair.client.end_stream(sid) is state.after_local_end()
+        return
+    with pytest.raises(StreamClosedError, match=re.escape(f"is {state.label}")):
+        pair.client.send_data(sid, b"data")
+    with pytest.raises(StreamClosedError):
+        pair.client.end_stream(sid)
+    assert pair.client.data_to_send() == b""  # nothing reached the wire
+    assert pair.client.stream_state(sid) is state
+
+
+def test_operations_on_unknown_streams_are_refused() -> None:
+    pair = Pair()
+    with pytest.raises(StreamClosedError, match="not open"):
+        pair.client.send_data(99, b"x")
+    with pytest.raises(StreamClosedError):
+        pair.server.respond(7, 200)
+    assert pair.client.reset(99) is None
+    assert pair.client.data_to_send() == b"" and pair.server.data_to_send() == b""
+
+
+def test_a_stream_the_peer_breaks_is_reset_with_stream_closed() -> None:
+    pair, sid = _in_state(HCR)  # the server sent END_STREAM ...
+    # ... and then (a broken peer) DATA on the same stream: h2 resets it for us.
+    events = pair.client.receive_data(DataFrame(sid, b"late").serialize())
+    assert StreamReset(sid, ErrorCode.STREAM_CLOSED, remote=False) in events
+    assert pair.client.stream_state(sid) is RESET
+    assert _frame_types(pair.client.data_to_send()) == [RstStreamFrame.type]
+
+
+def test_connection_close_refuses_every_stream_operation() -> None:
+    pair = Pair()
+    sid = pair.open()
+    pair.client.close()
+    with pytest.raises(StreamClosedError, match="connection closed"):
+        pair.client.send_data(sid, b"x")
+    with pytest.raises(StreamClosedError):
+        pair.client.end_stream(sid)
+
+
+def test_finished_streams_are_remembered_a_bounded_time() -> None:
+    pair = Pair()
+    first = pair.open()
+    pair.client.reset(first)
+    pair.pump()
+    assert states(pair, first) == (RESET, RESET)
+    for _ in range(FINISHED_STREAMS_KEPT):
+        pair.client.reset(pair.open())
+        pair.pump()
+    assert states(pair, first) == (None, None)  # forgotten: memory stays bounded
+
+
+def test_state_transition_rules() -> None:
+    assert [s.after_remote_end() for s in StreamState] == [HCR, CLOSED, HCR, CLOSED, RESET]
+    assert [s.after_reset() for s in StreamState] == [RESET, RESET, RESET, CLOSED, RESET]
+    assert [s.after_local_end() for s in (OPEN, HCR)] == [HCL, CLOSED]
+    for done in (HCL, CLOSED, RESET):
+        with pytest.raises(StreamClosedError):
+            done.after_local_end()
+
+
+def _frame_types(wire: bytes) -> list[int]:
+    types, pos = [], 0
+    while pos + 9 <= len(wire):
+        frame, length = Frame.parse_frame_header(memoryview(wire[pos : pos + 9]))
+        types.append(frame.type)
+        pos += 9 + length
+    return types

@@ -22,13 +22,14 @@ from ztunnel.hbone.connection import (
     HboneServerStream,
     serve_hbone,
 )
-from ztunnel.hbone.engine import H2Settings
 from ztunnel.hbone.errors import ConnectionGoneError, HboneStatusError
 from ztunnel.hbone.events import ConnectRequest
 from ztunnel.hbone.pool import HbonePool, PoolKey
+from ztunnel.hbone.settings import HboneSettings
 from ztunnel.hbone.tlsstream import tls_handshake
 
 AUTHORITY = "10.0.0.2:80"
+NO_PING = HboneSettings(ping_interval=None)
 
 
 class RawPeer:
@@ -89,7 +90,7 @@ async def test_non_numeric_status_fails_only_that_stream() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(raw_server, server_tls, garbage_then_200)
-            client = HboneClientConnection(client_tls, ping_interval=None)
+            client = HboneClientConnection(client_tls, settings=NO_PING)
             await nursery.start(client.run)
             with pytest.raises(HboneStatusError) as info:
                 await client.open_stream(AUTHORITY)
@@ -131,7 +132,7 @@ class PoolEnv:
 async def test_pool_survives_garbage_status_and_a_failing_connection() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            env = PoolEnv(HbonePool(lambda key: dial(key), ping_interval=None))
+            env = PoolEnv(HbonePool(lambda key: dial(key), settings=NO_PING))
 
             async def dial(key: PoolKey) -> PoisonedStream:
                 client_tls, server_tls = await tls_pair()
@@ -163,7 +164,7 @@ async def test_serve_hbone_returns_when_its_connection_fails() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             server = await nursery.start(serve_hbone, poisoned, echo)
-            client = HboneClientConnection(client_tls, ping_interval=None)
+            client = HboneClientConnection(client_tls, settings=NO_PING)
             nursery.start_soon(client.run)  # its preface makes the server's reader fail
     assert server.closed and "injected failure" in server.close_reason
 
@@ -227,7 +228,7 @@ async def test_reset_cancels_a_handler_still_in_setup() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_hbone, server_tls, handler)
-            client = HboneClientConnection(client_tls, ping_interval=None)
+            client = HboneClientConnection(client_tls, settings=NO_PING)
             await nursery.start(client.run)
 
             async def open_then_give_up() -> None:
@@ -251,7 +252,7 @@ async def test_handlers_outliving_their_streams_are_capped_at_max_concurrent_str
         await stream.respond(200)
         await release.wait()  # e.g. an app that neither sends nor closes
 
-    settings = H2Settings.server(max_concurrent_streams=5)
+    settings = HboneSettings(max_concurrent_streams=5)
     client_tls, server_tls = await tls_pair()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -260,7 +261,7 @@ async def test_handlers_outliving_their_streams_are_capped_at_max_concurrent_str
                     server_tls, lingering, settings=settings, task_status=task_status
                 )
             )
-            client = HboneClientConnection(client_tls, ping_interval=None)
+            client = HboneClientConnection(client_tls, settings=NO_PING)
             await nursery.start(client.run)
             for _ in range(5):
                 stream = await client.open_stream(AUTHORITY)
@@ -294,7 +295,7 @@ async def test_respond_on_a_closing_connection_is_broken_resource() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             server_ref.append(await nursery.start(serve_hbone, server_tls, handler))
-            client = HboneClientConnection(client_tls, ping_interval=None)
+            client = HboneClientConnection(client_tls, settings=NO_PING)
             await nursery.start(client.run)
             with pytest.raises((ConnectionGoneError, trio.BrokenResourceError)):
                 await client.open_stream(AUTHORITY)
@@ -353,7 +354,7 @@ async def test_ping_flood_from_a_peer_that_never_reads_is_dropped() -> None:
     peer_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     server = HboneServerConnection(
-        trio.SocketStream(trio.socket.from_stdlib_socket(server_sock)), echo, ping_interval=None
+        trio.SocketStream(trio.socket.from_stdlib_socket(server_sock)), echo, settings=NO_PING
     )
     peer_stream = trio.SocketStream(trio.socket.from_stdlib_socket(peer_sock))
     peak = await flood_pings_without_reading(server, RawPeer(peer_stream, client=True), peer_stream)
@@ -367,7 +368,7 @@ async def test_ping_flood_over_tls_from_a_peer_that_never_reads_is_dropped() -> 
     peer_tls, server_tls = await tls_pair()
     peer_tls.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     server_tls.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    server = HboneServerConnection(server_tls, echo, ping_interval=None)
+    server = HboneServerConnection(server_tls, echo, settings=NO_PING)
     peak = await flood_pings_without_reading(server, RawPeer(peer_tls, client=True), peer_tls)
     assert server.closed and server.close_reason == "peer not reading"
     assert peak <= MAX_UNSENT_REPLIES + 64 * 1024
@@ -382,7 +383,10 @@ async def test_unanswered_connect_times_out_and_frees_the_stream() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(raw_server, server_tls, lambda sid: None)
             client = HboneClientConnection(
-                client_tls, ping_interval=0.05, ping_timeout=1.0, response_timeout=0.3
+                client_tls,
+                settings=HboneSettings(
+                    ping_interval=0.05, ping_timeout=1.0, connect_response_timeout=0.3
+                ),
             )
             await nursery.start(client.run)
             with pytest.raises(trio.TooSlowError):
@@ -402,7 +406,7 @@ async def test_failed_dials_leave_no_key_state() -> None:
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            pool = HbonePool(refused, ping_interval=None)
+            pool = HbonePool(refused, settings=NO_PING)
             await nursery.start(pool.run)
             for i in range(20):
                 key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}), ("127.0.0.1", 1), f"127.0.0.{i}")

@@ -12,6 +12,7 @@ from hbone_certs import CLIENT_ID, SERVER_ID, client_ctx, connect_tcp, serve_loo
 from ztunnel.hbone.connection import HboneServerConnection, HboneServerStream
 from ztunnel.hbone.events import ConnectRequest
 from ztunnel.hbone.pool import HbonePool, PoolKey
+from ztunnel.hbone.settings import HboneSettings
 from ztunnel.hbone.tlsstream import TLSStream, tls_handshake
 
 
@@ -31,7 +32,9 @@ class Env:
 
 
 @asynccontextmanager
-async def pool_env(dial_delay: float = 0.0, **pool_kw: object) -> AsyncIterator[Env]:
+async def pool_env(
+    dial_delay: float = 0.0, settings: HboneSettings | None = None
+) -> AsyncIterator[Env]:
     async with trio.open_nursery() as nursery:
         addr, server_conns = await nursery.start(serve_loopback, echo)
         dials: list[PoolKey] = []
@@ -42,7 +45,7 @@ async def pool_env(dial_delay: float = 0.0, **pool_kw: object) -> AsyncIterator[
             sock = await connect_tcp(key.dst)
             return await tls_handshake(sock, client_ctx(), server_side=False)
 
-        pool = HbonePool(dial, **pool_kw)  # type: ignore[arg-type]
+        pool = HbonePool(dial, settings=settings)
         await nursery.start(pool.run)
         key = PoolKey(CLIENT_ID, frozenset({SERVER_ID}), addr, "127.0.0.1")
         yield Env(pool, key, server_conns, dials)
@@ -87,7 +90,7 @@ async def test_concurrent_callers_share_a_single_dial() -> None:
 
 async def test_200_streams_with_limit_100_open_extra_connections() -> None:
     with trio.fail_after(20):
-        async with pool_env(max_streams_per_conn=100) as env:
+        async with pool_env(settings=HboneSettings(pool_max_streams=100)) as env:
             streams = []
 
             async def one(i: int) -> None:
@@ -122,7 +125,7 @@ async def test_different_keys_get_different_connections() -> None:
 
 async def test_idle_connection_is_released() -> None:
     with trio.fail_after(10):
-        async with pool_env(idle_timeout=0.2) as env:
+        async with pool_env(settings=HboneSettings(pool_idle_timeout=0.2)) as env:
             stream = await env.pool.open_stream(env.key, "10.0.0.2:80")
             await trio.sleep(0.4)
             assert env.pool.connection_count() == 1  # busy: a stream is open

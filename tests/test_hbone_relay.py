@@ -11,8 +11,8 @@ import trio
 from hbone_certs import tcp_socketpair, tls_pair
 
 from ztunnel.hbone.connection import HboneClientConnection, HboneServerStream, serve_hbone
-from ztunnel.hbone.engine import H2Settings
 from ztunnel.hbone.events import ConnectRequest
+from ztunnel.hbone.settings import HboneSettings
 from ztunnel.proxy.relay import RelayResult, relay
 
 KIB = 1024
@@ -84,7 +84,7 @@ async def test_app_not_reading_stops_the_sender_at_the_window() -> None:
     handler = RelayToSocket()
     window = 64 * KIB
     payload = os.urandom(4 * 1024 * KIB)
-    settings = H2Settings.server(stream_window=window, connection_window=window)
+    settings = HboneSettings(stream_window=window, connection_window=window)
     with trio.fail_after(20):
         client_tls, server_tls = await tls_pair()
         async with trio.open_nursery() as nursery:

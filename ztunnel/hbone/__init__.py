@@ -9,7 +9,7 @@ from ztunnel.hbone.connection import (
     HboneServerStream,
     serve_hbone,
 )
-from ztunnel.hbone.engine import H2Settings, HboneEngine, parse_authority, validate_connect
+from ztunnel.hbone.engine import HboneEngine, StreamState, parse_authority, validate_connect
 from ztunnel.hbone.errors import (
     ConnectionGoneError,
     HboneError,
@@ -19,14 +19,14 @@ from ztunnel.hbone.errors import (
 )
 from ztunnel.hbone.events import ConnectRequest, ErrorCode
 from ztunnel.hbone.pool import HbonePool, PoolKey
-from ztunnel.hbone.stream import HboneStream
+from ztunnel.hbone.settings import HboneSettings
+from ztunnel.hbone.stream import HboneStream, StreamEvents, StreamHost
 from ztunnel.hbone.tlsstream import TLSStream, tls_handshake
 
 __all__ = [
     "ConnectRequest",
     "ConnectionGoneError",
     "ErrorCode",
-    "H2Settings",
     "Handler",
     "HboneClientConnection",
     "HboneEngine",
@@ -34,10 +34,14 @@ __all__ = [
     "HbonePool",
     "HboneServerConnection",
     "HboneServerStream",
+    "HboneSettings",
     "HboneStatusError",
     "HboneStream",
     "PoolKey",
     "StreamClosedError",
+    "StreamEvents",
+    "StreamHost",
+    "StreamState",
     "TLSHandshakeError",
     "TLSStream",
     "parse_authority",

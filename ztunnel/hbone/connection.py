@@ -15,6 +15,8 @@ Theory of operation: three tasks per connection, in a nursery owned by ``run``:
 * the **keepalive** sends a PING every ``ping_interval`` and drops the
   connection if no ack arrives within ``ping_timeout`` (ztunnel: 10 s / 20 s).
 
+The connection talks to its streams only through ``StreamEvents`` (and they to
+it through ``StreamHost``); every size and timer comes from one ``HboneSettings``.
 Graceful drain is GOAWAY, wait for open streams, then close; a deadline bounds
 it. Any transport failure ends ``run`` quietly and breaks the open streams.
 """
@@ -22,19 +24,14 @@ it. Any transport failure ends ``run`` quietly and breaks the open streams.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import structlog
 import trio
 
-from ztunnel.hbone.engine import H2Settings, HboneEngine, validate_connect
-from ztunnel.hbone.errors import (
-    ConnectionGoneError,
-    HboneError,
-    HboneStatusError,
-    StreamClosedError,
-)
+from ztunnel.hbone.engine import HboneEngine, StreamState, validate_connect
+from ztunnel.hbone.errors import ConnectionGoneError, HboneStatusError, StreamClosedError
 from ztunnel.hbone.events import (
     ConnectionClosed,
     ConnectRequest,
@@ -50,10 +47,11 @@ from ztunnel.hbone.events import (
     StreamReset,
     WindowOpened,
 )
-from ztunnel.hbone.stream import HboneStream
+from ztunnel.hbone.settings import HboneSettings
+from ztunnel.hbone.stream import HboneServerStream, HboneStream, StreamEvents
 from ztunnel.hbone.tlsstream import TLSStream
 
-log = logging.getLogger("ztunnel.hbone")
+log = structlog.get_logger("ztunnel.hbone")
 
 RECEIVE_SIZE = 256 * 1024
 CLOSE_FLUSH_TIMEOUT = 1.0
@@ -73,23 +71,15 @@ class _Connection:
 
     _started_after_settings = False
 
-    def __init__(
-        self,
-        tls: trio.abc.Stream,
-        engine: HboneEngine,
-        *,
-        ping_interval: float | None,
-        ping_timeout: float,
-    ) -> None:
+    def __init__(self, tls: trio.abc.Stream, engine: HboneEngine) -> None:
         self.engine = engine
+        self.settings = engine.settings
         self._tls = tls
         self._direct = tls if isinstance(tls, TLSStream) else None
         self._deferring = False  # the reader is dispatching: kick() leaves the flush to it
         self._stalled = False  # send_nowait left bytes only the writer's send_all sends
         self._write_error: str | None = None
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
-        self._streams: dict[int, HboneStream] = {}
+        self._streams: dict[int, StreamEvents] = {}
         self._wake_writer = trio.Event()
         self._flushed = trio.lowlevel.ParkingLot()
         self._queued_seq = 0
@@ -108,7 +98,7 @@ class _Connection:
         """The TLS stream underneath (peer certificate, for the config dump and tests)."""
         return self._tls
 
-    # -- the _StreamHost protocol ---------------------------------------------------
+    # -- the StreamHost protocol ----------------------------------------------------
 
     def kick(self) -> int:
         """Flush what the engine queued (now, or via the writer); returns a sequence
@@ -156,7 +146,7 @@ class _Connection:
         if self._written_seq < seq:
             raise trio.BrokenResourceError(f"HBONE connection closed: {self.close_reason}")
 
-    def stream_finished(self, stream: HboneStream) -> None:
+    def stream_finished(self, stream: StreamEvents) -> None:
         if self._streams.get(stream.stream_id) is stream:
             del self._streams[stream.stream_id]
             if not self._streams:
@@ -190,7 +180,7 @@ class _Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._writer)
-                if self._ping_interval:
+                if self.settings.ping_interval:
                     nursery.start_soon(self._keepalive)
                 self.kick()  # preface and SETTINGS
                 if self._started_after_settings:
@@ -202,7 +192,7 @@ class _Connection:
             # Whatever a peer provokes (or a bug we missed) ends this connection
             # only; it must never escape into the pool's or listener's nursery.
             failure = exc
-            log.exception("hbone: connection failed")
+            log.exception("connection failed")
             self._mark_closed(f"internal error: {exc!r}")
         finally:
             self._mark_closed(self.close_reason or "connection closed")
@@ -240,7 +230,7 @@ class _Connection:
         self.closed = True
         self.close_reason = self.close_reason or reason
         for stream in list(self._streams.values()):
-            stream._on_connection_lost(self.close_reason)
+            stream.connection_lost(self.close_reason)
         self._streams.clear()
         self._flushed.unpark_all()
         self._idle.set()
@@ -288,21 +278,22 @@ class _Connection:
                 self._deferring = False
             self._reply_backlog += self.engine.pending_output - before
             if self._reply_backlog > MAX_UNSENT_REPLIES:
-                log.info("hbone: %d bytes of replies unsent, peer not reading", self._reply_backlog)
+                log.info("peer not reading, dropping connection", unsent_bytes=self._reply_backlog)
                 self.abort("peer not reading")
                 return
             self.kick()
 
     async def _keepalive(self) -> None:
-        assert self._ping_interval is not None
+        interval, timeout = self.settings.ping_interval, self.settings.ping_timeout
+        assert interval is not None
         while True:
-            await trio.sleep(self._ping_interval)
+            await trio.sleep(interval)
             self.engine.ping()
             self.kick()
-            with trio.move_on_after(self._ping_timeout) as scope:
+            with trio.move_on_after(timeout) as scope:
                 await self._ping_acked.wait()
             if scope.cancelled_caught:
-                log.info("hbone: no PING ack in %ss, dropping connection", self._ping_timeout)
+                log.info("no PING ack, dropping connection", timeout_seconds=timeout)
                 self.abort("ping timeout")
                 return
 
@@ -314,13 +305,13 @@ class _Connection:
             if target is None:
                 self.engine.acknowledge(event.stream_id, len(event.data))
             else:
-                target._on_data(event.data)
+                target.deliver_data(event.data)
         elif isinstance(event, StreamEnded):
             if (stream := self._streams.get(event.stream_id)) is not None:
-                stream._on_end()
+                stream.deliver_end()
         elif isinstance(event, StreamReset):
             if (stream := self._streams.get(event.stream_id)) is not None:
-                stream._on_reset(event.error_code)
+                stream.deliver_reset(event.error_code)
         elif isinstance(event, WindowOpened):
             self._on_window(event.stream_id)
         elif isinstance(event, SettingsChanged):
@@ -331,7 +322,7 @@ class _Connection:
         elif isinstance(event, GoAwayReceived):
             self._on_goaway(event)
         elif isinstance(event, ConnectionClosed):
-            log.info("hbone: peer protocol error: %s", event.reason)
+            log.info("peer protocol error, closing connection", reason=event.reason)
             self.close(event.error_code, f"protocol error: {event.reason}")
         else:
             self._dispatch_role(event)
@@ -342,9 +333,9 @@ class _Connection:
     def _on_window(self, stream_id: int | None) -> None:
         if stream_id is None:
             for each in self._streams.values():
-                each._on_window()
+                each.deliver_window()
         elif (stream := self._streams.get(stream_id)) is not None:
-            stream._on_window()
+            stream.deliver_window()
 
     def _on_goaway(self, event: GoAwayReceived) -> None:
         if event.error_code != ErrorCode.NO_ERROR:
@@ -352,7 +343,7 @@ class _Connection:
             return
         for sid, stream in list(self._streams.items()):
             if sid > event.last_stream_id:  # never processed by the peer
-                stream._on_connection_lost("refused by GOAWAY")
+                stream.connection_lost("refused by GOAWAY")
                 self.stream_finished(stream)
         if not self._streams:
             self.close(reason="peer sent GOAWAY")
@@ -366,28 +357,16 @@ class HboneClientConnection(_Connection):
 
     _started_after_settings = True  # the pool needs the peer's MAX_CONCURRENT_STREAMS
 
-    def __init__(
-        self,
-        tls: trio.abc.Stream,
-        *,
-        settings: H2Settings | None = None,
-        max_streams: int = 100,
-        ping_interval: float | None = 10.0,
-        ping_timeout: float = 20.0,
-        response_timeout: float = 10.0,
-    ) -> None:
-        """``response_timeout`` bounds the wait for the CONNECT's answer (ztunnel's
-        10 s connect timeout): a peer that answers PINGs but not the CONNECT."""
-        engine = HboneEngine(client=True, settings=settings or H2Settings.client())
-        super().__init__(tls, engine, ping_interval=ping_interval, ping_timeout=ping_timeout)
-        self._pool_limit = max_streams
-        self._response_timeout = response_timeout
+    def __init__(self, tls: trio.abc.Stream, *, settings: HboneSettings | None = None) -> None:
+        """``settings.connect_response_timeout`` bounds the wait for the CONNECT's answer
+        (ztunnel's 10 s connect timeout): a peer that answers PINGs but not the CONNECT."""
+        super().__init__(tls, HboneEngine(client=True, settings=settings))
         self.opened_streams = 0
 
     @property
     def max_streams(self) -> int:
         """min(pool limit, peer's MAX_CONCURRENT_STREAMS), as ztunnel's pool does."""
-        return min(self._pool_limit, self.engine.peer_max_concurrent_streams)
+        return min(self.settings.pool_max_streams, self.engine.peer_max_concurrent_streams)
 
     @property
     def accepting_streams(self) -> bool:
@@ -401,7 +380,7 @@ class HboneClientConnection(_Connection):
         Raises HboneStatusError for any other status, ConnectionGoneError if the
         connection is closed or draining (or refused the stream),
         trio.BrokenResourceError if the connection broke meanwhile, and
-        trio.TooSlowError if no answer came within ``response_timeout``.
+        trio.TooSlowError if no answer came within ``connect_response_timeout``.
         """
         if self.is_closed:
             raise ConnectionGoneError(f"connection closed: {self.close_reason}")
@@ -411,27 +390,19 @@ class HboneClientConnection(_Connection):
         self.opened_streams += 1
         self.kick()
         try:
-            with trio.fail_after(self._response_timeout):
-                await self._await_response(stream)
+            with trio.fail_after(self.settings.connect_response_timeout):
+                status, response_headers = await stream.wait_response()
+            if status != 200:
+                raise HboneStatusError(status, response_headers)
         except BaseException:
             await stream.aclose()
             raise
         return stream
 
-    async def _await_response(self, stream: HboneStream) -> None:
-        while stream.response_status is None:
-            if stream._reset_code is not None:
-                raise ConnectionGoneError(f"stream refused (reset code {stream._reset_code})")
-            if stream._broken is not None:
-                raise ConnectionGoneError(f"connection lost before response: {stream._broken}")
-            await stream._changed.wait()
-        if stream.response_status != 200:
-            raise HboneStatusError(stream.response_status, stream.response_headers)
-
     def _dispatch_role(self, event: Event) -> None:
         stream = self._streams.get(getattr(event, "stream_id", 0))
         if isinstance(event, Response) and stream is not None:
-            stream._on_response(event.status, event.headers)
+            stream.deliver_response(event.status, event.headers)
 
     def _on_idle(self) -> None:
         if self.engine.goaway_received:
@@ -441,42 +412,6 @@ class HboneClientConnection(_Connection):
 # -- server ----------------------------------------------------------------------------
 
 
-class HboneServerStream(HboneStream):
-    """Server side of a CONNECT stream: the handler must ``respond`` first."""
-
-    responded = False
-
-    def __init__(self, host: HboneServerConnection, stream_id: int) -> None:
-        super().__init__(host, stream_id)
-        # The handler runs inside this scope. A reset before we answered cancels it,
-        # so HEADERS+RST_STREAM floods cannot keep setup work (resolve, policy, app
-        # connect) running. After the answer a reset ends the relay by itself, and
-        # RST(CANCEL) after data is EOF: the handler must still deliver that data.
-        self._handler_scope = trio.CancelScope()
-
-    def _on_reset(self, code: int) -> None:
-        super()._on_reset(code)
-        if not self.responded:
-            self._handler_scope.cancel()
-
-    async def respond(self, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
-        """Send the response; a non-200 also ends the stream (END_STREAM)."""
-        if self.responded:
-            raise HboneError("response already sent")
-        self._check_usable()
-        end = status != 200
-        try:
-            self._host.engine.respond(self.stream_id, status, headers, end_stream=end)
-        except StreamClosedError as exc:  # the peer went away: not our error
-            raise trio.BrokenResourceError(str(exc)) from exc
-        self.responded = True
-        if end:
-            self._sent_eof = True
-        await self._host.wait_flushed(self._host.kick())
-        if end:
-            self._maybe_finished()
-
-
 Handler = Callable[[ConnectRequest, HboneServerStream], Awaitable[None]]
 
 
@@ -484,19 +419,10 @@ class HboneServerConnection(_Connection):
     """Server end: runs ``handler`` per CONNECT stream in the connection's nursery."""
 
     def __init__(
-        self,
-        tls: trio.abc.Stream,
-        handler: Handler,
-        *,
-        settings: H2Settings | None = None,
-        ping_interval: float | None = 10.0,
-        ping_timeout: float = 20.0,
-        drain_timeout: float = 30.0,
+        self, tls: trio.abc.Stream, handler: Handler, *, settings: HboneSettings | None = None
     ) -> None:
-        engine = HboneEngine(client=False, settings=settings or H2Settings.server())
-        super().__init__(tls, engine, ping_interval=ping_interval, ping_timeout=ping_timeout)
+        super().__init__(tls, HboneEngine(client=False, settings=settings))
         self._handler = handler
-        self._drain_timeout = drain_timeout
         self._handlers = 0  # running handler tasks, including those of reset streams
         self.draining = False
 
@@ -513,8 +439,8 @@ class HboneServerConnection(_Connection):
             self._nursery.start_soon(self._drain_deadline)
 
     async def _drain_deadline(self) -> None:
-        await trio.sleep(self._drain_timeout)
-        log.info("hbone: drain deadline reached with %d open streams", len(self._streams))
+        await trio.sleep(self.settings.drain_timeout)
+        log.info("drain deadline reached, closing connection", open_streams=len(self._streams))
         self.close(reason="drain timeout")
 
     def _on_idle(self) -> None:
@@ -535,7 +461,7 @@ class HboneServerConnection(_Connection):
         if self._handlers >= self.engine.local_max_concurrent_streams:
             # h2 stops counting a stream at its reset, while its handler may still be
             # unwinding; the advertised limit applies to the work we do, too.
-            log.debug("hbone: refusing stream %d, handler limit reached", request.stream_id)
+            log.debug("handler limit reached, refusing stream", stream_id=request.stream_id)
             self.engine.reset(request.stream_id, ErrorCode.REFUSED_STREAM)
             return
         stream = HboneServerStream(self, request.stream_id)
@@ -546,17 +472,17 @@ class HboneServerConnection(_Connection):
 
     async def _run_handler(self, request: ConnectRequest, stream: HboneServerStream) -> None:
         try:
-            with stream._handler_scope:
-                if stream._reset_code is not None:  # HEADERS and RST_STREAM in one read
+            with stream.handler_scope:
+                if stream.state is StreamState.RESET:  # HEADERS and RST_STREAM in one read
                     return
                 await self._handler(request, stream)
-                if not stream.responded and not stream._closed and not self.closed:
+                if not stream.responded and not stream.closed and not self.closed:
                     await stream.respond(503)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
-            log.exception("hbone: handler for %s failed", request.authority)
-            self.engine.reset(stream.stream_id, ErrorCode.INTERNAL_ERROR)
+            log.exception("stream handler failed", authority=request.authority)
+            stream.reset(ErrorCode.INTERNAL_ERROR)
         finally:
             self._handlers -= 1
             await stream.aclose()
@@ -566,13 +492,7 @@ async def serve_hbone(
     tls: trio.abc.Stream,
     handler: Handler,
     *,
-    settings: H2Settings | None = None,
-    stream_window: int | None = None,
-    connection_window: int | None = None,
-    max_frame_size: int | None = None,
-    ping_interval: float | None = 10.0,
-    ping_timeout: float = 20.0,
-    drain_timeout: float = 30.0,
+    settings: HboneSettings | None = None,
     on_connection: Callable[[HboneServerConnection], object] | None = None,
     on_close: Callable[[HboneServerConnection], object] | None = None,
     task_status: trio.TaskStatus[HboneServerConnection] = trio.TASK_STATUS_IGNORED,
@@ -581,25 +501,10 @@ async def serve_hbone(
 
     ``task_status.started(conn)`` (and ``on_connection(conn)``) hand out the
     connection, whose ``drain()`` starts a graceful shutdown; ``on_close(conn)``
-    runs when it ends. The sizes override ``settings`` (or the server defaults).
-    Protocol-level 400s (validate_connect) are answered here; every other stream
-    goes to ``handler``.
+    runs when it ends. ``settings`` defaults to ztunnel's. Protocol-level 400s
+    (validate_connect) are answered here; every other stream goes to ``handler``.
     """
-    if settings is None:
-        settings = H2Settings.with_sizes(
-            client=False,
-            stream_window=stream_window,
-            connection_window=connection_window,
-            max_frame_size=max_frame_size,
-        )
-    conn = HboneServerConnection(
-        tls,
-        handler,
-        settings=settings,
-        ping_interval=ping_interval,
-        ping_timeout=ping_timeout,
-        drain_timeout=drain_timeout,
-    )
+    conn = HboneServerConnection(tls, handler, settings=settings)
     if on_connection is not None:
         on_connection(conn)
     try:

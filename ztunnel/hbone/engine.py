@@ -4,7 +4,8 @@ Theory of operation: the driver feeds received bytes to ``receive_data`` and get
 our own events back (``ztunnel.hbone.events``); every call that produces output
 queues bytes the driver collects with ``data_to_send``. No I/O, no trio.
 
-Three deliberate departures from driving h2 naively:
+Three deliberate departures from driving h2 naively (plus our own per-stream
+state, ``StreamState``, so the driver asks the engine, not h2, what a stream may do):
 
 * **Flow control is released only on ``acknowledge``.** The driver acknowledges
   bytes once they were written onward, so a slow reader stops the sender at the
@@ -22,11 +23,12 @@ Three deliberate departures from driving h2 naively:
 from __future__ import annotations
 
 import contextlib
+import enum
 import ipaddress
 import itertools
 import re
+from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import h2.config
@@ -53,17 +55,17 @@ from ztunnel.hbone.events import (
     StreamReset,
     WindowOpened,
 )
+from ztunnel.hbone.settings import HboneSettings
 
 __all__ = [
     "ConnectRequest",
-    "H2Settings",
     "HboneEngine",
+    "HboneSettings",
+    "StreamState",
     "parse_authority",
     "validate_connect",
 ]
 
-KIB = 1024
-MIB = 1024 * KIB
 _DEFAULT_WINDOW = 65_535  # RFC 9113 initial connection window
 
 
@@ -75,43 +77,54 @@ def _cheap_data_body_repr(self: DataFrame) -> str:
 setattr(DataFrame, "_body_repr", _cheap_data_body_repr)  # noqa: B010
 
 
-@dataclass(frozen=True, slots=True)
-class H2Settings:
-    """HTTP/2 settings of one side (ztunnel reference §1.5)."""
+class StreamState(enum.Enum):
+    """A CONNECT stream's state: RFC 9113 §5.1 as HBONE uses it.
 
-    stream_window: int = 4 * MIB
-    connection_window: int = 16 * MIB
-    max_frame_size: int = 1 * MIB
-    max_header_list_size: int = 16 * KIB
-    max_concurrent_streams: int | None = None  # advertised; server only
+    A stream exists from its CONNECT HEADERS on, so it starts OPEN (idle and
+    reserved are never seen: HBONE has no push). RESET is RFC's "closed" reached
+    through RST_STREAM, sent or received; it stays apart from CLOSED because HBONE
+    treats a reset differently from two clean END_STREAMs. The engine owns the
+    transitions (the ``after_*`` methods) and refuses operations a state forbids.
+    """
 
-    @classmethod
-    def client(cls, **overrides: int) -> H2Settings:
-        return cls(**overrides)
+    # (label, can_send, local_ended, finished); plain attributes, because the data
+    # path asks on every write (an enum property and set lookup cost Python calls).
+    OPEN = ("open", True, False, False)
+    HALF_CLOSED_LOCAL = ("half-closed (local)", False, True, False)
+    HALF_CLOSED_REMOTE = ("half-closed (remote)", True, False, False)
+    CLOSED = ("closed", False, True, True)
+    RESET = ("reset", False, False, True)
 
-    @classmethod
-    def with_sizes(
-        cls,
-        *,
-        client: bool,
-        stream_window: int | None = None,
-        connection_window: int | None = None,
-        max_frame_size: int | None = None,
-    ) -> H2Settings:
-        """Role defaults with the env-configurable sizes (HTTP2_*) applied where given."""
-        given = {
-            "stream_window": stream_window,
-            "connection_window": connection_window,
-            "max_frame_size": max_frame_size,
-        }
-        overrides = {k: v for k, v in given.items() if v is not None}
-        return cls.client(**overrides) if client else cls.server(**overrides)
+    def __init__(self, label: str, can_send: bool, local_ended: bool, finished: bool) -> None:
+        self.label = label
+        self.can_send = can_send  # DATA and END_STREAM may still be sent
+        self.local_ended = local_ended  # we sent END_STREAM (and were not reset before)
+        self.finished = finished  # nothing more is sent or received on the stream
 
-    @classmethod
-    def server(cls, **overrides: int) -> H2Settings:
-        values: dict[str, int] = {"max_header_list_size": 64 * KIB, "max_concurrent_streams": 200}
-        values.update(overrides)
-        return cls(**values)
+    def after_local_end(self) -> StreamState:
+        """We send END_STREAM; raises StreamClosedError where that is not allowed."""
+        if self is StreamState.OPEN:
+            return StreamState.HALF_CLOSED_LOCAL
+        if self is StreamState.HALF_CLOSED_REMOTE:
+            return StreamState.CLOSED
+        raise StreamClosedError(f"cannot end a stream that is {self.label}")
+
+    def after_remote_end(self) -> StreamState:
+        """The peer's END_STREAM arrived (h2 already refused it where not allowed)."""
+        if self is StreamState.OPEN:
+            return StreamState.HALF_CLOSED_REMOTE
+        if self is StreamState.HALF_CLOSED_LOCAL:
+            return StreamState.CLOSED
+        return self
+
+    def after_reset(self) -> StreamState:
+        """RST_STREAM sent or received: a finished stream stays as it was."""
+        return self if self.finished else StreamState.RESET
+
+
+# Finished streams whose state ``stream_state`` still reports (like h2's own
+# memory of closed streams, bounded so a long-lived connection does not grow).
+FINISHED_STREAMS_KEPT = 1024
 
 
 class _H2Connection(h2.connection.H2Connection):
@@ -125,15 +138,19 @@ class _H2Connection(h2.connection.H2Connection):
         return [], [event]
 
 
-def _h2_settings(settings: H2Settings, client: bool) -> h2.settings.Settings:
+def _max_header_list_size(settings: HboneSettings, client: bool) -> int:
+    return settings.client_max_header_list_size if client else settings.server_max_header_list_size
+
+
+def _h2_settings(settings: HboneSettings, client: bool) -> h2.settings.Settings:
     codes = h2.settings.SettingCodes
     values = {
         codes.INITIAL_WINDOW_SIZE: settings.stream_window,
         codes.MAX_FRAME_SIZE: settings.max_frame_size,
-        codes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
+        codes.MAX_HEADER_LIST_SIZE: _max_header_list_size(settings, client),
         codes.ENABLE_PUSH: 0,
     }
-    if settings.max_concurrent_streams is not None:
+    if not client:  # a client accepts no pushed streams, so it advertises no limit
         values[codes.MAX_CONCURRENT_STREAMS] = settings.max_concurrent_streams
     return h2.settings.Settings(client=client, initial_values=values)
 
@@ -150,16 +167,16 @@ def _split(headers: list[tuple[str, str]]) -> tuple[dict[str, str], Headers]:
 class HboneEngine:
     """One HTTP/2 connection carrying CONNECT streams, client or server role."""
 
-    def __init__(self, *, client: bool, settings: H2Settings | None = None) -> None:
+    def __init__(self, *, client: bool, settings: HboneSettings | None = None) -> None:
         self.client = client
-        self.settings = settings or (H2Settings.client() if client else H2Settings.server())
+        self.settings = settings if settings is not None else HboneSettings()
         config = h2.config.H2Configuration(client_side=client, header_encoding=None)
         self._h2 = _H2Connection(config=config)
         # Initial values take effect at once (no ACK round trip), so the limits h2
         # derives from its settings in __init__ must be refreshed by hand.
         self._h2.local_settings = _h2_settings(self.settings, client)
         self._h2.max_inbound_frame_size = self.settings.max_frame_size
-        self._h2.decoder.max_header_list_size = self.settings.max_header_list_size
+        self._h2.decoder.max_header_list_size = _max_header_list_size(self.settings, client)
         self._h2.initiate_connection()
         extra = self.settings.connection_window - _DEFAULT_WINDOW
         if extra > 0:
@@ -170,6 +187,8 @@ class HboneEngine:
         self.closed = False
         self.goaway_received = False
         self._goaway_sent_last: int | None = None
+        self._streams: dict[int, StreamState] = {}  # open and half-closed streams
+        self._finished: OrderedDict[int, StreamState] = OrderedDict()
 
     # -- output ---------------------------------------------------------------
 
@@ -218,8 +237,13 @@ class HboneEngine:
 
     # -- streams --------------------------------------------------------------
 
+    def stream_state(self, stream_id: int) -> StreamState | None:
+        """The stream's state; None for a stream never opened (or long finished)."""
+        state = self._streams.get(stream_id)
+        return state if state is not None else self._finished.get(stream_id)
+
     def send_connect(self, authority: str, extra_headers: Iterable[tuple[str, str]] = ()) -> int:
-        """Client: open a CONNECT stream (no :scheme/:path, RFC 9113 §8.5)."""
+        """Client: open a CONNECT stream (no :scheme/:path, RFC 9113 §8.5); it is OPEN."""
         if not self.client:
             raise ValueError("send_connect is client-only")
         if not self.accepting_streams:
@@ -227,6 +251,7 @@ class HboneEngine:
         stream_id: int = self._h2.get_next_available_stream_id()
         headers = [(":method", "CONNECT"), (":authority", authority), *extra_headers]
         self._h2.send_headers(stream_id, headers, end_stream=False)
+        self._streams[stream_id] = StreamState.OPEN
         return stream_id
 
     def respond(
@@ -236,13 +261,20 @@ class HboneEngine:
         headers: Iterable[tuple[str, str]] = (),
         *,
         end_stream: bool = False,
-    ) -> None:
-        """Server: answer a CONNECT. A non-200 usually passes ``end_stream=True``."""
+    ) -> StreamState:
+        """Server: answer a CONNECT. A non-200 usually passes ``end_stream=True``.
+        Returns the stream's new state."""
+        state = self._sendable(stream_id)
+        new = state.after_local_end() if end_stream else state
         with self._stream_op(stream_id):
             self._h2.send_headers(stream_id, [(":status", str(status)), *headers], end_stream)
+        return self._set(stream_id, new)
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         """Queue as much of ``data`` as flow control allows; returns bytes taken."""
+        state = self._streams.get(stream_id)
+        if state is None or not state.can_send or self.closed:
+            self._sendable(stream_id)  # raises the precise StreamClosedError
         with self._stream_op(stream_id):
             window = self._h2.local_flow_control_window(stream_id)
             total = min(len(data), window)
@@ -252,17 +284,21 @@ class HboneEngine:
                 self._h2.send_data(stream_id, view[start : min(start + frame, total)])
             return total
 
-    def end_stream(self, stream_id: int) -> None:
-        """Half-close our direction (END_STREAM, an empty DATA frame)."""
+    def end_stream(self, stream_id: int) -> StreamState:
+        """Half-close our direction (END_STREAM, an empty DATA frame); returns the new state."""
+        new = self._sendable(stream_id).after_local_end()
         with self._stream_op(stream_id):
             self._h2.end_stream(stream_id)
+        return self._set(stream_id, new)
 
-    def reset(self, stream_id: int, code: int = ErrorCode.CANCEL) -> None:
-        """RST_STREAM; a no-op on a stream that is already closed."""
-        if self.closed:
-            return
+    def reset(self, stream_id: int, code: int = ErrorCode.CANCEL) -> StreamState | None:
+        """RST_STREAM; a no-op on a finished (or unknown) stream. Returns the state."""
+        state = self._streams.get(stream_id)
+        if state is None or self.closed:
+            return self.stream_state(stream_id)
         with contextlib.suppress(h2.exceptions.H2Error):
             self._h2.reset_stream(stream_id, code)
+        return self._set(stream_id, state.after_reset())
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         """Release ``n`` received bytes of flow-control window (stream and connection).
@@ -270,6 +306,27 @@ class HboneEngine:
         if n <= 0 or self.closed:
             return
         self._h2.acknowledge_received_data(n, stream_id)
+
+    def _sendable(self, stream_id: int) -> StreamState:
+        """The state of a stream we may still send on; StreamClosedError otherwise."""
+        if self.closed:
+            raise StreamClosedError(f"stream {stream_id}: connection closed")
+        state = self._streams.get(stream_id)
+        if state is None or not state.can_send:
+            shown = state or self._finished.get(stream_id)
+            why = shown.label if shown is not None else "not open"
+            raise StreamClosedError(f"stream {stream_id} is {why}")
+        return state
+
+    def _set(self, stream_id: int, state: StreamState) -> StreamState:
+        if not state.finished:
+            self._streams[stream_id] = state
+            return state
+        self._streams.pop(stream_id, None)
+        self._finished[stream_id] = state
+        if len(self._finished) > FINISHED_STREAMS_KEPT:
+            self._finished.popitem(last=False)
+        return state
 
     # -- connection -----------------------------------------------------------
 
@@ -330,10 +387,13 @@ class HboneEngine:
     def _on_request(self, ev: Any, out: list[Event]) -> None:
         sid = int(ev.stream_id)
         if self._goaway_sent_last is not None and sid > self._goaway_sent_last:
-            self.reset(sid, ErrorCode.REFUSED_STREAM)
+            # Never surfaced, so never tracked: refuse it directly.
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self._h2.reset_stream(sid, ErrorCode.REFUSED_STREAM)
             return
         pseudo, headers = _split(_decode(ev.headers))
         method, authority = pseudo.get(":method", ""), pseudo.get(":authority", "")
+        self._streams[sid] = StreamState.OPEN
         out.append(ConnectRequest(sid, method, authority, headers))
 
     def _on_response(self, ev: Any, out: list[Event]) -> None:
@@ -349,10 +409,16 @@ class HboneEngine:
             out.append(Data(sid, data, int(ev.flow_controlled_length)))
 
     def _on_stream_ended(self, ev: Any, out: list[Event]) -> None:
-        out.append(StreamEnded(int(ev.stream_id)))
+        sid = int(ev.stream_id)
+        if (state := self._streams.get(sid)) is not None:
+            self._set(sid, state.after_remote_end())
+        out.append(StreamEnded(sid))
 
     def _on_reset(self, ev: Any, out: list[Event]) -> None:
-        out.append(StreamReset(int(ev.stream_id), int(ev.error_code), bool(ev.remote_reset)))
+        sid = int(ev.stream_id)
+        if (state := self._streams.get(sid)) is not None:
+            self._set(sid, state.after_reset())
+        out.append(StreamReset(sid, int(ev.error_code), bool(ev.remote_reset)))
 
     def _on_goaway(self, ev: Any, out: list[Event]) -> None:
         self.goaway_received = True
@@ -369,9 +435,8 @@ class HboneEngine:
             out.append(WindowOpened(None))
         out.append(SettingsChanged(self.peer_max_concurrent_streams))
 
-    def _stream_op(self, stream_id: int) -> _StreamOp:
-        if self.closed:
-            raise StreamClosedError(f"stream {stream_id}: connection closed")
+    @staticmethod
+    def _stream_op(stream_id: int) -> _StreamOp:
         return _StreamOp(stream_id)
 
 
@@ -385,7 +450,8 @@ def _parse_status(text: str) -> int:
 
 
 class _StreamOp:
-    """Translate h2's errors for operations on a closed stream into ours."""
+    """Translate h2's errors for operations on a closed stream into ours (a backstop:
+    the engine's own stream states refuse those operations first)."""
 
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id

@@ -32,6 +32,10 @@ class ErrorCode(IntEnum):
     HTTP_1_1_REQUIRED = 0xD
 
 
+# ztunnel (src/proxy/h2.rs) treats RST_STREAM NO_ERROR/CANCEL as a clean end.
+EOF_RESET_CODES = frozenset({ErrorCode.NO_ERROR, ErrorCode.CANCEL})
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectRequest:
     """Server side: the peer opened a stream. ``headers`` excludes pseudo-headers."""
@@ -82,8 +86,7 @@ class StreamReset:
 
     @property
     def is_eof(self) -> bool:
-        # ztunnel (src/proxy/h2.rs) treats RST NO_ERROR/CANCEL as a clean end.
-        return self.error_code in (ErrorCode.NO_ERROR, ErrorCode.CANCEL)
+        return self.error_code in EOF_RESET_CODES
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,21 +14,21 @@ connections drop out of the pool when their driver ends.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 import trio
 
 from ztunnel.hbone.connection import HboneClientConnection
-from ztunnel.hbone.engine import H2Settings
+from ztunnel.hbone.settings import HboneSettings
 from ztunnel.hbone.stream import HboneStream
 from ztunnel.model.address import IPAddress, SocketAddr
 from ztunnel.model.identity import Identity
 
-log = logging.getLogger("ztunnel.hbone.pool")
+log = structlog.get_logger("ztunnel.hbone.pool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,33 +53,12 @@ class _KeyState:
 class HbonePool:
     """Pooled HBONE client connections; ``run`` must be started in a nursery first."""
 
-    def __init__(
-        self,
-        dial: Dial,
-        *,
-        max_streams_per_conn: int = 100,
-        idle_timeout: float = 300.0,
-        settings: H2Settings | None = None,
-        stream_window: int | None = None,
-        connection_window: int | None = None,
-        max_frame_size: int | None = None,
-        ping_interval: float | None = 10.0,
-        ping_timeout: float = 20.0,
-        response_timeout: float = 10.0,
-    ) -> None:
-        """The sizes override ``settings`` (or the client defaults) where given."""
+    def __init__(self, dial: Dial, *, settings: HboneSettings | None = None) -> None:
+        """``settings`` (ztunnel's defaults if None) is handed to every connection;
+        the pool itself uses ``pool_max_streams`` (through the connection) and
+        ``pool_idle_timeout``."""
         self._dial = dial
-        self._max_streams = max_streams_per_conn
-        self._idle_timeout = idle_timeout
-        self._settings = settings or H2Settings.with_sizes(
-            client=True,
-            stream_window=stream_window,
-            connection_window=connection_window,
-            max_frame_size=max_frame_size,
-        )
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
-        self._response_timeout = response_timeout
+        self.settings = settings if settings is not None else HboneSettings()
         self._keys: dict[PoolKey, _KeyState] = {}
         self._nursery: trio.Nursery | None = None
         # Connections that must not take new streams (their client certificate rotated).
@@ -101,7 +80,7 @@ class HbonePool:
 
         Raises whatever ``dial`` raises, HboneStatusError for a non-200 answer,
         ConnectionGoneError if the chosen connection went away meanwhile,
-        trio.TooSlowError if the peer did not answer within ``response_timeout``.
+        trio.TooSlowError if the peer did not answer within ``connect_response_timeout``.
         """
         state = self._keys.setdefault(key, _KeyState())
         try:
@@ -157,14 +136,7 @@ class HbonePool:
         if self._nursery is None:
             raise RuntimeError("HbonePool.run() is not running")
         tls = await self._dial(key)
-        conn = HboneClientConnection(
-            tls,
-            settings=self._settings,
-            max_streams=self._max_streams,
-            ping_interval=self._ping_interval,
-            ping_timeout=self._ping_timeout,
-            response_timeout=self._response_timeout,
-        )
+        conn = HboneClientConnection(tls, settings=self.settings)
         started: HboneClientConnection = await self._nursery.start(self._drive, key, state, conn)
         return started
 
@@ -194,7 +166,7 @@ class HbonePool:
             if not started:
                 raise
             # One connection's failure ends that connection, never the pool.
-            log.exception("hbone pool: connection to %s failed", key.dst)
+            log.exception("pooled connection failed", dst=str(key.dst))
             conn.abort("internal error")
         finally:
             state.conns.remove(conn)
@@ -219,7 +191,8 @@ class HbonePool:
             watcher.cancel()  # the connection ended: stop its idle watcher now
 
     async def _idle_watch(self, conn: HboneClientConnection) -> None:
-        period = min(max(self._idle_timeout / 4, 0.01), 5.0)
+        idle_timeout = self.settings.pool_idle_timeout
+        period = min(max(idle_timeout / 4, 0.01), 5.0)
         idle_since: float | None = None
         seen = conn.opened_streams
         while not conn.is_closed:
@@ -231,7 +204,7 @@ class HbonePool:
                 idle_since = None
             elif idle_since is None:
                 idle_since = now
-            elif now - idle_since >= self._idle_timeout - period:
-                log.debug("hbone pool: closing idle connection")
+            elif now - idle_since >= idle_timeout - period:
+                log.debug("closing idle connection")
                 conn.close(reason="idle")
                 return

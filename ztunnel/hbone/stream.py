@@ -1,8 +1,17 @@
 """One HBONE CONNECT stream as a ``trio.abc.HalfCloseableStream``.
 
-Theory of operation: the connection's reader task pushes events into the stream
-(``_on_*`` methods); the stream's own calls go to the shared engine and ask the
-connection's writer task to flush (``_StreamHost``).
+Theory of operation: the connection's reader task hands what arrives to the
+stream through ``StreamEvents`` (``deliver_*``, ``connection_lost``); the stream's
+own calls go to the shared engine and ask the connection to flush (``StreamHost``).
+Neither side touches the other's private members.
+
+State: one ``StreamState`` (RFC 9113 §5.1, transitions owned by the engine: the
+stream takes the engine's answer to its own operations and applies the engine's
+rules to what is delivered), plus the received chunks. END_STREAM, and a reset the
+peer meant as EOF, queue an empty chunk behind the data, so what arrived before a
+later reset or connection loss is still read in order, EOF included. Once the
+stream cannot be used any more (closed by us, reset with an error, connection
+lost) ``_fault`` says why; the first cause wins, ``aclose`` overrides it.
 
 Flow control: ``receive_some`` releases the window for the bytes of the
 *previous* chunk on the next call (or on ``aclose``). A relay calls
@@ -24,46 +33,92 @@ from __future__ import annotations
 
 import operator
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
-from ztunnel.hbone.engine import HboneEngine
-from ztunnel.hbone.errors import StreamClosedError
-from ztunnel.hbone.events import ErrorCode, Headers
+from ztunnel.hbone.engine import HboneEngine, StreamState
+from ztunnel.hbone.errors import ConnectionGoneError, HboneError, StreamClosedError
+from ztunnel.hbone.events import EOF_RESET_CODES, ErrorCode, Headers
 
 DEFAULT_RECEIVE_SIZE = 256 * 1024
+_EOF = b""  # queued after the last chunk; never consumed, so EOF is read again
 
 
-class _StreamHost(Protocol):
+class StreamHost(Protocol):
     """What a stream needs from its connection driver."""
 
-    engine: HboneEngine
+    @property
+    def engine(self) -> HboneEngine: ...
 
     def kick(self) -> int: ...
 
     async def wait_flushed(self, seq: int) -> None: ...
 
-    def stream_finished(self, stream: HboneStream) -> None: ...
+    def stream_finished(self, stream: StreamEvents) -> None: ...
+
+
+class StreamEvents(Protocol):
+    """What a connection driver calls on its streams (from its reader task)."""
+
+    @property
+    def stream_id(self) -> int: ...
+
+    @property
+    def state(self) -> StreamState: ...
+
+    def deliver_data(self, data: bytes) -> None:
+        """A DATA payload arrived (the stream acknowledges it once consumed)."""
+
+    def deliver_end(self) -> None:
+        """The peer's END_STREAM arrived."""
+
+    def deliver_reset(self, code: int) -> None:
+        """RST_STREAM arrived (or h2 reset the stream on a peer's error)."""
+
+    def deliver_window(self) -> None:
+        """Send window may have grown."""
+
+    def deliver_response(self, status: int, headers: Headers) -> None:
+        """Client side: the answer to our CONNECT."""
+
+    def connection_lost(self, reason: str) -> None:
+        """The connection is gone (or refused the stream by GOAWAY)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Fault:
+    """Why a stream refuses further I/O."""
+
+    message: str
+    closed: bool = False  # closed on our side: ClosedResourceError, else BrokenResourceError
+    lost: str | None = None  # the connection's close reason, when that is the cause
+
+    def error(self) -> trio.ClosedResourceError | trio.BrokenResourceError:
+        if self.closed:
+            return trio.ClosedResourceError(self.message)
+        return trio.BrokenResourceError(self.message)
+
+
+_CLOSED = _Fault("HBONE stream was closed", closed=True)
 
 
 class HboneStream(trio.abc.HalfCloseableStream):
     """A CONNECT stream; ``response_headers`` holds the peer's response (client side)."""
 
-    def __init__(self, host: _StreamHost, stream_id: int) -> None:
+    def __init__(self, host: StreamHost, stream_id: int) -> None:
         self._host = host
-        self.stream_id = stream_id
+        self.stream_id = stream_id  # read-only by contract (StreamEvents); an attribute for speed
         self.response_status: int | None = None
         self.response_headers: Headers = ()
-        self._inbound: deque[bytes] = deque()
+        self._state = StreamState.OPEN  # a stream object is made for an open stream
+        self._reset_code: int | None = None
+        self._fault: _Fault | None = None
+        self._inbound: deque[bytes] = deque()  # data chunks, then _EOF
         self._unacked = 0
         self._changed = trio.Event()  # data, EOF, reset, window or response arrived
-        self._recv_eof = False
-        self._sent_eof = False
-        self._reset_code: int | None = None
-        self._broken: str | None = None
-        self._closed = False
         self._receiving = False
         self._sending = False
         # Set by a relay: writes bytes onward without blocking, returns how many it
@@ -71,13 +126,35 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self.direct_sink: Callable[[bytes], int] | None = None
         self._sink_limit = 0  # the parked receive_some's max_bytes; 0: not parked
 
-    # -- events from the connection's reader task -------------------------------------
+    # -- read-only state ------------------------------------------------------------
+
+    @property
+    def state(self) -> StreamState:
+        """The stream's HTTP/2 state as this end last saw it."""
+        return self._state
+
+    @property
+    def reset_code(self) -> int | None:
+        """The error code of the RST_STREAM that ended the stream, if one did."""
+        return self._reset_code
+
+    @property
+    def closed(self) -> bool:
+        """``aclose`` was called."""
+        return self._fault is _CLOSED
+
+    @property
+    def finished(self) -> bool:
+        """Both directions ended cleanly, or the stream was reset."""
+        return self._state.finished
+
+    # -- StreamEvents: called by the connection's reader task ----------------------
 
     def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _on_data(self, data: bytes) -> None:
+    def deliver_data(self, data: bytes) -> None:
         if self._sink_limit and len(data) <= self._sink_limit and not self._inbound:
             data = self._deliver_directly(data)
             if not data:
@@ -96,50 +173,60 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._host.kick()  # deferred to the end of the reader's dispatch
         return data[written:]
 
-    def _on_end(self) -> None:
-        self._recv_eof = True
+    def deliver_end(self) -> None:
+        self._state = self._state.after_remote_end()
+        self._queue_eof()
         self._wake()
         self._maybe_finished()
 
-    def _on_reset(self, code: int) -> None:
+    def deliver_reset(self, code: int) -> None:
+        self._state = self._state.after_reset()
         self._reset_code = code
+        if code in EOF_RESET_CODES:
+            self._queue_eof()
+        elif self._fault is None:
+            self._fault = _Fault(f"HBONE stream reset by peer (code {code})")
         self._wake()
         self._host.stream_finished(self)
 
-    def _on_window(self) -> None:
+    def deliver_window(self) -> None:
         self._wake()
 
-    def _on_response(self, status: int, headers: Headers) -> None:
+    def deliver_response(self, status: int, headers: Headers) -> None:
         self.response_status, self.response_headers = status, headers
         self._wake()
 
-    def _on_connection_lost(self, reason: str) -> None:
-        if self._broken is None:
-            self._broken = reason
+    def connection_lost(self, reason: str) -> None:
+        if self._fault is None:
+            self._fault = _Fault(f"HBONE connection lost: {reason}", lost=reason)
         self._wake()
 
-    # -- state --------------------------------------------------------------------
-
-    @property
-    def finished(self) -> bool:
-        """Both directions ended cleanly, or the stream was reset."""
-        return (self._recv_eof and self._sent_eof) or self._reset_code is not None
+    def _queue_eof(self) -> None:
+        if not self._inbound or self._inbound[-1]:
+            self._inbound.append(_EOF)
 
     def _maybe_finished(self) -> None:
-        if self.finished:
+        if self._state.finished:
             self._host.stream_finished(self)
 
     def _check_usable(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("HBONE stream was closed")
-        if self._reset_code is not None and not self._reset_is_eof:
-            raise trio.BrokenResourceError(f"HBONE stream reset by peer (code {self._reset_code})")
-        if self._broken is not None:
-            raise trio.BrokenResourceError(f"HBONE connection lost: {self._broken}")
+        if self._fault is not None:
+            raise self._fault.error()
 
-    @property
-    def _reset_is_eof(self) -> bool:
-        return self._reset_code in (ErrorCode.NO_ERROR, ErrorCode.CANCEL)
+    # -- client side --------------------------------------------------------------
+
+    async def wait_response(self) -> tuple[int, Headers]:
+        """Wait for the answer to our CONNECT: (status, headers).
+
+        Raises ConnectionGoneError if the stream is reset or its connection lost first.
+        """
+        while self.response_status is None:
+            if self._reset_code is not None:
+                raise ConnectionGoneError(f"stream refused (reset code {self._reset_code})")
+            if self._fault is not None and self._fault.lost is not None:
+                raise ConnectionGoneError(f"connection lost before response: {self._fault.lost}")
+            await self._changed.wait()
+        return self.response_status, self.response_headers
 
     # -- receive ------------------------------------------------------------------
 
@@ -153,14 +240,11 @@ class HboneStream(trio.abc.HalfCloseableStream):
         try:
             self._release_previous()
             while True:
-                if self._closed:
+                if self._fault is _CLOSED:
                     raise trio.ClosedResourceError("HBONE stream was closed")
                 if self._inbound:
                     await trio.lowlevel.checkpoint()
                     return self._take(max_bytes or DEFAULT_RECEIVE_SIZE)
-                if self._recv_eof or (self._reset_code is not None and self._reset_is_eof):
-                    await trio.lowlevel.checkpoint()
-                    return b""
                 self._check_usable()
                 if self.direct_sink is not None:
                     self._sink_limit = max_bytes or DEFAULT_RECEIVE_SIZE
@@ -176,6 +260,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
         if len(chunk) > max_bytes:
             self._inbound.appendleft(chunk[max_bytes:])
             chunk = chunk[:max_bytes]
+        elif not chunk:
+            self._inbound.appendleft(chunk)  # EOF stays: later calls read EOF again
         self._unacked = len(chunk)
         return chunk
 
@@ -214,9 +300,9 @@ class HboneStream(trio.abc.HalfCloseableStream):
 
     def _check_send(self) -> None:
         self._check_usable()
-        if self._sent_eof:
+        if self._state.local_ended:
             raise trio.ClosedResourceError("EOF was already sent on this HBONE stream")
-        if self._reset_code is not None:
+        if not self._state.can_send:
             raise trio.BrokenResourceError("HBONE stream was reset")
 
     def _queue(self, view: memoryview) -> int:
@@ -243,34 +329,85 @@ class HboneStream(trio.abc.HalfCloseableStream):
         """Half-close: END_STREAM. A second call is a no-op."""
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
-        if self._closed:
+        if self._fault is _CLOSED:
             raise trio.ClosedResourceError("HBONE stream was closed")
-        if self._sent_eof:
+        if self._state.local_ended:
             await trio.lowlevel.checkpoint()
             return
         self._check_usable()
         try:
-            self._host.engine.end_stream(self.stream_id)
+            self._state = self._host.engine.end_stream(self.stream_id)
         except StreamClosedError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
-        self._sent_eof = True
         await self._host.wait_flushed(self._host.kick())
         self._maybe_finished()
 
     # -- close --------------------------------------------------------------------
 
+    def reset(self, code: int = ErrorCode.CANCEL) -> None:
+        """RST_STREAM with ``code`` now (unless finished or the connection is gone);
+        further I/O on the stream raises BrokenResourceError."""
+        if self._state.finished or self._fault is not None:
+            return
+        self._reset_locally(code)
+        self._fault = _Fault("HBONE stream was reset")
+        self._host.kick()
+
+    def _reset_locally(self, code: int) -> None:
+        new = self._host.engine.reset(self.stream_id, code)
+        if new is not None:
+            self._state = new
+
     async def aclose(self) -> None:
         """RST_STREAM(CANCEL) unless finished; releases any unconsumed window."""
-        if not self._closed:
-            self._closed = True
-            engine = self._host.engine
-            if not self.finished and self._broken is None:
-                engine.reset(self.stream_id, ErrorCode.CANCEL)
+        if self._fault is not _CLOSED:
+            if not self._state.finished and self._fault is None:
+                self._reset_locally(ErrorCode.CANCEL)
+            self._fault = _CLOSED
             pending = self._unacked + sum(len(c) for c in self._inbound)
             self._inbound.clear()
             self._unacked = 0
-            engine.acknowledge(self.stream_id, pending)  # credit the connection window
+            # Credit the connection window.
+            self._host.engine.acknowledge(self.stream_id, pending)
             self._host.kick()
             self._host.stream_finished(self)
             self._wake()
         await trio.lowlevel.checkpoint()
+
+
+class HboneServerStream(HboneStream):
+    """Server side of a CONNECT stream: the handler must ``respond`` first."""
+
+    def __init__(self, host: StreamHost, stream_id: int) -> None:
+        super().__init__(host, stream_id)
+        self.responded = False
+        # The handler runs inside this scope. A reset before we answered cancels it,
+        # so HEADERS+RST_STREAM floods cannot keep setup work (resolve, policy, app
+        # connect) running. After the answer a reset ends the relay by itself, and
+        # RST(CANCEL) after data is EOF: the handler must still deliver that data.
+        self._handler_scope = trio.CancelScope()
+
+    @property
+    def handler_scope(self) -> trio.CancelScope:
+        """The scope the connection runs this stream's handler in."""
+        return self._handler_scope
+
+    def deliver_reset(self, code: int) -> None:
+        super().deliver_reset(code)
+        if not self.responded:
+            self._handler_scope.cancel()
+
+    async def respond(self, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
+        """Send the response; a non-200 also ends the stream (END_STREAM)."""
+        if self.responded:
+            raise HboneError("response already sent")
+        self._check_usable()
+        end = status != 200
+        try:
+            self._state = self._host.engine.respond(self.stream_id, status, headers, end_stream=end)
+        except StreamClosedError as exc:  # the peer went away: not our error
+            raise trio.BrokenResourceError(str(exc)) from exc
+        self.responded = True
+        await self._host.wait_flushed(self._host.kick())
+        if end:
+            self._maybe_finished()

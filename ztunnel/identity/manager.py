@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import base64
 import datetime
-import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import structlog
 import trio
 from cryptography import x509
 
@@ -32,7 +32,7 @@ from ztunnel.identity.certificate import WorkloadCertificate, new_csr
 from ztunnel.identity.errors import CAError, CertificateError
 from ztunnel.model.identity import Identity
 
-LOGGER = logging.getLogger("ztunnel.identity")
+log = structlog.get_logger("ztunnel.identity")
 
 DEFAULT_TTL = datetime.timedelta(hours=24)
 MAX_IN_FLIGHT = 8
@@ -230,13 +230,13 @@ class SecretManager:
         entry.changed = trio.Event()
         if self._entries.get(entry.identity) is not entry:
             return  # forgotten while the CSR was out
-        LOGGER.info("certificate for %s issued, serial %s", entry.identity, cert.serial)
+        log.info("certificate issued", identity=str(entry.identity), serial=str(cert.serial))
         self._ensure_refresher(entry)
         for callback in list(self._subscribers):
             try:
                 callback(entry.identity, cert)
             except Exception:
-                LOGGER.exception("certificate subscriber failed for %s", entry.identity)
+                log.exception("certificate subscriber failed", identity=str(entry.identity))
 
     def _ensure_refresher(self, entry: _Entry) -> None:
         if self._nursery is None or entry.refresher is not None or entry.cert is None:
@@ -252,11 +252,11 @@ class SecretManager:
                     await self._issue(entry)
                 except _ISSUE_ERRORS as exc:
                     entry.failures += 1
-                    LOGGER.warning(
-                        "certificate refresh for %s failed (%d): %s",
-                        entry.identity,
-                        entry.failures,
-                        exc,
+                    log.warning(
+                        "certificate refresh failed",
+                        identity=str(entry.identity),
+                        failures=entry.failures,
+                        error=str(exc),
                     )
 
     async def _wait_due(self, entry: _Entry) -> None:

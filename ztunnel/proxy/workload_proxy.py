@@ -80,15 +80,7 @@ class WorkloadProxy:
         self._orig_src_wanted = orig_src
         self.transparent = False
         self.bound: dict[str, Address] = {}
-        cfg = ctx.config
-        self.pool = HbonePool(
-            self._dial,
-            max_streams_per_conn=cfg.pool_max_streams_per_connection,
-            idle_timeout=cfg.pool_unused_release_timeout,
-            stream_window=cfg.http2_stream_window_size,
-            connection_window=cfg.http2_connection_window_size,
-            max_frame_size=cfg.http2_frame_size,
-        )
+        self.pool = HbonePool(self._dial, settings=ctx.hbone)
         self.server_connections: set[object] = set()
         self._accept_scope = trio.CancelScope()
         self._scope: trio.CancelScope | None = None
@@ -115,6 +107,7 @@ class WorkloadProxy:
             cluster_id=cfg.cluster_id,
             ports=cfg.agent_ports().with_proxy(bound_ports),
             transparent=self.transparent,
+            tls_handshake_timeout=self.ctx.hbone.tls_handshake_timeout,
         )
         return FlowDeps(
             store=self.ctx.store,
@@ -138,13 +131,10 @@ class WorkloadProxy:
         return socket_stream(sock)
 
     async def _serve_hbone(self, tls: trio.abc.Stream, handler: StreamHandler) -> None:
-        cfg = self.ctx.config
         await serve_hbone(
             tls,
             handler,
-            stream_window=cfg.http2_stream_window_size,
-            connection_window=cfg.http2_connection_window_size,
-            max_frame_size=cfg.http2_frame_size,
+            settings=self.ctx.hbone,
             on_connection=self.server_connections.add,
             on_close=self.server_connections.discard,
         )
@@ -154,7 +144,12 @@ class WorkloadProxy:
     async def _dial(self, key: PoolKey) -> TLSStream:
         cert = await self.ctx.secrets.fetch(key.src_identity)
         sock = await connect_socket(self.factory, key.dst, src_ip=key.src_ip)
-        tls = await tls_handshake(sock, client_context(cert), server_side=False)
+        tls = await tls_handshake(
+            sock,
+            client_context(cert),
+            server_side=False,
+            timeout=self.ctx.hbone.tls_handshake_timeout,
+        )
         try:
             verify_server_identity(tls.peer_certificate_der() or b"", key.dst_identities)
         except BaseException:

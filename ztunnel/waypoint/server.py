@@ -40,6 +40,7 @@ from ztunnel.errors import ZtunnelError
 from ztunnel.hbone.connection import HboneServerConnection, HboneServerStream, serve_hbone
 from ztunnel.hbone.engine import ConnectRequest, validate_connect
 from ztunnel.hbone.pool import HbonePool, PoolKey
+from ztunnel.hbone.settings import HboneSettings
 from ztunnel.hbone.tlsstream import TLSStream, tls_handshake
 from ztunnel.identity.certificate import WorkloadCertificate
 from ztunnel.identity.errors import TLSIdentityError
@@ -156,7 +157,8 @@ class Waypoint:
         self.state = state
         self.secrets = secrets
         self.metrics = metrics
-        self.hbone_pool = HbonePool(self._dial_hbone)
+        self.hbone_settings = HboneSettings(drain_timeout=config.drain_timeout)
+        self.hbone_pool = HbonePool(self._dial_hbone, settings=self.hbone_settings)
         self.pool = UpstreamPool(
             connector or hbone_connector(self._open_hbone, self._open_tcp),
             idle_timeout=config.upstream_idle_timeout,
@@ -250,7 +252,7 @@ class Waypoint:
             await serve_hbone(
                 tls,
                 handler,
-                drain_timeout=self.config.drain_timeout,
+                settings=self.hbone_settings,
                 on_connection=self.connections.add,
                 on_close=self.connections.discard,
             )
