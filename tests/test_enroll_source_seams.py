@@ -127,7 +127,7 @@ async def test_pins_are_closed_when_no_snapshot_names_them(
         assert host.keys == {"mesh/a"}
         assert {key for key, _ in controller._pins} == {"mesh/a"}
         nursery.cancel_scope.cancel()
-    assert len(os.listdir("/proc/self/fd")) == before  # noqa: ASYNC240 (procfs)
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 async def test_every_start_attempt_is_reported(

@@ -421,7 +421,7 @@ class Config:
         if self.ca_address and (self.ca_dir or self.fake_ca):
             held = "CA_DIR" if self.ca_dir else "FAKE_CA"
             raise ConfigError(
-                "CA_ADDRESS", "", f"CA_ADDRESS (a remote CA) and {held} (a CA key here) are exclusive"
+                "CA_ADDRESS", "", f"a remote CA and {held} (a CA key here) are exclusive"
             )
         if self.xds_address and (self.local_xds_path or self.local_xds):
             local = "LOCAL_XDS_PATH" if self.local_xds_path else "LOCAL_XDS"
