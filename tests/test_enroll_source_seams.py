@@ -94,7 +94,7 @@ async def test_the_same_ephemeral_netns_across_snapshots_is_not_a_new_sandbox(
 ) -> None:
     path = tmp_path / "fd-9"
     path.write_text("")
-    source, host, reports = ScriptedSource(), FakeHost([]), []
+    source, host, reports = ScriptedSource(), FakeHost([]), Reports()
     controller = _controller(source, host, reports, PodSnapshot((), None, "zds"))
     async with trio.open_nursery() as nursery:
         await nursery.start(controller.run)
@@ -115,7 +115,7 @@ async def test_pins_are_closed_when_no_snapshot_names_them(
     a, b = tmp_path / "fd-a", tmp_path / "fd-b"
     a.write_text("")
     b.write_text("")
-    source, host, reports = ScriptedSource(), FakeHost([]), []
+    source, host, reports = ScriptedSource(), FakeHost([]), Reports()
     before = len(os.listdir("/proc/self/fd"))
     first = PodSnapshot((_pod("a", a), _pod("b", b)), None, "zds")
     controller = _controller(source, host, reports, first)
@@ -135,7 +135,7 @@ async def test_every_start_attempt_is_reported(
 ) -> None:
     path = tmp_path / "fd-a"
     path.write_text("")
-    source, reports = ScriptedSource(), []
+    source, reports = ScriptedSource(), Reports()
     host = FakeHost([], fail_start={"mesh/a": OSError(98, "Address already in use")})
     controller = _controller(source, host, reports, PodSnapshot((_pod("a", path),), None, "zds"))
     async with trio.open_nursery() as nursery:
@@ -154,7 +154,7 @@ async def test_every_start_attempt_is_reported(
 async def test_a_pod_whose_netns_cannot_be_opened_is_reported(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    source, host, reports = ScriptedSource(), FakeHost([]), []
+    source, host, reports = ScriptedSource(), FakeHost([]), Reports()
     controller = _controller(
         source, host, reports, PodSnapshot((_pod("a", tmp_path / "gone"),), None, "zds")
     )
@@ -173,7 +173,7 @@ async def test_a_republished_snapshot_retries_failed_pods_at_once(
     pods, and the controller must not wait out the 5 s retry (the Ack is due in 5 s)."""
     path = tmp_path / "fd-a"
     path.write_text("")
-    source, reports = ScriptedSource(), []
+    source, reports = ScriptedSource(), Reports()
     host = FakeHost([], fail_start={"mesh/a": OSError(98, "Address already in use")})
     snap = PodSnapshot((_pod("a", path),), None, "zds")
     controller = _controller(source, host, reports, snap)

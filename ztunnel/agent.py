@@ -140,6 +140,7 @@ class Agent:
             self.store.replace_all(static.workloads, static.services, static.policies)
         self.metrics = metrics if metrics is not None else Metrics()
         self.tracker = ConnectionTracker(self.metrics)
+        self.ca = ca
         self.secrets = SecretManager(ca, ttl=datetime.timedelta(seconds=config.secret_ttl))
         self.ctx = ProxyContext(config, self.store, self.secrets, self.tracker)
         self.proxies: dict[str, WorkloadProxy] = {}
@@ -170,6 +171,8 @@ class Agent:
     ) -> Agent:
         """Validate everything that can be validated before starting (raises ConfigError)."""
         static = load_static_config(config)
+        if config.xds_address:
+            xds_config(config).target()  # a bad XDS_ADDRESS is named as such (CA defaults to it)
         agent = cls(config, ca=make_ca(config), static=static)
         if config.xds_address:
             attach_xds(agent)

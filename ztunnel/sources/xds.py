@@ -49,16 +49,19 @@ class XdsConfig:
     initial_backoff: float = INITIAL_BACKOFF
     max_backoff: float = MAX_BACKOFF
 
+    def target(self) -> Target:
+        try:
+            return Target.parse(self.address)
+        except ValueError as exc:
+            raise ConfigError("XDS_ADDRESS", "", str(exc)) from exc
+
 
 class XdsClient:
     """Streams workloads, services and policies from istiod into an ``XdsState``."""
 
     def __init__(self, config: XdsConfig, state: XdsState, node: xds_pb2.Node) -> None:
         self.config = config
-        try:
-            self._target = Target.parse(config.address)
-        except ValueError as exc:
-            raise ConfigError("XDS_ADDRESS", "", str(exc)) from exc
+        self._target = config.target()
         self.protocol = DeltaXds(node, state)
         self._roots = RootsFile(config.root_cert)
         self.synced = trio.Event()  # readiness: the first full sync was ACKed
