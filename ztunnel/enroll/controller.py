@@ -405,7 +405,7 @@ class EnrollmentController:
             uid=pod.uid,
             netns=str(pod.netns),
             redirection=self.redirector.mode,
-            rules="installed" if changed else "reused",
+            rules=self._rules("installed" if changed else "reused"),
             **facts,
         )
 
@@ -465,12 +465,17 @@ class EnrollmentController:
                     )
             if release:
                 self.host.release_identity(pod)
-            log.info("pod un-enrolled", pod=held.key, rules="removed" if uninstall else "left")
+            rules = self._rules("removed" if uninstall else "left")
+            log.info("pod un-enrolled", pod=held.key, rules=rules)
         finally:
             netns.close()
             draining.done.set()
             if self._draining.get(held.key) is draining:
                 del self._draining[held.key]
+
+    def _rules(self, what: str) -> str:
+        """What happened to the pod's redirection, for the log (mode none: not ours)."""
+        return "external" if self.redirector.mode == "none" else what
 
     async def _wait_drained(self, key: str) -> None:
         draining = self._draining.get(key)

@@ -180,7 +180,8 @@ def _wait_listening(service: CAService, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not service.alive:
-            raise RuntimeError(f"ca serve exited ({service.proc.returncode}):\n{service.log_tail()}")
+            code = service.proc.returncode
+            raise RuntimeError(f"ca serve exited ({code}):\n{service.log_tail()}")
         text = service.log_path.read_text(errors="replace")
         if "ca serve: listening on" in text and "ca serve: metrics on" in text:
             return
