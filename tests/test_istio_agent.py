@@ -333,6 +333,8 @@ UDS = {"INPOD_UDS": "/run/cni.sock"}
         ({**UDS, **FAKE}, {"cluster_file": "c.yaml", "cluster_prefix": "zt000000"},
          "cannot be combined with INPOD_UDS"),
         ({**UDS, **FAKE}, {"policy_dir": "/p"}, "--policies"),
+        ({"XDS_ADDRESS": "i:1", "PROXY_MODE": "dedicated", "PROXY_WORKLOAD_INFO": "a/b/c"},
+         {"policy_dir": "/p"}, "--policies: /p: policies come from istiod"),
         ({"XDS_ADDRESS": "not an address"}, {}, "^XDS_ADDRESS: expected"),
         ({"CA_ADDRESS": "https://ca", **UDS}, {}, "^CA_ADDRESS: expected"),
         ({**FAKE}, {}, "needs a pod source"),

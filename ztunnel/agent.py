@@ -3,7 +3,11 @@
 Services: the certificate manager, the admin / metrics / readiness servers,
 and the workload proxies (one in dedicated mode; one per enrolled pod in shared
 mode, where the enrollment controller decides which and the agent, as its
-``ProxyHost``, runs them). SIGTERM, SIGINT and POST /quitquitquit
+``ProxyHost``, runs them). Each input comes from a local source or from Istio's
+control plane (docs/control-plane.md): state from the local config / cluster file or
+from istiod over xDS (``attach_xds``), pods from the cluster file or from istio-cni
+over ZDS (``attach_pod_source``), certificates from a CA key held here or from an
+Istio CA (``make_ca``). SIGTERM, SIGINT and POST /quitquitquit
 all start the same graceful drain: listeners close at once, open connections get
 CONNECTION_TERMINATION_DEADLINE seconds, then the agent exits.
 """
@@ -173,6 +177,10 @@ class Agent:
         static = load_static_config(config)
         if config.xds_address:
             xds_config(config).target()  # a bad XDS_ADDRESS is named as such (CA defaults to it)
+            if policy_dir is not None:
+                raise ConfigError(
+                    "--policies", policy_dir, "policies come from istiod (XDS_ADDRESS)"
+                )
         agent = cls(config, ca=make_ca(config), static=static)
         if config.xds_address:
             attach_xds(agent)
