@@ -36,7 +36,7 @@ from tests.xds_fakes import (
     service,
     workload,
 )
-from ztunnel.agent import Agent
+from ztunnel.agent import Agent, attach_zds_source
 from ztunnel.config import Config
 from ztunnel.errors import ConfigError
 from ztunnel.identity.ca import FakeCA
@@ -308,11 +308,13 @@ def test_dedicated_mode_asks_for_its_own_identity() -> None:
     assert set(agent.dump_sections) == {"ca"}
 
 
-def test_zds_uses_no_redirector() -> None:
-    agent = Agent.from_config(_config(INPOD_UDS="/run/cni.sock", XDS_ADDRESS="http://127.0.0.1:1"))
-    controllers = [s.__self__ for s in agent.extra_services if s.__name__ == "run"]
-    redirectors = [c.redirector for c in controllers if hasattr(c, "redirector")]
-    assert len(redirectors) == 1 and isinstance(redirectors[0], NoRedirector)
+def test_istio_cni_installs_the_rules_so_the_agent_uses_no_redirector() -> None:
+    agent = Agent(_config(FAKE_CA="true"), ca=FakeCA.ephemeral())
+    zds, controller = attach_zds_source(agent, "/run/cni.sock")
+    assert isinstance(controller.redirector, NoRedirector)
+    assert controller.source is zds
+    assert zds.run in agent.extra_services and controller.run in agent.extra_services
+    assert zds.report_starts and controller.on_start is not None
 
 
 FAKE = {"FAKE_CA": "true"}
