@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ztunnel.cluster import apps
 from ztunnel.cluster.net import ClusterNet, running_cluster
-from ztunnel.identity.ca import init_ca_dir
 from ztunnel.sources.clusterfile.spec import loads_spec
+from ztunnel.testing.ca_service import CAService, start_ca_service
 from ztunnel.testing.harness import AgentProcess, start_agent, stop_agents, wait_ready
 
 APPS = ["python", "-m", "ztunnel.cluster.apps"]
@@ -23,7 +23,7 @@ APPS = ["python", "-m", "ztunnel.cluster.apps"]
 class Mesh:
     net: ClusterNet
     path: Path
-    ca_dir: Path
+    ca: CAService  # ztunnel ca serve: no agent holds a CA key
     agents: dict[str, AgentProcess]
 
     def ip(self, pod: str) -> str:
@@ -40,7 +40,7 @@ class Mesh:
 
     def restart(self, node: str) -> None:
         self.agents[node].stop()
-        self.agents[node] = start_agent(self.net, node, self.path, self.ca_dir)
+        self.agents[node] = start_agent(self.net, node, self.path, self.ca)
         wait_ready(self.agents[node], 20)
 
 
@@ -48,22 +48,22 @@ class Mesh:
 def cluster_mesh(text: str, listening: dict[str, int]) -> Iterator[Mesh]:
     """Build the cluster from ``text``, run an agent per node, wait for the pods' servers."""
     with tempfile.TemporaryDirectory() as tmp, running_cluster(loads_spec(text)) as net:
-        path, ca_dir = Path(tmp) / "cluster.yaml", Path(tmp) / "ca"
+        path = Path(tmp) / "cluster.yaml"
         path.write_text(text)
-        ca_dir.mkdir()
-        init_ca_dir(ca_dir)
+        ca = start_ca_service(net, Path(tmp) / "ca-service")
         programs = apps.start_pod_programs(net)
         agents: dict[str, AgentProcess] = {}
         try:
             for node in net.nodes:
-                agents[node] = start_agent(net, node, path, ca_dir)
+                agents[node] = start_agent(net, node, path, ca)
             for agent in agents.values():
                 wait_ready(agent, 20)
             for pod, port in listening.items():
                 apps.wait_listening(net, pod, port, timeout=10)
-            yield Mesh(net, path, ca_dir, agents)
+            yield Mesh(net, path, ca, agents)
         finally:
             stop_agents(agents)
+            ca.stop()
             apps.stop_programs(programs)
 
 

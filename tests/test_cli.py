@@ -45,6 +45,13 @@ def test_help_lists_every_option_with_its_environment_variable() -> None:
         "NODE_NAME",
         "CA_DIR",
         "ZTUNNEL_ADMIN_ADDR",
+        "XDS_ADDRESS",
+        "CA_ADDRESS",
+        "CA_ROOT_CA",
+        "AUTH_TOKEN",
+        "INPOD_UDS",
+        "CA_HEADER_*",
+        "ISTIO_METAJSON_*",
     ):
         assert env in out
     assert run(["--help"]).returncode == 0

@@ -101,3 +101,55 @@ def test_config_dump_is_camel_case() -> None:
     assert dump["proxyMode"] == "shared"
     assert dump["inboundAddr"] == "[::]:15008"
     assert dump["http2StreamWindowSize"] == 4 << 20
+
+
+def test_control_plane_settings_use_ztunnels_names() -> None:
+    c = Config.from_sources(
+        {
+            "XDS_ADDRESS": "istiod.istio-system.svc:15012",
+            "ISTIO_META_CLUSTER_ID": "east",
+            "CA_HEADER_X_TENANT": "secret-value",
+            "XDS_HEADER_X_B": "2",
+            "ISTIO_METAJSON_LABELS": '{"app": "ztunnel"}',
+        }
+    )
+    assert c.cluster_id == "east"  # CLUSTER_ID's fallback, as ztunnel
+    assert Config.from_sources({"CLUSTER_ID": "a", "ISTIO_META_CLUSTER_ID": "b"}).cluster_id == "a"
+    assert c.ca_headers == (("x-tenant", "secret-value"),)
+    assert c.xds_headers == (("x-b", "2"),)
+    # ztunnel's defaults: the CA is istiod, pods come from istio-cni's default socket
+    assert c.ca_target == "istiod.istio-system.svc:15012"
+    assert c.zds_path == "/var/run/ztunnel/ztunnel.sock"
+    assert c.xds_root_ca == c.ca_root_ca == "./var/run/secrets/istio/root-cert.pem"
+    assert c.auth_token == "./var/run/secrets/tokens/istio-token"
+    dump = c.to_dump()
+    assert dump["caHeaders"] == ["x-tenant"]  # names only: values may be credentials
+    assert "secret-value" not in str(dump)
+    assert dump["xdsMetadata"] == {"LABELS": {"app": "ztunnel"}}
+
+
+def test_a_local_ca_or_no_istiod_means_no_remote_ca() -> None:
+    assert Config.from_sources({}).ca_target is None
+    assert Config.from_sources({"XDS_ADDRESS": "i:1", "FAKE_CA": "true"}).ca_target is None
+    assert Config.from_sources({"CA_ADDRESS": "ca:1"}).ca_target == "ca:1"
+    assert Config.from_sources({}).zds_path is None
+    dedicated = {"PROXY_MODE": "dedicated", "PROXY_WORKLOAD_INFO": "a/b/c", "XDS_ADDRESS": "i:1"}
+    assert Config.from_sources(dedicated).zds_path is None
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"CA_ADDRESS": "ca:1", "CA_DIR": "/x"}, "CA_ADDRESS"),
+        ({"CA_ADDRESS": "ca:1", "FAKE_CA": "true"}, "CA_ADDRESS"),
+        ({"XDS_ADDRESS": "i:1", "LOCAL_XDS_PATH": "/f"}, "XDS_ADDRESS"),
+        ({"INPOD_UDS": "/s", "PROXY_MODE": "dedicated", "PROXY_WORKLOAD_INFO": "a/b/c"},
+         "INPOD_UDS"),
+        ({"INPOD_UDS": "/s", "REDIRECT_MODE": "iptables"}, "REDIRECT_MODE"),
+        ({"ISTIO_METAJSON_X": "{"}, "ISTIO_METAJSON_X"),
+    ],
+)  # fmt: skip
+def test_inconsistent_control_plane_settings(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_sources(env)
+    assert info.value.source == variable

@@ -59,7 +59,34 @@ def test_demo_runs_traffic_explains_it_and_cleans_up() -> None:
     # Service traffic repeats until both endpoints were reached: never all on one.
     assert "reached echo-1" in out and "reached echo-2" in out
     assert re.search(r"Summary: \d+ connections: \d+ allowed, \d+ denied\n", out), out
+    # Certificates came from `ztunnel ca serve`, which refused nothing: every agent asked
+    # only for identities of pods on its own node (4 mesh pods, one identity per node each).
+    ca = re.search(r"CA service: (\d+) certificates issued .*, (\d+) requests refused", out)
+    assert ca, out
+    assert int(ca.group(1)) >= 4 and int(ca.group(2)) == 0
+    assert "Agents hold no CA key" in out
     assert not _leftovers(_prefix(out))
+
+
+def _agent_environments(prefix: str) -> dict[str, dict[str, str]]:
+    """The environment of every process in the demo's node netns (the agents)."""
+    found: dict[str, dict[str, str]] = {}
+    for name in list_named():
+        if not name.startswith(f"{prefix}-node-"):
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        for pid in pids.stdout.split():
+            try:
+                raw = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            env = dict(
+                item.split("=", 1)
+                for item in raw.decode(errors="replace").split("\0")
+                if "=" in item
+            )
+            found[f"{name}/{pid}"] = env
+    return found
 
 
 @pytest.mark.root
@@ -86,6 +113,14 @@ def test_demo_keep_stays_up_until_ctrl_c() -> None:
         assert "Press Ctrl-C" in out, out
         prefix = _prefix(out)
         assert _leftovers(prefix)  # still running
+        # No agent holds a CA key: each has the CA service's address, its token, the root.
+        envs = _agent_environments(prefix)
+        assert len(envs) >= 2, envs.keys()
+        for where, env in envs.items():
+            assert "CA_DIR" not in env and "FAKE_CA" not in env, where
+            assert env["CA_ADDRESS"].startswith("https://10.244.0.2:"), where
+            assert Path(env["AUTH_TOKEN"]).is_file() and Path(env["CA_ROOT_CA"]).is_file()
+            assert "ca-key.pem" not in " ".join(env.values()), where
         # The printed inspection command works as printed.
         cmd = next(
             line.strip() for line in out.splitlines() if line.strip().endswith("/config_dump")

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from tests.grpc_peers import ServerTLS, grpcio_server, make_tls, unary
-from ztunnel.grpc.credentials import headers_from_env
+from ztunnel.config import Config
 from ztunnel.identity.ca import FakeCA
 from ztunnel.identity.certificate import new_csr
 from ztunnel.identity.errors import CAError, CertificateError
@@ -24,7 +24,7 @@ from ztunnel.identity.istio_ca import (
     CARequestError,
     IstioCAClient,
     IstioCAConfig,
-    config_from_env,
+    ca_config,
 )
 from ztunnel.identity.manager import SecretManager
 from ztunnel.model.identity import Identity
@@ -212,7 +212,7 @@ async def test_rotated_root_file_is_picked_up(tmp_path: Path, clock: Clock) -> N
     assert len(fake.requests) == 2
 
 
-def test_config_from_env() -> None:
+def test_ca_config_from_ztunnels_environment() -> None:
     env = {
         "CA_ADDRESS": "https://istiod.istio-system.svc:15012",
         "CA_ROOT_CA": "/etc/roots.pem",
@@ -220,12 +220,17 @@ def test_config_from_env() -> None:
         "AUTH_TOKEN": "/tok",
         "ISTIO_META_CLUSTER_ID": "c1",
         "CA_HEADER_X_TENANT": "t1",
+        "CA_HEADER_": "ignored: no name",
     }
-    config = config_from_env(env)
+    cfg = Config.from_sources(env)
+    config = ca_config(cfg, cfg.ca_target or "", shared=True)
+    assert config.address == "https://istiod.istio-system.svc:15012"
     assert config.root_cert == Path("/etc/roots.pem")
     assert config.alt_hostname == "istiod.example"
     assert config.token_path == Path("/tok")
     assert config.cluster_id == "c1"
     assert config.headers == (("x-tenant", "t1"),)
-    assert config_from_env({**env, "CA_ROOT_CA": "SYSTEM"}).root_cert is None
-    assert headers_from_env({"CA_HEADER_": "x", "OTHER": "y"}, "CA_HEADER_") == ()
+    assert config.impersonate
+    system = Config.from_sources({**env, "CA_ROOT_CA": "SYSTEM"})
+    assert ca_config(system, "a:1", shared=False).root_cert is None
+    assert not ca_config(system, "a:1", shared=False).impersonate

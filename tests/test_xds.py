@@ -23,9 +23,11 @@ from tests.xds_fakes import (
     service,
     workload,
 )
+from ztunnel.config import Config
+from ztunnel.errors import ConfigError
 from ztunnel.model.authorization import Action
 from ztunnel.model.workload import TunnelProtocol
-from ztunnel.sources.xds import XdsClient, XdsConfig, node_from_env
+from ztunnel.sources.xds import XdsClient, XdsConfig, xds_config, xds_node
 from ztunnel.sources.xds_protocol import build_node
 from ztunnel.state.store import StateStore
 
@@ -211,16 +213,30 @@ async def test_backoff_between_refused_streams(tmp_path: Path) -> None:
     assert not client.synced.is_set()
 
 
-def test_node_from_env() -> None:
-    node = node_from_env(
+def test_node_and_settings_from_ztunnels_environment() -> None:
+    config = Config.from_sources(
         {
             "INSTANCE_IP": "10.0.0.9",
             "POD_NAME": "ztunnel-1",
             "POD_NAMESPACE": "istio-system",
             "NODE_NAME": "n1",
             "ISTIO_METAJSON_LABELS": '{"app": "ztunnel"}',
+            "XDS_ADDRESS": "istiod.istio-system.svc:15012",
+            "XDS_ROOT_CA": "SYSTEM",
+            "XDS_HEADER_X_TENANT": "t1",
+            "CLUSTER_ID": "c1",
+            "INPOD_UDS": "/tmp/zds.sock",
         }
     )
+    node = xds_node(config)
     assert node.id == "ztunnel~10.0.0.9~ztunnel-1.istio-system~istio-system.svc.cluster.local"
     assert node.metadata.fields["LABELS"].struct_value.fields["app"].string_value == "ztunnel"
     assert ipaddress.ip_address(node.metadata.fields["INSTANCE_IPS"].string_value)
+    settings = xds_config(config)
+    assert settings.address == "istiod.istio-system.svc:15012"
+    assert settings.root_cert is None  # SYSTEM: the OS roots
+    assert settings.headers == (("x-tenant", "t1"),)
+    assert settings.cluster_id == "c1"
+    assert str(settings.token_path) == "var/run/secrets/tokens/istio-token"
+    with pytest.raises(ConfigError, match="ISTIO_METAJSON_BAD"):
+        Config.from_sources({"ISTIO_METAJSON_BAD": "{not json"})

@@ -3,7 +3,11 @@
 Services: the certificate manager, the admin / metrics / readiness servers,
 and the workload proxies (one in dedicated mode; one per enrolled pod in shared
 mode, where the enrollment controller decides which and the agent, as its
-``ProxyHost``, runs them). SIGTERM, SIGINT and POST /quitquitquit
+``ProxyHost``, runs them). Each input comes from a local source or from Istio's
+control plane (docs/control-plane.md): state from the local config / cluster file or
+from istiod over xDS (``attach_xds``), pods from the cluster file or from istio-cni
+over ZDS (``attach_pod_source``), certificates from a CA key held here or from an
+Istio CA (``make_ca``). SIGTERM, SIGINT and POST /quitquitquit
 all start the same graceful drain: listeners close at once, open connections get
 CONNECTION_TERMINATION_DEADLINE seconds, then the agent exits.
 """
@@ -21,10 +25,11 @@ import trio
 
 from ztunnel import __version__
 from ztunnel.admin.server import serve_admin, serve_metrics, serve_readiness
-from ztunnel.config import Config, ProxyMode, WorkloadInfo
+from ztunnel.config import Config, ProxyMode, RedirectMode, WorkloadInfo
 from ztunnel.enroll.controller import EnrollmentController
 from ztunnel.errors import ConfigError
 from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA
+from ztunnel.identity.istio_ca import IstioCAClient, ca_config
 from ztunnel.identity.manager import SecretManager
 from ztunnel.model.address import format_hostport
 from ztunnel.model.identity import Identity
@@ -35,12 +40,14 @@ from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.policy_watch import watch_policies
 from ztunnel.proxy.sockets import LocalSocketFactory, NetnsSocketFactory, SocketFactory
 from ztunnel.proxy.workload_proxy import ProxyAddresses, WorkloadProxy
-from ztunnel.redirect.base import RedirectPorts
+from ztunnel.redirect.base import NoRedirector, RedirectPorts
 from ztunnel.redirect.modes import make_redirector
 from ztunnel.redirect.netns import NetNamespace
 from ztunnel.sources.clusterfile.source import ClusterFileSource
 from ztunnel.sources.dump import policy_to_dump, service_to_dump, workload_to_dump
 from ztunnel.sources.localconfig import LocalConfig, load_local_config, load_local_config_file
+from ztunnel.sources.xds import XdsClient, xds_config, xds_node
+from ztunnel.sources.zds import ZdsClient
 from ztunnel.state.store import StateStore
 from ztunnel.telemetry.connections import ConnectionTracker
 from ztunnel.telemetry.logging import configure_logging
@@ -54,6 +61,12 @@ PodSocketFactory = Callable[[NetNamespace, int], SocketFactory]
 
 
 def make_ca(config: Config) -> CertificateAuthority:
+    """The certificate authority the config names: the Istio CA (CA_ADDRESS, or istiod at
+    XDS_ADDRESS), else a CA key held here (CA_DIR, FAKE_CA: standalone)."""
+    target = config.ca_target
+    if target is not None:
+        shared = config.proxy_mode is ProxyMode.SHARED  # pods' identities: impersonated
+        return IstioCAClient(ca_config(config, target, shared=shared))
     if config.ca_dir:
         try:
             return FileCA.load(config.ca_dir)
@@ -64,7 +77,8 @@ def make_ca(config: Config) -> CertificateAuthority:
     raise ConfigError(
         "CA_DIR",
         "",
-        "no certificate authority: set CA_DIR (see `ztunnel ca init DIR`) or FAKE_CA=true",
+        "no certificate authority: set CA_ADDRESS (an Istio CA, e.g. `ztunnel ca serve`), "
+        "CA_DIR (see `ztunnel ca init DIR`) or FAKE_CA=true",
     )
 
 
@@ -130,6 +144,7 @@ class Agent:
             self.store.replace_all(static.workloads, static.services, static.policies)
         self.metrics = metrics if metrics is not None else Metrics()
         self.tracker = ConnectionTracker(self.metrics)
+        self.ca = ca
         self.secrets = SecretManager(ca, ttl=datetime.timedelta(seconds=config.secret_ttl))
         self.ctx = ProxyContext(config, self.store, self.secrets, self.tracker)
         self.proxies: dict[str, WorkloadProxy] = {}
@@ -142,6 +157,12 @@ class Agent:
         self._cancel: Callable[[], None] | None = None
         self._draining = False
         self.extra_services: list[Callable[..., Any]] = []
+        # Sources' own readiness (xDS synced, istio-cni connected): a reason, or None.
+        self.readiness_checks: list[Callable[[], str | None]] = []
+        # config_dump's "controlPlane" object: each client's state by name.
+        self.dump_sections: dict[str, Callable[[], Any]] = {}
+        if isinstance(ca, IstioCAClient):
+            self.dump_sections["ca"] = ca.dump
 
     @classmethod
     def from_config(
@@ -154,16 +175,17 @@ class Agent:
     ) -> Agent:
         """Validate everything that can be validated before starting (raises ConfigError)."""
         static = load_static_config(config)
-        agent = cls(config, ca=make_ca(config), static=static)
-        if config.proxy_mode is ProxyMode.SHARED:
-            if cluster_file is None:
+        if config.xds_address:
+            xds_config(config).target()  # a bad XDS_ADDRESS is named as such (CA defaults to it)
+            if policy_dir is not None:
                 raise ConfigError(
-                    "PROXY_MODE",
-                    "shared",
-                    "shared (in-pod) mode needs a pod source: --cluster FILE; "
-                    "for a single workload use PROXY_MODE=dedicated with PROXY_WORKLOAD_INFO",
+                    "--policies", policy_dir, "policies come from istiod (XDS_ADDRESS)"
                 )
-            attach_cluster_source(agent, cluster_file, cluster_prefix, policy_dir)
+        agent = cls(config, ca=make_ca(config), static=static)
+        if config.xds_address:
+            attach_xds(agent)
+        if config.proxy_mode is ProxyMode.SHARED:
+            attach_pod_source(agent, cluster_file, cluster_prefix, policy_dir)
         elif policy_dir is not None:
             result = load_policy_dir(policy_dir)
             for warning in result.warnings:
@@ -345,8 +367,10 @@ class Agent:
         return explain_connection(self.store, source, destination)
 
     def readiness(self) -> list[str]:
-        """What keeps the agent from being ready: pending pods and missing certificates."""
+        """What keeps the agent from being ready: pending pods, missing certificates, and
+        the sources' own conditions (xDS not synced, istio-cni not connected)."""
         reasons = [f"{k}: {v}" for k, v in self.pending.items()]
+        reasons += [why for check in self.readiness_checks if (why := check()) is not None]
         for uid, proxy in self.proxies.items():
             if not proxy.certificate_ready.is_set():
                 why = proxy.certificate_error or "not yet issued"
@@ -362,6 +386,7 @@ class Agent:
             "staticConfig": self.static.raw if self.static is not None else {},
             "config": self.config.to_dump(),
             "workloadState": self.workload_state(),
+            "controlPlane": {name: dump() for name, dump in self.dump_sections.items()},
         }
 
     def workload_state(self) -> dict[str, Any]:
@@ -395,12 +420,20 @@ def attach_cluster_source(
     prefix, a NODE_NAME that is not a node of the file, or a bad policy.
     """
     cfg = agent.config
+    if cfg.xds_address or cfg.inpod_uds:
+        used = "XDS_ADDRESS" if cfg.xds_address else "INPOD_UDS"
+        raise ConfigError(
+            "--cluster",
+            cluster_file,
+            f"the cluster file brings its own pods and mesh state; it cannot be combined "
+            f"with {used} (istiod / istio-cni)",
+        )
     source, initial = ClusterFileSource.open(
         cluster_file, cluster_prefix, cfg.node_name, policy_dir=policy_dir, poll=poll
     )
     controller = EnrollmentController(
         source,
-        make_redirector(cfg.redirect_mode, redirect_ports(cfg)),
+        make_redirector(cfg.redirect_mode or RedirectMode.IPTABLES, redirect_ports(cfg)),
         agent,
         initial=initial,
         drain_deadline=cfg.connection_termination_deadline,
@@ -410,4 +443,70 @@ def attach_cluster_source(
     return controller
 
 
-__all__ = ["Agent", "WorkloadInfo", "attach_cluster_source", "make_ca"]
+def attach_pod_source(
+    agent: Agent, cluster_file: str | None, cluster_prefix: str | None, policy_dir: str | None
+) -> EnrollmentController:
+    """Shared mode's pod source: the cluster file, or istio-cni over ZDS (INPOD_UDS, or
+    its default path under istiod); raises ConfigError when there is none."""
+    cfg = agent.config
+    if cluster_file is not None:
+        return attach_cluster_source(agent, cluster_file, cluster_prefix, policy_dir)
+    if cfg.zds_path is not None:
+        if policy_dir is not None:
+            raise ConfigError("--policies", policy_dir, "policies come from istiod (XDS_ADDRESS)")
+        return attach_zds_source(agent, cfg.zds_path)[1]
+    raise ConfigError(
+        "PROXY_MODE",
+        "shared",
+        "shared (in-pod) mode needs a pod source: --cluster FILE, or istio-cni (INPOD_UDS) "
+        "with istiod (XDS_ADDRESS); for a single workload use PROXY_MODE=dedicated with "
+        "PROXY_WORKLOAD_INFO",
+    )
+
+
+def attach_zds_source(
+    agent: Agent, path: str, **client_options: Any
+) -> tuple[ZdsClient, EnrollmentController]:
+    """Pods from istio-cni: it decides enrollment and installs the redirection (so no
+    redirector here), we acknowledge each Add once the pod's proxy started or failed."""
+    cfg = agent.config
+    zds = ZdsClient(
+        path, cluster_id=cfg.cluster_id, node=cfg.node_name, report_starts=True, **client_options
+    )
+    controller = EnrollmentController(
+        zds,
+        NoRedirector(),
+        agent,
+        # A pod that left the snapshot (Del) counts as deleted: it drains at once.
+        drain_deadline=cfg.connection_termination_deadline,
+        on_start=lambda pod, error: zds.report(pod.uid, error),
+    )
+    agent.extra_services += [zds.run, controller.run]
+    agent.readiness_checks.append(lambda: _prefixed("istio-cni", zds.not_ready_reason()))
+    agent.dump_sections["zds"] = zds.dump
+    return zds, controller
+
+
+def attach_xds(agent: Agent) -> XdsClient:
+    """Workloads, services and policies from istiod into the agent's store; readiness
+    waits for the first sync (ztunnel's "state manager")."""
+    client = XdsClient(xds_config(agent.config), agent.store, xds_node(agent.config))
+    agent.extra_services.insert(0, client.run)  # before the pod source: state first
+    agent.readiness_checks.append(client.not_ready_reason)
+    agent.dump_sections["xds"] = client.dump
+    return client
+
+
+def _prefixed(what: str, reason: str | None) -> str | None:
+    return None if reason is None else f"{what}: {reason}"
+
+
+__all__ = [
+    "Agent",
+    "WorkloadInfo",
+    "attach_cluster_source",
+    "attach_pod_source",
+    "attach_xds",
+    "attach_zds_source",
+    "make_ca",
+]

@@ -1,4 +1,4 @@
-"""Command line: ``ztunnel run | ca init | ctl | demo``.
+"""Command line: ``ztunnel run | ca init | ca serve | ctl | demo``.
 
 Every ``run`` option is also read from ztunnel's environment variable of the
 same meaning (flag > env > default); ``ztunnel run --help`` lists both names.
@@ -27,6 +27,8 @@ def _flag(field_name: str) -> str:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("agent settings (flag, or the environment variable shown)")
     for f in dataclasses.fields(Config):
+        if f.metadata.get("prefix"):
+            continue  # CA_HEADER_* and the like: environment only (listed in the epilog)
         env = f.metadata["env"]
         default = f.default
         if isinstance(default, tuple):
@@ -55,6 +57,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _prefix_epilog() -> str:
+    lines = [
+        f"{f.metadata['env']}: {f.metadata['help']}"
+        for f in dataclasses.fields(Config)
+        if f.metadata.get("prefix")
+    ]
+    return "environment only: " + "; ".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ztunnel",
@@ -68,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run the node agent",
         description="Run the agent. Settings come from flags or ztunnel's environment variables.",
+        epilog=_prefix_epilog(),
     )
     add_run_arguments(run)
 
@@ -83,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("directory", metavar="DIR")
     init.add_argument("--trust-domain", default="cluster.local", help="default %(default)s")
     init.add_argument("--force", action="store_true", help="overwrite existing files")
+    ca_sub.add_parser(
+        "serve",
+        help="serve Istio's CA protocol with this CA, so node agents hold no CA key "
+        "(ztunnel ca serve --help)",
+        add_help=False,
+    )
 
     sub.add_parser(
         "ctl",
@@ -108,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ztunnel.admin.ctl import main as ctl_main
 
         return ctl_main(args_list[1:])
+    if args_list[:2] == ["ca", "serve"]:
+        return ca_serve_command(args_list[2:])
     args = build_parser().parse_args(args_list)
     if args.command == "ca":
         from ztunnel.identity.cli import ca_init_command
@@ -120,8 +140,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(args)
 
 
+def ca_serve_command(argv: Sequence[str]) -> int:
+    """``ztunnel ca serve``: parsed by its module; its metrics served by ours."""
+    from ztunnel.admin.server import serve_registry
+    from ztunnel.identity.ca_serve import main as ca_serve_main
+
+    return ca_serve_main(argv, metrics_server=serve_registry)
+
+
 def run_command(args: argparse.Namespace) -> int:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)}
     try:
         config = Config.from_sources(os.environ, overrides)
         from ztunnel.agent import Agent

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -117,6 +118,11 @@ def parse_int(value: str, name: str, minimum: int = 0) -> int:
 
 
 DEFAULT_DRAIN_DEADLINE = 5.0
+# ztunnel's defaults (relative: ztunnel runs in / of its container).
+DEFAULT_ROOT_CA = "./var/run/secrets/istio/root-cert.pem"
+DEFAULT_AUTH_TOKEN = "./var/run/secrets/tokens/istio-token"
+DEFAULT_INPOD_UDS = "/var/run/ztunnel/ztunnel.sock"
+SYSTEM_ROOTS = "SYSTEM"  # XDS_ROOT_CA / CA_ROOT_CA value meaning "the OS trust store"
 
 
 def termination_deadline(env: Mapping[str, str]) -> float:
@@ -133,8 +139,50 @@ def termination_deadline(env: Mapping[str, str]) -> float:
     return float(max(1, g - 5 if g > 10 else g - 1))
 
 
-def _env_field(env: str, parser: Callable[[str, str], Any], default: Any, help: str) -> Any:
-    return field(default=default, metadata={"env": env, "parse": parser, "help": help})
+def _env_field(
+    env: str,
+    parser: Callable[[str, str], Any],
+    default: Any,
+    help: str,
+    *,
+    fallback: str | None = None,
+) -> Any:
+    """A setting read from ``env`` (else ``fallback``, another variable of the same meaning)."""
+    meta = {"env": env, "parse": parser, "help": help, "fallback": fallback}
+    return field(default=default, metadata=meta)
+
+
+# Settings spread over every variable with a prefix (CA_HEADER_*): (suffix, value) pairs,
+# sorted; they have no command-line flag.
+Headers = tuple[tuple[str, str], ...]
+
+
+def _prefix_field(prefix: str, parser: Callable[[Headers, str], Headers], help: str) -> Any:
+    meta = {"env": prefix + "*", "prefix": prefix, "parse": parser, "help": help}
+    return field(default=(), metadata=meta)
+
+
+def _headers(items: Headers, prefix: str) -> Headers:
+    """``CA_HEADER_X_FOO=bar`` -> ``("x-foo", "bar")`` (ztunnel's header naming)."""
+    return tuple((name.lower().replace("_", "-"), value) for name, value in items)
+
+
+def _json_values(items: Headers, prefix: str) -> Headers:
+    """``ISTIO_METAJSON_<KEY>=<json>``: each value must be JSON (kept as text)."""
+    for name, value in items:
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            raise ConfigError(prefix + name, "", f"expected JSON, got {value!r}") from exc
+    return items
+
+
+def _prefixed(env: Mapping[str, str], prefix: str) -> Headers:
+    return tuple(
+        (key[len(prefix) :], env[key])
+        for key in sorted(env)
+        if key.startswith(prefix) and len(key) > len(prefix)
+    )
 
 
 def _mode(value: str, name: str) -> ProxyMode:
@@ -177,11 +225,12 @@ class Config:
     proxy_mode: ProxyMode = _env_field(
         "PROXY_MODE", _mode, ProxyMode.SHARED, "shared (in-pod, per-pod proxies) or dedicated"
     )
-    redirect_mode: RedirectMode = _env_field(
+    redirect_mode: RedirectMode | None = _env_field(
         "REDIRECT_MODE",
         _redirect_mode,
-        RedirectMode.IPTABLES,
-        "how enrolled pods' traffic is redirected (shared mode): iptables or none",
+        None,
+        "how enrolled pods' traffic is redirected (shared mode): iptables or none "
+        "(default: iptables with --cluster, none under istio-cni)",
     )
     proxy_workload_info: WorkloadInfo | None = _env_field(
         "PROXY_WORKLOAD_INFO", _workload_info, None, "ns/name/sa of the workload (dedicated mode)"
@@ -191,7 +240,13 @@ class Config:
     )
     local_xds: str | None = _env_field("LOCAL_XDS", _opt_str, None, "local-config YAML, inline")
     trust_domain: str = _env_field("TRUST_DOMAIN", _str, "cluster.local", "SPIFFE trust domain")
-    cluster_id: str = _env_field("CLUSTER_ID", _str, "Kubernetes", "cluster id (metrics, baggage)")
+    cluster_id: str = _env_field(
+        "CLUSTER_ID",
+        _str,
+        "Kubernetes",
+        "cluster id (metrics, baggage, control-plane calls)",
+        fallback="ISTIO_META_CLUSTER_ID",
+    )
     node_name: str = _env_field("NODE_NAME", _str, "", "this node's name")
     network: str = _env_field("NETWORK", _str, "", "this node's network")
     fake_ca: bool = _env_field("FAKE_CA", parse_bool, False, "use an ephemeral in-memory CA")
@@ -272,6 +327,54 @@ class Config:
     readiness_addr: Address = _env_field(
         "ZTUNNEL_READINESS_ADDR", parse_address, ("::", ports.READINESS), "readiness probe"
     )
+    # -- the Istio control plane (docs/control-plane.md); unset = standalone ----------------
+    xds_address: str | None = _env_field(
+        "XDS_ADDRESS", _opt_str, None, "istiod's xDS address, e.g. istiod.istio-system.svc:15012"
+    )
+    xds_root_ca: str = _env_field(
+        "XDS_ROOT_CA", _str, DEFAULT_ROOT_CA, "roots that verify istiod (SYSTEM: the OS roots)"
+    )
+    alt_xds_hostname: str | None = _env_field(
+        "ALT_XDS_HOSTNAME", _opt_str, None, "another name istiod's certificate may carry"
+    )
+    xds_headers: Headers = _prefix_field(
+        "XDS_HEADER_", _headers, "extra header on the xDS stream (XDS_HEADER_X_FOO=bar)"
+    )
+    ca_address: str | None = _env_field(
+        "CA_ADDRESS",
+        _opt_str,
+        None,
+        "Istio CA (istiod or `ztunnel ca serve`); default: XDS_ADDRESS when no CA_DIR/FAKE_CA",
+    )
+    ca_root_ca: str = _env_field(
+        "CA_ROOT_CA", _str, DEFAULT_ROOT_CA, "roots that verify the CA (SYSTEM: the OS roots)"
+    )
+    alt_ca_hostname: str | None = _env_field(
+        "ALT_CA_HOSTNAME", _opt_str, None, "another name the CA's certificate may carry"
+    )
+    ca_headers: Headers = _prefix_field(
+        "CA_HEADER_", _headers, "extra header on CA requests (CA_HEADER_X_FOO=bar)"
+    )
+    auth_token: str = _env_field(
+        "AUTH_TOKEN",
+        _str,
+        DEFAULT_AUTH_TOKEN,
+        "file with the agent's service-account token (re-read per call)",
+    )
+    inpod_uds: str | None = _env_field(
+        "INPOD_UDS",
+        _opt_str,
+        None,
+        f"istio-cni's ZDS socket (shared mode; default {DEFAULT_INPOD_UDS} with XDS_ADDRESS)",
+    )
+    instance_ip: str = _env_field("INSTANCE_IP", _str, "1.1.1.1", "this agent's IP (xDS node id)")
+    pod_name: str = _env_field("POD_NAME", _str, "", "this agent's pod name (xDS node id)")
+    pod_namespace: str = _env_field(
+        "POD_NAMESPACE", _str, "", "this agent's namespace (xDS node id)"
+    )
+    xds_metadata: Headers = _prefix_field(
+        "ISTIO_METAJSON_", _json_values, "xDS node metadata (ISTIO_METAJSON_<KEY>=<json>)"
+    )
 
     @classmethod
     def env_names(cls) -> Mapping[str, str]:
@@ -286,8 +389,15 @@ class Config:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             name = f.metadata["env"]
+            prefix = f.metadata.get("prefix")
+            if prefix:
+                values[f.name] = f.metadata["parse"](_prefixed(env, prefix), prefix)
+                continue
             raw = (overrides or {}).get(f.name)
             if raw is None:
+                raw = env.get(name)
+            if raw is None and f.metadata.get("fallback"):
+                name = f.metadata["fallback"]
                 raw = env.get(name)
             if raw is not None:
                 values[f.name] = f.metadata["parse"](raw, name)
@@ -304,6 +414,46 @@ class Config:
             raise ConfigError("PROXY_WORKLOAD_INFO", "", "required when PROXY_MODE=dedicated")
         if self.fake_ca and self.ca_dir:
             raise ConfigError("CA_DIR", "", "FAKE_CA and CA_DIR are exclusive")
+        self._validate_control_plane()
+
+    def _validate_control_plane(self) -> None:
+        """Combinations of the Istio control plane with the standalone sources."""
+        if self.ca_address and (self.ca_dir or self.fake_ca):
+            held = "CA_DIR" if self.ca_dir else "FAKE_CA"
+            raise ConfigError(
+                "CA_ADDRESS", "", f"a remote CA and {held} (a CA key here) are exclusive"
+            )
+        if self.xds_address and (self.local_xds_path or self.local_xds):
+            local = "LOCAL_XDS_PATH" if self.local_xds_path else "LOCAL_XDS"
+            raise ConfigError(
+                "XDS_ADDRESS", "", f"XDS_ADDRESS (istiod) and {local} (standalone) are exclusive"
+            )
+        if self.inpod_uds and self.proxy_mode is ProxyMode.DEDICATED:
+            raise ConfigError("INPOD_UDS", "", "istio-cni's pods need PROXY_MODE=shared")
+        if self.zds_path and self.redirect_mode is RedirectMode.IPTABLES:
+            raise ConfigError(
+                "REDIRECT_MODE", "iptables", "under istio-cni (ZDS) istio-cni installs the rules"
+            )
+
+    @property
+    def ca_target(self) -> str | None:
+        """The Istio CA to ask: CA_ADDRESS, else (as ztunnel) istiod at XDS_ADDRESS unless a
+        local CA is configured; None = a local CA (CA_DIR / FAKE_CA) or none at all."""
+        if self.ca_address:
+            return self.ca_address
+        if self.xds_address and not (self.ca_dir or self.fake_ca):
+            return self.xds_address
+        return None
+
+    @property
+    def zds_path(self) -> str | None:
+        """istio-cni's socket when the pods come from ZDS: INPOD_UDS, else (as ztunnel in
+        shared mode under istiod) the default path when XDS_ADDRESS is set."""
+        if self.inpod_uds:
+            return self.inpod_uds
+        if self.xds_address and self.proxy_mode is ProxyMode.SHARED:
+            return DEFAULT_INPOD_UDS
+        return None
 
     def agent_ports(self) -> AgentPorts:
         """The agent's ports, as configured and by default, for the self-call checks."""
@@ -328,7 +478,9 @@ class Config:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, enum.Enum):
+            if f.metadata.get("prefix"):
+                value = _dump_prefixed(f.name, value)
+            elif isinstance(value, enum.Enum):
                 value = value.value
             elif isinstance(value, WorkloadInfo):
                 value = dataclasses.asdict(value)
@@ -337,3 +489,10 @@ class Config:
             head, *rest = f.name.split("_")
             out[head + "".join(p.title() for p in rest)] = value
         return out
+
+
+def _dump_prefixed(name: str, value: Headers) -> Any:
+    """Header values may be credentials: only their names are shown."""
+    if name == "xds_metadata":
+        return {key: json.loads(raw) for key, raw in value}
+    return [key for key, _ in value]

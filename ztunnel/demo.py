@@ -1,7 +1,9 @@
 """``ztunnel demo``: a two-node ambient cluster in network namespaces, real traffic, explained.
 
 Builds the simulated cluster (``ztunnel/cluster/demo.yaml`` unless a file is given), starts
-one real agent process per node inside its node netns, runs the pod programs, sends
+the CA service (``ztunnel ca serve``, in its own netns on the pod network: the agents hold
+no CA key, only a token and the root), one real agent process per node inside its node
+netns, runs the pod programs, sends
 traffic from every idle pod (to each service VIP, several times so several endpoints are
 hit, and to each server pod on its own node), then reads the agents' JSON access logs and
 prints who talked to whom, with which identities, over mTLS or not, allowed or denied.
@@ -30,7 +32,6 @@ from ztunnel.cluster import apps
 from ztunnel.cluster.forward import PortForward
 from ztunnel.cluster.net import ClusterNet, build, cleanup_stale
 from ztunnel.errors import ZtunnelError
-from ztunnel.identity.ca import init_ca_dir
 from ztunnel.sources.clusterfile.layout import PodNet
 from ztunnel.sources.clusterfile.mesh import in_mesh as is_enrolled
 from ztunnel.sources.clusterfile.spec import (
@@ -40,6 +41,7 @@ from ztunnel.sources.clusterfile.spec import (
     load_spec,
     loads_spec,
 )
+from ztunnel.testing.ca_service import CA_PORT, METRICS_PORT, CAService, start_ca_service
 from ztunnel.testing.harness import (
     ADMIN_PORT,
     AgentProcess,
@@ -343,8 +345,37 @@ def forward_admin_ports(net: ClusterNet) -> dict[str, PortForward]:
     return forwards
 
 
+def describe_ca(ca: CAService, out: TextIO) -> None:
+    host = ca.host
+    print(
+        f"  CA service: ztunnel ca serve at {host.ip}:{CA_PORT} (netns {host.netns}); "
+        "it signs a pod's identity only for the node agent of the pod's node.\n"
+        "  Agents hold no CA key: each has its own token (AUTH_TOKEN) and the root "
+        "(CA_ROOT_CA).",
+        file=out,
+    )
+
+
+def report_ca(ca: CAService, out: TextIO) -> None:
+    """What the CA service did for this run (from its metrics)."""
+    try:
+        issued, refused = int(ca.issued()), int(ca.refusals())
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"\nCA service: metrics unavailable ({exc})", file=out)
+        return
+    print(
+        f"\nCA service: {issued} certificates issued over the Istio CA protocol, "
+        f"{refused} requests refused",
+        file=out,
+    )
+
+
 def keep_instructions(
-    net: ClusterNet, cluster_file: Path, out: TextIO, ui: dict[str, PortForward] | None = None
+    net: ClusterNet,
+    cluster_file: Path,
+    out: TextIO,
+    ui: dict[str, PortForward] | None = None,
+    ca: CAService | None = None,
 ) -> None:
     print(
         "\nThe cluster keeps running. Open the UI (live graph of each agent's connections):",
@@ -367,6 +398,12 @@ def keep_instructions(
     first = next(iter(net.pods.values()))
     print(f"  rules in a pod:  ip netns exec {first.netns} iptables-save", file=out)
     print(f"  agent logs:      {net.log_dir}/agent-*.log", file=out)
+    if ca is not None:
+        print(
+            f"  CA service:      ip netns exec {ca.host.netns} curl -s 127.0.0.1:{METRICS_PORT}"
+            f"/metrics  (log {ca.log_path})",
+            file=out,
+        )
     print(
         f"  edit {cluster_file} (e.g. a namespace label) and the agents re-enroll live.", file=out
     )
@@ -422,6 +459,7 @@ class Demo:
         self.keep, self.cluster_file, self.out = keep, cluster_file, out
         self.net: ClusterNet | None = None
         self.agents: dict[str, AgentProcess] = {}
+        self.ca: CAService | None = None
         self.programs: dict[str, Any] = {}
         self.forwards: dict[str, PortForward] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="ztunnel-demo-"))
@@ -433,13 +471,13 @@ class Demo:
         started = time.monotonic()
         print("Building the cluster (network namespaces, bridge, veths)...", file=out, flush=True)
         self.net = net = build(spec)
-        ca_dir = self.workdir / "ca"
-        ca_dir.mkdir()
-        init_ca_dir(ca_dir)
+        print("Starting the CA service (ztunnel ca serve)...", file=out, flush=True)
+        self.ca = ca = start_ca_service(net, self.workdir / "ca-service")
         describe_cluster(net, out)
+        describe_ca(ca, out)
         print("\nStarting one agent per node and the pod programs...", file=out, flush=True)
         for node in net.nodes:
-            self.agents[node] = start_agent(net, node, path, ca_dir)
+            self.agents[node] = start_agent(net, node, path, ca)
         self.programs = apps.start_pod_programs(net)
         for agent in self.agents.values():
             wait_ready(agent, timeout=20)
@@ -449,10 +487,11 @@ class Demo:
         logs = AccessLogs(self.agents)
         observed = run_traffic(net, logs, plan_traffic(spec))
         report(net, observed, out)
+        report_ca(ca, out)
         print(f"\n(demo ran in {time.monotonic() - started:.1f}s)", file=out, flush=True)
         if self.keep:
             self.forwards = forward_admin_ports(net)
-            keep_instructions(net, path, out, self.forwards)
+            keep_instructions(net, path, out, self.forwards, ca)
             while True:
                 signal.pause()
         return 0
@@ -464,6 +503,9 @@ class Demo:
                 fwd.stop()
         with contextlib.suppress(Exception):
             stop_agents(self.agents)
+        if self.ca is not None:
+            with contextlib.suppress(Exception):
+                self.ca.stop()
         with contextlib.suppress(Exception):
             apps.stop_programs(self.programs)
         if self.net is not None:

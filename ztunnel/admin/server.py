@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import trio
+from prometheus_client import CollectorRegistry, generate_latest
 
 import ztunnel
 from ztunnel.admin import debug
@@ -194,8 +196,24 @@ def _with_connections(
     return out
 
 
+class Exposition(Protocol):
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus text format."""
+        ...
+
+
+class RegistryExposition:
+    """Any prometheus_client registry (``ztunnel ca serve``'s) as an ``Exposition``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
 class MetricsHandler:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Exposition) -> None:
         self._metrics = metrics
 
     def __call__(self, request: Request) -> Response:
@@ -241,6 +259,16 @@ async def serve_metrics(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await serve_http(target, MetricsHandler(metrics), task_status=task_status)
+
+
+async def serve_registry(
+    target: ListenTarget,
+    registry: CollectorRegistry,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """/metrics for a registry other than the agent's (``ztunnel ca serve``)."""
+    await serve_http(target, MetricsHandler(RegistryExposition(registry)), task_status=task_status)
 
 
 async def serve_readiness(

@@ -10,6 +10,8 @@ Layout (prefix ``zt<6 hex>``, unique per run, so parallel runs never collide):
   10.244.<node index+1>.<2+n> (n = order of the pod among its node's pods in the file),
   lo up, default route via the gateway.
 - ``<prefix>-node-<name>``: one per node for its agent, ``eth0`` at 10.244.<node index+1>.1.
+- ``<prefix>-<host>`` (``attach_host``, on demand): the control plane, e.g. ``ca`` at
+  10.244.0.2 running ``ztunnel ca serve`` (``testing/ca_service.py``).
 
 These names and addresses come from the product's ``sources.clusterfile.layout``: the agent
 finds the pods of a cluster built here with the same function.
@@ -75,6 +77,7 @@ class ClusterNet:
         self.gateway = GATEWAY
         self.pods: dict[str, PodNet] = {}
         self.nodes: dict[str, NodeNet] = {}
+        self.hosts: dict[str, NodeNet] = {}  # attach_host: members that are neither
         self.log_dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-logs-"))
         self._created: list[str] = []
         self._lock_fd: int | None = None
@@ -88,6 +91,22 @@ class ClusterNet:
 
     def netns_names(self) -> list[str]:
         return list(self._created)
+
+    def attach_host(self, name: str, ip: IPv4Address) -> NodeNet:
+        """One more member of the pod network: netns ``<prefix>-<name>`` with ``eth0`` at
+        ``ip`` (the control plane, e.g. ``ztunnel ca serve``); removed by ``teardown``."""
+        member = NodeNet(name, f"{self.prefix}-{name}", ip)
+        members: list[PodNet | NodeNet] = [*self.nodes.values(), *self.pods.values()]
+        taken = {m.ip for m in [*members, *self.hosts.values()]}
+        if ip in taken or ip == self.gateway or ip not in POD_CIDR:
+            raise ClusterError(f"{ip} is not a free address of the pod network {POD_CIDR}")
+        with NetNamespace.named(self.podnet) as podnet:
+            batch = self._attach(member.netns, f"{self.prefix}h{len(self.hosts)}", ip)
+            podnet.run(["ip", "-batch", "-"], input="\n".join(batch) + "\n")
+        with NetNamespace.named(member.netns) as ns:
+            ns.run(["ip", "-batch", "-"], input=_member_batch(ip))
+        self.hosts[name] = member
+        return member
 
     def teardown(self) -> None:
         """Kill what runs inside, delete every netns we made, drop the lock. Idempotent."""

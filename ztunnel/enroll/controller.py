@@ -22,10 +22,19 @@ pod left the mesh while no agent ran, the next agent removes what it finds there
 
 Nothing one snapshot or one pod does ends the agent: failures are logged (with a
 traceback when they are not one of our errors) and the pod is retried.
+
+Sources that hand over netns fds they own (ZDS: ``NetnsRef.ephemeral``) may close them
+once the controller asks for the next snapshot, so such a netns is opened while the
+snapshot is taken (``_pin``) and the pod is followed through the controller's own fd;
+the source's ``/proc/self/fd/<n>`` is never resolved again. A source that wants to
+know how each start attempt went (ZDS acknowledges istio-cni's Add with it) passes
+``on_start``; one that re-publishes an unchanged snapshot asks for failed pods to be
+retried at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,7 +43,7 @@ from functools import partial
 import structlog
 import trio
 
-from ztunnel.enroll.host import BlockingRunner, PodSource, ProxyHost, in_thread
+from ztunnel.enroll.host import BlockingRunner, PodSource, ProxyHost, StartReporter, in_thread
 from ztunnel.errors import ZtunnelError
 from ztunnel.model.pod import NetnsRef, Pod, PodPhase, PodSnapshot
 from ztunnel.redirect.base import Redirector
@@ -119,15 +128,18 @@ class EnrollmentController:
         poll: float = 0.5,
         retry_interval: float = RETRY_INTERVAL,
         blocking: BlockingRunner = in_thread,
+        on_start: StartReporter | None = None,
     ) -> None:
         self.source = source
+        self.on_start = on_start
         self.redirector = redirector
         self.host = host
         self.drain_deadline = drain_deadline
         self.poll = poll
         self.retry_interval = retry_interval
         self._blocking = blocking
-        self._latest: PodSnapshot | None = None
+        self._offered: PodSnapshot | None = None  # the newest snapshot as the source gave it
+        self._latest: PodSnapshot | None = None  # ... with ephemeral netns refs pinned
         self._applied: PodSnapshot | None = None
         # The last snapshot whose state the host took: pods are reconciled against it, so
         # enrollment never follows a snapshot whose state was rejected.
@@ -136,6 +148,7 @@ class EnrollmentController:
         self._draining: dict[str, _Draining] = {}
         self._blocked: dict[str, str] = {}  # wanted pods we cannot open: key -> reason
         self._checked: dict[str, Ident] = {}  # not-in-mesh pods checked for stranded rules
+        self._pins: dict[tuple[str, Ident], NetNamespace] = {}  # our fds of ephemeral netns
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         if initial is not None:
@@ -169,6 +182,9 @@ class EnrollmentController:
             # Redirection stays installed on purpose (fail closed); only our fds go away.
             for pod in self.pods.values():
                 pod.netns.close()
+            for ns in self._pins.values():
+                ns.close()
+            self._pins.clear()
 
     async def _wait_wake(self) -> None:
         await self._wake.wait()
@@ -179,8 +195,11 @@ class EnrollmentController:
             self._offer(snapshot)
 
     def _offer(self, snapshot: PodSnapshot) -> None:
-        if snapshot == self._latest:
+        """Take a snapshot from the source (synchronously: before asking for the next)."""
+        if snapshot == self._offered:
+            self._retry_now()  # the source re-published the same pods
             return
+        self._offered = snapshot
         problem = snapshot_problem(snapshot)
         if problem is not None:
             log.error(
@@ -189,8 +208,59 @@ class EnrollmentController:
                 problem=problem,
             )
             return
-        self._latest = snapshot
+        self._latest = self._pin(snapshot)
+        self._release_pins()
         self._wake.set()
+
+    def _retry_now(self) -> None:
+        """Pods whose start failed are tried again on the next pass, not in 5 s."""
+        for held in self.pods.values():
+            if not held.running:
+                held.retry_at = 0.0
+        self._wake.set()
+
+    # -- ephemeral netns refs ------------------------------------------------------------
+
+    def _pin(self, snapshot: PodSnapshot) -> PodSnapshot:
+        """The snapshot with every ephemeral netns ref replaced by one of our own fds.
+
+        A pin is keyed by (pod, netns ident), so the same netns keeps the same path
+        across snapshots (no spurious "sandbox changed") and a new one gets a new path.
+        """
+        if not any(p.netns is not None and p.netns.ephemeral for p in snapshot.pods):
+            return snapshot
+        pods = tuple(self._pinned(p) for p in snapshot.pods)
+        return dataclasses.replace(snapshot, pods=pods)
+
+    def _pinned(self, pod: Pod) -> Pod:
+        if pod.netns is None or not pod.netns.ephemeral:
+            return pod
+        try:
+            ns = NetNamespace.open(pod.netns.path)
+            ident = ns.ident
+        except (ZtunnelError, OSError) as exc:  # the pod then waits for a usable netns
+            log.warning("cannot open the pod's netns", pod=pod.key, error=str(exc))
+            return dataclasses.replace(pod, netns=None)
+        key = (pod.key, ident)
+        if key in self._pins:
+            ns.close()
+        else:
+            self._pins[key] = ns
+        return dataclasses.replace(pod, netns=NetnsRef(f"/proc/self/fd/{self._pins[key].fd}"))
+
+    def _release_pins(self) -> None:
+        """Close pins neither the newest nor the last applied snapshot refers to."""
+        used = {
+            p.netns.path
+            for snap in (self._latest, self._good)
+            if snap is not None
+            for p in snap.pods
+            if p.netns is not None
+        }
+        for key, ns in list(self._pins.items()):
+            if f"/proc/self/fd/{ns.fd}" not in used:
+                del self._pins[key]
+                ns.close()
 
     # -- reconciling -----------------------------------------------------------------
 
@@ -247,6 +317,7 @@ class EnrollmentController:
                 policies=len(state.policies),
             )
         self._good = snapshot
+        self._release_pins()
         return snapshot
 
     async def _reconcile_pod(self, pod: Pod) -> None:
@@ -267,7 +338,7 @@ class EnrollmentController:
             held = None
         if ident is None:
             where = f"netns {pod.netns} not found" if pod.netns else "netns not known yet"
-            self._block(pod.key, where)
+            self._block(pod, where)
             return
         if held is None:
             await self._wait_drained(pod.key)
@@ -279,25 +350,36 @@ class EnrollmentController:
         if not held.running and trio.current_time() >= held.retry_at:
             await self._enroll(held)
 
-    def _block(self, key: str, reason: str) -> None:
+    def _block(self, pod: Pod, reason: str) -> None:
         """A wanted pod we cannot even open: not ready (no proxy), logged once per reason."""
+        key = pod.key
         self.host.mark_pending(key, reason)
+        self._report(pod, reason)
         if self._blocked.get(key) != reason:
             self._blocked[key] = reason
             log.warning("pod cannot be enrolled; will retry", pod=key, reason=reason)
+
+    def _report(self, pod: Pod, error: str | None) -> None:
+        """Tell the source how a start attempt went (None: the proxy runs)."""
+        if self.on_start is None:
+            return
+        try:
+            self.on_start(pod, error)
+        except Exception as exc:  # a reporting bug must never end the agent
+            log.error("start report failed", pod=pod.key, error=repr(exc), exc_info=True)
 
     def _open(self, pod: Pod) -> EnrolledPod | None:
         assert pod.netns is not None  # _reconcile_pod found its ident
         try:
             ns = NetNamespace.open(pod.netns.path)
         except ZtunnelError as exc:
-            self._block(pod.key, str(exc))
+            self._block(pod, str(exc))
             return None
         try:
             ident = ns.ident
         except OSError as exc:
             ns.close()
-            self._block(pod.key, f"cannot stat netns {pod.netns}: {exc}")
+            self._block(pod, f"cannot stat netns {pod.netns}: {exc}")
             return None
         self._blocked.pop(pod.key, None)  # pending stays until the proxy runs
         return EnrolledPod(pod, ns, ident)
@@ -316,18 +398,20 @@ class EnrollmentController:
             return
         held.running = True
         self.host.clear_pending(held.key)
+        self._report(pod, None)
         log.info(
             "pod enrolled",
             pod=held.key,
             uid=pod.uid,
             netns=str(pod.netns),
             redirection=self.redirector.mode,
-            rules="installed" if changed else "reused",
+            rules=self._rules("installed" if changed else "reused"),
             **facts,
         )
 
     def _failed(self, held: EnrolledPod, what: str, exc: Exception) -> None:
         self.host.mark_pending(held.key, f"{what}: {exc}")
+        self._report(held.pod, f"{what}: {exc}")
         held.retry_at = trio.current_time() + self.retry_interval
         log.error(
             "pod enrollment failed; retrying",
@@ -381,12 +465,17 @@ class EnrollmentController:
                     )
             if release:
                 self.host.release_identity(pod)
-            log.info("pod un-enrolled", pod=held.key, rules="removed" if uninstall else "left")
+            rules = self._rules("removed" if uninstall else "left")
+            log.info("pod un-enrolled", pod=held.key, rules=rules)
         finally:
             netns.close()
             draining.done.set()
             if self._draining.get(held.key) is draining:
                 del self._draining[held.key]
+
+    def _rules(self, what: str) -> str:
+        """What happened to the pod's redirection, for the log (mode none: not ours)."""
+        return "external" if self.redirector.mode == "none" else what
 
     async def _wait_drained(self, key: str) -> None:
         draining = self._draining.get(key)

@@ -56,6 +56,11 @@ class ProxyHost(Protocol):
         ...
 
 
+# How a start attempt went, for sources that answer for it (ZDS acknowledges istio-cni's
+# Add with it): (pod, None) once its proxy runs, (pod, reason) after each failed attempt.
+StartReporter = Callable[[Pod, str | None], None]
+
+
 class BlockingRunner(Protocol):
     """Runs a blocking call (iptables, netns) off the event loop."""
 

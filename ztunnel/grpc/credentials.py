@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping
 from pathlib import Path
 
 import trio
@@ -38,15 +37,6 @@ async def token_metadata(path: Path | None, cluster_id: str) -> list[tuple[str, 
     except UnicodeDecodeError as exc:
         raise CredentialError(f"token file {path} is not ASCII") from exc
     return [("authorization", f"Bearer {text}"), ("clusterid", cluster_id)]
-
-
-def headers_from_env(env: Mapping[str, str], prefix: str) -> tuple[tuple[str, str], ...]:
-    """``<prefix>X_FOO=bar`` -> ``("x-foo", "bar")`` (ztunnel's CA_HEADER_*/XDS_HEADER_*)."""
-    found = []
-    for key in sorted(env):
-        if key.startswith(prefix) and len(key) > len(prefix):
-            found.append((key[len(prefix) :].lower().replace("_", "-"), env[key]))
-    return tuple(found)
 
 
 class RootsFile:

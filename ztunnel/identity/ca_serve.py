@@ -3,6 +3,7 @@ simulated cluster, a process beside the agents), so no node holds the CA key.
 
     ztunnel ca serve --ca-dir DIR --tokens FILE --placement FILE [--port 15012]
                      [--dns-name istiod.istio-system.svc] [--ip 10.0.0.1]
+                     [--metrics-port 15014]
 
 - ``--ca-dir``: ``ztunnel ca init``'s directory or a mounted Secret (``load_ca_dir``);
   the service's own TLS certificate is signed with it for ``--dns-name``/``--ip``, so
@@ -11,7 +12,9 @@ simulated cluster, a process beside the agents), so no node holds the CA key.
   (the simulated cluster's stand-in for TokenReview);
 - ``--placement``: ``{nodes: {<node>: [spiffe://..., ...]}}``, which identities have pods
   on which node (the simulated cluster's stand-in for the pod list). Both files are
-  re-read when they change.
+  re-read when they change;
+- ``--metrics-port``: ``ztunnel_ca_refusals_total{reason}`` and
+  ``ztunnel_ca_certificates_issued_total`` on ``/metrics``.
 
 It is parsed here rather than in cli.py (``ztunnel ca serve ...`` is dispatched to
 ``main`` like ``ztunnel ctl``).
@@ -25,10 +28,13 @@ import logging
 import sys
 import tempfile
 from collections.abc import Collection, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import trio
 import yaml
+from prometheus_client import CollectorRegistry
 
 from ztunnel.errors import ConfigError, InvalidIdentity, ZtunnelError
 from ztunnel.grpc.tls import server_context
@@ -44,6 +50,19 @@ from ztunnel.model.identity import Identity
 
 LOGGER = logging.getLogger("ztunnel.ca")
 EXIT_CONFIG = 2
+METRICS_PORT = 15014  # istiod's monitoring port
+
+
+class MetricsServer(Protocol):
+    """Serves a registry's /metrics on ``target`` (``admin.server.serve_registry``)."""
+
+    async def __call__(
+        self,
+        target: tuple[str, int],
+        registry: CollectorRegistry,
+        *,
+        task_status: trio.TaskStatus[int] = ...,
+    ) -> None: ...
 
 
 class StaticPlacement:
@@ -110,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="service accounts allowed to impersonate (default istio-system/ztunnel)",
     )
     p.add_argument("--max-ttl", type=float, default=24 * 3600, help="seconds (default 24h)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=METRICS_PORT,
+        help="Prometheus /metrics (refusals, issued); -1 = off (default %(default)s)",
+    )
+    p.add_argument("--metrics-host", default="0.0.0.0", help="default %(default)s")
     return p
 
 
@@ -123,7 +149,9 @@ def _trusted(trust_domain: str, items: Sequence[str]) -> set[Identity]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, metrics_server: MetricsServer | None = None) -> int:
+    """Run until interrupted; 2 on bad configuration. ``metrics_server`` serves the
+    service's registry (the app passes the admin layer's; without one there is none)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -158,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )  # fmt: skip
             addrs = ", ".join(str(sock.socket.getsockname()[:2]) for sock in listeners)
             print(f"ztunnel ca serve: listening on {addrs}", flush=True)
+            if metrics_server is not None and args.metrics_port >= 0:
+                target = (args.metrics_host, args.metrics_port)
+                port = await nursery.start(partial(metrics_server, target, service.registry))
+                print(f"ztunnel ca serve: metrics on {args.metrics_host}:{port}", flush=True)
 
     try:
         trio.run(run)

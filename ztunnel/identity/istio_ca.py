@@ -21,18 +21,18 @@ at half-life), so nothing is gained from a kept-open channel and nothing can go 
 from __future__ import annotations
 
 import datetime
-import os
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 from google.protobuf.message import DecodeError
 
+from ztunnel.config import SYSTEM_ROOTS, Config
 from ztunnel.errors import ConfigError, InvalidIdentity
 from ztunnel.grpc.client import ChannelOptions, Target, connect
-from ztunnel.grpc.credentials import CredentialError, RootsFile, headers_from_env, token_metadata
+from ztunnel.grpc.credentials import CredentialError, RootsFile, token_metadata
 from ztunnel.grpc.status import GrpcError, StatusCode
 from ztunnel.identity._x509 import load_pem_certs, spiffe_identities, uri_sans
 from ztunnel.identity.errors import CAError, CertificateError
@@ -41,7 +41,6 @@ from ztunnel.proto import citadel_pb2
 
 CREATE_CERTIFICATE = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
-CA_HEADER_PREFIX = "CA_HEADER_"
 DEFAULT_TIME_LIMIT = 30.0
 
 
@@ -80,6 +79,8 @@ class IstioCAClient:
         self._target = config.target()
         self._roots = RootsFile(config.root_cert)
         self.requests = 0  # calls made (tests count CSRs with it)
+        self.failures = 0
+        self.last_error: str | None = None
 
     async def create_certificate(self, csr_pem: bytes, validity: datetime.timedelta) -> list[bytes]:
         identity = _csr_identity(csr_pem)
@@ -104,8 +105,27 @@ class IstioCAClient:
                     time_limit=self.config.time_limit,
                 )
         except GrpcError as exc:
+            self._failed(exc)
             raise CARequestError(exc.code, exc.message) from exc
-        return _chain(identity, raw)
+        try:
+            return _chain(identity, raw)
+        except (CAError, CertificateError) as exc:
+            self._failed(exc)
+            raise
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        self.last_error = str(exc)
+
+    def dump(self) -> dict[str, object]:
+        """The client's state for config_dump."""
+        return {
+            "address": str(self._target),
+            "impersonate": self.config.impersonate,
+            "requests": self.requests,
+            "failures": self.failures,
+            "lastError": self.last_error,
+        }
 
     def _names(self) -> Sequence[str]:
         alt = self.config.alt_hostname
@@ -116,6 +136,7 @@ class IstioCAClient:
             metadata = await token_metadata(self.config.token_path, self.config.cluster_id)
             context = await self._roots.context() if self._target.tls else None
         except CredentialError as exc:
+            self._failed(exc)
             raise CAError(str(exc)) from exc
         return [*metadata, *self.config.headers], context
 
@@ -150,20 +171,17 @@ def _chain(identity: Identity, raw: bytes) -> list[bytes]:
     return chain
 
 
-def config_from_env(env: Mapping[str, str] | None = None, *, shared: bool = True) -> IstioCAConfig:
-    """ztunnel's variables: CA_ADDRESS (required), CA_ROOT_CA, ALT_CA_HOSTNAME, AUTH_TOKEN,
-    CLUSTER_ID / ISTIO_META_CLUSTER_ID, CA_HEADER_*. (Phase 2 moves this into config.py.)"""
-    env = os.environ if env is None else env
-    address = env.get("CA_ADDRESS", "")
-    if not address:
-        raise ConfigError("environment", "CA_ADDRESS", "required for the Istio CA client")
-    root = env.get("CA_ROOT_CA", "./var/run/secrets/istio/root-cert.pem")
+def ca_config(config: Config, address: str, *, shared: bool) -> IstioCAConfig:
+    """The client's settings from the agent's (CA_ROOT_CA, ALT_CA_HOSTNAME, AUTH_TOKEN,
+    CLUSTER_ID, CA_HEADER_*); ``address`` is ``Config.ca_target``. ``shared`` (in-pod
+    mode) asks for pods' identities with ImpersonatedIdentity."""
+    root = config.ca_root_ca
     return IstioCAConfig(
         address=address,
-        root_cert=None if root == "SYSTEM" else Path(root),
-        alt_hostname=env.get("ALT_CA_HOSTNAME") or None,
-        token_path=Path(env.get("AUTH_TOKEN", "./var/run/secrets/tokens/istio-token")),
-        cluster_id=env.get("CLUSTER_ID") or env.get("ISTIO_META_CLUSTER_ID") or "Kubernetes",
-        headers=headers_from_env(env, CA_HEADER_PREFIX),
+        root_cert=None if root == SYSTEM_ROOTS else Path(root),
+        alt_hostname=config.alt_ca_hostname,
+        token_path=Path(config.auth_token),
+        cluster_id=config.cluster_id,
+        headers=config.ca_headers,
         impersonate=shared,
     )

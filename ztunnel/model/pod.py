@@ -49,9 +49,15 @@ class PodPhase(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class NetnsRef:
     """Where a pod's network namespace can be opened: ``/var/run/netns/<name>``,
-    ``/proc/<pid>/ns/net``, or ``/proc/self/fd/<n>`` for an fd a source holds (ZDS)."""
+    ``/proc/<pid>/ns/net``, or ``/proc/self/fd/<n>`` for an fd a source holds (ZDS).
+
+    ``ephemeral``: the path is valid only until the consumer asks the source for its next
+    snapshot (the source may then close the fd, and the number may name another netns
+    later): the consumer must open it while handling this snapshot, and keep its own fd.
+    """
 
     path: str
+    ephemeral: bool = False
 
     @classmethod
     def named(cls, name: str) -> NetnsRef:

@@ -15,22 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 from google.protobuf.message import DecodeError
 
+from ztunnel.config import SYSTEM_ROOTS, Config
 from ztunnel.errors import ConfigError
 from ztunnel.grpc.client import ChannelOptions, Target, connect
-from ztunnel.grpc.credentials import (
-    CredentialError,
-    RootsFile,
-    headers_from_env,
-    token_metadata,
-)
+from ztunnel.grpc.credentials import CredentialError, RootsFile, token_metadata
 from ztunnel.grpc.status import GrpcError, StatusCode
 from ztunnel.proto import xds_pb2
 from ztunnel.sources.xds_protocol import DeltaXds, XdsState, build_node
@@ -55,16 +49,19 @@ class XdsConfig:
     initial_backoff: float = INITIAL_BACKOFF
     max_backoff: float = MAX_BACKOFF
 
+    def target(self) -> Target:
+        try:
+            return Target.parse(self.address)
+        except ValueError as exc:
+            raise ConfigError("XDS_ADDRESS", "", str(exc)) from exc
+
 
 class XdsClient:
     """Streams workloads, services and policies from istiod into an ``XdsState``."""
 
     def __init__(self, config: XdsConfig, state: XdsState, node: xds_pb2.Node) -> None:
         self.config = config
-        try:
-            self._target = Target.parse(config.address)
-        except ValueError as exc:
-            raise ConfigError("XDS_ADDRESS", "", str(exc)) from exc
+        self._target = config.target()
         self.protocol = DeltaXds(node, state)
         self._roots = RootsFile(config.root_cert)
         self.synced = trio.Event()  # readiness: the first full sync was ACKed
@@ -128,39 +125,48 @@ class XdsClient:
                     LOGGER.info("xDS: initial sync complete")
                     self.synced.set()
 
+    def not_ready_reason(self) -> str | None:
+        """Readiness (ztunnel's "state manager" task): the first sync of both types."""
+        if self.synced.is_set():
+            return None
+        why = f" ({self.last_error})" if self.last_error else ""
+        return f"xDS: waiting for the initial sync from {self._target}{why}"
 
-def config_from_env(env: Mapping[str, str] | None = None) -> XdsConfig:
-    """ztunnel's variables: XDS_ADDRESS (required), XDS_ROOT_CA, ALT_XDS_HOSTNAME,
-    AUTH_TOKEN, CLUSTER_ID / ISTIO_META_CLUSTER_ID, XDS_HEADER_*."""
-    env = os.environ if env is None else env
-    address = env.get("XDS_ADDRESS", "")
-    if not address:
-        raise ConfigError("environment", "XDS_ADDRESS", "required for the xDS client")
-    root = env.get("XDS_ROOT_CA", "./var/run/secrets/istio/root-cert.pem")
+    def dump(self) -> dict[str, object]:
+        """The client's state for config_dump."""
+        return {
+            "address": str(self._target),
+            "connected": self.connected,
+            "synced": self.synced.is_set(),
+            "connections": self.connections,
+            "acks": self.acks,
+            "nacks": self.nacks,
+            "lastError": self.last_error,
+        }
+
+
+def xds_config(config: Config) -> XdsConfig:
+    """The client's settings from the agent's (XDS_ADDRESS, XDS_ROOT_CA, ALT_XDS_HOSTNAME,
+    AUTH_TOKEN, CLUSTER_ID, XDS_HEADER_*); raises ConfigError without XDS_ADDRESS."""
+    if not config.xds_address:
+        raise ConfigError("XDS_ADDRESS", "", "required for the xDS client")
+    root = config.xds_root_ca
     return XdsConfig(
-        address=address,
-        root_cert=None if root == "SYSTEM" else Path(root),
-        alt_hostname=env.get("ALT_XDS_HOSTNAME") or None,
-        token_path=Path(env.get("AUTH_TOKEN", "./var/run/secrets/tokens/istio-token")),
-        cluster_id=env.get("CLUSTER_ID") or env.get("ISTIO_META_CLUSTER_ID") or "Kubernetes",
-        headers=headers_from_env(env, "XDS_HEADER_"),
+        address=config.xds_address,
+        root_cert=None if root == SYSTEM_ROOTS else Path(root),
+        alt_hostname=config.alt_xds_hostname,
+        token_path=Path(config.auth_token),
+        cluster_id=config.cluster_id,
+        headers=config.xds_headers,
     )
 
 
-def node_from_env(env: Mapping[str, str] | None = None) -> xds_pb2.Node:
+def xds_node(config: Config) -> xds_pb2.Node:
     """ztunnel's node from INSTANCE_IP, POD_NAME, POD_NAMESPACE, NODE_NAME, ISTIO_METAJSON_*."""
-    env = os.environ if env is None else env
-    extra: dict[str, object] = {}
-    for key, value in env.items():
-        if key.startswith("ISTIO_METAJSON_"):
-            try:
-                extra[key.removeprefix("ISTIO_METAJSON_")] = json.loads(value)
-            except ValueError:
-                LOGGER.error("ignoring %s: not JSON", key)
     return build_node(
-        instance_ip=env.get("INSTANCE_IP", "1.1.1.1"),
-        pod_name=env.get("POD_NAME", ""),
-        pod_namespace=env.get("POD_NAMESPACE", ""),
-        node_name=env.get("NODE_NAME", ""),
-        json_metadata=extra,
+        instance_ip=config.instance_ip,
+        pod_name=config.pod_name,
+        pod_namespace=config.pod_namespace,
+        node_name=config.node_name,
+        json_metadata={key: json.loads(raw) for key, raw in config.xds_metadata},
     )

@@ -160,6 +160,10 @@ class ZdsClient:
             seen = self.state.version
             yield self.state.snapshot()
 
+    def __aiter__(self) -> AsyncIterator[PodSnapshot]:
+        """A ``PodSource`` (enroll/host.py): the snapshots."""
+        return self.snapshots()
+
     def report(self, pod_uid: str, error: str | None) -> None:
         """The consumer's word on a pod's proxy: started (None) or why it did not."""
         if error is None:
@@ -185,6 +189,27 @@ class ZdsClient:
         if pending:
             return f"proxies not started: {', '.join(pending)}"
         return None
+
+    def dump(self) -> dict[str, object]:
+        """The client's state for config_dump: the connection and every pod held."""
+        return {
+            "path": str(self.path),
+            "connected": self.connected,
+            "snapshotReceived": self.state.snapshot_received,
+            "connections": self.connections,
+            "nacks": len(self.nacks),
+            "lastError": self.last_error,
+            "notReady": self.not_ready_reason(),
+            "pods": [
+                {
+                    "uid": h.pod.uid,
+                    "cniUid": h.cni_uid,
+                    "netns": {"dev": h.ident[0], "inode": h.ident[1]},
+                    "failed": self._failed.get(h.pod.uid),
+                }
+                for h in self.state.held()
+            ],
+        }
 
     # -- the connection ---------------------------------------------------------------
 

@@ -96,7 +96,7 @@ class ZdsState:
             namespace=info.namespace,
             service_account=info.service_account or "default",
             node=self.node,
-            netns=NetnsRef(f"/proc/self/fd/{fd}"),
+            netns=NetnsRef(f"/proc/self/fd/{fd}", ephemeral=True),
             in_mesh=True,  # istio-cni decided: it sends only ambient pods
             k8s_uid=add.uid,
         )

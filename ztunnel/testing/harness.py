@@ -4,6 +4,11 @@ Each agent is ``python -m ztunnel.cli run --cluster F --cluster-prefix P`` start
 ``ip netns exec <node netns>``, so it sees the node's network like a DaemonSet pod would;
 its JSON log goes to a file. The caller lives in the root netns, so talking to an agent's
 localhost ports (readiness, admin) uses a socket created in the node netns.
+
+Certificates: an agent is given either a CA service (``testing/ca_service.py``: the
+demo and the e2e tests; the agent holds a token and the root, never a CA key) or, the
+standalone way, a CA directory (``CA_DIR``). CA settings of the caller's environment are
+never passed on.
 """
 
 from __future__ import annotations
@@ -18,13 +23,13 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ztunnel.cluster.net import ClusterNet
 from ztunnel.redirect.netns import NetNamespace, create_named, delete_named
 from ztunnel.sources.clusterfile.layout import GATEWAY, POD_CIDR, NodeNet
 
-_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 READINESS_PORT = 15021
 ADMIN_PORT = 15000
 
@@ -72,16 +77,29 @@ class AgentProcess:
         return self.proc.returncode
 
 
-def agent_env(
-    node: str, ca_dir: str | os.PathLike[str], extra: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    env = dict(os.environ)
+class CAAccess(Protocol):
+    """How an agent reaches a CA that is not its own (``testing.ca_service.CAService``)."""
+
+    def agent_env(self, node: str) -> dict[str, str]: ...
+
+
+# An agent's certificates: from a CA service (no key on the node: the demo and the e2e
+# tests), or, the standalone way, a CA directory it holds (CA_DIR).
+AgentCA = CAAccess | str | os.PathLike[str]
+_CA_VARIABLES = ("CA_DIR", "FAKE_CA", "CA_ADDRESS", "CA_ROOT_CA", "AUTH_TOKEN")
+
+
+def agent_env(node: str, ca: AgentCA, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _CA_VARIABLES}
+    if isinstance(ca, str | os.PathLike):
+        env["CA_DIR"] = os.fspath(ca)
+    else:
+        env.update(ca.agent_env(node))
     env.update(
         NODE_NAME=node,
-        CA_DIR=os.fspath(ca_dir),
         LOG_FORMAT="json",
         PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [_PROJECT_ROOT, env.get("PYTHONPATH")])),
+        PYTHONPATH=os.pathsep.join(filter(None, [PROJECT_ROOT, env.get("PYTHONPATH")])),
     )
     env.pop("PROXY_MODE", None)  # shared is the default; a stray dedicated setting would break it
     env.update(extra or {})
@@ -92,7 +110,7 @@ def start_agent(
     net: ClusterNet,
     node: str,
     cluster_file: str | os.PathLike[str],
-    ca_dir: str | os.PathLike[str],
+    ca: AgentCA,
     *,
     log_path: Path | None = None,
     policy_dir: str | None = None,
@@ -107,7 +125,7 @@ def start_agent(
     ]  # fmt: skip
     if policy_dir is not None:
         argv += ["--policies", policy_dir]
-    env = agent_env(node, ca_dir, extra_env)
+    env = agent_env(node, ca, extra_env)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
@@ -181,7 +199,7 @@ def stop_agents(agents: Mapping[str, AgentProcess], timeout: float = 10.0) -> No
 def running_agents(
     net: ClusterNet,
     cluster_file: str | os.PathLike[str],
-    ca_dir: str | os.PathLike[str],
+    ca: AgentCA,
     *,
     ready_timeout: float = 20.0,
     policy_dir: str | None = None,
@@ -190,7 +208,7 @@ def running_agents(
     agents: dict[str, AgentProcess] = {}
     try:
         for node in net.nodes:
-            agents[node] = start_agent(net, node, cluster_file, ca_dir, policy_dir=policy_dir)
+            agents[node] = start_agent(net, node, cluster_file, ca, policy_dir=policy_dir)
         for agent in agents.values():
             wait_ready(agent, ready_timeout)
         yield agents
