@@ -13,7 +13,6 @@ DEADLINE_EXCEEDED and resets its stream.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import socket
 import ssl
@@ -35,8 +34,6 @@ from ztunnel.grpc.engine import (
 from ztunnel.grpc.framing import DEFAULT_MAX_MESSAGE
 from ztunnel.grpc.status import GrpcError, StatusCode
 from ztunnel.grpc.tls import check_server_name
-
-LOGGER = logging.getLogger("ztunnel.grpc")
 
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
 _READ_SIZE = 65536

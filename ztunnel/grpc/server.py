@@ -11,12 +11,12 @@ the handler. Transport errors end only their connection.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+import structlog
 import trio
 
 from ztunnel.grpc.engine import (
@@ -33,7 +33,7 @@ from ztunnel.grpc.engine import (
 from ztunnel.grpc.framing import DEFAULT_MAX_MESSAGE
 from ztunnel.grpc.status import GrpcError, StatusCode
 
-LOGGER = logging.getLogger("ztunnel.grpc")
+LOGGER = structlog.get_logger("ztunnel.grpc")
 
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
 _READ_SIZE = 65536
@@ -113,12 +113,12 @@ class GrpcServer:
                 try:
                     await tls.do_handshake()
                 except _TRANSPORT_ERRORS as exc:
-                    LOGGER.info("gRPC TLS handshake with %s failed: %s", peer, exc)
+                    LOGGER.info("gRPC TLS handshake failed", peer=str(peer), error=str(exc))
                     await trio.aclose_forcefully(tls)
                     return
                 stream = tls
             if stream is not tls:
-                LOGGER.info("gRPC TLS handshake with %s timed out", peer)
+                LOGGER.info("gRPC TLS handshake timed out", peer=str(peer))
                 await trio.aclose_forcefully(tls)
                 return
         try:
@@ -160,7 +160,7 @@ class _ServerConnection:
                             self.dispatch(event)
                         await self.flush()
             except _TRANSPORT_ERRORS as exc:
-                LOGGER.debug("gRPC connection from %s ended: %r", self.peer, exc)
+                LOGGER.debug("gRPC connection ended", peer=str(self.peer), error=repr(exc))
             nursery.cancel_scope.cancel()
 
     async def flush(self) -> None:
@@ -226,7 +226,7 @@ class _ServerConnection:
             except GrpcError as exc:
                 return exc.code, exc.message, None
             except Exception:  # a handler bug: answer this call, keep serving the others
-                LOGGER.exception("gRPC handler for %s failed", started.path)
+                LOGGER.exception("gRPC handler failed", path=started.path)
                 return StatusCode.INTERNAL, "internal error", None
         return StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", None
 

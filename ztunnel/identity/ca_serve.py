@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import logging
 import sys
 import tempfile
 from collections.abc import Collection, Sequence
@@ -32,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
+import structlog
 import trio
 import yaml
 from prometheus_client import CollectorRegistry
@@ -47,8 +47,9 @@ from ztunnel.identity.ca_server import (
     serving_certificate,
 )
 from ztunnel.model.identity import Identity
+from ztunnel.telemetry.logging import configure_logging
 
-LOGGER = logging.getLogger("ztunnel.ca")
+LOGGER = structlog.get_logger("ztunnel.ca")
 EXIT_CONFIG = 2
 METRICS_PORT = 15014  # istiod's monitoring port
 
@@ -102,7 +103,11 @@ class StaticPlacement:
                 self._nodes = {}
                 self._nodes = self.parse(self.path.read_text(encoding="utf-8"), str(self.path))
         except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as exc:
-            LOGGER.error("placement file %s unusable, refusing impersonation: %s", self.path, exc)
+            LOGGER.error(
+                "placement file unusable, refusing impersonation",
+                path=str(self.path),
+                error=str(exc),
+            )
             self._stamp, self._nodes = None, {}
         return self._nodes.get(node, frozenset())
 
@@ -153,7 +158,7 @@ def main(argv: Sequence[str] | None = None, *, metrics_server: MetricsServer | N
     """Run until interrupted; 2 on bad configuration. ``metrics_server`` serves the
     service's registry (the app passes the admin layer's; without one there is none)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging("info", "plain")
     try:
         ca = load_ca_dir(args.ca_dir)
         service = CAService(

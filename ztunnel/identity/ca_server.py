@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime
 import hmac
 import ipaddress
-import logging
 import os
 import ssl
 from collections.abc import Callable, Collection, Mapping
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import structlog
 import trio
 import yaml
 from cryptography import x509
@@ -50,7 +50,7 @@ from ztunnel.identity.istio_ca import CREATE_CERTIFICATE, IMPERSONATED_IDENTITY
 from ztunnel.model.identity import Identity
 from ztunnel.proto import citadel_pb2
 
-LOGGER = logging.getLogger("ztunnel.ca")
+LOGGER = structlog.get_logger("ztunnel.ca")
 
 DEFAULT_MAX_TTL = datetime.timedelta(hours=24)
 DEFAULT_TTL = datetime.timedelta(hours=24)
@@ -242,9 +242,12 @@ class CAService:
             raise self._refuse("bad_csr", StatusCode.INVALID_ARGUMENT, str(exc), ctx) from exc
         self.issued.inc()
         LOGGER.info(
-            "issued certificate for %s to %s (node %s, %ss)",
-            wanted, caller.identity, caller.node, int(validity.total_seconds()),
-        )  # fmt: skip
+            "certificate issued",
+            identity=str(wanted),
+            caller=str(caller.identity),
+            node=caller.node,
+            ttl_seconds=int(validity.total_seconds()),
+        )
         response = citadel_pb2.IstioCertificateResponse(cert_chain=[c.decode() for c in chain])
         return response.SerializeToString()
 
@@ -312,7 +315,9 @@ class CAService:
 
     def _refuse(self, reason: str, code: StatusCode, message: str, ctx: ServerContext) -> GrpcError:
         self.refusals.labels(reason).inc()
-        LOGGER.warning("refused certificate request from %s: %s: %s", ctx.peer, reason, message)
+        LOGGER.warning(
+            "certificate request refused", peer=str(ctx.peer), reason=reason, message=message
+        )
         return GrpcError(code, message)
 
     def server(self, ssl_context: ssl.SSLContext | None = None) -> GrpcServer:

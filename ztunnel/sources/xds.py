@@ -14,10 +14,10 @@ already applied is kept across reconnects (nothing is flushed while istiod is aw
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
 import trio
 from google.protobuf.message import DecodeError
 
@@ -29,7 +29,7 @@ from ztunnel.grpc.status import GrpcError, StatusCode
 from ztunnel.proto import xds_pb2
 from ztunnel.sources.xds_protocol import DeltaXds, XdsState, build_node
 
-LOGGER = logging.getLogger("ztunnel.xds")
+LOGGER = structlog.get_logger("ztunnel.xds")
 
 DELTA_ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 INITIAL_BACKOFF = 0.01
@@ -82,10 +82,10 @@ class XdsClient:
             try:
                 await self._stream()
                 self.last_error = None
-                LOGGER.warning("xDS stream to %s ended by the server", self._target)
+                LOGGER.warning("xDS stream ended by the server", target=self._target)
             except (GrpcError, CredentialError) as exc:
                 self.last_error = str(exc)
-                LOGGER.warning("xDS stream to %s failed: %s", self._target, exc)
+                LOGGER.warning("xDS stream failed", target=self._target, error=str(exc))
             finally:
                 self.connected = False
             backoff = (
@@ -122,7 +122,7 @@ class XdsClient:
                     self.nacks += 1
                 await call.send(outcome.reply.SerializeToString())
                 if self.protocol.synced and not self.synced.is_set():
-                    LOGGER.info("xDS: initial sync complete")
+                    LOGGER.info("xDS initial sync complete")
                     self.synced.set()
 
     def not_ready_reason(self) -> str | None:

@@ -16,11 +16,11 @@ the client can write straight into the agent's store.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import structlog
 from google.protobuf import struct_pb2
 
 from ztunnel.grpc.status import StatusCode
@@ -34,7 +34,7 @@ from ztunnel.sources.xds_convert import (
     decode_resource,
 )
 
-LOGGER = logging.getLogger("ztunnel.xds")
+LOGGER = structlog.get_logger("ztunnel.xds")
 
 TYPE_URLS = (ADDRESS_TYPE, AUTHORIZATION_TYPE)
 
@@ -109,7 +109,7 @@ class DeltaXds:
         type_url = response.type_url
         reply = xds_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=response.nonce)
         if type_url not in self.type_urls:
-            LOGGER.error("xDS: ignoring resources of unknown type %s", type_url)
+            LOGGER.error("xDS resources of unknown type ignored", type_url=type_url)
             return Outcome(reply, 0, 0)  # ztunnel ACKs a type it has no handler for
         rejected: list[tuple[str, str]] = []
         applied = 0
@@ -124,7 +124,7 @@ class DeltaXds:
             detail = "; ".join(f"{name}: {problem}" for name, problem in rejected)
             reply.error_detail.code = StatusCode.INVALID_ARGUMENT
             reply.error_detail.message = detail
-            LOGGER.error("xDS: NACK %s nonce %s: %s", type_url, response.nonce, detail)
+            LOGGER.error("xDS NACK", type_url=type_url, nonce=response.nonce, detail=detail)
         else:
             self._unsynced.discard(type_url)
         return Outcome(reply, applied, removed, tuple(rejected))

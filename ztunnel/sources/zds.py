@@ -24,13 +24,13 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
 import trio
 
 from ztunnel.model.pod import PodSnapshot
@@ -46,7 +46,7 @@ from ztunnel.sources.zds_protocol import (
     hello,
 )
 
-LOGGER = logging.getLogger("ztunnel.zds")
+LOGGER = structlog.get_logger("ztunnel.zds")
 
 DEFAULT_UDS = "/var/run/ztunnel/ztunnel.sock"
 MAX_MESSAGE = 1024
@@ -224,8 +224,9 @@ class ZdsClient:
                 except OSError as exc:
                     self.last_error = f"connect {self.path}: {exc.strerror or exc}"
                     backoff = min(backoff * 2, self.max_backoff)
-                    LOGGER.warning("istio-cni unreachable (%s); retry in %.2fs",
-                                   self.last_error, backoff)  # fmt: skip
+                    LOGGER.warning(
+                        "istio-cni unreachable", error=self.last_error, retry_in=round(backoff, 2)
+                    )
                     await trio.sleep(backoff)
                     continue
                 backoff = self.initial_backoff
@@ -261,7 +262,7 @@ class ZdsClient:
                     return
         except OSError as exc:
             self.last_error = f"connection to istio-cni: {exc.strerror or exc}"
-            LOGGER.warning("%s", self.last_error)
+            LOGGER.warning("ZDS connection failed", error=str(self.last_error))
         finally:
             self.connected = False
             self._changed_now()
@@ -339,7 +340,7 @@ class ZdsClient:
         return None if pending.error is None else f"failure to start proxy: {pending.error}"
 
     async def _nack(self, sock: trio.socket.SocketType, error: str) -> None:
-        LOGGER.error("ZDS NACK: %s", error)
+        LOGGER.error("ZDS NACK", error=error)
         self.nacks.append(error)
         self.last_error = error
         await sock.send(ack(error))
