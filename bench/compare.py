@@ -48,13 +48,14 @@ sys.path.insert(0, str(BENCH.parent))
 import compare_report as report  # noqa: E402
 import loadgen  # noqa: E402
 import stunnel  # noqa: E402
-from common import cpu_seconds, proc_sample  # noqa: E402
+from common import cpu_parts, proc_sample  # noqa: E402
 from loadgen import APP_PORT, BenchError, BenchPath  # noqa: E402
 
 STUNNEL_CLIENT_PORT = 9443
 STUNNEL_SERVER_PORT = 9444
 SOCKS_PORT = 15080
 QUIET_LOG = "ztunnel.agent=info,warn"  # ready line kept, per-connection access logs dropped
+_TICK = os.sysconf("SC_CLK_TCK")
 NOFILE = 65536  # 10,000 open connections = 20,000+ fds in a proxy
 
 
@@ -90,8 +91,20 @@ class Run:
 # -- measuring one path -----------------------------------------------------------------
 
 
-def _cpu(path: BenchPath) -> dict[str, float]:
-    return {label: cpu_seconds(pid) for label, pid in path.proxies.items()}
+def _cpu(path: BenchPath) -> dict[str, tuple[float, float]]:
+    return {label: cpu_parts(pid) for label, pid in path.proxies.items()}
+
+
+def _app_cpu(path: BenchPath) -> float:
+    return sum(cpu_parts(path.app_pid)) if path.app_pid else 0.0
+
+
+def machine_busy_s() -> float:
+    """Non-idle CPU seconds of the whole machine since boot (/proc/stat, all CPUs)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / _TICK  # guest time is already inside user
 
 
 def _rss_kib(path: BenchPath) -> dict[str, int]:
@@ -99,18 +112,35 @@ def _rss_kib(path: BenchPath) -> dict[str, int]:
 
 
 class Measure:
-    def __init__(self, binary: Path, plan: Plan, run: Run) -> None:
-        self.binary, self.plan, self.run = binary, plan, run
+    def __init__(self, binary: Path, plan: Plan, run: Run, nofile: int = NOFILE) -> None:
+        self.binary, self.plan, self.run, self.nofile = binary, plan, run, nofile
 
     def _step(
         self, path: BenchPath, name: str, command: str, options: list[str], timeout: float
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """Run one loadgen command; return its result and each proxy's CPU seconds in it."""
-        before = _cpu(path)
+        before, busy0, app0, t0 = _cpu(path), machine_busy_s(), _app_cpu(path), time.monotonic()
         result = loadgen.run(self.binary, command, options, prefix=path.prefix, timeout=timeout)
-        after = _cpu(path)
-        cpu = {k: after[k] - before[k] for k in before}
-        self.run.details[f"{path.group}/{path.kind}/{name}"] = {"loadgen": result, "cpu_s": cpu}
+        after, busy1, app1, wall = (
+            _cpu(path),
+            machine_busy_s(),
+            _app_cpu(path),
+            time.monotonic() - t0,
+        )
+        user = {k: after[k][0] - before[k][0] for k in before}
+        system = {k: after[k][1] - before[k][1] for k in before}
+        cpu = {k: user[k] + system[k] for k in before}
+        # The machine is shared: whatever CPU the path's own processes did not use was
+        # someone else's (other helpers' tests), and competes with the path for 2 vCPUs.
+        ours = sum(cpu.values()) + (app1 - app0) + result.get("loadgen_cpu_s", 0.0)
+        self.run.details[f"{path.group}/{path.kind}/{name}"] = {
+            "loadgen": result,
+            "cpu_s": cpu,
+            "cpu_user_s": user,
+            "cpu_sys_s": system,
+            "machine_busy_vcpu": (busy1 - busy0) / wall,
+            "others_vcpu": max(0.0, (busy1 - busy0 - ours) / wall),
+        }
         return result, cpu
 
     def throughput(self, path: BenchPath, name: str, mode: str, conns: int) -> None:
@@ -160,7 +190,14 @@ class Measure:
 
     def hold(self, path: BenchPath) -> None:
         """RSS per proxy with N idle connections open through the path."""
-        n = self.plan.open_conns
+        # RLIMIT_NOFILE caps what one process can hold (the hard limit may not be raisable)
+        n = min(self.plan.open_conns, (self.nofile - 500) // path.fds_per_conn)
+        if n < self.plan.open_conns:
+            self.run.note(
+                path.group,
+                f"{path.kind}: {n} conns, not {self.plan.open_conns}: "
+                f"RLIMIT_NOFILE {self.nofile}, {path.fds_per_conn} fds per conn",
+            )
         before = _rss_kib(path)
         holder = loadgen.Hold(
             self.binary, [*path.opts, "--count", str(n), "--workers", "8"], prefix=path.prefix
@@ -225,6 +262,17 @@ class Measure:
 
     def _loadgen_note(self, paths: Sequence[BenchPath]) -> None:
         """Evidence that the load generator kept up: its send lag and its own CPU."""
+        others = sorted(
+            d["others_vcpu"]
+            for k, d in self.run.details.items()
+            if k.startswith(f"{paths[0].group}/") and "others_vcpu" in d
+        )
+        if others:
+            self.run.note(
+                paths[0].group,
+                f"other processes on the machine during the steps: median "
+                f"{others[len(others) // 2]:.2f}, max {others[-1]:.2f} vCPU (of 2)",
+            )
         lags, cpus = [], []
         for path in paths:
             for rate in self.plan.rates:
@@ -293,15 +341,18 @@ def loopback_group(
                 "--src",
                 f"{base}.1",
             ]
+            app_pid = procs.app.pid
             print(f"loopback on {base}.x: app, stunnel4 pair and agents ready", flush=True)
             yield [
-                BenchPath(group, "direct", direct, ["--connect", target, *rotate]),
+                BenchPath(group, "direct", direct, ["--connect", target, *rotate], app_pid=app_pid),
                 BenchPath(
                     group,
                     "stunnel4",
                     st,
                     st,
                     proxies={"stunnel-client": tunnels[0].pid, "stunnel-server": tunnels[1].pid},
+                    fds_per_conn=2,
+                    app_pid=app_pid,
                 ),
                 BenchPath(
                     group,
@@ -309,6 +360,7 @@ def loopback_group(
                     zt,
                     zt,
                     proxies={"agent-A": procs.agents["A"].pid, "agent-B": procs.agents["B"].pid},
+                    app_pid=app_pid,
                 ),
             ]
         finally:
@@ -444,6 +496,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also record py-spy flame graphs of the loopback agents into DIR",
     )
     p.add_argument("--profile-seconds", type=float, default=10.0)
+    p.add_argument(
+        "--profile-only", action="store_true", help="with --profile: skip the measured figures"
+    )
     p.add_argument("--open-conns", type=int, help="open connections for the RSS figure")
     args = p.parse_args(argv)
     if args.groups is None:
@@ -458,10 +513,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.open_conns is not None:
         plan.open_conns = args.open_conns
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    if args.profile_only:
+        if not args.profile:
+            print("--profile-only needs --profile DIR", file=sys.stderr)
+            return 2
+        groups = ["loopback"]
     nofile = raise_nofile()
-    if nofile < 2 * plan.open_conns + 1000:
-        plan.open_conns = max(0, (nofile - 1000) // 2)
-        print(f"RLIMIT_NOFILE is {nofile}: holding only {plan.open_conns} connections")
     binary = loadgen.build()
     info = meta(args, plan, nofile)
     run = Run()
@@ -470,7 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
         if "loopback" in groups:
             with loopback_group(binary, workdir) as paths:
-                Measure(binary, plan, run).group(paths, hold=plan.open_conns > 0)
+                if not args.profile_only:
+                    Measure(binary, plan, run, nofile).group(paths, hold=plan.open_conns > 0)
                 if args.profile:
                     import flames
 
@@ -480,8 +538,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             with compare_cluster.cluster_groups(binary, workdir) as cluster_paths:
                 for paths in cluster_paths:
-                    Measure(binary, plan, run).group(paths, hold=False)
+                    Measure(binary, plan, run, nofile).group(paths, hold=False)
     info["seconds"] = round(time.monotonic() - started, 1)
+    if args.profile_only:
+        return 0
     write_outputs(run, info, args.out)
     print(f"(ran in {info['seconds']:.0f} s)")
     return 1 if run.failures else 0

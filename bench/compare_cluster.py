@@ -107,7 +107,10 @@ def cluster_groups(binary: Path, workdir: Path) -> Iterator[list[list[BenchPath]
             for agent in agents.values():
                 wait_ready(agent, timeout=30)
             print(f"cluster {net.prefix}: 2 nodes, apps, stunnel4 and agents ready", flush=True)
-            yield [_paths(net, agents, tunnels, g, s, p) for g, s, p in SERVERS]
+            app_pids = {
+                k.removesuffix(" app"): v.pid for k, v in programs.items() if k.endswith(" app")
+            }
+            yield [_paths(net, agents, tunnels, app_pids, g, s, p) for g, s, p in SERVERS]
         finally:
             with contextlib.suppress(Exception):
                 stop_agents(agents)
@@ -119,6 +122,7 @@ def _paths(
     net: ClusterNet,
     agents: dict[str, AgentProcess],
     tunnels: dict[str, subprocess.Popen[bytes]],
+    app_pids: dict[str, int],
     group: str,
     server: str,
     port: int,
@@ -132,8 +136,9 @@ def _paths(
     agent_pids = {
         f"agent-{n}": a.proc.pid for n, a in agents.items() if n in ("node1", server_node)
     }
+    plain_app = app_pids[f"plain/{server}"]
     return [
-        BenchPath(group, "direct", direct, direct, prefix=plain_prefix),
+        BenchPath(group, "direct", direct, direct, prefix=plain_prefix, app_pid=plain_app),
         BenchPath(
             group,
             "stunnel4",
@@ -144,6 +149,15 @@ def _paths(
                 "stunnel-client": _nsenter_pid(tunnels["client"]),
                 "stunnel-server": _nsenter_pid(tunnels[server]),
             },
+            app_pid=plain_app,
         ),
-        BenchPath(group, "ztunnel-py", zt, zt, prefix=mesh_prefix, proxies=agent_pids),
+        BenchPath(
+            group,
+            "ztunnel-py",
+            zt,
+            zt,
+            prefix=mesh_prefix,
+            proxies=agent_pids,
+            app_pid=app_pids[f"mesh/{server}"],
+        ),
     ]

@@ -28,9 +28,11 @@ from collections import Counter
 from pathlib import Path
 
 import loadgen
+from common import cpu_parts
 from loadgen import APP_PORT, BenchPath
 
-RATE_HZ = 250
+RATE_HZ = 100  # two samplers per agent on 2 shared cores: keep their cost low
+_ROOT = str(Path(__file__).resolve().parent.parent) + "/"
 
 AREAS = (  # first prefix match of the leaf frame's file (py-spy prints short paths) wins
     ("trio scheduler", ("trio/_core/",)),
@@ -56,6 +58,9 @@ KEY_CALLS = (  # cProfile function names worth counting per request
     ("socket recv_into", "<method 'recv_into' of '_socket.socket' objects>"),
     ("socket recv", "<method 'recv' of '_socket.socket' objects>"),
     ("socket send", "<method 'send' of '_socket.socket' objects>"),
+    ("os.write (plain-side direct writes)", "<built-in method posix.write>"),
+    ("connect_ex (dial the app)", "<method 'connect_ex' of '_socket.socket' objects>"),
+    ("socket shutdown", "<method 'shutdown' of '_socket.socket' objects>"),
     ("h2 frames parsed", "parse_frame_header"),
     ("h2 events received", "receive_data"),
     ("h2 data_to_send", "data_to_send"),
@@ -116,7 +121,9 @@ def flame_graphs(binary: Path, path: BenchPath, out: Path, seconds: float) -> li
                 )
         time.sleep(1.0)  # attached before the load starts
         started = time.monotonic()
+        cpu0 = {label: cpu_parts(pid) for label, pid in path.proxies.items()}
         result = loadgen.run(binary, command, opts, prefix=path.prefix, timeout=seconds + 60)
+        cpu1 = {label: cpu_parts(pid) for label, pid in path.proxies.items()}
         wall = time.monotonic() - started
         for rec in recorders:
             rec.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
@@ -129,6 +136,13 @@ def flame_graphs(binary: Path, path: BenchPath, out: Path, seconds: float) -> li
         what = "request" if command == "rr" else "connection"
         lines.append(f"## {scenario}: {units} {what}s in {wall:.1f} s")
         for label in path.proxies:
+            user, system = (
+                1000 * (cpu1[label][i] - cpu0[label][i]) / max(units, 1) for i in (0, 1)
+            )
+            lines.append(
+                f"{label}: /proc: {user + system:.3f} ms CPU per {what} while sampled"
+                f" (user {user:.3f}, system {system:.3f})"
+            )
             raw = out / f"{scenario}-{label}.txt"
             if raw.exists():
                 lines += summarize(raw.read_text(), units, what, label)
@@ -176,8 +190,10 @@ def summarize(raw: str, units: int, what: str, label: str, top: int = 12) -> lis
     if not total:
         return [f"{label}: no samples"]
     ms_per = total / RATE_HZ * 1000 / max(units, 1)
+    # py-spy counts a runnable thread that waits for a CPU as busy: on a loaded machine
+    # this over-states CPU; /proc (above) is the CPU figure, the samples give the shares.
     out = [
-        f"{label}: {total} busy samples at {RATE_HZ} Hz = {ms_per:.3f} ms of CPU per {what}"
+        f"{label}: py-spy: {total} busy samples at {RATE_HZ} Hz = {ms_per:.3f} ms per {what}"
         f" (+{idle} samples parked in epoll_wait, left out)"
     ]
     out.append("  self time by area:")
@@ -190,9 +206,15 @@ def summarize(raw: str, units: int, what: str, label: str, top: int = 12) -> lis
 
 
 def _short_path(file: str) -> str:
-    for marker in ("site-packages/", "/lib/python3.11/", "/wt/perf/", "/main/"):
+    if file.startswith(_ROOT):
+        return file[len(_ROOT) :]
+    for marker in ("site-packages/", "/lib/python3"):
         if marker in file:
-            return file.split(marker, 1)[1]
+            return (
+                file.split(marker, 1)[1].split("/", 1)[-1]
+                if marker != "site-packages/"
+                else file.split(marker, 1)[1]
+            )
     return file
 
 
@@ -236,13 +258,27 @@ def _profiled_pair(
     return _units(command, result), stats
 
 
+def _builtin_area(func: str) -> str:
+    if "_ssl." in func:
+        return "C: OpenSSL (_ssl)"
+    if any(n in func for n in ("_socket.", "posix.", "select.epoll")):
+        return "C: socket/epoll/os syscalls"
+    return "C: other builtins"
+
+
 def _calls(stats: pstats.Stats) -> Counter[str]:
+    """Per function: calls ("@name"), own time ("t@name"); own time per area ("a@area")."""
     counts: Counter[str] = Counter()
-    for (file, line, func), (_cc, nc, *_rest) in stats.stats.items():  # type: ignore[attr-defined]
+    items = stats.stats.items()  # type: ignore[attr-defined]
+    for (file, line, func), (_cc, nc, tottime, *_rest) in items:
         counts[func] += nc  # summed over every function of that name (KEY_CALLS)
         where = func if file == "~" else f"{func} ({_short_path(file)}:{line})"
         counts["@" + where] += nc  # one entry per function (the top list)
+        counts["t@" + where] += tottime
+        area = _builtin_area(func) if file == "~" else area_of(where)
+        counts["a@" + area] += tottime
         counts["*"] += nc
+        counts["t*"] += tottime
     return counts
 
 
@@ -259,6 +295,22 @@ def _top_calls(
         lines.append(f"agent {who}: the {top} most called functions, calls per {what}")
         for func, n in diff.most_common(top):
             lines.append(f"  {n:8.1f}  {func}")
+        lines.append("")
+        us = {k: (c2[who][k] - c1[who][k]) / du * 1e6 for k in c2[who] if k.startswith("t")}
+        total = us.get("t*", 0.0)
+        lines.append(
+            f"agent {who}: own time per {what} under cProfile: {total:.0f} us in all"
+            " (cProfile's overhead inflates Python calls; read the shares)"
+        )
+        areas = {k[2:]: (c2[who][k] - c1[who][k]) / du * 1e6 for k in c2[who] if k.startswith("a@")}
+        for area, v in sorted(areas.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {v:8.1f} us  {100 * v / total if total else 0:5.1f}%  {area}")
+        lines.append(f"agent {who}: the {top} functions with the most own time, us per {what}")
+        ranked = sorted(
+            ((k[2:], v) for k, v in us.items() if k.startswith("t@")), key=lambda kv: -kv[1]
+        )
+        for func, v in ranked[:top]:
+            lines.append(f"  {v:8.1f}  {func}")
         lines.append("")
     return lines
 

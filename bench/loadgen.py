@@ -38,6 +38,8 @@ class BenchPath:
     conn_opts: list[str]  # the same for new-connection runs (may rotate the source)
     prefix: list[str] = field(default_factory=list)  # e.g. nsenter into a pod
     proxies: dict[str, int] = field(default_factory=dict)  # process label -> pid
+    fds_per_conn: int = 1  # in the busiest proxy process: 2 for a stunnel client
+    app_pid: int | None = None  # the app this path ends in (for the machine-load figure)
 
 
 def cache_dir() -> Path:
