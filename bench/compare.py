@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
@@ -66,10 +68,20 @@ class Plan:
     conn_seconds: float = 3.0
     open_conns: int = 10_000
     rates: tuple[int, ...] = report.RATES
+    quiet: float = 0.5  # vCPU other processes may use during a step before it is retried
+    quiet_wait: float = 5.0  # at most this long waiting for a quiet moment before a step
+    attempts: int = 2
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(tput_seconds=1.0, rr_seconds=1.5, conn_seconds=1.0, open_conns=1000)
+        return cls(
+            tput_seconds=1.0,
+            rr_seconds=1.5,
+            conn_seconds=1.0,
+            open_conns=1000,
+            quiet_wait=2.0,
+            attempts=1,
+        )
 
 
 @dataclass
@@ -99,12 +111,23 @@ def _app_cpu(path: BenchPath) -> float:
     return sum(cpu_parts(path.app_pid)) if path.app_pid else 0.0
 
 
-def machine_busy_s() -> float:
-    """Non-idle CPU seconds of the whole machine since boot (/proc/stat, all CPUs)."""
+def machine_busy_s() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot, from /proc/stat.
+
+    Busy is user + nice + system only: interrupt and softirq time (loopback TCP runs
+    much of its receive path there) is charged to no process, so leaving it out keeps
+    "other processes" below from counting our own traffic. Steal is the hypervisor's."""
     with open("/proc/stat") as f:
         ticks = [int(x) for x in f.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks[:8]) - idle) / _TICK  # guest time is already inside user
+    return (ticks[0] + ticks[1] + ticks[2]) / _TICK, ticks[7] / _TICK
+
+
+def others_vcpu(seconds: float, ours: Callable[[], float]) -> float:
+    """CPU that processes other than ``ours`` (a CPU-seconds reading) used over a window."""
+    (b0, _), o0, t0 = machine_busy_s(), ours(), time.monotonic()
+    time.sleep(seconds)
+    (b1, _), o1 = machine_busy_s(), ours()
+    return max(0.0, (b1 - b0 - (o1 - o0)) / (time.monotonic() - t0))
 
 
 def _rss_kib(path: BenchPath) -> dict[str, int]:
@@ -115,33 +138,65 @@ class Measure:
     def __init__(self, binary: Path, plan: Plan, run: Run, nofile: int = NOFILE) -> None:
         self.binary, self.plan, self.run, self.nofile = binary, plan, run, nofile
 
+    def _ours(self, path: BenchPath) -> float:
+        return sum(sum(v) for v in _cpu(path).values()) + _app_cpu(path)
+
+    def _wait_quiet(self, path: BenchPath) -> tuple[float, float]:
+        """Wait (bounded) until other processes leave the machine mostly idle.
+
+        Returns (seconds waited, their vCPU in the last window)."""
+        start = time.monotonic()
+        while True:
+            others = others_vcpu(0.5, lambda: self._ours(path))
+            waited = time.monotonic() - start
+            if others <= self.plan.quiet or waited >= self.plan.quiet_wait:
+                return waited, others
+
     def _step(
         self, path: BenchPath, name: str, command: str, options: list[str], timeout: float
     ) -> tuple[dict[str, Any], dict[str, float]]:
-        """Run one loadgen command; return its result and each proxy's CPU seconds in it."""
-        before, busy0, app0, t0 = _cpu(path), machine_busy_s(), _app_cpu(path), time.monotonic()
+        """Run one loadgen command; return its result and each proxy's CPU seconds in it.
+
+        The machine is shared (other helpers run test suites): before each attempt wait
+        for a quiet moment, and if others still used more than ``plan.quiet`` vCPU during
+        the attempt, try again; the least disturbed of ``plan.attempts`` is kept."""
+        best: dict[str, Any] | None = None
+        tried: list[float] = []
+        for _ in range(max(1, self.plan.attempts)):
+            waited, _pre = self._wait_quiet(path)
+            attempt = self._attempt(path, command, options, timeout)
+            attempt["quiet_wait_s"] = round(waited, 2)
+            tried.append(round(attempt["others_vcpu"], 3))
+            if best is None or attempt["others_vcpu"] < best["others_vcpu"]:
+                best = attempt
+            if attempt["others_vcpu"] <= self.plan.quiet:
+                break
+        assert best is not None
+        best["others_vcpu_per_attempt"] = tried
+        self.run.details[f"{path.group}/{path.kind}/{name}"] = best
+        return best["loadgen"], best["cpu_s"]
+
+    def _attempt(
+        self, path: BenchPath, command: str, options: list[str], timeout: float
+    ) -> dict[str, Any]:
+        before, app0 = _cpu(path), _app_cpu(path)
+        (busy0, steal0), t0 = machine_busy_s(), time.monotonic()
         result = loadgen.run(self.binary, command, options, prefix=path.prefix, timeout=timeout)
-        after, busy1, app1, wall = (
-            _cpu(path),
-            machine_busy_s(),
-            _app_cpu(path),
-            time.monotonic() - t0,
-        )
+        (busy1, steal1), wall = machine_busy_s(), time.monotonic() - t0
+        after, app1 = _cpu(path), _app_cpu(path)
         user = {k: after[k][0] - before[k][0] for k in before}
         system = {k: after[k][1] - before[k][1] for k in before}
         cpu = {k: user[k] + system[k] for k in before}
-        # The machine is shared: whatever CPU the path's own processes did not use was
-        # someone else's (other helpers' tests), and competes with the path for 2 vCPUs.
+        # whatever CPU the path's own processes did not use was someone else's
         ours = sum(cpu.values()) + (app1 - app0) + result.get("loadgen_cpu_s", 0.0)
-        self.run.details[f"{path.group}/{path.kind}/{name}"] = {
+        return {
             "loadgen": result,
             "cpu_s": cpu,
             "cpu_user_s": user,
             "cpu_sys_s": system,
-            "machine_busy_vcpu": (busy1 - busy0) / wall,
             "others_vcpu": max(0.0, (busy1 - busy0 - ours) / wall),
+            "steal_vcpu": (steal1 - steal0) / wall,
         }
-        return result, cpu
 
     def throughput(self, path: BenchPath, name: str, mode: str, conns: int) -> None:
         t = self.plan.tput_seconds
@@ -270,8 +325,9 @@ class Measure:
         if others:
             self.run.note(
                 paths[0].group,
-                f"other processes on the machine during the steps: median "
-                f"{others[len(others) // 2]:.2f}, max {others[-1]:.2f} vCPU (of 2)",
+                f"other processes' CPU during the kept attempt of each step: median "
+                f"{others[len(others) // 2]:.2f}, max {others[-1]:.2f} vCPU (of "
+                f"{os.cpu_count()}; quiet threshold {self.plan.quiet:g})",
             )
         lags, cpus = [], []
         for path in paths:
@@ -500,6 +556,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile-only", action="store_true", help="with --profile: skip the measured figures"
     )
     p.add_argument("--open-conns", type=int, help="open connections for the RSS figure")
+    p.add_argument(
+        "--quiet",
+        type=float,
+        help="vCPU other processes may use during a step before it is retried (0.5)",
+    )
+    p.add_argument("--attempts", type=int, help="tries per step on a busy machine (2; quick 1)")
     args = p.parse_args(argv)
     if args.groups is None:
         cluster = os.geteuid() == 0 and not args.quick
@@ -512,6 +574,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = Plan.quick() if args.quick else Plan()
     if args.open_conns is not None:
         plan.open_conns = args.open_conns
+    if args.quiet is not None:
+        plan.quiet = args.quiet
+    if args.attempts is not None:
+        plan.attempts = args.attempts
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     if args.profile_only:
         if not args.profile:
@@ -547,7 +613,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if run.failures else 0
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C (agents, stunnel, netns)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with & (ignored)
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(main())
     sys.exit(130)
