@@ -31,6 +31,7 @@ import loadgen
 from common import cpu_parts
 from loadgen import APP_PORT, BenchPath
 
+CPROFILE_RATE = 500
 RATE_HZ = 100  # two samplers per agent on 2 shared cores: keep their cost low
 _ROOT = str(Path(__file__).resolve().parent.parent) + "/"
 
@@ -48,6 +49,7 @@ AREAS = (  # first prefix match of the leaf frame's file (py-spy prints short pa
 )
 # The leaf frame of a thread parked in epoll_wait: py-spy cannot always tell this idle
 # wait from work, so these samples are reported apart and left out of the CPU figures.
+IDLE_CALL = "<method 'poll' of 'select.epoll' objects>"
 IDLE_LEAVES = ("EpollIOManager.get_events (trio/_core/_io_epoll.py",)
 
 KEY_CALLS = (  # cProfile function names worth counting per request
@@ -247,7 +249,9 @@ def _profiled_pair(
     target = f"{base}.2:{APP_PORT}"
     opts = ["--connect", f"{base}.1:{SOCKS_PORT}", "--socks-dst", target, "--src", f"{base}.1"]
     if command == "rr":
-        opts += ["--rate", "1000", "--conns", "4", "--seconds", f"{seconds:g}"]
+        # 500/s: slow enough that the profiled agents keep up and each request is its
+        # own frame and wake-up (the per-request counts then do not depend on batching)
+        opts += ["--rate", str(CPROFILE_RATE), "--conns", "4", "--seconds", f"{seconds:g}"]
     else:
         opts += ["--workers", "1", "--seconds", f"{seconds:g}"]
     profile_dir.mkdir(parents=True, exist_ok=True)
@@ -276,10 +280,12 @@ def _calls(stats: pstats.Stats) -> Counter[str]:
         counts[func] += nc  # summed over every function of that name (KEY_CALLS)
         where = func if file == "~" else f"{func} ({_short_path(file)}:{line})"
         counts["@" + where] += nc  # one entry per function (the top list)
+        counts["*"] += nc
+        if func == IDLE_CALL:
+            continue  # a wait, not work: kept out of the time figures
         counts["t@" + where] += tottime
         area = _builtin_area(func) if file == "~" else area_of(where)
         counts["a@" + area] += tottime
-        counts["*"] += nc
         counts["t*"] += tottime
     return counts
 
@@ -301,8 +307,9 @@ def _top_calls(
         us = {k: (c2[who][k] - c1[who][k]) / du * 1e6 for k in c2[who] if k.startswith("t")}
         total = us.get("t*", 0.0)
         lines.append(
-            f"agent {who}: own time per {what} under cProfile: {total:.0f} us in all"
-            " (cProfile's overhead inflates Python calls; read the shares)"
+            f"agent {who}: own time per {what} under cProfile: {total:.0f} us in all, waits in"
+            " epoll left out (wall clock: cProfile's overhead inflates Python calls and"
+            " preemption on a busy machine lands anywhere; read the shares)"
         )
         areas = {k[2:]: (c2[who][k] - c1[who][k]) / du * 1e6 for k in c2[who] if k.startswith("a@")}
         for area, v in sorted(areas.items(), key=lambda kv: -kv[1]):
@@ -329,7 +336,8 @@ def call_counts(binary: Path, out: Path, short: float, long: float) -> list[str]
                 runs.append((units, {w: _calls(s) for w, s in stats.items()}))
             (u1, c1), (u2, c2) = runs
             du = u2 - u1
-            lines.append(f"## per {what} (cProfile, ({u2} - {u1}) {what}s)")
+            load = f" at {CPROFILE_RATE} req/s" if command == "rr" else ", 1 worker"
+            lines.append(f"## per {what} (cProfile{load}, ({u2} - {u1}) {what}s)")
             lines.append(f"{'':40} {'agent A':>9} {'agent B':>9}")
             for label, func in KEY_CALLS:
                 cells = []

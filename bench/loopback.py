@@ -131,10 +131,7 @@ def loopback_pair(
             for who in ("A", "B"):
                 with (workdir / f"agent-{who}.log").open("wb") as out:
                     prof = (
-                        [
-                            str(ROOT / "bench" / "cprofile_cpu.py"),
-                            str(Path(profile_dir) / f"agent-{who}.prof"),
-                        ]
+                        ["-m", "cProfile", "-o", str(Path(profile_dir) / f"agent-{who}.prof")]
                         if profile_dir
                         else []
                     )
@@ -404,10 +401,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base", help="127.a.b base address (default random)")
     p.add_argument("--quick", action="store_true", help="small sizes, under 30 s")
     p.add_argument(
-        "--profile",
-        metavar="DIR",
-        help="run the agents under cProfile (CPU-time clock: bench/cprofile_cpu.py), write "
-        "DIR/agent-{A,B}.prof",
+        "--profile", metavar="DIR", help="run the agents under cProfile, write DIR/agent-{A,B}.prof"
     )
     args = p.parse_args(argv)
     defaults = (128, 2.0, 1.5) if args.quick else (512, 5.0, 5.0)
