@@ -377,7 +377,7 @@ def loopback_group(
 ) -> Iterator[list[BenchPath]]:
     from loopback import loopback_pair
 
-    from ztunnel.loopback import random_base
+    from ztunnel.testing.loopback import random_base
 
     base = random_base()
     app = [str(binary), "serve", f"{base}.2", str(APP_PORT), "2"]

@@ -30,8 +30,8 @@ from loadgen import APP_PORT, BenchError, BenchPath
 from ztunnel.cluster import apps
 from ztunnel.cluster.net import ClusterNet, cleanup_stale, running_cluster
 from ztunnel.cluster.spec import loads_spec
-from ztunnel.enroll.harness import AgentProcess, start_agent, stop_agents, wait_ready
 from ztunnel.identity.ca import init_ca_dir
+from ztunnel.testing.harness import AgentProcess, start_agent, stop_agents, wait_ready
 
 STUNNEL_PORT = 9443
 SERVERS = (("cluster same node", "server-1", 9441), ("cluster cross node", "server-2", 9442))

@@ -242,7 +242,7 @@ def _profiled_pair(
     from compare import QUIET_LOG, SOCKS_PORT
     from loopback import loopback_pair
 
-    from ztunnel.loopback import random_base
+    from ztunnel.testing.loopback import random_base
 
     base = random_base()
     app = [str(binary), "serve", f"{base}.2", str(APP_PORT), "2"]

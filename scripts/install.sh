@@ -2,9 +2,9 @@
 # Installs what ztunnel-py and its tests need on a fresh Debian machine:
 # system tools (as root: iptables, iproute2, nsenter, iperf3, tcpdump, curl; chromium for the
 # UI's browser tests; stunnel4, the C reference tunnel of bench/compare.py, and gcc, which
-# builds its C load generator at run time), what eBPF redirection needs (bcc, kernel headers linked for the running
-# kernel, bpftool, a mounted bpffs; skipped with ZTUNNEL_SKIP_EBPF=1) and a virtualenv at .venv
-# with the package and its test extras. Safe to re-run.
+# builds its C load generator at run time), what eBPF redirection needs (bcc, kernel headers
+# linked for the running kernel, bpftool, a mounted bpffs; skipped with ZTUNNEL_SKIP_EBPF=1)
+# and a virtualenv at .venv with the package and its test extras. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
