@@ -210,12 +210,17 @@ class ProcSample:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a process (all its threads) since it started."""
+def cpu_parts(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process (all its threads) since it started."""
     with open(f"/proc/{pid}/stat") as f:
         # comm may contain spaces and parens; the fields after the last ')' are fixed
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process (all its threads) since it started."""
+    return sum(cpu_parts(pid))
 
 
 def proc_sample(pid: int) -> ProcSample:

@@ -102,8 +102,13 @@ def _is_ready(line: str) -> bool:
 
 @contextlib.contextmanager
 def loopback_pair(
-    base: str, log_level: str, profile_dir: str | None = None
+    base: str,
+    log_level: str,
+    profile_dir: str | None = None,
+    app_argv: list[str] | None = None,
 ) -> Iterator[tuple[Procs, Path]]:
+    """CA, agents A and B and the app (``app_argv``, default ``bench/common.py serve``;
+    it must print a line starting with ``listening`` once it accepts)."""
     with tempfile.TemporaryDirectory(prefix="zt-bench-") as tmp:
         workdir = Path(tmp)
         subprocess.run(
@@ -116,7 +121,8 @@ def loopback_pair(
         app_log = workdir / "app.log"
         with app_log.open("wb") as out:
             app = subprocess.Popen(
-                [PY, str(ROOT / "bench" / "common.py"), "serve", f"{base}.2", str(APP_PORT)],
+                app_argv
+                or [PY, str(ROOT / "bench" / "common.py"), "serve", f"{base}.2", str(APP_PORT)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

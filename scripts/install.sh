@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what ztunnel-py and its tests need on a fresh Debian machine:
 # system tools (as root: iptables, iproute2, nsenter, iperf3, tcpdump, curl; chromium for the
-# UI's browser tests), what eBPF redirection needs (bcc, kernel headers linked for the running
-# kernel, bpftool, a mounted bpffs; skipped with ZTUNNEL_SKIP_EBPF=1) and a virtualenv at .venv
-# with the package and its test extras. Safe to re-run.
+# UI's browser tests; stunnel4, the C reference tunnel of bench/compare.py, and gcc, which
+# builds its C load generator at run time), what eBPF redirection needs (bcc, kernel headers
+# linked for the running kernel, bpftool, a mounted bpffs; skipped with ZTUNNEL_SKIP_EBPF=1)
+# and a virtualenv at .venv with the package and its test extras. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(iptables iproute2 util-linux iperf3 tcpdump procps curl)
+APT_PACKAGES=(iptables iproute2 util-linux iperf3 tcpdump procps curl stunnel4 gcc libc6-dev)
 if [ "${ZTUNNEL_SKIP_EBPF:-0}" != 1 ] && command -v dpkg >/dev/null; then
     # bcc compiles ebpf/*.c at agent start; its Python bindings stay in Debian's dist-packages
     # and ztunnel/redirect/ebpf/environment.py imports just that package from there.
