@@ -260,10 +260,14 @@ async def test_ztunnel_run_with_only_istiods_environment_serves_xds_workloads(
                 assert dump["config"]["caDir"] is None and not dump["config"]["fakeCa"]
 
                 # A policy pushed over xDS to the server's agent is enforced.
-                streams["server"].push(
+                nonce = streams["server"].push(
                     AUTHORIZATION_TYPE, [("default/deny-app", "2", deny_port("deny-app", APP_PORT))]
                 )
-                await trio.to_thread.run_sync(streams["server"].next_request)
+                # The ACK of *this* push (earlier ACKs may still be queued on a slow machine).
+                while (
+                    await trio.to_thread.run_sync(streams["server"].next_request)
+                ).response_nonce != nonce:
+                    pass
                 with pytest.raises(Socks5Refused):
                     await socks5_connect(socks, server_ip, APP_PORT, local_ip=client_ip)
                 nursery.cancel_scope.cancel()
