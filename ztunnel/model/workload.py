@@ -67,6 +67,18 @@ class Visibility(enum.Enum):
     NAMESPACE = "Namespace"
 
 
+class AppProtocol(enum.Enum):
+    """What a Service port speaks (workload.proto ``AppProtocol``); istiod derives it from
+    the Kubernetes port's ``appProtocol``, else its name prefix (``apps.app_protocol``)."""
+
+    UNKNOWN = "Unknown"
+    HTTP11 = "Http11"
+    HTTP2 = "Http2"
+    GRPC = "Grpc"
+    TCP = "Tcp"
+    TLS = "Tls"
+
+
 @dataclass(frozen=True, slots=True)
 class NetworkAddress:
     """An IP on a network; ``network/ip`` in the local config (``/1.2.3.4`` = default network)."""
@@ -172,6 +184,8 @@ class Service:
     hostname: str
     vips: tuple[NetworkAddress, ...] = ()
     ports: Mapping[int, int] = field(default_factory=dict)  # service port -> target port
+    # service port -> declared protocol; a port missing here is UNKNOWN (the waypoint sniffs)
+    app_protocols: Mapping[int, AppProtocol] = field(default_factory=dict)
     subject_alt_names: tuple[str, ...] = ()
     waypoint: GatewayAddress | None = None
     load_balancer: LoadBalancer | None = None

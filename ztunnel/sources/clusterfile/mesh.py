@@ -6,17 +6,26 @@ even in an unlabelled namespace (Istio's rule, ``model.pod.wants_ambient``).
 Everything else is a plain-TCP workload. Services select pods by label, as in
 Kubernetes; their endpoints are expressed the local-config way (each selected
 workload's ``services`` map) for the state store to derive.
+
+Waypoints (``sources/waypoints.py``, istiod's rules): ``Gateway`` documents of class
+``istio-waypoint`` among the policies, ``istio.io/use-waypoint`` on a namespace, Service
+or pod, the implicit ALLOW of each waypoint's identity on the workloads behind it, and
+each port's declared protocol. Gateway API documents (Gateway, HTTPRoute, GRPCRoute) and
+Kubernetes Service documents are the waypoint's, never the L4 translator's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
+from ztunnel.model.authorization import Authorization
 from ztunnel.model.pod import MeshState, NetnsRef, Pod, PodSnapshot, wants_ambient
 from ztunnel.model.workload import NetworkAddress, Service, TunnelProtocol, Workload
 from ztunnel.policy.istio import PolicyDocuments, attach_policies, translate_sources
+from ztunnel.sources import waypoints as wp
 from ztunnel.sources.clusterfile.layout import ClusterLayout, layout
-from ztunnel.sources.clusterfile.spec import ClusterSpec, PodSpec
+from ztunnel.sources.clusterfile.spec import ClusterSpec, PodSpec, ServiceSpec
 
 
 def pod_uid(pod: PodSpec) -> str:
@@ -39,28 +48,70 @@ def _canonical_name(pod: PodSpec) -> str:
     )
 
 
+def _is_waypoint_document(doc: Any) -> bool:
+    """Documents only the waypoint reads (routes, Gateways, Service port declarations)."""
+    if not isinstance(doc, Mapping):
+        return False
+    api = str(doc.get("apiVersion", ""))
+    return api.startswith(wp.GATEWAY_API_GROUP + "/") or (
+        api == "v1" and doc.get("kind") == "Service"
+    )
+
+
+def _ns_labels(spec: ClusterSpec, namespace: str) -> Mapping[str, str]:
+    ns = spec.namespaces.get(namespace)
+    return ns.labels if ns is not None else {}
+
+
+def index_waypoints(spec: ClusterSpec, documents: Iterable[Any] = ()) -> wp.WaypointIndex:
+    """The cluster's waypoints: Gateways among its policies and ``documents``."""
+    pods = [wp.PodInfo(p.name, p.namespace, p.service_account, p.labels) for p in spec.pods]
+    services = [_service_info(s) for s in spec.services]
+    return wp.index_waypoints([*spec.policies, *documents], pods, services)
+
+
+def _service_info(svc: ServiceSpec) -> wp.ServiceInfo:
+    return wp.ServiceInfo(svc.name, svc.namespace, svc.hostname, svc.labels)
+
+
+def _service(svc: ServiceSpec, waypoint: wp.Waypoint | None) -> Service:
+    return Service(
+        name=svc.name,
+        namespace=svc.namespace,
+        hostname=svc.hostname,
+        vips=(NetworkAddress("", svc.vip),),
+        ports=dict(svc.ports),
+        app_protocols={
+            port: wp.app_protocol(port, info.name, info.app_protocol)
+            for port, info in svc.port_info.items()
+        },
+        waypoint=waypoint.address if waypoint is not None else None,
+    )
+
+
 def cluster_state(
-    spec: ClusterSpec, places: ClusterLayout
+    spec: ClusterSpec, places: ClusterLayout, waypoints: wp.WaypointIndex | None = None
 ) -> tuple[list[Workload], list[Service], dict[str, dict[str, str]]]:
-    """(workloads, services, labels by workload uid) for the whole cluster."""
+    """(workloads, services, labels by workload uid) for the whole cluster, with
+    ``waypoints`` bound (and their implicit policies listed) as istiod binds them."""
+    index = waypoints if waypoints is not None else index_waypoints(spec)
     services_of: dict[str, dict[str, dict[int, int]]] = {}
+    waypoints_of: dict[str, list[wp.Waypoint | None]] = {}
     services: list[Service] = []
     for svc in spec.services:
-        services.append(
-            Service(
-                name=svc.name,
-                namespace=svc.namespace,
-                hostname=svc.hostname,
-                vips=(NetworkAddress("", svc.vip),),
-                ports=dict(svc.ports),
-            )
-        )
+        bound = wp.service_waypoint(index, _service_info(svc), _ns_labels(spec, svc.namespace))
+        services.append(_service(svc, bound))
         for pod in spec.selected_pods(svc):
             services_of.setdefault(pod.key, {})[svc.key] = dict(svc.ports)
+            waypoints_of.setdefault(pod.key, []).append(bound)
     workloads: list[Workload] = []
     labels: dict[str, dict[str, str]] = {}
     for pod in spec.pods:
         uid = pod_uid(pod)
+        info = wp.PodInfo(pod.name, pod.namespace, pod.service_account, pod.labels)
+        own = wp.workload_waypoint(index, info, _ns_labels(spec, pod.namespace))
+        native = pod.labels.get(wp.TUNNEL_LABEL) == "http"
+        mesh = in_mesh(spec, pod) or native
         workloads.append(
             Workload(
                 uid=uid,
@@ -68,16 +119,29 @@ def cluster_state(
                 namespace=pod.namespace,
                 workload_ips=(places.pods[pod.key].ip,),
                 service_account=pod.service_account,
-                protocol=TunnelProtocol.HBONE if in_mesh(spec, pod) else TunnelProtocol.TCP,
+                protocol=TunnelProtocol.HBONE if mesh else TunnelProtocol.TCP,
+                native_tunnel=native,
                 node=pod.node,
+                waypoint=own.address if own is not None else None,
                 canonical_name=_canonical_name(pod),
                 canonical_revision=pod.labels.get("service.istio.io/canonical-revision", "latest"),
                 workload_name=pod.name,
                 services=services_of.get(pod.key, {}),
+                authorization_policies=tuple(
+                    wp.implicit_policy_keys(own, waypoints_of.get(pod.key, []))
+                ),
             )
         )
         labels[uid] = dict(pod.labels)
     return workloads, services, labels
+
+
+def implicit_policies(index: wp.WaypointIndex) -> list[Authorization]:
+    return [
+        wp.implicit_policy(w)
+        for w in index.waypoints.values()
+        if w.implicit_policy_key() is not None
+    ]
 
 
 def mesh_state(
@@ -88,12 +152,18 @@ def mesh_state(
 
     Raises ConfigError (naming the file, the policy and the field) on a bad policy.
     """
-    workloads, services, labels = cluster_state(spec, places)
-    file_policies = PolicyDocuments(spec.source, tuple(spec.policies))
-    translated = translate_sources([file_policies, *policy_files])
+    extra = [doc for f in policy_files for doc in f.documents]
+    index = index_waypoints(spec, extra)
+    workloads, services, labels = cluster_state(spec, places, index)
+    sources = [PolicyDocuments(spec.source, tuple(spec.policies)), *policy_files]
+    translated = translate_sources(
+        PolicyDocuments(s.source, tuple(d for d in s.documents if not _is_waypoint_document(d)))
+        for s in sources
+    )
     attached, policies = attach_policies(workloads, labels, translated)
+    policies += implicit_policies(index)
     state = MeshState(tuple(attached), tuple(services), tuple(policies))
-    return state, list(translated.warnings)
+    return state, [*translated.warnings, *index.warnings]
 
 
 def node_pods(spec: ClusterSpec, places: ClusterLayout, node: str) -> tuple[Pod, ...]:

@@ -48,6 +48,14 @@ class PodSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class PortSpec:
+    """A Service port's Kubernetes name and ``appProtocol`` (either may be absent)."""
+
+    name: str | None = None
+    app_protocol: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceSpec:
     name: str
     namespace: str
@@ -55,6 +63,8 @@ class ServiceSpec:
     vip: IPAddress
     ports: Mapping[int, int]  # service port -> target port
     selector: Mapping[str, str]
+    labels: Mapping[str, str] = field(default_factory=dict)
+    port_info: Mapping[int, PortSpec] = field(default_factory=dict)  # by service port
 
     @property
     def key(self) -> str:
@@ -148,7 +158,8 @@ class _Parser:
 _TOP = ("namespaces", "nodes", "pods", "services", "policies")
 _NS = ("labels",)
 _POD = ("name", "namespace", "serviceAccount", "node", "labels", "program", "ports")
-_SVC = ("name", "namespace", "hostname", "vip", "ports", "selector")
+_SVC = ("name", "namespace", "hostname", "vip", "ports", "selector", "labels")
+_SVC_PORT = ("port", "targetPort", "name", "appProtocol")
 
 
 def parse_spec(data: object, source: str = "<cluster>") -> ClusterSpec:
@@ -261,12 +272,7 @@ def _service(p: _Parser, raw: object, path: str, namespaces: Mapping[str, object
     ns = p.name(m["namespace"], f"{path}.namespace")
     if ns not in namespaces:
         raise p.fail(f"{path}.namespace", f"unknown namespace {ns!r}")
-    ports_raw = m["ports"]
-    if not isinstance(ports_raw, dict) or not ports_raw:
-        raise p.fail(f"{path}.ports", "expected a non-empty mapping {port: targetPort}")
-    ports = {
-        p.port(k, f"{path}.ports"): p.port(v, f"{path}.ports.{k}") for k, v in ports_raw.items()
-    }
+    ports, info = _service_ports(p, m["ports"], f"{path}.ports")
     hostname = m.get("hostname", f"{name}.{ns}.svc.cluster.local")
     return ServiceSpec(
         name=name,
@@ -275,7 +281,36 @@ def _service(p: _Parser, raw: object, path: str, namespaces: Mapping[str, object
         vip=p.ip(m["vip"], f"{path}.vip"),
         ports=ports,
         selector=p.labels(m.get("selector"), f"{path}.selector"),
+        labels=p.labels(m.get("labels"), f"{path}.labels"),
+        port_info=info,
     )
+
+
+def _service_ports(
+    p: _Parser, raw: object, path: str
+) -> tuple[dict[int, int], dict[int, PortSpec]]:
+    """``{port: targetPort}``, or Kubernetes' list of ``{port, targetPort, name, appProtocol}``."""
+    if isinstance(raw, dict) and raw:
+        return {p.port(k, path): p.port(v, f"{path}.{k}") for k, v in raw.items()}, {}
+    if not isinstance(raw, list) or not raw:
+        raise p.fail(path, "expected a non-empty mapping {port: targetPort} or a list of ports")
+    ports: dict[int, int] = {}
+    info: dict[int, PortSpec] = {}
+    for i, item in enumerate(raw):
+        m = p.mapping(item, f"{path}[{i}]", _SVC_PORT)
+        if "port" not in m:
+            raise p.fail(f"{path}[{i}].port", "required field missing")
+        port = p.port(m["port"], f"{path}[{i}].port")
+        if port in ports:
+            raise p.fail(f"{path}[{i}].port", f"duplicate port {port}")
+        ports[port] = p.port(m.get("targetPort", port), f"{path}[{i}].targetPort")
+        name = m.get("name")
+        app = m.get("appProtocol")
+        info[port] = PortSpec(
+            p.text(name, f"{path}[{i}].name") if name is not None else None,
+            p.text(app, f"{path}[{i}].appProtocol") if app is not None else None,
+        )
+    return ports, info
 
 
 def _policy(
