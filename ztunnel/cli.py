@@ -1,4 +1,4 @@
-"""Command line: ``ztunnel run | ca init | ca serve | ctl | demo``.
+"""Command line: ``ztunnel run | waypoint | ca init | ca serve | ctl | demo``.
 
 Every ``run`` option is also read from ztunnel's environment variable of the
 same meaning (flag > env > default); ``ztunnel run --help`` lists both names.
@@ -11,11 +11,15 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ztunnel import __version__
 from ztunnel.config import Config
 from ztunnel.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ztunnel.identity.ca import CertificateAuthority
 
 EXIT_CONFIG = 2
 
@@ -102,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
+    add_waypoint_parser(sub)
+
     sub.add_parser(
         "ctl",
         help="inspect a running agent (workloads, services, policies, certificates, ...)",
@@ -133,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ztunnel.identity.cli import ca_init_command
 
         return ca_init_command(args.directory, args.trust_domain, args.force)
+    if args.command == "waypoint":
+        return waypoint_command(args)
     if args.command == "demo":
         from ztunnel.demo import demo_command
 
@@ -164,6 +172,61 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"ztunnel: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return agent.run_forever()
+
+
+def add_waypoint_parser(sub: Any) -> None:
+    wp = sub.add_parser(
+        "waypoint",
+        help="run a waypoint: the L7 proxy of a waypoint Gateway (HBONE in and out)",
+        description="Run one waypoint process: HBONE on 15008, HTTP-aware routing and L7 "
+        "policy, admin on 15000, metrics on 15020, readiness on 15021. The mesh comes from a "
+        "cluster file or a ztunnel local-config file; routes and L7 policies from the cluster "
+        "file's documents and --config files. Certificates: CA_DIR or FAKE_CA=true.",
+    )
+    wp.add_argument("--gateway", help="the waypoint Gateway's name [env GATEWAY_NAME]")
+    wp.add_argument("--namespace", help="its namespace [env POD_NAMESPACE; default default]")
+    wp.add_argument("--service-account", help="its pods' service account [env SERVICE_ACCOUNT]")
+    wp.add_argument("--cluster", metavar="FILE", help="cluster file: mesh, routes, policies")
+    wp.add_argument("--cluster-prefix", metavar="PREFIX", help="netns prefix of the cluster")
+    wp.add_argument("--local-config", metavar="FILE", help="ztunnel local-config YAML (mesh)")
+    wp.add_argument(
+        "--config",
+        metavar="PATH",
+        action="append",
+        help="HTTPRoute/GRPCRoute/AuthorizationPolicy YAML file or directory (repeatable)",
+    )
+    wp.add_argument("--listen", help="HBONE listener [env WAYPOINT_LISTEN_ADDR; 0.0.0.0:15008]")
+    wp.add_argument("--admin", help="admin [env ZTUNNEL_ADMIN_ADDR; 127.0.0.1:15000]")
+    wp.add_argument("--stats", help="metrics [env ZTUNNEL_STATS_ADDR; 0.0.0.0:15020]")
+    wp.add_argument("--readiness", help="readiness [env ZTUNNEL_READINESS_ADDR; 0.0.0.0:15021]")
+
+
+def waypoint_ca(env: Mapping[str, str]) -> CertificateAuthority:
+    """The waypoint's CA: CA_DIR (Istio's plugged-in layout) or FAKE_CA=true."""
+    from ztunnel.identity.ca import FakeCA, FileCA
+
+    if env.get("CA_DIR"):
+        try:
+            return FileCA.load(env["CA_DIR"])
+        except (OSError, ValueError) as exc:
+            raise ConfigError("CA_DIR", env["CA_DIR"], f"cannot load the CA: {exc}") from exc
+    if env.get("FAKE_CA", "").lower() in ("1", "true", "yes"):
+        return FakeCA.ephemeral(env.get("TRUST_DOMAIN") or "cluster.local")
+    raise ConfigError("CA_DIR", "", "no certificate authority: set CA_DIR or FAKE_CA=true")
+
+
+def waypoint_command(args: argparse.Namespace) -> int:
+    from ztunnel.telemetry.logging import configure_logging
+    from ztunnel.waypoint.process import WaypointProcess, settings_from
+
+    try:
+        settings = settings_from(args, os.environ)
+        process = WaypointProcess(settings, waypoint_ca(os.environ))
+        configure_logging(os.environ.get("RUST_LOG", "info"), os.environ.get("LOG_FORMAT", "plain"))
+    except (ConfigError, ValueError) as exc:
+        print(f"ztunnel waypoint: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return process.run_forever()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ that the waypoint cannot fully honour lands in ``warnings``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ztunnel.errors import ConfigError
-from ztunnel.model.workload import Service
+from ztunnel.model.workload import AppProtocol, Service
 from ztunnel.policy.l7istio import translate_l7_documents
 from ztunnel.policy.l7model import L7Policy, WaypointRef, applies
 from ztunnel.state.store import StateStore
@@ -30,6 +30,13 @@ from ztunnel.waypoint.routing import RouteTable, ServiceRoutes
 from ztunnel.waypoint.sniff import declared_protocol
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
+_BY_APP_PROTOCOL = {
+    AppProtocol.HTTP11: Protocol.HTTP1,
+    AppProtocol.HTTP2: Protocol.HTTP2,
+    AppProtocol.GRPC: Protocol.HTTP2,
+    AppProtocol.TCP: Protocol.TCP,
+    AppProtocol.TLS: Protocol.TCP,
+}
 
 
 @dataclass
@@ -58,23 +65,34 @@ class L7Config:
     @classmethod
     def load(cls, paths: Iterable[str | Path]) -> L7Config:
         """Every ``*.yaml``/``*.yml`` file (or directory of them), multi-document."""
-        docs: list[tuple[str, Any]] = []
-        for base in map(Path, paths):
-            files = sorted(base.rglob("*.y*ml")) if base.is_dir() else [base]
-            for file in files:
-                try:
-                    loaded = list(yaml.safe_load_all(file.read_text()))
-                except (OSError, yaml.YAMLError) as exc:
-                    raise ConfigError(str(file), "", f"cannot read: {exc}") from exc
-                docs += [(str(file), d) for d in loaded]
+        return cls.from_sources(read_documents(paths))
+
+    @classmethod
+    def from_sources(cls, sources: Iterable[tuple[str, Sequence[Any]]]) -> L7Config:
+        """Several sources' documents as one configuration (errors name the source)."""
         merged = cls()
-        for source in dict.fromkeys(s for s, _ in docs):
-            part = cls.from_documents([d for s, d in docs if s == source], source=source)
+        for source, docs in sources:
+            part = cls.from_documents(docs, source=source)
             merged.policies += part.policies
             merged.ports.update(part.ports)
             merged.warnings += part.warnings
             merged.routes = RouteTable([*merged.routes.routes, *part.routes.routes])
+        # Conflicts across sources too (each source's own ones are already listed).
+        merged.warnings = list(dict.fromkeys([*merged.warnings, *merged.routes.conflicts()]))
         return merged
+
+
+def read_documents(paths: Iterable[str | Path]) -> list[tuple[str, list[Any]]]:
+    """(file, its YAML documents) for every file, or ``*.yaml``/``*.yml`` under a directory."""
+    out: list[tuple[str, list[Any]]] = []
+    for base in map(Path, paths):
+        files = sorted(base.rglob("*.y*ml")) if base.is_dir() else [base]
+        for file in files:
+            try:
+                out.append((str(file), list(yaml.safe_load_all(file.read_text()))))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise ConfigError(str(file), "", f"cannot read: {exc}") from exc
+    return out
 
 
 def _service_ports(
@@ -117,8 +135,12 @@ class WaypointState:
         return self.config.routes.for_service(service.namespace, service.name, port)
 
     def declared_protocol(self, service: Service | None, port: int) -> Protocol | None:
+        """The mesh's AppProtocol for the port, else a Service document's, else None (sniff)."""
         if service is None:
             return None
+        known = _BY_APP_PROTOCOL.get(service.app_protocols.get(port, AppProtocol.UNKNOWN))
+        if known is not None:
+            return known
         app, name = self.config.ports.get((service.namespace, service.name, port), (None, None))
         return declared_protocol(app, name)
 
