@@ -1,0 +1,191 @@
+"""Run the waypoints of a simulated cluster: ``ztunnel waypoint`` in each waypoint pod's netns.
+
+A waypoint pod is a pod labelled ``gateway.networking.k8s.io/gateway-name: <gateway>`` where
+``<gateway>`` is an ``istio-waypoint`` Gateway of the cluster file (Istio's deployment
+controller labels its waypoint pods so). Its process reads the same cluster file (mesh,
+routes, L7 policies), has its pod's identity (namespace, service account) and a CA
+directory, and writes JSON logs to ``<log_dir>/waypoint-<ns>-<name>.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ztunnel.cluster.net import ClusterNet
+from ztunnel.redirect.netns import NetNamespace
+from ztunnel.sources.clusterfile.layout import PodNet
+from ztunnel.sources.clusterfile.spec import ClusterSpec, PodSpec
+from ztunnel.sources.waypoints import GATEWAY_NAME_LABEL, is_waypoint_gateway
+
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+ADMIN_PORT = 15000
+STATS_PORT = 15020
+READINESS_PORT = 15021
+
+
+def waypoint_pods(spec: ClusterSpec) -> list[PodSpec]:
+    """Pods that are instances of an ``istio-waypoint`` Gateway of the file."""
+    gateways = {
+        (str(d["metadata"].get("namespace") or "default"), str(d["metadata"]["name"]))
+        for d in spec.policies
+        if is_waypoint_gateway(d)
+    }
+    return [p for p in spec.pods if (p.namespace, p.labels.get(GATEWAY_NAME_LABEL, "")) in gateways]
+
+
+@dataclass
+class WaypointProcess:
+    pod: PodNet
+    gateway: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return out
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    out.append(record)
+        return out
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Its access log: one record per HTTP request."""
+        return [r for r in self.log_lines() if r.get("message") == "request complete"]
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def get(self, port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        return pod_http_get(self.pod, port, path, timeout=timeout)
+
+    def config_dump(self) -> dict[str, Any]:
+        status, body = self.get(ADMIN_PORT, "/config_dump")
+        if status != 200:
+            raise RuntimeError(f"waypoint config_dump: HTTP {status}")
+        data: dict[str, Any] = json.loads(body)
+        return data
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def pod_http_get(
+    pod: PodNet, port: int, path: str, *, timeout: float = 2.0, host: str = "127.0.0.1"
+) -> tuple[int, bytes]:
+    """A tiny HTTP/1.1 GET to a port inside the pod netns: (status, body)."""
+    with NetNamespace.named(pod.netns) as ns, ns.socket() as sock:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    return status, body
+
+
+def start_waypoint(
+    net: ClusterNet,
+    pod: PodSpec,
+    cluster_file: str | os.PathLike[str],
+    ca_dir: str | os.PathLike[str],
+    *,
+    extra_env: Mapping[str, str] | None = None,
+    config: tuple[str, ...] = (),
+) -> WaypointProcess:
+    place = net.pods[pod.key]
+    gateway = pod.labels[GATEWAY_NAME_LABEL]
+    log_path = net.log_dir / f"waypoint-{pod.namespace}-{pod.name}.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("CA_DIR", "FAKE_CA")}
+    env.update(
+        CA_DIR=os.fspath(ca_dir),
+        POD_NAMESPACE=pod.namespace,
+        SERVICE_ACCOUNT=pod.service_account,
+        GATEWAY_NAME=gateway,
+        LOG_FORMAT="json",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [_PROJECT_ROOT, env.get("PYTHONPATH")])),
+    )
+    env.update(extra_env or {})
+    argv = [
+        "nsenter", f"--net={place.netns_path}", "--",
+        sys.executable, "-m", "ztunnel.cli", "waypoint",
+        "--cluster", os.fspath(cluster_file), "--cluster-prefix", net.prefix,
+    ]  # fmt: skip
+    for path in config:
+        argv += ["--config", path]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    return WaypointProcess(place, f"{pod.namespace}/{gateway}", proc, log_path)
+
+
+def wait_waypoint_ready(wp: WaypointProcess, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: tuple[int, bytes] = (0, b"")
+    while time.monotonic() < deadline:
+        if not wp.alive:
+            raise RuntimeError(
+                f"waypoint {wp.pod.key} exited ({wp.proc.returncode}):\n{wp.log_tail()}"
+            )
+        with contextlib.suppress(OSError):
+            last = wp.get(READINESS_PORT, "/healthz/ready", timeout=2.0)
+            if last[0] == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(
+        f"waypoint {wp.pod.key} not ready after {timeout}s ({last[0]} {last[1]!r}):\n"
+        f"{wp.log_tail()}"
+    )
+
+
+def start_waypoints(
+    net: ClusterNet,
+    cluster_file: str | os.PathLike[str],
+    ca_dir: str | os.PathLike[str],
+    **kwargs: Any,
+) -> dict[str, WaypointProcess]:
+    """One process per waypoint pod of the cluster file, by ``ns/pod``."""
+    return {
+        p.key: start_waypoint(net, p, cluster_file, ca_dir, **kwargs)
+        for p in waypoint_pods(net.spec)
+    }
+
+
+def stop_waypoints(waypoints: Mapping[str, WaypointProcess], timeout: float = 10.0) -> None:
+    for wp in waypoints.values():
+        if wp.alive:
+            wp.proc.send_signal(signal.SIGTERM)
+    for wp in waypoints.values():
+        wp.stop(timeout)
