@@ -165,7 +165,9 @@ class Cluster:
         proc = apps.run_in_pod(self.net, f"shop/{pod}", argv, timeout=timeout)
         return proc.stdout
 
-    def load(self, to: str, count: int = 1, path: str = "/", *args: str, pod: str = "client"):
+    def load(
+        self, to: str, count: int = 1, path: str = "/", *args: str, pod: str = "client"
+    ) -> dict[str, Any]:
         out = self.run(
             pod, [*HTTP, "load", "--to", to, "--count", str(count), "--path", path, *args]
         )
