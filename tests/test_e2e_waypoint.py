@@ -49,6 +49,8 @@ def _server(name: str, node: str, labels: str) -> str:
 CLUSTER = (
     textwrap.dedent(
         """\
+        # istiod's implicit ALLOW of the waypoint identity: clients that go around it are refused.
+        istiod: {PILOT_AUTO_ALLOW_WAYPOINT_POLICY: true}
         namespaces:
           shop: {labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
           plain: {labels: {}}
@@ -96,13 +98,6 @@ CLUSTER = (
             spec:
               gatewayClassName: istio-waypoint
               listeners: [{name: mesh, port: 15008, protocol: HBONE}]
-          # L4 at the destination: nobody but the waypoint (its implicit allow) reaches web.
-          - apiVersion: security.istio.io/v1
-            kind: AuthorizationPolicy
-            metadata: {name: web-l4, namespace: shop}
-            spec:
-              selector: {matchLabels: {app: web}}
-              rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/nobody]}}]}]
           - apiVersion: security.istio.io/v1
             kind: AuthorizationPolicy
             metadata: {name: admin-only, namespace: shop}
@@ -326,7 +321,8 @@ def test_grpc_through_the_waypoint(cluster: Cluster) -> None:
 
 def test_clients_around_the_waypoint_meet_the_destinations_l4_policy(cluster: Cluster) -> None:
     # A mesh client dialling a web pod directly: no service waypoint on that path (Istio's
-    # rule), so the pod's own L4 policy decides, and it allows only the waypoint.
+    # rule), so the pod's L4 policy decides: istiod's implicit ALLOW of the waypoint
+    # (PILOT_AUTO_ALLOW_WAYPOINT_POLICY) is its only ALLOW policy, so the client is refused.
     around = cluster.load(f"{cluster.ip('web-v1-a')}:8080", 1, "/around")
     assert not around["ok"], around
     # A client outside the mesh reaches the VIP through kube-proxy's DNAT, lands on the
@@ -338,6 +334,17 @@ def test_clients_around_the_waypoint_meet_the_destinations_l4_policy(cluster: Cl
     # Through the VIP the same client pod gets in: the waypoint's implicit allow.
     assert cluster.load("10.96.0.10:80", 1, "/through")["statuses"] == {"200": 1}
     assert cluster.waypoint_requests("/around") == []
+    inbound = [
+        r
+        for node in cluster.agents.values()
+        for r in node.log_lines()
+        if r.get("dst.workload") == "web-v1-a"
+        and r.get("src.workload") == "client"
+        and r.get("error")
+    ]
+    # The destination's agent answered 401 (its inbound record), the client's saw the 401.
+    errors = {str(r["error"]) for r in inbound}
+    assert any("allow policies" in e or "401" in e for e in errors), errors
 
 
 # -- operations ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from ipaddress import ip_address
 
 import pytest
 
+from ztunnel.errors import ConfigError
 from ztunnel.model.address import SocketAddr
 from ztunnel.model.identity import Identity
 from ztunnel.model.pod import MeshState
@@ -41,10 +42,13 @@ def cluster(
     pod_labels: str = "{app: web}",
     gateway_labels: str = "{}",
     web_policy: str = "",
+    auto_allow: bool = True,
 ) -> str:
     gateway = GATEWAY.replace("LABELS", gateway_labels)
+    flag = f"istiod: {{PILOT_AUTO_ALLOW_WAYPOINT_POLICY: {str(auto_allow).lower()}}}\n"
     return (
-        "policies:\n"
+        flag
+        + "policies:\n"
         + gateway
         + web_policy
         + textwrap.dedent(
@@ -252,6 +256,37 @@ def test_destination_allows_the_waypoint_and_judges_bypass_by_its_l4_policy(
     result = explain_connection(store, source, f"{web_ip}:8080")
     (decision,) = result["results"]
     assert decision["decision"]["allowed"] is allowed, decision["explanation"]
+
+
+@pytest.mark.parametrize(
+    ("auto_allow", "client_allowed"),
+    [(True, False), (False, True)],
+)
+def test_the_implicit_allow_refuses_bypass_only_with_istiods_flag(
+    auto_allow: bool, client_allowed: bool
+) -> None:
+    # No user L4 policy on web: with PILOT_AUTO_ALLOW_WAYPOINT_POLICY the implicit ALLOW is
+    # the only ALLOW, so a client dialling the pod around the waypoint is refused; without
+    # it (Istio's default) nothing refuses it.
+    state, _ = derive(cluster(auto_allow=auto_allow))
+    store = store_of(state)
+    web_ip = workload(state, "web-1").workload_ips[0]
+    for source, allowed in (
+        ("spiffe://cluster.local/ns/shop/sa/client", client_allowed),
+        ("spiffe://cluster.local/ns/shop/sa/waypoint", True),
+    ):
+        result = explain_connection(store, source, f"{web_ip}:8080")
+        assert result["results"][0]["decision"]["allowed"] is allowed, (source, result)
+    keys = workload(state, "web-1").authorization_policies
+    assert bool(keys) is auto_allow
+    assert any(p.name.startswith("istio_allow_waypoint") for p in state.policies) is auto_allow
+
+
+def test_istiod_flags_are_parsed_strictly() -> None:
+    with pytest.raises(ConfigError, match="istiod.PILOT_AUTO_ALLOW_WAYPOINT_POLICY"):
+        loads_spec("nodes: [n1]\nistiod: {PILOT_AUTO_ALLOW_WAYPOINT_POLICY: 'yes'}\n")
+    with pytest.raises(ConfigError, match="istiod.OTHER"):
+        loads_spec("nodes: [n1]\nistiod: {OTHER: true}\n")
 
 
 def test_without_a_waypoint_no_implicit_allow_exists() -> None:

@@ -19,11 +19,13 @@ the Kubernetes source):
   ``none`` opts out, else the namespace's label. A Service gets the waypoint when it
   serves ``service``/``all``; a workload when it serves ``workload``/``all``. The
   waypoint's own Service never gets one.
-* **Implicit allow** (``DefaultAllowFromWaypoint``): per waypoint with instances, an
-  ALLOW policy ``<ns>/istio_allow_waypoint_<ns>_<name>`` (WORKLOAD_SELECTOR, principals
+* **Implicit allow** (istiod's ``PILOT_AUTO_ALLOW_WAYPOINT_POLICY``, off by default; the
+  source decides whether to apply it): per waypoint with instances, an ALLOW policy
+  ``<ns>/istio_allow_waypoint_<ns>_<name>`` (WORKLOAD_SELECTOR, principals
   ``<td>/ns/<ns>/sa/<sa>`` exactly) listed on every workload whose Services, or itself,
-  use that waypoint, so user ALLOW policies on the destination do not lock the waypoint
-  out.
+  use that waypoint. Being an ALLOW, it also refuses every client the destination's other
+  ALLOW policies do not allow: traffic that goes around the waypoint. Without the flag
+  nothing refuses such traffic except the destination's own L4 policies (Istio's default).
 * **Port protocols** (``app_protocol``): Kubernetes ``appProtocol``, else the port name's
   prefix before ``-``, as istiod's ``ConvertProtocol`` + ``toAppProtocolFromProtocol``.
 """

@@ -9,8 +9,9 @@ workload's ``services`` map) for the state store to derive.
 
 Waypoints (``sources/waypoints.py``, istiod's rules): ``Gateway`` documents of class
 ``istio-waypoint`` among the policies, ``istio.io/use-waypoint`` on a namespace, Service
-or pod, the implicit ALLOW of each waypoint's identity on the workloads behind it, and
-each port's declared protocol. Gateway API documents (Gateway, HTTPRoute, GRPCRoute) and
+or pod, each port's declared protocol, and (with istiod's ``PILOT_AUTO_ALLOW_WAYPOINT_POLICY``
+set under ``istiod:`` in the file; off by default, as in Istio) the implicit ALLOW of each
+waypoint's identity on the workloads behind it, which refuses clients that go around it. Gateway API documents (Gateway, HTTPRoute, GRPCRoute) and
 Kubernetes Service documents are the waypoint's, never the L4 translator's.
 """
 
@@ -129,6 +130,8 @@ def cluster_state(
                 services=services_of.get(pod.key, {}),
                 authorization_policies=tuple(
                     wp.implicit_policy_keys(own, waypoints_of.get(pod.key, []))
+                    if spec.auto_allow_waypoint
+                    else ()
                 ),
             )
         )
@@ -161,7 +164,8 @@ def mesh_state(
         for s in sources
     )
     attached, policies = attach_policies(workloads, labels, translated)
-    policies += implicit_policies(index)
+    if spec.auto_allow_waypoint:
+        policies += implicit_policies(index)
     state = MeshState(tuple(attached), tuple(services), tuple(policies))
     return state, [*translated.warnings, *index.warnings]
 

@@ -71,6 +71,11 @@ class ServiceSpec:
         return f"{self.namespace}/{self.hostname}"
 
 
+# istiod feature flags the cluster file may set (istiod's env names; the file plays istiod).
+AUTO_ALLOW_WAYPOINT = "PILOT_AUTO_ALLOW_WAYPOINT_POLICY"
+_ISTIOD_FLAGS = (AUTO_ALLOW_WAYPOINT,)
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterSpec:
     source: str
@@ -79,6 +84,12 @@ class ClusterSpec:
     pods: tuple[PodSpec, ...]
     services: tuple[ServiceSpec, ...]
     policies: tuple[Mapping[str, Any], ...]
+    istiod: Mapping[str, bool] = field(default_factory=dict)  # feature flag -> on
+
+    @property
+    def auto_allow_waypoint(self) -> bool:
+        """istiod's ``PILOT_AUTO_ALLOW_WAYPOINT_POLICY`` (default off, as in Istio)."""
+        return self.istiod.get(AUTO_ALLOW_WAYPOINT, False)
 
     def pod(self, name: str, namespace: str | None = None) -> PodSpec:
         """A pod by name (``ns/name`` or a name unique across namespaces)."""
@@ -155,7 +166,7 @@ class _Parser:
             raise self.fail(path, f"{value!r} is not an IP address") from exc
 
 
-_TOP = ("namespaces", "nodes", "pods", "services", "policies")
+_TOP = ("namespaces", "nodes", "pods", "services", "policies", "istiod")
 _NS = ("labels",)
 _POD = ("name", "namespace", "serviceAccount", "node", "labels", "program", "ports")
 _SVC = ("name", "namespace", "hostname", "vip", "ports", "selector", "labels")
@@ -183,7 +194,15 @@ def parse_spec(data: object, source: str = "<cluster>") -> ClusterSpec:
         _policy(p, raw, f"policies[{i}]", namespaces)
         for i, raw in enumerate(p.seq(top.get("policies") or [], "policies"))
     )
-    return ClusterSpec(source, namespaces, nodes, pods, services, policies)
+    return ClusterSpec(source, namespaces, nodes, pods, services, policies, _istiod(p, top))
+
+
+def _istiod(p: _Parser, top: Mapping[str, Any]) -> dict[str, bool]:
+    flags = p.mapping(top.get("istiod") or {}, "istiod", _ISTIOD_FLAGS)
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise p.fail(f"istiod.{key}", f"expected true or false, got {value!r}")
+    return dict(flags)
 
 
 def _unique(p: _Parser, keys: list[str], path: str, what: str) -> None:
