@@ -65,6 +65,17 @@ def test_demo_runs_traffic_explains_it_and_cleans_up() -> None:
     assert ca, out
     assert int(ca.group(1)) >= 4 and int(ca.group(2)) == 0
     assert "Agents hold no CA key" in out
+    # The waypoint scene: an allowed and a denied request with the deciding policy, a split.
+    assert re.search(
+        r"GET / +-> 200, served by web-v[12]; allowed by policy demo/web-allow-get", out
+    )
+    assert re.search(r"GET /admin +-> 403; denied by policy demo/web-deny-admin", out), out
+    split = re.search(r"100 requests on one keep-alive connection, .*: v1: (\d+), v2: (\d+)", out)
+    assert split, out
+    v1, v2 = map(int, split.groups())
+    # Binomial(100, 0.1): 0 or over 30 canary answers happen less than 3 times in 100,000.
+    assert v1 + v2 == 100 and 1 <= v2 <= 30, (v1, v2)
+    assert "around the waypoint: refused by the pod's agent" in out
     assert not _leftovers(_prefix(out))
 
 
@@ -128,6 +139,16 @@ def test_demo_keep_stays_up_until_ctrl_c() -> None:
         if shutil.which("curl"):
             dump = subprocess.run(cmd.split(), capture_output=True, text=True, timeout=10)
             assert '"workloadState"' in dump.stdout and "Kubernetes//Pod/demo/" in dump.stdout
+            # The printed curl commands go through the waypoint: 200, and 403 for /admin.
+            curls = [line.split("#")[0].split() for line in out.splitlines() if " curl -s" in line]
+            through = [c for c in curls if c[-1].startswith("http://10.96.0.20")]
+            assert len(through) >= 2, out
+            for cmd_line in through:
+                got = subprocess.run(cmd_line, capture_output=True, text=True, timeout=10)
+                if cmd_line[-1].endswith("/admin"):
+                    assert "403" in got.stdout and "RBAC: access denied" in got.stdout, got
+                elif "-X" not in cmd_line:
+                    assert '"pod": "web-v' in got.stdout, got
         proc.send_signal(signal.SIGINT)
         # Generous: the teardown drains agents and deletes netns, slow on a loaded machine.
         try:

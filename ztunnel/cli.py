@@ -181,7 +181,8 @@ def add_waypoint_parser(sub: Any) -> None:
         description="Run one waypoint process: HBONE on 15008, HTTP-aware routing and L7 "
         "policy, admin on 15000, metrics on 15020, readiness on 15021. The mesh comes from a "
         "cluster file or a ztunnel local-config file; routes and L7 policies from the cluster "
-        "file's documents and --config files. Certificates: CA_DIR or FAKE_CA=true.",
+        "file's documents and --config files. Certificates: CA_ADDRESS (+ CA_ROOT_CA, "
+        "AUTH_TOKEN) as the agent's, CA_DIR or FAKE_CA=true.",
     )
     wp.add_argument("--gateway", help="the waypoint Gateway's name [env GATEWAY_NAME]")
     wp.add_argument("--namespace", help="its namespace [env POD_NAMESPACE; default default]")
@@ -201,18 +202,32 @@ def add_waypoint_parser(sub: Any) -> None:
     wp.add_argument("--readiness", help="readiness [env ZTUNNEL_READINESS_ADDR; 0.0.0.0:15021]")
 
 
-def waypoint_ca(env: Mapping[str, str]) -> CertificateAuthority:
-    """The waypoint's CA: CA_DIR (Istio's plugged-in layout) or FAKE_CA=true."""
-    from ztunnel.identity.ca import FakeCA, FileCA
+# The environment the waypoint's CA settings come from (as the agent's, never its other ones).
+_WAYPOINT_CA_ENV = (
+    "TRUST_DOMAIN",
+    "CLUSTER_ID",
+    "CA_DIR",
+    "FAKE_CA",
+    "CA_ADDRESS",
+    "CA_ROOT_CA",
+    "ALT_CA_HOSTNAME",
+    "AUTH_TOKEN",
+    "SECRET_TTL",
+)
 
-    if env.get("CA_DIR"):
-        try:
-            return FileCA.load(env["CA_DIR"])
-        except (OSError, ValueError) as exc:
-            raise ConfigError("CA_DIR", env["CA_DIR"], f"cannot load the CA: {exc}") from exc
-    if env.get("FAKE_CA", "").lower() in ("1", "true", "yes"):
-        return FakeCA.ephemeral(env.get("TRUST_DOMAIN") or "cluster.local")
-    raise ConfigError("CA_DIR", "", "no certificate authority: set CA_DIR or FAKE_CA=true")
+
+def waypoint_ca(env: Mapping[str, str]) -> CertificateAuthority:
+    """The waypoint's CA, configured as the agent's: the Istio CA at CA_ADDRESS (asked for the
+    waypoint's own identity with its own token: no impersonation), else CA_DIR or FAKE_CA."""
+    from ztunnel.agent import make_ca
+    from ztunnel.identity.istio_ca import IstioCAClient, ca_config
+
+    wanted = {k: v for k, v in env.items() if k in _WAYPOINT_CA_ENV or k.startswith("CA_HEADER_")}
+    config = Config.from_sources(wanted)
+    target = config.ca_target
+    if target is not None:
+        return IstioCAClient(ca_config(config, target, shared=False))
+    return make_ca(config)
 
 
 def waypoint_command(args: argparse.Namespace) -> int:

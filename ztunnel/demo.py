@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from ztunnel import demo_waypoint
 from ztunnel.cluster import apps
 from ztunnel.cluster.forward import PortForward
 from ztunnel.cluster.net import ClusterNet, build, cleanup_stale
@@ -48,6 +49,13 @@ from ztunnel.testing.harness import (
     start_agent,
     stop_agents,
     wait_ready,
+)
+from ztunnel.testing.waypoint import (
+    WaypointProcess,
+    start_waypoints,
+    stop_waypoints,
+    wait_waypoint_ready,
+    waypoint_pods,
 )
 
 EXIT_FAILED = 1
@@ -81,13 +89,17 @@ class Observed:
 
 
 def plan_traffic(spec: ClusterSpec) -> list[Planned]:
-    """Idle pods (no program) are clients; pods with ports are servers."""
-    clients = [p for p in spec.pods if p.program is None]
-    servers = [p for p in spec.pods if p.ports]
+    """Idle pods (no program) are clients; pods with ports are servers. Waypoint pods and
+    the HTTP Services behind a waypoint (and their pods) belong to the waypoint scene."""
+    skip_pods, skip_services = demo_waypoint.excluded_from_l4(spec)
+    clients = [p for p in spec.pods if p.program is None and p.key not in skip_pods]
+    servers = [p for p in spec.pods if p.ports and p.key not in skip_pods]
     plan: list[Planned] = []
     tries = (VIP_MIN_TRIES, VIP_MAX_TRIES)
     for client in clients:
         for svc in spec.services:
+            if svc.key in skip_services or not {p.key for p in spec.selected_pods(svc)} - skip_pods:
+                continue
             if spec.selected_pods(svc):
                 port = next(iter(svc.ports))
                 plan.append(Planned(client, f"{svc.vip}:{port}", service=svc, tries=tries))
@@ -202,9 +214,12 @@ def verdict(obs: Observed) -> str:
 
 
 def _policies_of(spec: ClusterSpec, pod: PodSpec) -> list[str]:
+    """The L4 policies (no targetRefs: those are the waypoint's) that select the pod."""
     names = []
     for doc in spec.policies:
         meta, body = doc.get("metadata", {}), doc.get("spec") or {}
+        if doc.get("kind") != "AuthorizationPolicy" or body.get("targetRefs"):
+            continue
         selector = (body.get("selector") or {}).get("matchLabels") or {}
         same_ns = meta.get("namespace") in (pod.namespace, "istio-system")
         if same_ns and all(pod.labels.get(k) == v for k, v in selector.items()):
@@ -299,10 +314,13 @@ Legend
 def describe_cluster(net: ClusterNet, out: TextIO) -> None:
     spec = net.spec
     print(f"Cluster {net.prefix}: {len(spec.nodes)} nodes, {len(spec.pods)} pods", file=out)
+    waypoint_keys = {p.key for p in waypoint_pods(spec)}
     for node, nn in net.nodes.items():
         print(f"  {node}: agent at {nn.ip} (netns {nn.netns})", file=out)
         for pod in (p for p in spec.pods if p.node == node):
             mesh = "in the mesh" if is_enrolled(spec, pod) else "not in the mesh"
+            if pod.key in waypoint_keys:
+                mesh = "waypoint (ztunnel waypoint, speaks HBONE itself)"
             sa = f"sa {pod.service_account}"
             print(f"    pod {pod.key:<22} {net.pods[pod.key].ip}  {sa:<12} {mesh}", file=out)
     for svc in spec.services:
@@ -311,10 +329,13 @@ def describe_cluster(net: ClusterNet, out: TextIO) -> None:
         print(f"  service {svc.hostname} VIP {svc.vip} ports {ports}: {eps}", file=out)
     for doc in spec.policies:
         meta = doc.get("metadata", {})
-        action = (doc.get("spec") or {}).get("action", "ALLOW")
-        print(
-            f"  {doc.get('kind')} {meta.get('namespace')}/{meta.get('name')} ({action})", file=out
-        )
+        body = doc.get("spec") or {}
+        if doc.get("kind") == "AuthorizationPolicy":
+            via = " via the waypoint" if body.get("targetRefs") or body.get("targetRef") else ""
+            what = f" ({body.get('action', 'ALLOW')}{via})"
+        else:
+            what = ""
+        print(f"  {doc.get('kind')} {meta.get('namespace')}/{meta.get('name')}{what}", file=out)
 
 
 def report(net: ClusterNet, observed: Sequence[Observed], out: TextIO) -> None:
@@ -376,6 +397,7 @@ def keep_instructions(
     out: TextIO,
     ui: dict[str, PortForward] | None = None,
     ca: CAService | None = None,
+    waypoints: dict[str, WaypointProcess] | None = None,
 ) -> None:
     print(
         "\nThe cluster keeps running. Open the UI (live graph of each agent's connections):",
@@ -404,6 +426,8 @@ def keep_instructions(
             f"/metrics  (log {ca.log_path})",
             file=out,
         )
+    for line in demo_waypoint.keep_lines(net, waypoints or {}):
+        print(line, file=out)
     print(
         f"  edit {cluster_file} (e.g. a namespace label) and the agents re-enroll live.", file=out
     )
@@ -462,6 +486,7 @@ class Demo:
         self.ca: CAService | None = None
         self.programs: dict[str, Any] = {}
         self.forwards: dict[str, PortForward] = {}
+        self.waypoints: dict[str, WaypointProcess] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="ztunnel-demo-"))
 
     def run(self) -> int:
@@ -478,9 +503,12 @@ class Demo:
         print("\nStarting one agent per node and the pod programs...", file=out, flush=True)
         for node in net.nodes:
             self.agents[node] = start_agent(net, node, path, ca)
+        self.waypoints = start_waypoints(net, path, ca)
         self.programs = apps.start_pod_programs(net)
         for agent in self.agents.values():
             wait_ready(agent, timeout=20)
+        for wp in self.waypoints.values():
+            wait_waypoint_ready(wp, timeout=20)
         for pod in spec.pods:
             for port in pod.ports if pod.program else ():
                 apps.wait_listening(net, pod.key, port, timeout=10)
@@ -488,10 +516,12 @@ class Demo:
         observed = run_traffic(net, logs, plan_traffic(spec))
         report(net, observed, out)
         report_ca(ca, out)
+        for problem in demo_waypoint.run_scene(net, self.waypoints, self.agents, out):
+            print(f"  problem: {problem}", file=out)
         print(f"\n(demo ran in {time.monotonic() - started:.1f}s)", file=out, flush=True)
         if self.keep:
             self.forwards = forward_admin_ports(net)
-            keep_instructions(net, path, out, self.forwards, ca)
+            keep_instructions(net, path, out, self.forwards, ca, self.waypoints)
             while True:
                 signal.pause()
         return 0
@@ -501,6 +531,8 @@ class Demo:
         for fwd in self.forwards.values():
             with contextlib.suppress(Exception):
                 fwd.stop()
+        with contextlib.suppress(Exception):
+            stop_waypoints(self.waypoints)
         with contextlib.suppress(Exception):
             stop_agents(self.agents)
         if self.ca is not None:

@@ -3,8 +3,14 @@
 A waypoint pod is a pod labelled ``gateway.networking.k8s.io/gateway-name: <gateway>`` where
 ``<gateway>`` is an ``istio-waypoint`` Gateway of the cluster file (Istio's deployment
 controller labels its waypoint pods so). Its process reads the same cluster file (mesh,
-routes, L7 policies), has its pod's identity (namespace, service account) and a CA
-directory, and writes JSON logs to ``<log_dir>/waypoint-<ns>-<name>.log``.
+routes, L7 policies), has its pod's identity (namespace, service account), and writes JSON
+logs to ``<log_dir>/waypoint-<ns>-<name>.log``.
+
+Certificates: from the cluster's CA service (``testing/ca_service.py``), like Istio's
+waypoint asks istiod for its own identity with its own service-account token: the pod gets
+a token of its own (added to the service's token file, identity = the pod's, no
+impersonation) and ``CA_ADDRESS`` / ``CA_ROOT_CA`` / ``AUTH_TOKEN``. Or, standalone, a CA
+directory (``CA_DIR``).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,13 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ztunnel.cluster.net import ClusterNet
+from ztunnel.model.identity import Identity
 from ztunnel.redirect.netns import NetNamespace
 from ztunnel.sources.clusterfile.layout import PodNet
 from ztunnel.sources.clusterfile.spec import ClusterSpec, PodSpec
 from ztunnel.sources.waypoints import GATEWAY_NAME_LABEL, is_waypoint_gateway
+from ztunnel.testing.ca_service import CAService
 
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+_CA_VARIABLES = ("CA_DIR", "FAKE_CA", "CA_ADDRESS", "CA_ROOT_CA", "AUTH_TOKEN", "XDS_ADDRESS")
 ADMIN_PORT = 15000
 STATS_PORT = 15020
 READINESS_PORT = 15021
@@ -114,11 +126,38 @@ def pod_http_get(
     return status, body
 
 
+def waypoint_token(ca: CAService, pod: PodSpec, trust_domain: str = "cluster.local") -> Path:
+    """A token of the pod's own identity (no impersonation), added to the CA service's file
+    (which it re-reads on change); returns the token file the pod's process reads."""
+    token = secrets.token_urlsafe(24)
+    path = ca.workdir / "tokens" / f"waypoint-{pod.namespace}-{pod.name}"
+    path.write_text(token + "\n")
+    tokens_file = ca.workdir / "tokens.yaml"
+    doc = yaml.safe_load(tokens_file.read_text()) or {}
+    entries = [e for e in doc.get("tokens") or [] if not str(e.get("token", "")).startswith("#")]
+    identity = str(Identity(trust_domain, pod.namespace, pod.service_account))
+    entries.append({"token": token, "node": pod.node, "identity": identity})
+    tmp = tokens_file.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump({"tokens": entries}))
+    tmp.replace(tokens_file)  # atomic: the service never reads half a file
+    return path
+
+
+def _ca_env(ca: CAService | str | os.PathLike[str], pod: PodSpec) -> dict[str, str]:
+    if isinstance(ca, CAService):
+        return {
+            "CA_ADDRESS": ca.address,
+            "CA_ROOT_CA": str(ca.root_cert),
+            "AUTH_TOKEN": str(waypoint_token(ca, pod)),
+        }
+    return {"CA_DIR": os.fspath(ca)}
+
+
 def start_waypoint(
     net: ClusterNet,
     pod: PodSpec,
     cluster_file: str | os.PathLike[str],
-    ca_dir: str | os.PathLike[str],
+    ca: CAService | str | os.PathLike[str],
     *,
     extra_env: Mapping[str, str] | None = None,
     config: tuple[str, ...] = (),
@@ -126,9 +165,9 @@ def start_waypoint(
     place = net.pods[pod.key]
     gateway = pod.labels[GATEWAY_NAME_LABEL]
     log_path = net.log_dir / f"waypoint-{pod.namespace}-{pod.name}.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("CA_DIR", "FAKE_CA")}
+    env = {k: v for k, v in os.environ.items() if k not in _CA_VARIABLES}
+    env.update(_ca_env(ca, pod))
     env.update(
-        CA_DIR=os.fspath(ca_dir),
         POD_NAMESPACE=pod.namespace,
         SERVICE_ACCOUNT=pod.service_account,
         GATEWAY_NAME=gateway,
@@ -173,13 +212,12 @@ def wait_waypoint_ready(wp: WaypointProcess, timeout: float = 20.0) -> None:
 def start_waypoints(
     net: ClusterNet,
     cluster_file: str | os.PathLike[str],
-    ca_dir: str | os.PathLike[str],
+    ca: CAService | str | os.PathLike[str],
     **kwargs: Any,
 ) -> dict[str, WaypointProcess]:
     """One process per waypoint pod of the cluster file, by ``ns/pod``."""
     return {
-        p.key: start_waypoint(net, p, cluster_file, ca_dir, **kwargs)
-        for p in waypoint_pods(net.spec)
+        p.key: start_waypoint(net, p, cluster_file, ca, **kwargs) for p in waypoint_pods(net.spec)
     }
 
 

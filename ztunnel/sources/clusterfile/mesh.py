@@ -9,10 +9,11 @@ workload's ``services`` map) for the state store to derive.
 
 Waypoints (``sources/waypoints.py``, istiod's rules): ``Gateway`` documents of class
 ``istio-waypoint`` among the policies, ``istio.io/use-waypoint`` on a namespace, Service
-or pod, each port's declared protocol, and (with istiod's ``PILOT_AUTO_ALLOW_WAYPOINT_POLICY``
-set under ``istiod:`` in the file; off by default, as in Istio) the implicit ALLOW of each
-waypoint's identity on the workloads behind it, which refuses clients that go around it. Gateway API documents (Gateway, HTTPRoute, GRPCRoute) and
-Kubernetes Service documents are the waypoint's, never the L4 translator's.
+or pod, each port's declared protocol, and (with istiod's
+``PILOT_AUTO_ALLOW_WAYPOINT_POLICY`` set under ``istiod:`` in the file; off by default, as
+in Istio) the implicit ALLOW of each waypoint's identity on the workloads behind it, which
+refuses clients that go around it. Gateway API documents (Gateway, HTTPRoute, GRPCRoute)
+and Kubernetes Service documents are the waypoint's, never the L4 translator's.
 """
 
 from __future__ import annotations
