@@ -351,9 +351,11 @@ def test_clients_around_the_waypoint_meet_the_destinations_l4_policy(cluster: Cl
 
 
 def test_admin_shows_routes_policies_and_explains_a_request(cluster: Cluster) -> None:
+    assert cluster.load("10.96.0.10:80", 1, "/for-metrics")["statuses"] == {"200": 1}
     dump = cluster.waypoint.config_dump()
     assert {r["name"] for r in dump["routes"]} >= {"web", "flaky"}
-    assert {p["name"] for p in dump["policies"]} == {"admin-only", "no-delete", "no-blocked-header"}
+    policies = {p["name"] for p in dump["l7Policies"]}
+    assert policies == {"admin-only", "no-delete", "no-blocked-header"}
     status, body = cluster.waypoint.get(
         15000,
         "/explain_request?to=10.96.0.10:80&method=GET&path=/admin/x"

@@ -283,9 +283,9 @@ def test_the_implicit_allow_refuses_bypass_only_with_istiods_flag(
 
 
 def test_istiod_flags_are_parsed_strictly() -> None:
-    with pytest.raises(ConfigError, match="istiod.PILOT_AUTO_ALLOW_WAYPOINT_POLICY"):
+    with pytest.raises(ConfigError, match=r"istiod\.PILOT_AUTO_ALLOW_WAYPOINT_POLICY"):
         loads_spec("nodes: [n1]\nistiod: {PILOT_AUTO_ALLOW_WAYPOINT_POLICY: 'yes'}\n")
-    with pytest.raises(ConfigError, match="istiod.OTHER"):
+    with pytest.raises(ConfigError, match=r"istiod\.OTHER"):
         loads_spec("nodes: [n1]\nistiod: {OTHER: true}\n")
 
 

@@ -458,7 +458,7 @@ def test_explain_request_reports_decision_and_route() -> None:
     with pytest.raises(ExplainError):
         explain_request(state, "10.1.1.1:80", "GET", "/")
     dump = config_dump(state)
-    assert dump["routes"][0]["name"] == "r" and dump["policies"][0]["name"] == "ns-only"
+    assert dump["routes"][0]["name"] == "r" and dump["l7Policies"][0]["name"] == "ns-only"
     assert dump["routes"][0]["rules"][0]["matches"][0]["headers"][0]["name"] == "x-canary"
 
 

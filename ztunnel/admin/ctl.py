@@ -135,6 +135,50 @@ def _connection_row(c: Mapping[str, object]) -> Row:
     ]
 
 
+def _route_row(r: Mapping[str, object]) -> Row:
+    """A waypoint's HTTPRoute/GRPCRoute: parents, rule count, backends with weights."""
+    parents = r.get("parents") or []
+    rules = r.get("rules") or []
+    backends: list[str] = []
+    for rule in rules if isinstance(rules, list) else []:
+        for b in rule.get("backends") or [] if isinstance(rule, Mapping) else []:
+            if isinstance(b, Mapping):
+                backends.append(f"{b.get('name')}:{b.get('port')}={b.get('weight')}")
+    return [
+        cell(r.get("namespace")),
+        cell(r.get("name")),
+        cell(r.get("kind")),
+        cell(
+            ",".join(
+                f"{p.get('name')}" + (f":{p['port']}" if p.get("port") else "")
+                for p in parents
+                if isinstance(p, Mapping)
+            )
+            if isinstance(parents, list)
+            else parents
+        ),
+        str(len(rules) if isinstance(rules, list) else 0),
+        cell(" ".join(dict.fromkeys(backends))),
+    ]
+
+
+def _l7_policy_row(p: Mapping[str, object]) -> Row:
+    """A waypoint's L7 AuthorizationPolicy: action, targets, rule count."""
+    targets = p.get("targets") or []
+    rules = p.get("rules") or []
+    return [
+        cell(p.get("namespace")),
+        cell(p.get("name")),
+        cell(p.get("action")) + (" (dry-run)" if p.get("dry_run") else ""),
+        cell(
+            ",".join(f"{t.get('kind')}/{t.get('name')}" for t in targets if isinstance(t, Mapping))
+            if isinstance(targets, list)
+            else targets
+        ),
+        str(len(rules) if isinstance(rules, list) else 0),
+    ]
+
+
 # subcommand -> (config_dump key, table header, row builder)
 VIEWS: Mapping[str, tuple[str, Row, Callable[[Mapping[str, object]], Row]]] = {
     "workloads": (
@@ -149,6 +193,17 @@ VIEWS: Mapping[str, tuple[str, Row, Callable[[Mapping[str, object]], Row]]] = {
         "connections",
         ["DIRECTION", "SRC", "DST", "SRC-IDENTITY", "DST-IDENTITY", "BYTES-SENT", "BYTES-RECV"],
         _connection_row,
+    ),
+    # A waypoint's admin (``ztunnel waypoint``): its routes and L7 policies.
+    "routes": (
+        "routes",
+        ["NAMESPACE", "NAME", "KIND", "PARENTS", "RULES", "BACKENDS"],
+        _route_row,
+    ),
+    "l7-policies": (
+        "l7Policies",
+        ["NAMESPACE", "NAME", "ACTION", "TARGETS", "RULES"],
+        _l7_policy_row,
     ),
 }
 
@@ -269,15 +324,22 @@ def _parser() -> argparse.ArgumentParser:
     log.add_argument("--reset", action="store_true", help="back to the startup level")
     explain = sub.add_parser(
         "explain",
-        help="would a connection be allowed? which policy and rule decide, and why",
-        description="Evaluate the L4 authorization policies of the destination for a connection.",
+        help="would a connection (or, at a waypoint, an HTTP request) be allowed, and why",
+        description="Evaluate the L4 authorization policies of the destination for a "
+        "connection (agent admin), or with --method/--path/--header the L7 policies and "
+        "routes of a waypoint for one HTTP request (waypoint admin).",
     )
     _common(explain, defaults=False)
     explain.add_argument(
-        "--from", dest="source", required=True, help="pod (ns/name), SPIFFE identity, or IP"
+        "--from", dest="source", help="pod (ns/name), SPIFFE identity, or IP (HTTP: identity)"
     )
     explain.add_argument(
         "--to", dest="destination", required=True, help="pod:port, ip:port, or service:port"
+    )
+    explain.add_argument("--method", help="HTTP method (explains an HTTP request at a waypoint)")
+    explain.add_argument("--path", help="HTTP path (default /)")
+    explain.add_argument(
+        "-H", "--header", action="append", default=[], help="HTTP header 'name: value'"
     )
     return parser
 
@@ -289,7 +351,21 @@ def _run(args: argparse.Namespace) -> str:
             query["level"] = args.level
         path = "/logging" + ("?" + urllib.parse.urlencode(query) if query else "")
         return _http(args.admin, path, "POST")
+    if args.command == "explain" and (args.method or args.path or args.header):
+        http_query: list[tuple[str, str]] = [
+            ("to", args.destination),
+            ("method", args.method or "GET"),
+            ("path", args.path or "/"),
+        ]
+        http_query += [("header", h) for h in args.header]
+        if args.source:
+            http_query.append(("from", args.source))
+        target = "/explain_request?" + urllib.parse.urlencode(http_query)
+        result = json.loads(_http(args.admin, target))
+        return render_http_explain(result, args.output)
     if args.command == "explain":
+        if not args.source:
+            raise AdminError("explain: --from is required for a connection (L4)", 1)
         params = urllib.parse.urlencode({"from": args.source, "to": args.destination})
         result = json.loads(_http(args.admin, "/explain?" + params))
         return render_explain(result, args.output)
@@ -316,6 +392,32 @@ def render_explain(result: Mapping[str, object], output: str) -> str:
         svc = f" (service {dst['service']})" if dst.get("service") else ""
         lines.append(f"to {dst.get('workload')} at {dst.get('address')}{svc}:")
         lines.extend("  " + line for line in str(item.get("explanation", "")).splitlines())
+    return "\n".join(lines) + "\n"
+
+
+def render_http_explain(result: Mapping[str, object], output: str) -> str:
+    """One HTTP request at a waypoint: the L7 decision, then the route or the local answer."""
+    if output == "json":
+        return json.dumps(result, indent=2) + "\n"
+    if output == "yaml":
+        return str(yaml.safe_dump(dict(result), sort_keys=False))
+    lines = [f"to {result.get('service')}:{result.get('port')}:"]
+    lines.extend("  " + line for line in str(result.get("explanation", "")).splitlines())
+    response = result.get("response")
+    route = result.get("route")
+    if isinstance(response, Mapping):
+        why = response.get("body") or response.get("reason") or ""
+        lines.append(f"answer: {response.get('status')} {why}".rstrip())
+    if isinstance(route, Mapping):
+        backends = route.get("backends") or []
+        shares = ", ".join(
+            f"{b.get('service')}:{b.get('port')} weight {b.get('weight')}"
+            for b in backends
+            if isinstance(b, Mapping)
+        )
+        lines.append(f"route {route.get('name')}: {shares or 'no backends'}")
+        if route.get("timeout") is not None:
+            lines.append(f"  timeout {route.get('timeout')} s")
     return "\n".join(lines) + "\n"
 
 

@@ -49,7 +49,7 @@ def config_dump(state: WaypointState) -> dict[str, Any]:
     return {
         "waypoint": f"{state.waypoint.namespace}/{state.waypoint.name}",
         "routes": [_jsonable(r) for r in cfg.routes.routes],
-        "policies": [_jsonable(p) for p in cfg.policies],
+        "l7Policies": [_jsonable(p) for p in cfg.policies],
         "warnings": list(cfg.warnings),
     }
 
