@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Installs what ztunnel-py and its tests need on a fresh Debian machine:
 # system tools (as root: iptables, iproute2, nsenter, iperf3, tcpdump, curl, nghttp2-client,
-# wrk; chromium for the
-# UI's browser tests; stunnel4, the C reference tunnel of bench/compare.py, and gcc, which
+# wrk, nginx-light; chromium for the UI's browser tests; stunnel4, the C reference tunnel of bench/compare.py, and gcc, which
 # builds its C load generator at run time), what eBPF redirection needs (bcc, kernel headers
 # linked for the running kernel, bpftool, a mounted bpffs; skipped with ZTUNNEL_SKIP_EBPF=1)
 # and a virtualenv at .venv with the package and its test extras. Safe to re-run.
@@ -10,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iptables iproute2 util-linux iperf3 tcpdump procps curl stunnel4 gcc libc6-dev)
-# HTTP clients in the simulated cluster's pods (waypoint tests, demo, benchmark): nghttp/h2load, wrk.
-APT_PACKAGES+=(nghttp2-client wrk)
+# HTTP in the simulated cluster's pods: nghttp/h2load, wrk (tests, benchmark), nginx (benchmark app).
+APT_PACKAGES+=(nghttp2-client wrk nginx-light)
 if [ "${ZTUNNEL_SKIP_EBPF:-0}" != 1 ] && command -v dpkg >/dev/null; then
     # bcc compiles ebpf/*.c at agent start; its Python bindings stay in Debian's dist-packages
     # and ztunnel/redirect/ebpf/environment.py imports just that package from there.
