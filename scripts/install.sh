@@ -59,6 +59,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
+    # nginx is only a pod program of the benchmark: never a service of this machine.
+    if command -v systemctl >/dev/null && systemctl is-enabled nginx >/dev/null 2>&1; then
+        systemctl disable --now nginx >/dev/null 2>&1 || true
+    fi
     if [ "${ZTUNNEL_SKIP_EBPF:-0}" != 1 ]; then
         link_kernel_headers
         mount_bpffs
