@@ -5,7 +5,7 @@ anything: the L7 decision (deciding policy and rule, or why every ALLOW policy
 failed), then the route (rule, backends and their weights, retry and timeout)
 when the request is allowed. ``config_dump`` lists routes, policies and the
 warnings collected while parsing them. Both return JSON-ready dicts for the
-admin endpoint and ``ztunnel ctl`` (phase 2 wires them).
+admin endpoint (``/config_dump``, ``/explain_request``) and ``ztunnel ctl``.
 """
 
 from __future__ import annotations

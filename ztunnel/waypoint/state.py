@@ -2,9 +2,9 @@
 
 The mesh (workloads, services) is the agent's ``StateStore``; routes and
 policies come from Kubernetes-shaped YAML documents (HTTPRoute, GRPCRoute,
-AuthorizationPolicy with targetRefs). Kubernetes ``Service`` documents, when
-given, declare each port's protocol (``appProtocol``, else the port name), which
-the mesh model does not carry; without one the waypoint sniffs.
+AuthorizationPolicy with targetRefs). A port's protocol is the mesh's
+``Service.app_protocols`` entry, else a Kubernetes ``Service`` document's
+(``appProtocol``, else the port name); without either the waypoint sniffs.
 
 Parsing is strict (``ConfigError`` naming file and field); everything valid
 that the waypoint cannot fully honour lands in ``warnings``.
