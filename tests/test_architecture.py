@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ztunnel.enroll",),
     ("ztunnel.waypoint",),
     ("ztunnel.admin",),
-    ("ztunnel.agent", "ztunnel.cli"),
+    ("ztunnel.agent", "ztunnel.cli", "ztunnel.waypoint_app"),
     ("ztunnel.cluster", "ztunnel.demo", "ztunnel.testing"),  # the simulator and test helpers
 )
 # The one sanctioned upward edge: `ztunnel demo` is a command of the CLI.

@@ -17,8 +17,8 @@ from ztunnel.cli import build_parser
 from ztunnel.model.workload import HBONE_PORT
 from ztunnel.sources import waypoints as wp
 from ztunnel.sources.localconfig import load_local_config
-from ztunnel.waypoint.process import settings_from
 from ztunnel.waypoint.state import L7Config
+from ztunnel.waypoint_app import settings_from
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "deploy" / "waypoint.yaml"

@@ -23,7 +23,7 @@ from ztunnel.errors import ConfigError
 from ztunnel.identity.ca import FakeCA
 from ztunnel.model.identity import Identity
 from ztunnel.policy.l7model import WaypointRef
-from ztunnel.waypoint.process import WaypointProcess, WaypointSettings, settings_from
+from ztunnel.waypoint_app import WaypointProcess, WaypointSettings, settings_from
 
 MESH = textwrap.dedent(
     """\

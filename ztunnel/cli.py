@@ -232,7 +232,7 @@ def waypoint_ca(env: Mapping[str, str]) -> CertificateAuthority:
 
 def waypoint_command(args: argparse.Namespace) -> int:
     from ztunnel.telemetry.logging import configure_logging
-    from ztunnel.waypoint.process import WaypointProcess, settings_from
+    from ztunnel.waypoint_app import WaypointProcess, settings_from
 
     try:
         settings = settings_from(args, os.environ)

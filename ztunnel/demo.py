@@ -28,8 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from ztunnel import demo_waypoint
-from ztunnel.cluster import apps
+from ztunnel.cluster import apps, waypoint_scene
 from ztunnel.cluster.forward import PortForward
 from ztunnel.cluster.net import ClusterNet, build, cleanup_stale
 from ztunnel.errors import ZtunnelError
@@ -91,7 +90,7 @@ class Observed:
 def plan_traffic(spec: ClusterSpec) -> list[Planned]:
     """Idle pods (no program) are clients; pods with ports are servers. Waypoint pods and
     the HTTP Services behind a waypoint (and their pods) belong to the waypoint scene."""
-    skip_pods, skip_services = demo_waypoint.excluded_from_l4(spec)
+    skip_pods, skip_services = waypoint_scene.excluded_from_l4(spec)
     clients = [p for p in spec.pods if p.program is None and p.key not in skip_pods]
     servers = [p for p in spec.pods if p.ports and p.key not in skip_pods]
     plan: list[Planned] = []
@@ -426,7 +425,7 @@ def keep_instructions(
             f"/metrics  (log {ca.log_path})",
             file=out,
         )
-    for line in demo_waypoint.keep_lines(net, waypoints or {}):
+    for line in waypoint_scene.keep_lines(net, waypoints or {}):
         print(line, file=out)
     print(
         f"  edit {cluster_file} (e.g. a namespace label) and the agents re-enroll live.", file=out
@@ -516,7 +515,7 @@ class Demo:
         observed = run_traffic(net, logs, plan_traffic(spec))
         report(net, observed, out)
         report_ca(ca, out)
-        for problem in demo_waypoint.run_scene(net, self.waypoints, self.agents, out):
+        for problem in waypoint_scene.run_scene(net, self.waypoints, self.agents, out):
             print(f"  problem: {problem}", file=out)
         print(f"\n(demo ran in {time.monotonic() - started:.1f}s)", file=out, flush=True)
         if self.keep:
