@@ -267,5 +267,6 @@ async def test_the_running_agent_serves_the_files_state_and_reports_missing_pods
             assert agent.readiness() == [
                 "pod demo/client: netns /var/run/netns/zt000000-pod-demo-client not found",
                 "pod demo/echo-1: netns /var/run/netns/zt000000-pod-demo-echo-1 not found",
+                "pod demo/web-v1: netns /var/run/netns/zt000000-pod-demo-web-v1 not found",
             ]
             nursery.cancel_scope.cancel()
