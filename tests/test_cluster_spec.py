@@ -35,14 +35,25 @@ def test_demo_cluster_file_describes_the_demo() -> None:
         "demo/echo-2",
         "demo/other",
         "legacy/legacy-client",
+        "demo/waypoint",
+        "demo/web-v1",
+        "demo/web-v2",
     ]
     assert spec.pod("client").service_account == "client"
     assert spec.pod("legacy-client").service_account == "default"
-    (svc,) = spec.services
+    svc = spec.services[0]
+    assert [s.name for s in spec.services] == ["echo", "waypoint", "web", "web-v2"]
     assert svc.hostname == "echo.demo.svc.cluster.local"
     assert svc.vip == IPv4Address("10.96.0.10") and dict(svc.ports) == {80: 8080}
     assert [p.name for p in spec.selected_pods(svc)] == ["echo-1", "echo-2"]
-    (policy,) = spec.policies
+    policy = spec.policies[0]  # the L4 scene's; the rest are the waypoint scene's
+    assert [p["kind"] for p in spec.policies] == [
+        "AuthorizationPolicy",
+        "Gateway",
+        "HTTPRoute",
+        "AuthorizationPolicy",
+        "AuthorizationPolicy",
+    ]
     assert policy["kind"] == "AuthorizationPolicy"
     assert policy["apiVersion"] == "security.istio.io/v1"
     principals = policy["spec"]["rules"][0]["from"][0]["source"]["principals"]
@@ -178,7 +189,7 @@ def test_layout_uses_the_cluster_addressing() -> None:
     assert places.pods["demo/client"].netns_path == "/var/run/netns/zt00beef-pod-demo-client"
     assert places.nodes["node2"].netns == "zt00beef-node-node2"
     assert places.nodes["node2"].ip == IPv4Address("10.244.2.1")
-    assert [p.name for p in places.pods_on("node1")] == ["client", "echo-1"]
+    assert [p.name for p in places.pods_on("node1")] == ["client", "echo-1", "web-v1"]
 
 
 def test_cluster_state_models_the_pods() -> None:
@@ -193,7 +204,7 @@ def test_cluster_state_models_the_pods() -> None:
     assert echo2.node == "node2"
     assert echo2.services == {"demo/echo.demo.svc.cluster.local": {80: 8080}}
     assert client.services == {}
-    (svc,) = services
+    svc = services[0]
     assert svc.key == "demo/echo.demo.svc.cluster.local"
     assert [str(v) for v in svc.vips] == ["/10.96.0.10"]
     assert labels["Kubernetes//Pod/demo/echo-1"] == {"app": "echo"}
@@ -203,21 +214,32 @@ def test_snapshot_is_this_nodes_pods_and_the_whole_mesh() -> None:
     snap, warnings = snapshot(demo_spec(), "zt00beef", "node2")
     assert warnings == []
     assert snap.source == "ztunnel/cluster/demo.yaml"
-    assert [p.key for p in snap.pods] == ["demo/echo-2", "demo/other", "legacy/legacy-client"]
+    assert [p.key for p in snap.pods] == [
+        "demo/echo-2",
+        "demo/other",
+        "legacy/legacy-client",
+        "demo/waypoint",
+        "demo/web-v2",
+    ]
     echo2 = snap.pod("demo/echo-2")
     assert echo2 is not None
     assert echo2.uid == "Kubernetes//Pod/demo/echo-2"
     assert echo2.netns == NetnsRef("/var/run/netns/zt00beef-pod-demo-echo-2")
     assert echo2.ips == (IPv4Address("10.244.2.2"),)
     assert echo2.service_account == "echo" and echo2.node == "node2"
-    assert [p.in_mesh for p in snap.pods] == [True, True, False]
+    # The waypoint pod is never captured (dataplane-mode none); it speaks HBONE itself.
+    assert [p.in_mesh for p in snap.pods] == [True, True, False, False, True]
     # The state is the whole cluster's (node1's pods are destinations too), with policies.
     assert snap.state is not None
-    assert len(snap.state.workloads) == 5
+    assert len(snap.state.workloads) == 8
     by_name = {w.name: w for w in snap.state.workloads}
     assert by_name["echo-1"].authorization_policies == ("demo/echo-allow-client",)
     assert by_name["client"].authorization_policies == ()
-    assert [p.key for p in snap.state.policies] == ["demo/echo-allow-client"]
+    # The web pods are behind the waypoint: istiod's implicit allow of its identity (the
+    # demo file sets PILOT_AUTO_ALLOW_WAYPOINT_POLICY); L7 policies stay the waypoint's.
+    implicit = "demo/istio_allow_waypoint_demo_waypoint"
+    assert by_name["web-v1"].authorization_policies == (implicit,)
+    assert [p.key for p in snap.state.policies] == ["demo/echo-allow-client", implicit]
 
 
 def test_pod_level_labels_decide_over_the_namespace() -> None:

@@ -12,8 +12,9 @@ Waypoints (``sources/waypoints.py``, istiod's rules): ``Gateway`` documents of c
 or pod, each port's declared protocol, and (with istiod's
 ``PILOT_AUTO_ALLOW_WAYPOINT_POLICY`` set under ``istiod:`` in the file; off by default, as
 in Istio) the implicit ALLOW of each waypoint's identity on the workloads behind it, which
-refuses clients that go around it. Gateway API documents (Gateway, HTTPRoute, GRPCRoute)
-and Kubernetes Service documents are the waypoint's, never the L4 translator's.
+refuses clients that go around it. Gateway API documents (Gateway, HTTPRoute, GRPCRoute),
+Kubernetes Service documents and AuthorizationPolicies with targetRefs are the waypoint's,
+never the L4 translator's.
 """
 
 from __future__ import annotations
@@ -51,12 +52,18 @@ def _canonical_name(pod: PodSpec) -> str:
 
 
 def _is_waypoint_document(doc: Any) -> bool:
-    """Documents only the waypoint reads (routes, Gateways, Service port declarations)."""
+    """Documents only waypoints read: Gateway API objects, Kubernetes Service documents and
+    AuthorizationPolicies bound with targetRef(s) (istiod never sends those to ztunnel)."""
     if not isinstance(doc, Mapping):
         return False
     api = str(doc.get("apiVersion", ""))
-    return api.startswith(wp.GATEWAY_API_GROUP + "/") or (
-        api == "v1" and doc.get("kind") == "Service"
+    if api.startswith(wp.GATEWAY_API_GROUP + "/") or (api == "v1" and doc.get("kind") == "Service"):
+        return True
+    spec = doc.get("spec")
+    return (
+        doc.get("kind") == "AuthorizationPolicy"
+        and isinstance(spec, Mapping)
+        and bool(spec.get("targetRef") or spec.get("targetRefs"))
     )
 
 
