@@ -8,6 +8,7 @@ import pytest
 from google.protobuf import any_pb2
 
 from tests.xds_fakes import deny_port, ip_bytes, service, workload
+from ztunnel.model.workload import AppProtocol, Service
 from ztunnel.proto import authorization_pb2 as apb
 from ztunnel.proto import workload_pb2 as wpb
 from ztunnel.sources.localconfig import load_local_config
@@ -131,3 +132,19 @@ def test_decode_resource_checks_type_and_bytes() -> None:
         decode_resource(ADDRESS_TYPE, good)
     with pytest.raises(ResourceError, match="cannot decode"):
         decode_resource(ADDRESS_TYPE, any_pb2.Any(type_url=ADDRESS_TYPE, value=b"\xff"))
+
+
+def test_service_port_app_protocols_reach_the_model() -> None:
+    addr = service("web", "10.96.0.20", ports={80: 8080, 9000: 9000, 5432: 5432})
+    del addr.service.ports[:]
+    addr.service.ports.extend(
+        [
+            wpb.Port(service_port=80, target_port=8080, app_protocol=wpb.HTTP11),
+            wpb.Port(service_port=9000, target_port=9000, app_protocol=wpb.GRPC),
+            wpb.Port(service_port=5432, target_port=5432),  # UNKNOWN: left out (sniffed)
+        ]
+    )
+    svc = address_from_proto(addr)
+    assert isinstance(svc, Service)
+    assert svc.ports == {80: 8080, 9000: 9000, 5432: 5432}
+    assert dict(svc.app_protocols) == {80: AppProtocol.HTTP11, 9000: AppProtocol.GRPC}

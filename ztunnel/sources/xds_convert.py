@@ -36,6 +36,7 @@ from ztunnel.model.identity import DEFAULT_TRUST_DOMAIN
 from ztunnel.model.workload import (
     HBONE_PORT,
     ApplicationTunnel,
+    AppProtocol,
     AppTunnelProtocol,
     GatewayAddress,
     HealthPolicy,
@@ -205,6 +206,15 @@ _IP_FAMILIES: dict[int, str | None] = {
     wpb.DUAL: "Dual",
 }
 _VISIBILITIES = {wpb.Service.PUBLIC: Visibility.PUBLIC, wpb.Service.NAMESPACE: Visibility.NAMESPACE}
+# A port's declared protocol (the waypoint reads it; UNKNOWN ports are left out: sniffed).
+_APP_PROTOCOLS = {
+    wpb.UNKNOWN: AppProtocol.UNKNOWN,
+    wpb.HTTP11: AppProtocol.HTTP11,
+    wpb.HTTP2: AppProtocol.HTTP2,
+    wpb.GRPC: AppProtocol.GRPC,
+    wpb.TCP: AppProtocol.TCP,
+    wpb.TLS: AppProtocol.TLS,
+}
 
 
 def _vip(a: wpb.NetworkAddress) -> NetworkAddress:
@@ -239,6 +249,11 @@ def service_from_proto(s: wpb.Service) -> Service:
         ports={
             _port(p.service_port, "ports"): _port(p.target_port, "ports", allow_zero=True)
             for p in s.ports
+        },
+        app_protocols={
+            p.service_port: _enum(_APP_PROTOCOLS, p.app_protocol, "ports.app_protocol")
+            for p in s.ports
+            if p.app_protocol != wpb.UNKNOWN
         },
         subject_alt_names=tuple(s.subject_alt_names),
         waypoint=gateway_from_proto(s.waypoint, "waypoint") if s.HasField("waypoint") else None,
