@@ -180,26 +180,53 @@ def run_scene(
             )
         else:
             problems.append(f"split requests to {to}: {split.get('error')}")
-        problems += _around(net, client, b, out)
+        problems += _around(net, agents, client, b, out)
     return problems
 
 
-def _around(net: ClusterNet, client: PodSpec, b: Bound, out: TextIO) -> list[str]:
+def _refusal(agents: Mapping[str, AgentProcess], client: PodSpec, pod: PodSpec) -> str | None:
+    """The error the agents logged for the client's connection to ``pod``, if any."""
+    deadline = time.monotonic() + LOG_SETTLE
+    while True:
+        for agent in agents.values():
+            for record in reversed(agent.log_lines()):
+                if (
+                    record.get("src.workload") == client.name
+                    and record.get("dst.workload") == pod.name
+                    and record.get("error")
+                ):
+                    return str(record["error"])
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _around(
+    net: ClusterNet,
+    agents: Mapping[str, AgentProcess],
+    client: PodSpec,
+    b: Bound,
+    out: TextIO,
+) -> list[str]:
+    """One connection straight to a backend pod: what the pod's agent says."""
     backends = net.spec.selected_pods(b.service)
     if not backends:
         return []
     pod = backends[0]
     target = f"{net.pods[pod.key].ip}:{b.service.ports[b.port]}"
     result = _load(net, client, target, "/around")
+    error = None if result.get("ok") else _refusal(agents, client, pod)
     if result.get("ok"):
         outcome = f"{next(iter(result.get('statuses') or {'-': 0}))} (nothing refuses it)"
+    elif error is not None:
+        outcome = f"refused by the pod's agent ({error}: only the waypoint is allowed)"
     else:
-        outcome = "refused by the pod's agent (L4: only the waypoint is allowed)"
+        outcome = f"failed ({result.get('error')})"
     print(
         f"    {client.name} -> {pod.name} directly ({target}), around the waypoint: {outcome}",
         file=out,
     )
-    return []
+    return [] if result.get("ok") or error is not None else [f"around {target}: {outcome}"]
 
 
 def keep_lines(net: ClusterNet, waypoints: Mapping[str, WaypointProcess]) -> list[str]:
