@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what ztunnel-py and its tests need on a fresh Debian machine:
 # system tools (as root: iptables, iproute2, nsenter, iperf3, tcpdump, curl, nghttp2-client,
-# wrk, nginx-light; chromium for the UI's browser tests; stunnel4, the C reference tunnel of bench/compare.py, and gcc, which
-# builds its C load generator at run time), what eBPF redirection needs (bcc, kernel headers
+# wrk, nginx-light; chromium for the UI's browser tests; stunnel4, the C reference tunnel of
+# bench/compare.py, and gcc, which builds its C load generator at run time), what eBPF redirection needs (bcc, kernel headers
 # linked for the running kernel, bpftool, a mounted bpffs; skipped with ZTUNNEL_SKIP_EBPF=1)
 # and a virtualenv at .venv with the package and its test extras. Safe to re-run.
 set -euo pipefail
