@@ -19,8 +19,10 @@ import trio
 
 from ztunnel.admin import ctl
 from ztunnel.cli import main as cli_main
+from ztunnel.cli import waypoint_ca
 from ztunnel.errors import ConfigError
 from ztunnel.identity.ca import FakeCA
+from ztunnel.identity.istio_ca import IstioCAClient
 from ztunnel.model.identity import Identity
 from ztunnel.policy.l7model import WaypointRef
 from ztunnel.waypoint_app import WaypointProcess, WaypointSettings, settings_from
@@ -200,3 +202,21 @@ def test_cli_exits_2_with_one_line_on_bad_configuration(
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("ztunnel waypoint: configuration error")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_waypoint_asks_the_istio_ca_for_its_own_identity(tmp_path: Path) -> None:
+    # As Istio's waypoint: its own token, its own identity, never ImpersonatedIdentity (a
+    # waypoint is not a node agent; `ca serve` refuses impersonation from it).
+    env = {
+        "CA_ADDRESS": "https://10.244.0.2:15012",
+        "CA_ROOT_CA": str(tmp_path / "root.pem"),
+        "AUTH_TOKEN": str(tmp_path / "token"),
+        "PROXY_MODE": "shared",  # an agent setting: ignored by the waypoint
+    }
+    ca = waypoint_ca(env)
+    assert isinstance(ca, IstioCAClient)
+    assert ca.config.impersonate is False
+    assert ca.config.token_path == tmp_path / "token"
+    assert isinstance(waypoint_ca({"FAKE_CA": "true"}), FakeCA)
+    with pytest.raises(ConfigError, match="no certificate authority"):
+        waypoint_ca({})
