@@ -186,3 +186,14 @@ def test_the_checks_see_lazy_imports_and_would_catch_a_violation() -> None:
     # The layer lookup is by most specific prefix, and the table puts the simulator last.
     assert _layer("ztunnel.cluster.net") == len(LAYERS) - 1
     assert _layer("ztunnel.model.address") == 0
+
+
+def test_one_logging_style_structlog_everywhere() -> None:
+    """Only telemetry/logging.py touches stdlib logging (it routes it into structlog); every
+    other module logs through ``structlog.get_logger(name)`` with key=value fields."""
+    offenders = sorted(
+        module
+        for module in _modules()
+        if module != "ztunnel.telemetry.logging" and "logging" in _imports(module, external=True)
+    )
+    assert not offenders

@@ -23,11 +23,11 @@ refused with REFUSED_STREAM.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 import trio
 
 from ztunnel.hbone.events import ErrorCode
@@ -51,7 +51,7 @@ from ztunnel.waypoint.h2proto import (
 )
 from ztunnel.waypoint.messages import Headers, RequestHead, ResponseHead
 
-log = logging.getLogger("ztunnel.waypoint.h2")
+log = structlog.get_logger("ztunnel.waypoint.h2")
 
 RECEIVE_SIZE = 64 * 1024
 MAX_UNSENT_REPLIES = 1024 * 1024
@@ -430,7 +430,7 @@ class H2Connection:
                 self._dispatch(event)
             self._reply_backlog += max(0, self.protocol.pending_output - before)
             if self._reply_backlog > MAX_UNSENT_REPLIES:
-                log.info("h2: %d bytes of replies unsent, peer not reading", self._reply_backlog)
+                log.info("h2 peer not reading", unsent_reply_bytes=self._reply_backlog)
                 self.abort("peer not reading")
                 return
             self.kick()
@@ -471,7 +471,7 @@ class H2Connection:
         elif isinstance(event, GoAwayReceived):
             self._on_goaway(event)
         elif isinstance(event, ConnectionFailed):
-            log.info("h2: protocol error from peer: %s", event.reason)
+            log.info("h2 protocol error from peer", reason=event.reason)
             self.close_reason = f"protocol error: {event.reason}"
             self.close(event.error_code, self.close_reason)
         elif isinstance(event, InformationalReceived):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
-import logging
 import os
 import random
 import socket
@@ -34,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
 
+import structlog
 import trio
 
 from ztunnel.errors import ZtunnelError
@@ -71,7 +71,7 @@ from ztunnel.waypoint.state import WaypointState
 from ztunnel.waypoint.telemetry import WaypointMetrics
 from ztunnel.waypoint.upstream import Connector, Endpoint, UpstreamPool, hbone_connector
 
-log = logging.getLogger("ztunnel.waypoint")
+log = structlog.get_logger("ztunnel.waypoint")
 
 
 class CertSource(TypingProtocol):
@@ -197,7 +197,7 @@ class Waypoint:
                         except BlockingIOError:
                             continue
                         except OSError as exc:
-                            log.error("waypoint: accept failed: %s", exc)
+                            log.error("waypoint accept failed", error=str(exc))
                             await trio.sleep(0.1)
                             continue
                         nursery.start_soon(self._serve_accepted, sock, peer)

@@ -20,7 +20,6 @@ a reset or EOF before the response (``reset``), invalid HTTP (``protocol error``
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
@@ -41,8 +40,6 @@ from ztunnel.waypoint.errors import (
 from ztunnel.waypoint.h2conn import H2Connection, H2Stream, H2StreamError
 from ztunnel.waypoint.h2proto import H2Limits
 from ztunnel.waypoint.messages import Headers, Protocol, RequestHead, ResponseHead, strip_hop_by_hop
-
-log = logging.getLogger("ztunnel.waypoint.upstream")
 
 RECEIVE_SIZE = 64 * 1024
 MAX_RESPONSE_HEADER_BYTES = 60 * 1024
