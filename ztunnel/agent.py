@@ -4,10 +4,10 @@ Services: the certificate manager, the admin / metrics / readiness servers,
 and the workload proxies (one in dedicated mode; one per enrolled pod in shared
 mode, where the enrollment controller decides which and the agent, as its
 ``ProxyHost``, runs them). Each input comes from a local source or from Istio's
-control plane (docs/control-plane.md): state from the local config / cluster file or
-from istiod over xDS (``attach_xds``), pods from the cluster file or from istio-cni
-over ZDS (``attach_pod_source``), certificates from a CA key held here or from an
-Istio CA (``make_ca``). SIGTERM, SIGINT and POST /quitquitquit
+control plane (docs/control-plane.md): state from the local config / cluster file, the
+Kubernetes API or from istiod over xDS (``attach_xds``), pods from the cluster file, the
+Kubernetes API or from istio-cni over ZDS (``attach_pod_source``), certificates from a
+CA key held here or from an Istio CA (``make_ca``). SIGTERM, SIGINT and POST /quitquitquit
 all start the same graceful drain: listeners close at once, open connections get
 CONNECTION_TERMINATION_DEADLINE seconds, then the agent exits.
 """
@@ -43,8 +43,11 @@ from ztunnel.proxy.workload_proxy import ProxyAddresses, WorkloadProxy
 from ztunnel.redirect.base import NoRedirector, RedirectPorts
 from ztunnel.redirect.modes import make_redirector
 from ztunnel.redirect.netns import NetNamespace
+from ztunnel.sources import kubernetes as k8s
 from ztunnel.sources.clusterfile.source import ClusterFileSource
 from ztunnel.sources.dump import policy_to_dump, service_to_dump, workload_to_dump
+from ztunnel.sources.kubernetes.annotate import Annotator
+from ztunnel.sources.kubernetes.source import KubernetesPodSource
 from ztunnel.sources.localconfig import LocalConfig, load_local_config, load_local_config_file
 from ztunnel.sources.xds import XdsClient, xds_config, xds_node
 from ztunnel.sources.zds import ZdsClient
@@ -172,8 +175,13 @@ class Agent:
         cluster_file: str | None = None,
         cluster_prefix: str | None = None,
         policy_dir: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Agent:
-        """Validate everything that can be validated before starting (raises ConfigError)."""
+        """Validate everything that can be validated before starting (raises ConfigError).
+
+        ``env``: the process environment, for what Config does not hold (the Kubernetes
+        client's ``KUBECONFIG`` and in-cluster variables); None = none of it.
+        """
         static = load_static_config(config)
         if config.xds_address:
             xds_config(config).target()  # a bad XDS_ADDRESS is named as such (CA defaults to it)
@@ -185,7 +193,7 @@ class Agent:
         if config.xds_address:
             attach_xds(agent)
         if config.proxy_mode is ProxyMode.SHARED:
-            attach_pod_source(agent, cluster_file, cluster_prefix, policy_dir)
+            attach_pod_source(agent, cluster_file, cluster_prefix, policy_dir, env or {})
         elif policy_dir is not None:
             result = load_policy_dir(policy_dir)
             for warning in result.warnings:
@@ -444,10 +452,16 @@ def attach_cluster_source(
 
 
 def attach_pod_source(
-    agent: Agent, cluster_file: str | None, cluster_prefix: str | None, policy_dir: str | None
+    agent: Agent,
+    cluster_file: str | None,
+    cluster_prefix: str | None,
+    policy_dir: str | None,
+    env: Mapping[str, str],
 ) -> EnrollmentController:
-    """Shared mode's pod source: the cluster file, or istio-cni over ZDS (INPOD_UDS, or
-    its default path under istiod); raises ConfigError when there is none."""
+    """Shared mode's pod source, the first that is configured: the cluster file
+    (``--cluster``), istio-cni over ZDS (INPOD_UDS, or its default path under istiod),
+    the Kubernetes API (``KUBECONFIG``, or in-cluster); raises ConfigError when there is
+    none."""
     cfg = agent.config
     if cluster_file is not None:
         return attach_cluster_source(agent, cluster_file, cluster_prefix, policy_dir)
@@ -455,13 +469,67 @@ def attach_pod_source(
         if policy_dir is not None:
             raise ConfigError("--policies", policy_dir, "policies come from istiod (XDS_ADDRESS)")
         return attach_zds_source(agent, cfg.zds_path)[1]
+    if k8s.access_configured(env):
+        if policy_dir is not None:
+            why = "policies come from the Kubernetes API (security.istio.io)"
+            raise ConfigError("--policies", policy_dir, why)
+        return attach_kubernetes_source(agent, env)[1]
     raise ConfigError(
         "PROXY_MODE",
         "shared",
-        "shared (in-pod) mode needs a pod source: --cluster FILE, or istio-cni (INPOD_UDS) "
-        "with istiod (XDS_ADDRESS); for a single workload use PROXY_MODE=dedicated with "
-        "PROXY_WORKLOAD_INFO",
+        "shared (in-pod) mode needs a pod source: the Kubernetes API (KUBECONFIG, or "
+        "in-cluster), --cluster FILE, or istio-cni (INPOD_UDS) with istiod (XDS_ADDRESS); "
+        "for a single workload use PROXY_MODE=dedicated with PROXY_WORKLOAD_INFO",
     )
+
+
+def attach_kubernetes_source(
+    agent: Agent, env: Mapping[str, str], **source_options: Any
+) -> tuple[KubernetesPodSource, EnrollmentController]:
+    """Pods, workloads, services and policies from the Kubernetes API (docs/kubernetes.md):
+    the agent installs the redirection and marks each pod it enrolled with the
+    redirection annotation. Raises ConfigError for unusable cluster access."""
+    cfg = agent.config
+    if cfg.local_xds_path or cfg.local_xds:
+        local = "LOCAL_XDS_PATH" if cfg.local_xds_path else "LOCAL_XDS"
+        raise ConfigError(
+            local, "", "the mesh state comes from the Kubernetes API (KUBECONFIG / in-cluster)"
+        )
+    source = k8s.from_config(cfg, env, **source_options)
+    annotator = Annotator(source.client, source.pod_object)
+    controller = EnrollmentController(
+        source,
+        make_redirector(cfg.redirect_mode or RedirectMode.IPTABLES, redirect_ports(cfg)),
+        agent,
+        drain_deadline=cfg.connection_termination_deadline,
+        on_start=annotator.enrolled,
+        on_leave=annotator.left,
+    )
+    agent.extra_services.append(partial(_serve_kubernetes, source, annotator, controller))
+    agent.readiness_checks.append(source.not_ready_reason)
+    agent.dump_sections["kubernetes"] = lambda: {**source.dump(), "annotations": annotator.dump()}
+    log.info("pod source: kubernetes", server=source.where, node=cfg.node_name)
+    return source, controller
+
+
+async def _serve_kubernetes(
+    source: KubernetesPodSource,
+    annotator: Annotator,
+    controller: EnrollmentController,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Started at once, so the agent serves readiness ("waiting for the Kubernetes API")
+    while the first list runs; the client is closed when the agent stops."""
+    task_status.started()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(source.run)
+            nursery.start_soon(annotator.run)
+            nursery.start_soon(controller.run)
+    finally:
+        with trio.CancelScope(shield=True):
+            await source.aclose()
 
 
 def attach_zds_source(
@@ -505,6 +573,7 @@ __all__ = [
     "Agent",
     "WorkloadInfo",
     "attach_cluster_source",
+    "attach_kubernetes_source",
     "attach_pod_source",
     "attach_xds",
     "attach_zds_source",
