@@ -508,7 +508,6 @@ def attach_kubernetes_source(
     agent.extra_services.append(partial(_serve_kubernetes, source, annotator, controller))
     agent.readiness_checks.append(source.not_ready_reason)
     agent.dump_sections["kubernetes"] = lambda: {**source.dump(), "annotations": annotator.dump()}
-    log.info("pod source: kubernetes", server=source.where, node=cfg.node_name)
     return source, controller
 
 
@@ -522,6 +521,7 @@ async def _serve_kubernetes(
     """Started at once, so the agent serves readiness ("waiting for the Kubernetes API")
     while the first list runs; the client is closed when the agent stops."""
     task_status.started()
+    log.info("pod source: kubernetes", server=source.where, node=source.settings.node_name)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(source.run)
