@@ -15,6 +15,7 @@ CONNECTION_TERMINATION_DEADLINE seconds, then the agent exits.
 from __future__ import annotations
 
 import datetime
+import enum
 import signal
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -451,6 +452,27 @@ def attach_cluster_source(
     return controller
 
 
+class PodSourceKind(enum.Enum):
+    CLUSTER_FILE = "cluster-file"
+    ISTIO_CNI = "istio-cni"
+    KUBERNETES = "kubernetes"
+
+
+def pod_source_kind(
+    config: Config, cluster_file: str | None, env: Mapping[str, str]
+) -> PodSourceKind | None:
+    """Which pod source shared mode uses, the first configured: ``--cluster``, istio-cni
+    (INPOD_UDS, or its default path under istiod), the Kubernetes API (``KUBECONFIG`` or
+    in-cluster: the DaemonSet's case). None: no source."""
+    if cluster_file is not None:
+        return PodSourceKind.CLUSTER_FILE
+    if config.zds_path is not None:
+        return PodSourceKind.ISTIO_CNI
+    if k8s.access_configured(env):
+        return PodSourceKind.KUBERNETES
+    return None
+
+
 def attach_pod_source(
     agent: Agent,
     cluster_file: str | None,
@@ -458,18 +480,19 @@ def attach_pod_source(
     policy_dir: str | None,
     env: Mapping[str, str],
 ) -> EnrollmentController:
-    """Shared mode's pod source, the first that is configured: the cluster file
-    (``--cluster``), istio-cni over ZDS (INPOD_UDS, or its default path under istiod),
-    the Kubernetes API (``KUBECONFIG``, or in-cluster); raises ConfigError when there is
-    none."""
+    """Shared mode's pod source (``pod_source_kind``), registered with the agent; raises
+    ConfigError when there is none or its settings are unusable."""
     cfg = agent.config
-    if cluster_file is not None:
+    kind = pod_source_kind(cfg, cluster_file, env)
+    if kind is PodSourceKind.CLUSTER_FILE:
+        assert cluster_file is not None
         return attach_cluster_source(agent, cluster_file, cluster_prefix, policy_dir)
-    if cfg.zds_path is not None:
+    if kind is PodSourceKind.ISTIO_CNI:
+        assert cfg.zds_path is not None
         if policy_dir is not None:
             raise ConfigError("--policies", policy_dir, "policies come from istiod (XDS_ADDRESS)")
         return attach_zds_source(agent, cfg.zds_path)[1]
-    if k8s.access_configured(env):
+    if kind is PodSourceKind.KUBERNETES:
         if policy_dir is not None:
             why = "policies come from the Kubernetes API (security.istio.io)"
             raise ConfigError("--policies", policy_dir, why)
@@ -571,6 +594,7 @@ def _prefixed(what: str, reason: str | None) -> str | None:
 
 __all__ = [
     "Agent",
+    "PodSourceKind",
     "WorkloadInfo",
     "attach_cluster_source",
     "attach_kubernetes_source",
@@ -578,4 +602,5 @@ __all__ = [
     "attach_xds",
     "attach_zds_source",
     "make_ca",
+    "pod_source_kind",
 ]
