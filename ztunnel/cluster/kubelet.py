@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -68,20 +69,26 @@ class Kubelet:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def launcher(self, key: str, container: str) -> list[str]:
-        """A command prefix that runs the rest inside the container's cgroup."""
-        return ["sh", "-c", _JOIN, str(self.scope(key, container) / "cgroup.procs")]
+    def _start(self, key: str, container: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Run argv in the pod's netns and the container's cgroup; returns once it is in."""
+        procs = self.scope(key, container) / "cgroup.procs"
+        launcher = ["sh", "-c", _JOIN, str(procs)]
+        proc = apps.start_program(self.net, key, argv, launcher=launcher)
+        deadline = time.monotonic() + 10
+        while str(proc.pid) not in procs.read_text().split():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise ClusterError(f"{key}: {argv[0]} did not start in {procs.parent}")
+            time.sleep(0.01)
+        return proc
 
     def start_sandboxes(self) -> None:
         for key in self.net.pods:
-            self.sandboxes[key] = apps.start_program(
-                self.net, key, ["sleep", "infinity"], launcher=self.launcher(key, "pause")
-            )
+            self.sandboxes[key] = self._start(key, "pause", ["sleep", "infinity"])
 
     def start_program(self, key: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
         """Run argv in the pod (its netns, its app container's cgroup)."""
-        proc = apps.start_program(self.net, key, argv, launcher=self.launcher(key, "app"))
-        self.programs[key] = proc
+        proc = self.programs[key] = self._start(key, "app", argv)
         return proc
 
     def start_pod_programs(self) -> None:
