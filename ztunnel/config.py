@@ -230,7 +230,7 @@ class Config:
         _redirect_mode,
         None,
         "how enrolled pods' traffic is redirected (shared mode): iptables or none "
-        "(default: iptables with --cluster, none under istio-cni)",
+        "(default: iptables with --cluster and Kubernetes, none under istio-cni)",
     )
     proxy_workload_info: WorkloadInfo | None = _env_field(
         "PROXY_WORKLOAD_INFO", _workload_info, None, "ns/name/sa of the workload (dedicated mode)"
