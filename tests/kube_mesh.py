@@ -5,6 +5,7 @@ objects, and one ``ztunnel run`` per node with only a KUBECONFIG (no cluster fil
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cluster_mesh import APPS
 from cluster_mesh import until as _until
 
-from ztunnel.cluster import apps
+from ztunnel.cluster import apps, cgroups
 from ztunnel.cluster.kubelet import Kubelet, running_pods
 from ztunnel.cluster.net import ClusterNet, running_cluster
 from ztunnel.model.pod import REDIRECTION_ANNOTATION
@@ -107,11 +109,19 @@ class KubeMesh:
             wait_ready(agent, timeout)
 
 
+def require_cgroup_v2() -> None:
+    """Skip unless pods can be given kubelet-style cgroups here."""
+    mount = cgroups.cgroup2_mount()
+    if mount is None or not os.access(mount, os.W_OK):
+        pytest.skip("no writable cgroup v2 hierarchy (pods need kubelet-style cgroups)")
+
+
 @contextmanager
 def kube_mesh(text: str, listening: dict[str, int], *, api_up: bool = True) -> Iterator[KubeMesh]:
     """Build the cluster, its pods (kubelet-style), the CA service and the API server, and
     start an agent per node (ready, unless ``api_up`` is False: then the API server is
     down while they start). Everything is torn down on exit."""
+    require_cgroup_v2()
     with (
         tempfile.TemporaryDirectory() as tmp,
         running_cluster(loads_spec(text)) as net,
@@ -140,4 +150,4 @@ def kube_mesh(text: str, listening: dict[str, int], *, api_up: bool = True) -> I
             ca.stop()
 
 
-__all__ = ["AMBIENT", "KubeMesh", "kube_mesh", "until"]
+__all__ = ["AMBIENT", "KubeMesh", "kube_mesh", "require_cgroup_v2", "until"]

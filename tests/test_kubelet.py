@@ -4,13 +4,13 @@ Kubernetes source's /proc scan, and always removed (teardown, cleanup_stale)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from kube_mesh import require_cgroup_v2
 
 from ztunnel.cluster import cgroups
 from ztunnel.cluster.kubelet import pod_slice, pod_uid, running_pods
@@ -34,9 +34,7 @@ SMALL = textwrap.dedent(
 
 @pytest.fixture(autouse=True)
 def _cgroup_v2() -> None:
-    mount = cgroups.cgroup2_mount()
-    if mount is None or not os.access(mount, os.W_OK):
-        pytest.skip("no writable cgroup v2 hierarchy")
+    require_cgroup_v2()
 
 
 def _alive(pid: str) -> bool:
