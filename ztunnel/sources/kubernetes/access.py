@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import os
 import ssl
 from collections.abc import Generator, Mapping
@@ -250,9 +249,6 @@ def open_http(access: ClusterAccess, *, connect_timeout: float = 10.0) -> httpx2
         raise
     except _CONFIG_ERRORS as exc:
         raise ConfigError(access.source, "", f"unusable credentials: {exc!r}") from exc
-    # httpx2 logs every request at info (each watch, each patch); the reflectors log what
-    # matters. RUST_LOG=httpx2=info (applied after this) brings the lines back.
-    logging.getLogger("httpx2").setLevel(logging.WARNING)
     return httpx2.AsyncClient(
         base_url=access.server,
         verify=verify,
