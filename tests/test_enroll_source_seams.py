@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
 from tests.test_enroll_controller import POLL, STATE, FakeHost, Redirector, ScriptedSource, inline
 from ztunnel.enroll.controller import RETRY_INTERVAL, EnrollmentController
@@ -219,3 +220,114 @@ async def _until(cond: Callable[[], bool]) -> None:
     with trio.fail_after(30):
         while not cond():  # noqa: ASYNC110 - the fake host has no event to wait on
             await trio.sleep(0.01)
+
+
+# -- leaving the mesh (Kubernetes: the annotation is taken off) ------------------------------
+
+
+def _leave_controller(
+    source: ScriptedSource, host: FakeHost, left: list[str], initial: PodSnapshot
+) -> tuple[EnrollmentController, Redirector]:
+    redirector = Redirector(calls=host.log)
+
+    def report(pod: Pod) -> None:
+        left.append(pod.key)
+        host.log.append(("left", pod.key))
+
+    controller = EnrollmentController(
+        source,
+        redirector,
+        host,
+        initial=initial,
+        poll=POLL,
+        blocking=inline,
+        drain_deadline=0.0,
+        on_leave=report,
+    )
+    return controller, redirector
+
+
+def _plain(name: str, path: Path, **fields: object) -> Pod:
+    """A pod whose netns the source names by path (Kubernetes, the cluster file)."""
+    return Pod(
+        f"Kubernetes//Pod/mesh/{name}",
+        name,
+        "mesh",
+        netns=NetnsRef(str(path)),
+        **{"in_mesh": True, **fields},  # type: ignore[arg-type]
+    )
+
+
+async def test_leaving_the_mesh_is_reported_once_the_redirection_is_removed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    paths = {n: tmp_path / n for n in ("a", "b", "c")}
+    for path in paths.values():
+        path.write_text("")
+    pods = {n: _plain(n, p) for n, p in paths.items()}
+    source, host, left = ScriptedSource(), FakeHost([]), list[str]()
+    controller, _ = _leave_controller(source, host, left, PodSnapshot(tuple(pods.values())))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(controller.run)
+        assert host.keys == {"mesh/a", "mesh/b", "mesh/c"} and left == []
+        # a leaves the mesh (label removed), b is deleted, c's sandbox is recreated.
+        _recreate(paths["c"])
+        await source.send.send(PodSnapshot((_plain("a", paths["a"], in_mesh=False), pods["c"])))
+        await trio.sleep(4 * POLL)
+        assert sorted(left) == ["mesh/a", "mesh/b"]
+        a_events = [e for e in host.log if e[1] == "mesh/a"][-3:]
+        assert a_events == [("remove", "mesh/a"), ("left", "mesh/a"), ("release", "mesh/a")]
+        assert host.keys == {"mesh/c"}  # re-enrolled in its new netns: it never left
+        nursery.cancel_scope.cancel()
+    assert sorted(left) == ["mesh/a", "mesh/b"]  # shutdown leaves everyone in the mesh
+
+
+async def test_a_failed_removal_is_reported_when_the_stranded_rules_go(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = tmp_path / "a"
+    path.write_text("")
+    source, host, left = ScriptedSource(), FakeHost([]), list[str]()
+    controller, redirector = _leave_controller(
+        source, host, left, PodSnapshot((_plain("a", path),))
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(controller.run)
+        redirector.fail_remove = OSError("iptables-restore: resource busy")
+        await source.send.send(PodSnapshot((_plain("a", path, in_mesh=False),)))
+        await trio.sleep(4 * POLL)
+        assert left == []  # the pod's traffic is still redirected: it has not left yet
+        redirector.fail_remove = None
+        await trio.sleep(4 * POLL)
+        assert left == ["mesh/a"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_broken_leave_reporter_does_not_stop_unenrollment(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = tmp_path / "a"
+    path.write_text("")
+    source, host = ScriptedSource(), FakeHost([])
+
+    def broken(pod: Pod) -> None:
+        raise RuntimeError("bug")
+
+    controller = EnrollmentController(
+        source,
+        Redirector(calls=host.log),
+        host,
+        initial=PodSnapshot((_plain("a", path),)),
+        poll=POLL,
+        blocking=inline,
+        drain_deadline=0.0,
+        on_leave=broken,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(controller.run)
+        with capture_logs() as logs:
+            await source.send.send(PodSnapshot((_plain("a", path, in_mesh=False),)))
+            await trio.sleep(4 * POLL)
+        assert host.keys == set() and ("release", "mesh/a") in host.log
+        assert any(e["event"] == "leave report failed" for e in logs)
+        nursery.cancel_scope.cancel()

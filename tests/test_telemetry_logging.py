@@ -140,6 +140,24 @@ def test_off_silences_a_target(stream: io.StringIO) -> None:
     assert [ln.split("\t")[3] for ln in lines(stream)] == ["kept 1"]
 
 
+def test_per_request_library_lines_stay_quiet_unless_named(stream: io.StringIO) -> None:
+    """httpx2 logs every Kubernetes watch and patch at info: warnings only, by default."""
+    http = logging.getLogger("httpx2")
+    zlog.configure_logging("debug", "plain", stream)
+    http.info("HTTP Request: GET /api/v1/pods?watch=1")
+    http.warning("kept")
+    zlog.set_filter("httpx2=info,info")
+    http.info("HTTP Request: PATCH /api/v1/namespaces/a/pods/b/status")
+    zlog.set_filter("error")
+    http.warning("dropped: less than warn asked for")
+    zlog.reset()
+    http.info("HTTP Request: GET /api/v1/pods?watch=1")
+    assert [ln.split("\t")[3] for ln in lines(stream)] == [
+        "kept",
+        "HTTP Request: PATCH /api/v1/namespaces/a/pods/b/status",
+    ]
+
+
 @pytest.mark.parametrize("spec", ["loud", "ztunnel::proxy:debug", "=debug", "", "a=b"])
 def test_invalid_filters_are_rejected(stream: io.StringIO, spec: str) -> None:
     zlog.configure_logging("info", "plain", stream)

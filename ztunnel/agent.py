@@ -4,10 +4,10 @@ Services: the certificate manager, the admin / metrics / readiness servers,
 and the workload proxies (one in dedicated mode; one per enrolled pod in shared
 mode, where the enrollment controller decides which and the agent, as its
 ``ProxyHost``, runs them). Each input comes from a local source or from Istio's
-control plane (docs/control-plane.md): state from the local config / cluster file or
-from istiod over xDS (``attach_xds``), pods from the cluster file or from istio-cni
-over ZDS (``attach_pod_source``), certificates from a CA key held here or from an
-Istio CA (``make_ca``). SIGTERM, SIGINT and POST /quitquitquit
+control plane (docs/control-plane.md): state from the local config / cluster file, the
+Kubernetes API or from istiod over xDS (``attach_xds``), pods from the cluster file, the
+Kubernetes API or from istio-cni over ZDS (``attach_pod_source``), certificates from a
+CA key held here or from an Istio CA (``make_ca``). SIGTERM, SIGINT and POST /quitquitquit
 all start the same graceful drain: listeners close at once, open connections get
 CONNECTION_TERMINATION_DEADLINE seconds, then the agent exits.
 """
@@ -15,6 +15,7 @@ CONNECTION_TERMINATION_DEADLINE seconds, then the agent exits.
 from __future__ import annotations
 
 import datetime
+import enum
 import signal
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -43,8 +44,11 @@ from ztunnel.proxy.workload_proxy import ProxyAddresses, WorkloadProxy
 from ztunnel.redirect.base import NoRedirector, RedirectPorts
 from ztunnel.redirect.modes import make_redirector
 from ztunnel.redirect.netns import NetNamespace
+from ztunnel.sources import kubernetes as k8s
 from ztunnel.sources.clusterfile.source import ClusterFileSource
 from ztunnel.sources.dump import policy_to_dump, service_to_dump, workload_to_dump
+from ztunnel.sources.kubernetes.annotate import Annotator
+from ztunnel.sources.kubernetes.source import KubernetesPodSource
 from ztunnel.sources.localconfig import LocalConfig, load_local_config, load_local_config_file
 from ztunnel.sources.xds import XdsClient, xds_config, xds_node
 from ztunnel.sources.zds import ZdsClient
@@ -172,8 +176,13 @@ class Agent:
         cluster_file: str | None = None,
         cluster_prefix: str | None = None,
         policy_dir: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Agent:
-        """Validate everything that can be validated before starting (raises ConfigError)."""
+        """Validate everything that can be validated before starting (raises ConfigError).
+
+        ``env``: the process environment, for what Config does not hold (the Kubernetes
+        client's ``KUBECONFIG`` and in-cluster variables); None = none of it.
+        """
         static = load_static_config(config)
         if config.xds_address:
             xds_config(config).target()  # a bad XDS_ADDRESS is named as such (CA defaults to it)
@@ -185,7 +194,7 @@ class Agent:
         if config.xds_address:
             attach_xds(agent)
         if config.proxy_mode is ProxyMode.SHARED:
-            attach_pod_source(agent, cluster_file, cluster_prefix, policy_dir)
+            attach_pod_source(agent, cluster_file, cluster_prefix, policy_dir, env or {})
         elif policy_dir is not None:
             result = load_policy_dir(policy_dir)
             for warning in result.warnings:
@@ -443,25 +452,107 @@ def attach_cluster_source(
     return controller
 
 
-def attach_pod_source(
-    agent: Agent, cluster_file: str | None, cluster_prefix: str | None, policy_dir: str | None
-) -> EnrollmentController:
-    """Shared mode's pod source: the cluster file, or istio-cni over ZDS (INPOD_UDS, or
-    its default path under istiod); raises ConfigError when there is none."""
-    cfg = agent.config
+class PodSourceKind(enum.Enum):
+    CLUSTER_FILE = "cluster-file"
+    ISTIO_CNI = "istio-cni"
+    KUBERNETES = "kubernetes"
+
+
+def pod_source_kind(
+    config: Config, cluster_file: str | None, env: Mapping[str, str]
+) -> PodSourceKind | None:
+    """Which pod source shared mode uses, the first configured: ``--cluster``, istio-cni
+    (INPOD_UDS, or its default path under istiod), the Kubernetes API (``KUBECONFIG`` or
+    in-cluster: the DaemonSet's case). None: no source."""
     if cluster_file is not None:
+        return PodSourceKind.CLUSTER_FILE
+    if config.zds_path is not None:
+        return PodSourceKind.ISTIO_CNI
+    if k8s.access_configured(env):
+        return PodSourceKind.KUBERNETES
+    return None
+
+
+def attach_pod_source(
+    agent: Agent,
+    cluster_file: str | None,
+    cluster_prefix: str | None,
+    policy_dir: str | None,
+    env: Mapping[str, str],
+) -> EnrollmentController:
+    """Shared mode's pod source (``pod_source_kind``), registered with the agent; raises
+    ConfigError when there is none or its settings are unusable."""
+    cfg = agent.config
+    kind = pod_source_kind(cfg, cluster_file, env)
+    if kind is PodSourceKind.CLUSTER_FILE:
+        assert cluster_file is not None
         return attach_cluster_source(agent, cluster_file, cluster_prefix, policy_dir)
-    if cfg.zds_path is not None:
+    if kind is PodSourceKind.ISTIO_CNI:
+        assert cfg.zds_path is not None
         if policy_dir is not None:
             raise ConfigError("--policies", policy_dir, "policies come from istiod (XDS_ADDRESS)")
         return attach_zds_source(agent, cfg.zds_path)[1]
+    if kind is PodSourceKind.KUBERNETES:
+        if policy_dir is not None:
+            why = "policies come from the Kubernetes API (security.istio.io)"
+            raise ConfigError("--policies", policy_dir, why)
+        return attach_kubernetes_source(agent, env)[1]
     raise ConfigError(
         "PROXY_MODE",
         "shared",
-        "shared (in-pod) mode needs a pod source: --cluster FILE, or istio-cni (INPOD_UDS) "
-        "with istiod (XDS_ADDRESS); for a single workload use PROXY_MODE=dedicated with "
-        "PROXY_WORKLOAD_INFO",
+        "shared (in-pod) mode needs a pod source: the Kubernetes API (KUBECONFIG, or "
+        "in-cluster), --cluster FILE, or istio-cni (INPOD_UDS) with istiod (XDS_ADDRESS); "
+        "for a single workload use PROXY_MODE=dedicated with PROXY_WORKLOAD_INFO",
     )
+
+
+def attach_kubernetes_source(
+    agent: Agent, env: Mapping[str, str], **source_options: Any
+) -> tuple[KubernetesPodSource, EnrollmentController]:
+    """Pods, workloads, services and policies from the Kubernetes API (docs/kubernetes.md):
+    the agent installs the redirection and marks each pod it enrolled with the
+    redirection annotation. Raises ConfigError for unusable cluster access."""
+    cfg = agent.config
+    if cfg.local_xds_path or cfg.local_xds:
+        local = "LOCAL_XDS_PATH" if cfg.local_xds_path else "LOCAL_XDS"
+        raise ConfigError(
+            local, "", "the mesh state comes from the Kubernetes API (KUBECONFIG / in-cluster)"
+        )
+    source = k8s.from_config(cfg, env, **source_options)
+    annotator = Annotator(source.client, source.pod_object)
+    controller = EnrollmentController(
+        source,
+        make_redirector(cfg.redirect_mode or RedirectMode.IPTABLES, redirect_ports(cfg)),
+        agent,
+        drain_deadline=cfg.connection_termination_deadline,
+        on_start=annotator.enrolled,
+        on_leave=annotator.left,
+    )
+    agent.extra_services.append(partial(_serve_kubernetes, source, annotator, controller))
+    agent.readiness_checks.append(source.not_ready_reason)
+    agent.dump_sections["kubernetes"] = lambda: {**source.dump(), "annotations": annotator.dump()}
+    return source, controller
+
+
+async def _serve_kubernetes(
+    source: KubernetesPodSource,
+    annotator: Annotator,
+    controller: EnrollmentController,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Started at once, so the agent serves readiness ("waiting for the Kubernetes API")
+    while the first list runs; the client is closed when the agent stops."""
+    task_status.started()
+    log.info("pod source: kubernetes", server=source.where, node=source.settings.node_name)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(source.run)
+            nursery.start_soon(annotator.run)
+            nursery.start_soon(controller.run)
+    finally:
+        with trio.CancelScope(shield=True):
+            await source.aclose()
 
 
 def attach_zds_source(
@@ -503,10 +594,13 @@ def _prefixed(what: str, reason: str | None) -> str | None:
 
 __all__ = [
     "Agent",
+    "PodSourceKind",
     "WorkloadInfo",
     "attach_cluster_source",
+    "attach_kubernetes_source",
     "attach_pod_source",
     "attach_xds",
     "attach_zds_source",
     "make_ca",
+    "pod_source_kind",
 ]

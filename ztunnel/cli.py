@@ -167,6 +167,7 @@ def run_command(args: argparse.Namespace) -> int:
             cluster_file=args.cluster,
             cluster_prefix=args.cluster_prefix,
             policy_dir=args.policies,
+            env=os.environ,
         )
     except ConfigError as exc:
         print(f"ztunnel: configuration error: {exc}", file=sys.stderr)

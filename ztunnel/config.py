@@ -230,7 +230,7 @@ class Config:
         _redirect_mode,
         None,
         "how enrolled pods' traffic is redirected (shared mode): iptables or none "
-        "(default: iptables with --cluster, none under istio-cni)",
+        "(default: iptables with --cluster and Kubernetes, none under istio-cni)",
     )
     proxy_workload_info: WorkloadInfo | None = _env_field(
         "PROXY_WORKLOAD_INFO", _workload_info, None, "ns/name/sa of the workload (dedicated mode)"
@@ -368,12 +368,21 @@ class Config:
         f"istio-cni's ZDS socket (shared mode; default {DEFAULT_INPOD_UDS} with XDS_ADDRESS)",
     )
     instance_ip: str = _env_field("INSTANCE_IP", _str, "1.1.1.1", "this agent's IP (xDS node id)")
-    pod_name: str = _env_field("POD_NAME", _str, "", "this agent's pod name (xDS node id)")
+    pod_name: str = _env_field(
+        "POD_NAME", _str, "", "this agent's pod name (xDS node id; never enrolled)"
+    )
     pod_namespace: str = _env_field(
-        "POD_NAMESPACE", _str, "", "this agent's namespace (xDS node id)"
+        "POD_NAMESPACE", _str, "", "this agent's namespace (xDS node id; never enrolled)"
     )
     xds_metadata: Headers = _prefix_field(
         "ISTIO_METAJSON_", _json_values, "xDS node metadata (ISTIO_METAJSON_<KEY>=<json>)"
+    )
+    # -- the Kubernetes pod source (docs/kubernetes.md) -------------------------------------
+    host_proc: str = _env_field(
+        "HOST_PROC", _str, "/proc", "the host's /proc, where pods' network namespaces are found"
+    )
+    cluster_domain: str = _env_field(
+        "CLUSTER_DOMAIN", _str, "cluster.local", "service hostnames <svc>.<ns>.svc.<domain>"
     )
 
     @classmethod

@@ -209,9 +209,15 @@ def _env() -> dict[str, str]:
 
 
 def start_program(
-    cluster: ClusterNet, pod: PodNet | str, argv: Sequence[str], **popen: Any
+    cluster: ClusterNet,
+    pod: PodNet | str,
+    argv: Sequence[str],
+    *,
+    launcher: Sequence[str] = (),
+    **popen: Any,
 ) -> subprocess.Popen[bytes]:
-    """Start argv in the pod's netns; output goes to <cluster.log_dir>/<pod>.log by default."""
+    """Start argv in the pod's netns; output goes to <cluster.log_dir>/<pod>.log by default.
+    ``launcher`` runs first and execs the rest (``kubelet.py``: join the pod's cgroup)."""
     p = _resolve(cluster, pod)
     log = None
     if "stdout" not in popen:
@@ -221,7 +227,7 @@ def start_program(
     popen.setdefault("stdin", subprocess.DEVNULL)
     popen.setdefault("env", _env())
     try:
-        return subprocess.Popen(pod_command(cluster, p, argv), **popen)
+        return subprocess.Popen([*launcher, *pod_command(cluster, p, argv)], **popen)
     finally:
         if log is not None:
             log.close()  # the child holds its own copy

@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from ztunnel.cluster.cgroups import cgroup2_mount, cluster_prefixes, remove_cluster_cgroups
 from ztunnel.errors import ZtunnelError
 from ztunnel.redirect.netns import (
     NETNS_RUN_DIR,
@@ -109,11 +110,13 @@ class ClusterNet:
         return member
 
     def teardown(self) -> None:
-        """Kill what runs inside, delete every netns we made, drop the lock. Idempotent."""
+        """Kill what runs inside, delete every netns we made and the pods' cgroups
+        (``cluster/kubelet.py``), drop the lock. Idempotent."""
         for name in reversed(self._created):
             _kill_netns_pids(name)
             delete_named(name)
         self._created.clear()
+        remove_cluster_cgroups(self.prefix)
         shutil.rmtree(self.log_dir, ignore_errors=True)
         if self._lock_fd is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -317,9 +320,30 @@ def cleanup_stale(prefix_glob: str = "zt", min_age: float = 600.0) -> list[str]:
             removed.append(ifname)
         for logs in Path(tempfile.gettempdir()).glob(f"{prefix}-logs-*"):
             shutil.rmtree(logs, ignore_errors=True)
+        removed += remove_cluster_cgroups(prefix)
         with contextlib.suppress(FileNotFoundError):
             (LOCK_DIR / f"{prefix}.lock").unlink()
+    removed += _remove_stale_cgroups(set(groups) | set(veths), prefix_glob, min_age)
     return removed
+
+
+def _remove_stale_cgroups(seen: set[str], prefix_glob: str, min_age: float) -> list[str]:
+    """Pod cgroups of clusters whose netns are gone already (a crash between the two steps
+    of a teardown): the lock is stale, or there is none and the cgroup is old."""
+    removed: list[str] = []
+    mount = cgroup2_mount()
+    for prefix in cluster_prefixes(mount):
+        if prefix in seen or not fnmatch.fnmatch(prefix, prefix_glob + "*"):
+            continue
+        state = _lock_state(prefix) if _PREFIX_RE.match(prefix) else "held"
+        if state == "held" or (state == "none" and _age(mount, prefix) < min_age):
+            continue
+        removed += remove_cluster_cgroups(prefix, mount)
+    return removed
+
+
+def _age(mount: Path | None, prefix: str) -> float:
+    return time.time() - _mtime(mount / prefix) if mount is not None else 0.0
 
 
 def _mtime(path: Path) -> float:

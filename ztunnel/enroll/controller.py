@@ -43,7 +43,14 @@ from functools import partial
 import structlog
 import trio
 
-from ztunnel.enroll.host import BlockingRunner, PodSource, ProxyHost, StartReporter, in_thread
+from ztunnel.enroll.host import (
+    BlockingRunner,
+    LeaveReporter,
+    PodSource,
+    ProxyHost,
+    StartReporter,
+    in_thread,
+)
 from ztunnel.errors import ZtunnelError
 from ztunnel.model.pod import NetnsRef, Pod, PodPhase, PodSnapshot
 from ztunnel.redirect.base import Redirector
@@ -129,9 +136,11 @@ class EnrollmentController:
         retry_interval: float = RETRY_INTERVAL,
         blocking: BlockingRunner = in_thread,
         on_start: StartReporter | None = None,
+        on_leave: LeaveReporter | None = None,
     ) -> None:
         self.source = source
         self.on_start = on_start
+        self.on_leave = on_leave
         self.redirector = redirector
         self.host = host
         self.drain_deadline = drain_deadline
@@ -368,6 +377,15 @@ class EnrollmentController:
         except Exception as exc:  # a reporting bug must never end the agent
             log.error("start report failed", pod=pod.key, error=repr(exc), exc_info=True)
 
+    def _report_leave(self, pod: Pod) -> None:
+        """Tell the source the pod left the mesh and our redirection is gone."""
+        if self.on_leave is None:
+            return
+        try:
+            self.on_leave(pod)
+        except Exception as exc:  # a reporting bug must never end the agent
+            log.error("leave report failed", pod=pod.key, error=repr(exc), exc_info=True)
+
     def _open(self, pod: Pod) -> EnrolledPod | None:
         assert pod.netns is not None  # _reconcile_pod found its ident
         try:
@@ -463,6 +481,8 @@ class EnrollmentController:
                         error=str(exc),
                         exc_info=not _expected(exc),
                     )
+                else:
+                    self._report_leave(pod)
             if release:
                 self.host.release_identity(pod)
             rules = self._rules("removed" if uninstall else "left")
@@ -508,6 +528,7 @@ class EnrollmentController:
             self._checked[pod.key] = ident  # the fd's ident: the netns we really checked
             if removed:
                 log.info("removed redirection rules of a pod no longer in the mesh", pod=pod.key)
+                self._report_leave(pod)
 
     def _strip(self, pod: Pod) -> tuple[Ident, bool]:
         """(ident, whether our redirection was there and is now removed); blocking."""

@@ -60,6 +60,11 @@ class ProxyHost(Protocol):
 # Add with it): (pod, None) once its proxy runs, (pod, reason) after each failed attempt.
 StartReporter = Callable[[Pod, str | None], None]
 
+# The pod left the mesh: its proxy is stopped and our redirection is removed (it was
+# un-enrolled, or it left while no agent ran and we removed what we found). Sources that
+# mark enrolled pods (Kubernetes: the redirection annotation) take the mark off.
+LeaveReporter = Callable[[Pod], None]
+
 
 class BlockingRunner(Protocol):
     """Runs a blocking call (iptables, netns) off the event loop."""

@@ -163,13 +163,24 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return logger
 
 
+# Libraries that log every request at info (httpx2: each Kubernetes watch and patch): kept at
+# this level unless the filter names them (RUST_LOG=httpx2=info) or asks for less.
+QUIET_LIBRARIES: Mapping[str, str] = {"httpx2": "warn"}
+
+
 def _apply(new: LogFilter) -> None:
     for target, _level in _state.current.targets:
         logging.getLogger(logger_name(target)).setLevel(logging.NOTSET)
     logging.getLogger().setLevel(LEVELS[new.default])
+    _quiet_libraries(new)
     for target, level in new.targets:
         logging.getLogger(logger_name(target)).setLevel(LEVELS[level])
     _state.current = new
+
+
+def _quiet_libraries(new: LogFilter) -> None:
+    for name, level in QUIET_LIBRARIES.items():
+        logging.getLogger(name).setLevel(max(LEVELS[level], LEVELS[new.default]))
 
 
 def _level_name(event: EventDict) -> str:

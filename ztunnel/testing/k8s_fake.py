@@ -77,6 +77,14 @@ class RequestRecord:
     client_cert: dict[str, Any] | None
 
 
+# Opens the server's listening sockets on (host, port); port 0 picks one.
+Listen = Callable[[str, int], Awaitable[list[trio.SocketListener]]]
+
+
+async def _open_tcp(host: str, port: int) -> list[trio.SocketListener]:
+    return await trio.open_tcp_listeners(port, host=host)
+
+
 def _storage(kind: ResourceKind) -> str:
     return f"{kind.group}/{kind.plural}"
 
@@ -136,8 +144,10 @@ class FakeApiServer:
         ssl_context: ssl.SSLContext | None = None,
         bookmark_interval: float = 1.0,
         host: str = "127.0.0.1",
+        listen: Listen | None = None,
     ) -> None:
         self.served = {k.collection_path(): k for k in resources}
+        self.listen = listen or _open_tcp  # another netns: k8s_cluster.listen_in
         self.token = token
         self.ssl_context = ssl_context
         self.bookmark_interval = bookmark_interval
@@ -245,7 +255,7 @@ class FakeApiServer:
 
         async def listen(task_status: trio.TaskStatus[int]) -> None:
             with scope:
-                listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+                listeners = await self.listen(self.host, self.port)
                 port = listeners[0].socket.getsockname()[1]
                 async with trio.open_nursery() as conns:
                     await conns.start(trio.serve_listeners, self._handle, listeners)

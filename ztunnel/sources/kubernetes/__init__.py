@@ -8,9 +8,10 @@ enrollment annotation), ``source`` (the ``PodSource``). See docs/kubernetes.md.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
+from typing import Any
 
+from ztunnel.config import Config
 from ztunnel.sources.kubernetes.access import ClusterAccess, load_access, open_http
 from ztunnel.sources.kubernetes.annotate import annotate_enrolled, annotate_unenrolled
 from ztunnel.sources.kubernetes.client import ApiClient
@@ -25,48 +26,53 @@ __all__ = [
     "KubernetesPodSource",
     "ProcNetnsFinder",
     "Settings",
+    "access_configured",
     "annotate_enrolled",
     "annotate_unenrolled",
-    "from_env",
+    "from_config",
     "load_access",
     "open_http",
+    "settings_from_config",
 ]
 
-# Environment variables the Kubernetes source reads besides the agent's Config.
-ENV_NAMES = (
-    "KUBECONFIG",
-    "KUBERNETES_SERVICE_HOST",
-    "KUBERNETES_SERVICE_PORT",
-    "HOST_PROC",
-    "CLUSTER_DOMAIN",
-    "POD_NAME",
-    "POD_NAMESPACE",
-)
+# Environment variables the Kubernetes client reads itself (cluster access, as every
+# Kubernetes client finds it); everything else comes from the agent's Config.
+ENV_NAMES = ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
 
 
-def from_env(
-    env: Mapping[str, str],
-    *,
-    node_name: str,
-    cluster_id: str = "Kubernetes",
-    trust_domain: str = "cluster.local",
-    network: str = "",
-) -> KubernetesPodSource:
-    """The source as the agent builds it: cluster access from the environment, this node's
-    pods, netns discovery in ``HOST_PROC`` (default /proc). Raises ``ConfigError``."""
-    access = load_access(env)
+def access_configured(env: Mapping[str, str]) -> bool:
+    """Whether the environment points at a cluster: ``KUBECONFIG``, or the variables the
+    kubelet gives every pod (in-cluster). ``~/.kube/config`` alone does not count: an
+    agent started on a workstation must not start watching someone's cluster."""
+    return bool(env.get("KUBECONFIG") or env.get("KUBERNETES_SERVICE_HOST"))
+
+
+def settings_from_config(config: Config) -> Settings:
     self_pod = (
-        (env["POD_NAMESPACE"], env["POD_NAME"])
-        if env.get("POD_NAMESPACE") and env.get("POD_NAME")
+        (config.pod_namespace, config.pod_name)
+        if config.pod_namespace and config.pod_name
         else None
     )
-    settings = Settings(
-        node_name=node_name,
-        cluster_id=cluster_id,
-        domain=env.get("CLUSTER_DOMAIN") or "cluster.local",
-        trust_domain=trust_domain,
-        network=network,
+    return Settings(
+        node_name=config.node_name,
+        cluster_id=config.cluster_id,
+        domain=config.cluster_domain,
+        trust_domain=config.trust_domain,
+        network=config.network,
         self_pod=self_pod,
     )
-    finder = ProcNetnsFinder(env.get("HOST_PROC") or os.path.join(os.sep, "proc"))
-    return KubernetesPodSource(ApiClient(open_http(access)), settings, netns_finder=finder)
+
+
+def from_config(config: Config, env: Mapping[str, str], **options: Any) -> KubernetesPodSource:
+    """The source as the agent builds it: cluster access from ``env``, this node's pods
+    (``NODE_NAME``), netns discovery in ``HOST_PROC``; ``options`` go to the source (tests
+    shorten its timings). Raises ``ConfigError`` when the cluster access is unusable
+    (naming the file and what is wrong)."""
+    access = load_access(env)
+    return KubernetesPodSource(
+        ApiClient(open_http(access)),
+        settings_from_config(config),
+        netns_finder=ProcNetnsFinder(config.host_proc),
+        where=f"{access.server} ({access.source})",
+        **options,
+    )

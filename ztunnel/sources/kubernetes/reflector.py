@@ -149,6 +149,7 @@ class Reflector:
         self.lists = 0
         self.watches = 0
         self.errors = 0
+        self.last_error: str | None = None  # the newest failure (readiness, config_dump)
 
     @property
     def name(self) -> str:
@@ -188,6 +189,7 @@ class Reflector:
 
     def _failed(self, exc: KubeError) -> None:
         self.errors += 1
+        self.last_error = str(exc)
         log.warning(
             "kubernetes list/watch failed; retrying",
             resource=self.name,

@@ -128,8 +128,10 @@ class KubernetesPodSource:
         netns_retry: float = 1.0,
         reflector_options: Mapping[str, Any] | None = None,
         rng: random.Random | None = None,
+        where: str = "",
     ) -> None:
         self.client = client
+        self.where = where  # the API server and how it was found, for readiness and logs
         self.settings = settings
         self.netns_finder = netns_finder
         self.root_namespace = root_namespace
@@ -185,6 +187,51 @@ class KubernetesPodSource:
         self._version += 1
         self._published.set()
         self._published = trio.Event()
+
+    # --- inspection --------------------------------------------------------------------
+
+    def not_ready_reason(self) -> str | None:
+        """Until the first snapshot: what the source still waits for (readiness). After
+        it, an API outage keeps the last state and the agent stays ready (as ztunnel)."""
+        if self._snapshot is not None:
+            return None
+        where = f" at {self.where}" if self.where else ""
+        waiting = [n for n, r in self.reflectors.items() if not r.store.synced]
+        if not waiting:
+            return f"waiting for the Kubernetes API{where}: deriving the first snapshot"
+        errors = [r.last_error for r in self.reflectors.values() if r.last_error]
+        detail = f"; last error: {errors[-1]}" if errors else ""
+        return f"waiting for the Kubernetes API{where}: listing {', '.join(waiting)}{detail}"
+
+    def dump(self) -> dict[str, Any]:
+        """config_dump's ``controlPlane.kubernetes``: the server, each resource's store."""
+        return {
+            "server": self.where,
+            "synced": self._snapshot is not None,
+            "notReady": self.not_ready_reason(),
+            "snapshotsBuilt": self.snapshots_built,
+            "resources": {
+                name: {
+                    "resource": r.name,
+                    "resourceVersion": r.store.resource_version,
+                    "objects": len(r.store.objects),
+                    "synced": r.store.synced,
+                    "served": not r.absent,
+                    "lists": r.lists,
+                    "watches": r.watches,
+                    "errors": r.errors,
+                    "lastError": r.last_error,
+                }
+                for name, r in self.reflectors.items()
+            },
+        }
+
+    def pod_object(self, namespace: str, name: str) -> JSON | None:
+        """The pod as last seen (trimmed), None when it does not exist (as far as we know)."""
+        return self.reflectors["pods"].store.objects.get(f"{namespace}/{name}")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
 
     # --- the service -------------------------------------------------------------------
 
