@@ -144,6 +144,17 @@ class HboneStream(trio.abc.HalfCloseableStream):
         return self._fault is _CLOSED
 
     @property
+    def peer_error(self) -> str | None:
+        """Why the *peer* broke the stream (an error reset, its connection lost), or None.
+
+        Lets a relay cancelled together with a dying connection still say who ended it.
+        """
+        fault = self._fault
+        if fault is None or fault.closed or (fault.lost is None and self._reset_code is None):
+            return None
+        return fault.message
+
+    @property
     def finished(self) -> bool:
         """Both directions ended cleanly, or the stream was reset."""
         return self._state.finished
