@@ -26,8 +26,12 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 import trio.testing
+from proxy_fakes import Bench
 
 from ztunnel.agent import Agent
+from ztunnel.hbone.errors import StreamRefusedError
+from ztunnel.model.address import SocketAddr
+from ztunnel.proxy.outbound import proxy_outbound
 from ztunnel.proxy.workload_proxy import WorkloadProxy
 from ztunnel.testing.loopback import (
     APP_PORT,
@@ -39,6 +43,7 @@ from ztunnel.testing.loopback import (
 
 RST = "rst"
 FIN = "fin"
+FAKE_APP = SocketAddr.parse("10.0.0.1:40000")
 
 
 def ended_by_reset(exc: BaseException) -> bool:
@@ -271,3 +276,56 @@ def test_errno_of_a_refused_connect_is_econnrefused() -> None:
     # Guard for ``refused``: ConnectionRefusedError is exactly ECONNREFUSED (an RST to
     # the SYN), not a timeout or an unreachable network.
     assert ConnectionRefusedError(errno.ECONNREFUSED, "x").errno == errno.ECONNREFUSED
+
+
+# --- a CONNECT refused by the peer's GOAWAY is retried once on another connection ----------
+
+
+def refused_then(accepting: int) -> tuple[list[int], object]:
+    calls: list[int] = []
+
+    def make(peers: list[trio.abc.HalfCloseableStream]) -> object:
+        async def behave() -> trio.abc.HalfCloseableStream:
+            calls.append(1)
+            if len(calls) <= accepting:
+                raise StreamRefusedError("stream refused by the peer (REFUSED_STREAM or GOAWAY)")
+            mine, theirs = trio.testing.memory_stream_pair()
+            peers.append(theirs)
+            return mine
+
+        return behave
+
+    return calls, make
+
+
+async def test_a_connect_refused_by_goaway_is_retried_once(autojump_clock: object) -> None:
+    bench = Bench()
+    calls, behaviour = refused_then(accepting=1)
+    bench.pool.behaviour = behaviour  # type: ignore[assignment]
+    app, downstream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            proxy_outbound, bench.deps, downstream, FAKE_APP, SocketAddr.parse("10.0.0.2:8080")
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(calls) == 2  # refused (never processed), then carried on a new stream
+        [remote] = bench.pool.peers
+        await app.send_all(b"hi")
+        assert await remote.receive_some(10) == b"hi"
+        await app.aclose()
+        await remote.aclose()
+    assert bench.log.one("connection complete").level == "info"
+
+
+async def test_a_second_refusal_is_a_connect_failure_not_a_retry_loop(
+    autojump_clock: object,
+) -> None:
+    bench = Bench()
+    calls, behaviour = refused_then(accepting=5)
+    bench.pool.behaviour = behaviour  # type: ignore[assignment]
+    _app, downstream = trio.testing.memory_stream_pair()
+    with trio.fail_after(60):
+        await proxy_outbound(bench.deps, downstream, FAKE_APP, SocketAddr.parse("10.0.0.2:8080"))
+    assert len(calls) == 2
+    error = str(bench.log.one("connection complete").fields["error"])
+    assert error.startswith("connect to upstream failed: stream refused")

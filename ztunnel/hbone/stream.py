@@ -40,7 +40,12 @@ from typing import Protocol
 import trio
 
 from ztunnel.hbone.engine import HboneEngine, StreamState
-from ztunnel.hbone.errors import ConnectionGoneError, HboneError, StreamClosedError
+from ztunnel.hbone.errors import (
+    ConnectionGoneError,
+    HboneError,
+    StreamClosedError,
+    StreamRefusedError,
+)
 from ztunnel.hbone.events import EOF_RESET_CODES, ErrorCode, Headers
 
 DEFAULT_RECEIVE_SIZE = 256 * 1024
@@ -229,9 +234,12 @@ class HboneStream(trio.abc.HalfCloseableStream):
     async def wait_response(self) -> tuple[int, Headers]:
         """Wait for the answer to our CONNECT: (status, headers).
 
-        Raises ConnectionGoneError if the stream is reset or its connection lost first.
+        Raises ConnectionGoneError if the stream is reset or its connection lost first
+        (StreamRefusedError when the peer refused it unprocessed: safe to retry).
         """
         while self.response_status is None:
+            if self._reset_code == ErrorCode.REFUSED_STREAM:
+                raise StreamRefusedError("stream refused by the peer (REFUSED_STREAM or GOAWAY)")
             if self._reset_code is not None:
                 raise ConnectionGoneError(f"stream refused (reset code {self._reset_code})")
             if self._fault is not None and self._fault.lost is not None:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from ztunnel.hbone.errors import StreamRefusedError
 from ztunnel.hbone.pool import PoolKey
 from ztunnel.model.address import IPAddress, SocketAddr
 from ztunnel.model.outcome import Failure, FailureKind
@@ -173,7 +174,13 @@ async def open_upstream(
         ("forwarded", headers.forwarded(client, service_host)),
         ("traceparent", headers.traceparent()),
     ]
-    return await deps.open_hbone(key, upstream.authority_header, [h for h in extra if h[1]])
+    sent = [h for h in extra if h[1]]
+    try:
+        return await deps.open_hbone(key, upstream.authority_header, sent)
+    except StreamRefusedError:
+        # Never processed (the peer's GOAWAY crossed our CONNECT, e.g. its agent is being
+        # replaced): once more, on another connection; the pool skips the draining one.
+        return await deps.open_hbone(key, upstream.authority_header, sent)
 
 
 def source_ip(workload: Workload, client_ip: IPAddress) -> IPAddress:
