@@ -19,9 +19,12 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import trio
@@ -38,8 +41,10 @@ from ztunnel.testing.loopback import (
     LoopbackMesh,
     Socks5Refused,
     loopback_mesh,
+    random_base,
     socks5_connect,
 )
+from ztunnel.testing.netns_agent import AgentProc, dedicated_env
 
 RST = "rst"
 FIN = "fin"
@@ -329,3 +334,36 @@ async def test_a_second_refusal_is_a_connect_failure_not_a_retry_loop(
     assert len(calls) == 2
     error = str(bench.log.one("connection complete").fields["error"])
     assert error.startswith("connect to upstream failed: stream refused")
+
+
+# --- POST /quitquitquit: drains, then the process exits ------------------------------------
+
+
+def test_quitquitquit_drains_and_the_process_exits(tmp_path: Path) -> None:
+    """The issue: after /quitquitquit the agent drained and never exited (the signal
+    watcher kept the root nursery open)."""
+    ip = f"{random_base()}.1"
+    env = dedicated_env({"LOG_FORMAT": "json", "CONNECTION_TERMINATION_DEADLINE": "1s"})
+    for name in ("OUTBOUND", "INBOUND", "INBOUND_PLAINTEXT", "ADMIN", "STATS", "READINESS"):
+        env[f"ZTUNNEL_{name}_ADDR"] = f"{ip}:0"
+    env["PACKET_MARK"] = "0"
+    log_path = tmp_path / "agent.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ztunnel.cli", "run"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    agent = AgentProc(proc, log_path)
+    try:
+        host, port = agent.wait_logged("agent ready")["admin"].rsplit(":", 1)
+        request = b"POST /quitquitquit HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(request)
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        assert proc.wait(timeout=20) == 0
+        agent.wait_logged("draining")
+    finally:
+        agent.stop()
