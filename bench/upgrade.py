@@ -32,9 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ztunnel.testing.netns_agent import (  # noqa: E402
+from ztunnel.testing.netns_agent import (
     AgentProc,
     Scratch,
     http,
@@ -143,14 +141,19 @@ def ready(scratch: Scratch, port: int) -> bool:
         return False
 
 
+def task_tree(scratch: Scratch) -> str:
+    try:
+        return http(scratch.ns, "127.0.0.1", 15000, "/debug/tasks", timeout=5)[1]
+    except OSError as exc:
+        return f"admin did not answer: {exc}"
+
+
 def window(attempts: list[Attempt], start: float, end: float) -> tuple[int, int]:
     inside = [a for a in attempts if start <= a.started < end]
     return len(inside), sum(1 for a in inside if not a.ok)
 
 
-def measure(
-    seconds: float, deadline: float, clients: int, workdir: Path
-) -> dict[str, object]:
+def measure(seconds: float, deadline: float, clients: int, workdir: Path) -> dict[str, object]:
     with scratch_netns("ztup") as scratch:
         app = subprocess.Popen(
             ["ip", "netns", "exec", scratch.name, sys.executable,
@@ -192,7 +195,11 @@ def measure(
             time.sleep(0.5)
             t_term = time.monotonic()
             old.proc.send_signal(signal.SIGTERM)
-            exit_code = old.proc.wait(deadline + 30)
+            try:
+                exit_code: int | None = old.proc.wait(deadline + 30)
+            except subprocess.TimeoutExpired:  # a drain that never ends: keep what it was doing
+                exit_code = None
+                (workdir / "old-tasks.txt").write_text(task_tree(scratch))
             t_exit = time.monotonic()
             time.sleep(seconds / 3)
             load.stop.set()

@@ -373,6 +373,7 @@ class Agent:
         async with trio.open_nursery() as nursery:
             for uid in list(self.proxies):
                 nursery.start_soon(self.stop_proxy, uid, deadline)
+        log.info("drained, stopping")
         if self._cancel is not None:
             self._cancel()
 
