@@ -29,10 +29,18 @@ import trio
 import trio.testing
 from proxy_fakes import Bench
 
+from ztunnel.config import Config, WorkloadInfo
+from ztunnel.identity.ca import FakeCA
+from ztunnel.identity.manager import SecretManager
 from ztunnel.model.address import IPAddress, SocketAddr
 from ztunnel.model.ports import AgentPorts
+from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.outbound import proxy_outbound
 from ztunnel.proxy.sockets import LocalSocketFactory, is_local_address
+from ztunnel.proxy.workload_proxy import ProxyAddresses, WorkloadProxy
+from ztunnel.state.store import StateStore
+from ztunnel.telemetry.connections import ConnectionTracker
+from ztunnel.telemetry.metrics import Metrics
 from ztunnel.testing.netns_agent import (
     AgentProc,
     Scratch,
@@ -247,3 +255,53 @@ def test_a_redirect_loop_is_refused_at_the_first_hop(node: tuple[Scratch, AgentP
     assert ready(scratch) == 200
     loops = [r for r in agent.records() if "loop refused" in str(r.get("error", ""))]
     assert len(loops) == 1
+
+
+# --- the accept-side check matches whole connections, not source ports ----------------------
+
+
+def bare_proxy() -> WorkloadProxy:
+    ctx = ProxyContext(
+        Config(),
+        StateStore(),
+        SecretManager(FakeCA.ephemeral()),
+        ConnectionTracker(Metrics(process_metrics=False)),
+    )
+    addresses = ProxyAddresses(("127.0.0.1", 0), ("127.0.0.1", 0), ("127.0.0.1", 0))
+    return WorkloadProxy(ctx, WorkloadInfo("ns", "w", "sa"), LocalSocketFactory(), addresses)
+
+
+def reusable() -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return sock
+
+
+def test_a_reused_source_port_to_another_destination_is_not_a_loop() -> None:
+    """Linux reuses an ephemeral source port for connections to different destinations: a
+    client that happens to connect from the port of one of the agent's own dials (to an
+    app) is not the agent talking to itself (the upgrade bench met exactly this). Only a
+    dial whose destination is where the accepted connection was headed is a loop."""
+    proxy = bare_proxy()
+    with (
+        socket.create_server(("127.0.0.1", 0)) as app,
+        socket.create_server(("127.0.0.1", 0)) as listener,  # stands for a proxy listener
+        reusable() as dial,
+        reusable() as client,
+    ):
+        dial.bind(("127.0.0.1", 0))
+        client.bind(dial.getsockname())  # the same source address and port ...
+        dial.connect(app.getsockname())  # ... for the agent's dial to an app ...
+        client.connect(listener.getsockname())  # ... and for a client of the agent
+        proxy._own_dials[SocketAddr.of(*dial.getsockname())] = dial
+        accepted, peer = listener.accept()
+        with accepted:
+            assert not proxy._is_own_dial(accepted, SocketAddr.of(*peer))
+        client.close()
+        with reusable() as looped:  # the agent's own dial arriving at its own listener
+            looped.bind(("127.0.0.1", 0))
+            looped.connect(listener.getsockname())
+            proxy._own_dials[SocketAddr.of(*looped.getsockname())] = looped
+            accepted, peer = listener.accept()
+            with accepted:
+                assert proxy._is_own_dial(accepted, SocketAddr.of(*peer))

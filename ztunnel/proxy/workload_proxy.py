@@ -58,6 +58,7 @@ from ztunnel.proxy.sockets import (
     connect_socket,
     is_local_address,
     make_listener,
+    original_dst,
     socket_stream,
     sockname,
 )
@@ -300,11 +301,22 @@ class WorkloadProxy:
         peer: SocketAddr,
         handlers: trio.Nursery,
     ) -> None:
-        own = self._own_dials.get(peer)
-        if own is not None and own.fileno() != -1:
+        if self._is_own_dial(conn, peer):
             self._refuse_loop(name, conn, peer)
             return
         handlers.start_soon(self._run_handler, name, handler, conn, peer)
+
+    def _is_own_dial(self, conn: socket.socket, peer: SocketAddr) -> bool:
+        """Whether ``conn`` is the far end of a connection we dialled: same source, and the
+        destination we dialled is where it was headed (its original destination, if a
+        redirect brought it here). One source port may serve dials to several places."""
+        own = self._own_dials.get(peer)
+        if own is None or own.fileno() == -1:
+            return False
+        try:
+            return sockname(own, peer=True) == original_dst(conn)
+        except OSError:  # one of them is already gone: no loop to refuse
+            return False
 
     def _refuse_loop(self, name: str, conn: socket.socket, peer: SocketAddr) -> None:
         """A connection we dialled came back to our own listener: refuse it (RST) at
