@@ -9,11 +9,17 @@ one gets SIGTERM: it must close its listeners at once (the new agent takes every
 connection), let the long-lived connection run until CONNECTION_TERMINATION_DEADLINE,
 reset it there (never a clean FIN), and exit.
 
+With ``--drain-only`` no second agent starts: the one agent gets SIGTERM under the same
+load, and every new connection during its drain must be refused at once (ECONNREFUSED on
+the SOCKS5 port, since the listeners are closed), never accepted into the kernel queue and
+reset later; the figures then count refusals and the slowest failure.
+
 Prints the figures (and ``--json`` writes them): new connections opened and failed before,
 during and after the hand-over, how the long-lived connection ended, the old agent's exit
 status and drain time.
 
     sudo .venv/bin/python bench/upgrade.py [--seconds 6] [--deadline 3] [--json out.json]
+    sudo .venv/bin/python bench/upgrade.py --drain-only
 """
 
 from __future__ import annotations
@@ -55,12 +61,14 @@ class Attempt:
     started: float
     ok: bool
     error: str = ""
+    took: float = 0.0
 
 
 @dataclass
 class Load:
     attempts: list[Attempt] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    pause_on_refusal: bool = False
 
 
 def socks5_open(scratch: Scratch, host: str, port: int, timeout: float = 5.0) -> socket.socket:
@@ -109,9 +117,12 @@ def run_load(scratch: Scratch, load: Load, worker: int) -> None:
         started = time.monotonic()
         try:
             one_connection(scratch, n)
-            load.attempts.append(Attempt(started, True))
+            load.attempts.append(Attempt(started, True, took=time.monotonic() - started))
         except OSError as exc:
-            load.attempts.append(Attempt(started, False, f"{type(exc).__name__}: {exc}"))
+            error = f"{type(exc).__name__}: {exc}"
+            load.attempts.append(Attempt(started, False, error, time.monotonic() - started))
+            if load.pause_on_refusal and isinstance(exc, ConnectionRefusedError):
+                time.sleep(0.01)  # nothing listens any more: no busy loop of refusals
         n += 1
 
 
@@ -153,7 +164,20 @@ def window(attempts: list[Attempt], start: float, end: float) -> tuple[int, int]
     return len(inside), sum(1 for a in inside if not a.ok)
 
 
-def measure(seconds: float, deadline: float, clients: int, workdir: Path) -> dict[str, object]:
+def drain_failures(attempts: list[Attempt], start: float, end: float) -> dict[str, object]:
+    """How the connections opened during a drain failed: refused at once, or otherwise."""
+    failed = [a for a in attempts if start <= a.started < end and not a.ok]
+    refused = [a for a in failed if a.error.startswith("ConnectionRefusedError")]
+    return {
+        "refused_at_once": len(refused),
+        "failed_otherwise": len(failed) - len(refused),
+        "slowest_failure_ms": round(max((a.took for a in failed), default=0.0) * 1000, 1),
+    }
+
+
+def measure(
+    seconds: float, deadline: float, clients: int, workdir: Path, drain_only: bool = False
+) -> dict[str, object]:
     with scratch_netns("ztup") as scratch:
         app = subprocess.Popen(
             ["ip", "netns", "exec", scratch.name, sys.executable,
@@ -180,7 +204,7 @@ def measure(seconds: float, deadline: float, clients: int, workdir: Path) -> dic
             recv_exactly(long.sock, 6)
             long.sock.settimeout(None)
             threading.Thread(target=watch_long_lived, args=(long,), daemon=True).start()
-            load = Load()
+            load = Load(pause_on_refusal=drain_only)
             loaders = [
                 threading.Thread(target=run_load, args=(scratch, load, i), daemon=True)
                 for i in range(clients)
@@ -189,8 +213,9 @@ def measure(seconds: float, deadline: float, clients: int, workdir: Path) -> dic
             for loader in loaders:
                 loader.start()
             time.sleep(seconds / 3)
-            new = start_dedicated(scratch, workdir / "new.log", {**env, **NEW_AGENT_PORTS})
-            wait_until(lambda: ready(scratch, 15121), "the new agent ready", timeout=30)
+            if not drain_only:
+                new = start_dedicated(scratch, workdir / "new.log", {**env, **NEW_AGENT_PORTS})
+                wait_until(lambda: ready(scratch, 15121), "the new agent ready", timeout=30)
             t_new_ready = time.monotonic()
             time.sleep(0.5)
             t_term = time.monotonic()
@@ -218,6 +243,7 @@ def measure(seconds: float, deadline: float, clients: int, workdir: Path) -> dic
     for a in failures:
         reasons[a.error] = reasons.get(a.error, 0) + 1
     return {
+        "mode": "drain only (no second agent)" if drain_only else "upgrade",
         "connections": len(attempts),
         "failed": len(failures),
         "before_new_agent": window(attempts, t0, t_new_ready),
@@ -225,6 +251,7 @@ def measure(seconds: float, deadline: float, clients: int, workdir: Path) -> dic
         "old_draining": window(attempts, t_term, t_exit),
         "after_old_exit": window(attempts, t_exit, t_end),
         "failure_reasons": reasons,
+        "during_drain": drain_failures(attempts, t_term, t_exit),
         "long_lived_end": long.ended,
         "long_lived_cut_after_s": round(long.at - t_term, 2) if long.at else None,
         "deadline_s": deadline,
@@ -243,6 +270,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--logs", type=Path, help="keep the agents' logs here (run-N/)")
+    parser.add_argument(
+        "--drain-only", action="store_true", help="no second agent: SIGTERM alone under load"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
@@ -252,12 +282,18 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             workdir = Path(tmp) if args.logs is None else args.logs / f"run-{run + 1}"
             workdir.mkdir(parents=True, exist_ok=True)
-            result = measure(args.seconds, args.deadline, args.clients, workdir)
+            result = measure(args.seconds, args.deadline, args.clients, workdir, args.drain_only)
         results.append(result)
         print(f"run {run + 1}: {json.dumps(result)}", flush=True)
     total = sum(int(r["connections"]) for r in results)  # type: ignore[call-overload]
     failed = sum(int(r["failed"]) for r in results)  # type: ignore[call-overload]
-    print(f"upgrade: {failed} of {total} new connections failed over {args.runs} run(s)")
+    if args.drain_only:  # after the exit nothing listens: only the drain's answers matter
+        print(f"drain: SIGTERM with no second agent, {args.runs} run(s)")
+    else:
+        print(f"upgrade: {failed} of {total} new connections failed over {args.runs} run(s)")
+    for n, r in enumerate(results, 1):
+        opened, lost = r["old_draining"]  # type: ignore[misc]
+        print(f"  run {n}: during the drain {lost} of {opened} failed: {r['during_drain']}")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
