@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from ipaddress import IPv4Address
 
 import pytest
-from cluster_mesh import Mesh, cluster_mesh, send
+from cluster_mesh import Mesh, cluster_mesh, send, until
 
 from ztunnel.cluster import apps
 from ztunnel.model import ports
@@ -39,6 +39,7 @@ CLUSTER = textwrap.dedent(
     nodes: [n1, n2]
     pods:
       - {name: a, namespace: mesh, node: n1, serviceAccount: sa-a}
+      - {name: c, namespace: mesh, node: n1, serviceAccount: sa-c}
       - {name: q, namespace: plain, node: n1}
       - name: b
         namespace: mesh
@@ -154,7 +155,7 @@ def test_without_mtls_nothing_reaches_another_pods_app(mesh: Mesh, client: str) 
     assert not any(echoed(got) or answered_http(got) for got in results.values()), results
     refused = [
         r for r in mesh.records("n2") if "denied" in str(r.get("error", ""))
-        and r.get("src.addr", "").startswith(client_ip(mesh, client))  # type: ignore[union-attr]
+        and str(r.get("src.addr", "")).startswith(client_ip(mesh, client))
     ]  # fmt: skip
     assert refused, "b's agent saw and refused the plaintext connection to 8080"
 
@@ -169,10 +170,48 @@ def test_a_mesh_pod_reaches_another_pods_app_only_through_hbone(mesh: Mesh) -> N
     assert echoed(probe(mesh, "a", [(b, 8080)])[f"{b}:8080"])  # the probe sees an echo
     record = next(
         r for r in reversed(mesh.records("n2"))
-        if r.get("src.addr", "").startswith(mesh.ip("a"))  # type: ignore[union-attr]
+        if str(r.get("src.addr", "")).startswith(mesh.ip("a"))
     )  # fmt: skip
     assert record["src.identity"] == "spiffe://cluster.local/ns/mesh/sa/sa-a"
     # Straight at b's proxy ports (not its app): the client's agent carries it over HBONE and
     # b's agent refuses a target port that is one of its own listeners.
     results = probe(mesh, "a", [(b, ports.OUTBOUND), (b, ports.INBOUND_PLAINTEXT)])
     assert not any(echoed(got) or answered_http(got) for got in results.values()), results
+
+
+SPOOF = textwrap.dedent(
+    """\
+    import socket, sys
+    s = socket.socket()
+    s.settimeout(5)
+    s.bind((sys.argv[1], 0))
+    s.connect((sys.argv[2], 8080))
+    s.sendall(b"spoofed"); print(s.recv(16).decode(), flush=True)
+    """
+)
+
+
+def test_a_pod_using_another_pods_ip_keeps_its_own_identity(mesh: Mesh) -> None:
+    """A compromised pod that takes pod c's address (NET_ADMIN in its netns) still speaks as
+    itself: its agent chooses the certificate by the pod it serves, never by a source IP."""
+    a, c, b = mesh.ip("a"), mesh.ip("c"), mesh.ip("b")
+    seen_before = len(mesh.records("n2"))
+    apps.run_in_pod(mesh.net, "a", ["ip", "addr", "add", f"{c}/32", "dev", "eth0"])
+    try:
+        proc = apps.run_in_pod(mesh.net, "a", ["python", "-c", SPOOF, c, b], timeout=30)
+        assert proc.stdout.strip() == "spoofed", proc.stderr
+    finally:
+        apps.run_in_pod(mesh.net, "a", ["ip", "addr", "del", f"{c}/32", "dev", "eth0"])
+    sa_a = "spiffe://cluster.local/ns/mesh/sa/sa-a"
+
+    def from_c() -> list[dict[str, object]]:
+        return [r for r in mesh.records("n1") if str(r.get("src.addr", "")).startswith(f"{c}:")]
+
+    until(lambda: bool(from_c()) and len(mesh.records("n2")) > seen_before, "both access logs")
+    # a's agent saw the borrowed source address and still speaks as a ...
+    (out,) = from_c()
+    assert (out["src.workload"], out["src.identity"]) == ("a", sa_a)
+    # ... and b's agent sees a's certificate (and a's own address), never c's identity.
+    inbound = mesh.records("n2")[seen_before:]
+    assert inbound and {r["src.identity"] for r in inbound} == {sa_a}
+    assert all(str(r["src.addr"]).startswith(f"{a}:") for r in inbound)
