@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from ztunnel.admin.http import Request, Response, serve_http
-from ztunnel.admin.server import ENDPOINTS, AdminHandler
+from ztunnel.admin.server import ENDPOINTS, AdminHandler, MetricsHandler, ReadinessHandler
 from ztunnel.telemetry import logging as zlog
 from ztunnel.testing.netns_agent import http, scratch_netns, start_dedicated, wait_until
 
@@ -68,6 +68,27 @@ def test_a_non_loopback_peer_may_still_read() -> None:
     handler = AdminHandler()
     response = handler(Request("GET", "/config_dump", "/config_dump", peer="10.244.1.2"))
     assert response.status == 200
+
+
+class Exposition:
+    def exposition(self) -> bytes:
+        return b"# metrics\n"
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+def test_metrics_and_readiness_which_pods_may_reach_only_answer_reads(method: str) -> None:
+    """15020 and 15021 bind 0.0.0.0 by design (scrapes, kubelet probes): one path each,
+    read-only; anything else is 405 or 404 from any peer."""
+    metrics, readiness = MetricsHandler(Exposition()), ReadinessHandler(list)
+    for path in ("/metrics", "/stats/prometheus"):
+        assert metrics(Request("GET", path, path, peer="10.244.1.2")).status == 200
+        assert metrics(Request(method, path, path, peer="10.244.1.2")).status == 405
+    ready = "/healthz/ready"
+    assert readiness(Request("GET", ready, ready, peer="10.244.1.2")).status == 200
+    assert readiness(Request(method, ready, ready, peer="10.244.1.2")).status == 405
+    for path in ("/", "/quitquitquit", "/logging"):
+        assert metrics(Request(method, path, path)).status == 404
+        assert readiness(Request(method, path, path)).status == 404
 
 
 async def test_the_server_hands_the_real_peer_to_the_handler() -> None:
