@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from ztunnel.hbone.engine import HboneEngine, StreamState
-from ztunnel.hbone.errors import ConnectionGoneError
+from ztunnel.hbone.errors import ConnectionGoneError, StreamRefusedError
 from ztunnel.hbone.events import (
     Data,
     ErrorCode,
@@ -179,12 +179,19 @@ async def test_wait_response_fails_on_reset_or_lost_connection() -> None:
     host = FakeHost()
     refused = host.open()
     refused.deliver_reset(ErrorCode.REFUSED_STREAM)
-    with pytest.raises(ConnectionGoneError, match=r"refused \(reset code 7\)"):
+    # Unprocessed by the peer: the one refusal a caller may retry.
+    with pytest.raises(StreamRefusedError):
         await refused.wait_response()
+    reset = host.open()
+    reset.deliver_reset(ErrorCode.INTERNAL_ERROR)
+    with pytest.raises(ConnectionGoneError, match=r"refused \(reset code 2\)") as info:
+        await reset.wait_response()
+    assert not isinstance(info.value, StreamRefusedError)
     lost = host.open()
-    lost.connection_lost("refused by GOAWAY")
-    with pytest.raises(ConnectionGoneError, match="before response: refused by GOAWAY"):
+    lost.connection_lost("read failed")
+    with pytest.raises(ConnectionGoneError, match="before response: read failed") as info:
         await lost.wait_response()
+    assert not isinstance(info.value, StreamRefusedError)
 
 
 async def test_aclose_resets_an_unfinished_stream_and_closes_it_for_good() -> None:

@@ -91,12 +91,22 @@ def test_client_without_certificate_is_rejected() -> None:
 
 def test_tls12_only_client_is_rejected() -> None:
     ca = FakeCA.ephemeral()
-    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    old.check_hostname = False
-    old.verify_mode = ssl.CERT_NONE
-    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    # Everything right but the version (a valid certificate of the trust domain, the roots,
+    # h2): only the TLS 1.3 minimum can refuse it. The context is this test's own (a fresh
+    # certificate is a fresh cache key).
+    old = client_context(ca.workload_certificate(ALICE))
+    old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_2
     srv, cli = handshake(server_context(ca.workload_certificate(BOB)), old)
     assert isinstance(srv.error, ssl.SSLError) and isinstance(cli.error, ssl.SSLError)
+    assert "UNSUPPORTED_PROTOCOL" in str(srv.error), srv.error
+
+
+def test_tls12_only_server_is_rejected() -> None:
+    ca = FakeCA.ephemeral()
+    old = server_context(ca.workload_certificate(BOB))
+    old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_2
+    srv, cli = handshake(old, client_context(ca.workload_certificate(ALICE)))
+    assert isinstance(cli.error, ssl.SSLError) and srv.error is not None
 
 
 def test_expired_client_certificate_is_rejected() -> None:

@@ -241,7 +241,7 @@ async def test_policy_change_cuts_an_open_stream(autojump_clock: object) -> None
     finally:
         unwatch()
     complete = bench.log.one("connection complete")
-    assert complete.fields["error"] == "connection closed: no longer allowed by policy"
+    assert complete.fields["error"] == "connection closed by the agent: no longer allowed by policy"
     assert complete.fields["bytes_recv"] == 3  # inbound: received from the client
     assert bench.metric("istio_tcp_connections_closed_total", response_flags="DENY") == 1
     assert bench.tracker.open_connections() == []
@@ -261,7 +261,7 @@ async def test_policy_change_while_dialling_cuts_before_the_200(autojump_clock: 
         unwatch()
     assert stream.responses == []  # never told 200; the HBONE server resets the stream
     complete = bench.log.one("connection complete")
-    assert complete.fields["error"] == "connection closed: no longer allowed by policy"
+    assert complete.fields["error"] == "connection closed by the agent: no longer allowed by policy"
     assert bench.metric("istio_tcp_connections_closed_total", response_flags="DENY") == 1
 
 

@@ -61,7 +61,7 @@ def test_plain_access_log_has_ztunnel_fields(stream: io.StringIO) -> None:
 def test_json_access_log_and_error_level(stream: io.StringIO) -> None:
     zlog.configure_logging("debug", "json", stream)
     conn = ConnectionTracker(Metrics()).open(outbound(direction="inbound", reporter="destination"))
-    conn.close(Failure(FailureKind.RELAY, "connection reset by peer"))
+    conn.close(Failure(FailureKind.CLIENT_ABORTED, "connection reset by peer"))
     opened, complete = (json.loads(ln) for ln in lines(stream))
     assert (opened["level"], opened["scope"], opened["message"]) == (
         "debug",

@@ -161,7 +161,7 @@ def test_non_failure_flag_does_not_count_as_failed() -> None:
     metrics = Metrics()
     tracker = ConnectionTracker(metrics)
     tracker.open(outbound()).close()
-    tracker.open(outbound()).close(Failure(FailureKind.RELAY, "connection reset by peer"))
+    tracker.open(outbound()).close(Failure(FailureKind.CLIENT_ABORTED, "connection reset by peer"))
     assert value(metrics, "istio_tcp_connections_closed_total", response_flags="-") == 2
     assert samples(metrics, "istio_tcp_connections_failed_total") == []
 

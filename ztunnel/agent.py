@@ -212,8 +212,10 @@ class Agent:
 
     async def _main(self) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.run)
             nursery.start_soon(self._watch_signals)
+            await self.run()
+            # Drained (a signal or POST /quitquitquit): nothing else may keep us alive.
+            nursery.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -276,6 +278,10 @@ class Agent:
             LocalSocketFactory(cfg.packet_mark),
             addresses,
             orig_src=cfg.enable_orig_src if cfg.enable_orig_src is not None else False,
+            # Admin, metrics and readiness listen in this netns too: no flow may reach them.
+            agent_services=[
+                port for name in ("admin", "stats", "readiness") if (port := self.bound[name][1])
+            ],
         )
         await self.start_proxy(nursery, proxy)
 
@@ -367,6 +373,7 @@ class Agent:
         async with trio.open_nursery() as nursery:
             for uid in list(self.proxies):
                 nursery.start_soon(self.stop_proxy, uid, deadline)
+        log.info("drained, stopping")
         if self._cancel is not None:
             self._cancel()
 
@@ -379,6 +386,8 @@ class Agent:
         """What keeps the agent from being ready: pending pods, missing certificates, and
         the sources' own conditions (xDS not synced, istio-cni not connected)."""
         reasons = [f"{k}: {v}" for k, v in self.pending.items()]
+        if self._draining:
+            reasons.append("agent: draining")
         reasons += [why for check in self.readiness_checks if (why := check()) is not None]
         for uid, proxy in self.proxies.items():
             if not proxy.certificate_ready.is_set():

@@ -38,6 +38,9 @@ class Request:
     query: Mapping[str, list[str]] = field(default_factory=dict)
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
+    # The client's IP as the socket reports it; empty when the stream is not an IP socket
+    # (a Unix socket, an in-memory stream): then only local processes can be the client.
+    peer: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +107,10 @@ async def serve_http(
 async def serve_connection(stream: trio.abc.Stream, handler: Handler) -> None:
     """Answer requests on one connection until the client or protocol ends it."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    peer = _peer_ip(stream)
     try:
         while True:
-            request = await _read_request(stream, conn)
+            request = await _read_request(stream, conn, peer)
             if request is None:
                 return
             await _send(stream, conn, _call(handler, request), head=request.method == "HEAD")
@@ -119,6 +123,15 @@ async def serve_connection(stream: trio.abc.Stream, handler: Handler) -> None:
         pass
     finally:
         await trio.aclose_forcefully(stream)
+
+
+def _peer_ip(stream: trio.abc.Stream) -> str:
+    if not isinstance(stream, trio.SocketStream) or stream.socket.family == socket.AF_UNIX:
+        return ""
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:  # already reset by the peer: no answer will reach it anyway
+        return "0.0.0.0"
 
 
 def _call(handler: Handler, request: Request) -> Response:
@@ -139,7 +152,7 @@ async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> object:
         conn.receive_data(bytes(data))
 
 
-async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> Request | None:
+async def _read_request(stream: trio.abc.Stream, conn: h11.Connection, peer: str) -> Request | None:
     event = await _next_event(stream, conn)
     if isinstance(event, h11.ConnectionClosed):
         return None
@@ -149,7 +162,7 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> Reques
     while True:
         part = await _next_event(stream, conn)
         if isinstance(part, h11.EndOfMessage):
-            return _to_request(event, bytes(body))
+            return _to_request(event, bytes(body), peer)
         if isinstance(part, h11.Data):
             body += part.data
             if len(body) > MAX_BODY_BYTES:
@@ -158,7 +171,7 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> Reques
             raise h11.RemoteProtocolError("connection closed mid-request", 400)
 
 
-def _to_request(event: h11.Request, body: bytes) -> Request:
+def _to_request(event: h11.Request, body: bytes, peer: str) -> Request:
     target = event.target.decode("latin-1")
     url = urlsplit(target)
     return Request(
@@ -168,6 +181,7 @@ def _to_request(event: h11.Request, body: bytes) -> Request:
         query=parse_qs(url.query, keep_blank_values=True),
         headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers),
         body=body,
+        peer=peer,
     )
 
 

@@ -22,6 +22,7 @@ from ztunnel.admin import debug
 from ztunnel.admin.http import ListenTarget, Request, Response, serve_http
 from ztunnel.admin.ui import UiRoutes, is_loopback_host
 from ztunnel.model import ports
+from ztunnel.model.address import canonical_ip
 from ztunnel.telemetry import logging as zlog
 from ztunnel.telemetry.connections import ConnectionTracker, TrackedConnection
 from ztunnel.telemetry.metrics import CONTENT_TYPE, Metrics
@@ -33,6 +34,7 @@ ReadinessProbe = Callable[[], Sequence[str]]
 
 ADMIN_ADDRESS = ("127.0.0.1", ports.ADMIN)
 METRICS_ADDRESS = ("0.0.0.0", ports.STATS)
+READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
 READINESS_ADDRESS = ("0.0.0.0", ports.READINESS)
 
 LOGGING_HELP = """\
@@ -109,6 +111,10 @@ class AdminHandler:
         route = self._routes.get(request.path)
         if route is None:
             return Response.text(404, "Not Found\n")
+        if request.method not in READ_ONLY_METHODS and not _from_loopback(request):
+            # The admin binds 127.0.0.1 by default; if an operator binds it wider, reading
+            # stays possible but draining the agent or changing its logging does not.
+            return Response.text(403, "state-changing requests are accepted from loopback only\n")
         if request.method == "POST" and not _same_machine_origin(request):
             # A page in the operator's browser may POST here (a form needs no CORS):
             # state-changing requests from another origin are refused.
@@ -165,6 +171,12 @@ class AdminHandler:
 
     def _memory(self, _request: Request) -> Response:
         return Response.json(debug.memory_report())
+
+
+def _from_loopback(request: Request) -> bool:
+    """The client connected from a loopback address (``::ffff:127.x`` included), or over a
+    stream that is not an IP socket."""
+    return not request.peer or canonical_ip(request.peer).is_loopback
 
 
 def _same_machine_origin(request: Request) -> bool:

@@ -342,8 +342,8 @@ class _Connection:
             self.abort(f"peer sent GOAWAY with error {event.error_code}")
             return
         for sid, stream in list(self._streams.items()):
-            if sid > event.last_stream_id:  # never processed by the peer
-                stream.connection_lost("refused by GOAWAY")
+            if sid > event.last_stream_id:  # never processed by the peer: as REFUSED_STREAM
+                stream.deliver_reset(ErrorCode.REFUSED_STREAM)
                 self.stream_finished(stream)
         if not self._streams:
             self.close(reason="peer sent GOAWAY")

@@ -27,5 +27,10 @@ class ConnectionGoneError(HboneError):
     """The HTTP/2 connection is closed or draining: no new streams can be opened."""
 
 
+class StreamRefusedError(ConnectionGoneError):
+    """The peer refused our stream before processing it (REFUSED_STREAM, or a GOAWAY whose
+    last stream id is below it): nothing reached the app, so a retry is safe (RFC 9113 §8.7)."""
+
+
 class TLSHandshakeError(HboneError):
     """The TLS handshake failed or timed out (ztunnel's TLS_FAILURE flag)."""

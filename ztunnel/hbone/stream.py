@@ -40,7 +40,12 @@ from typing import Protocol
 import trio
 
 from ztunnel.hbone.engine import HboneEngine, StreamState
-from ztunnel.hbone.errors import ConnectionGoneError, HboneError, StreamClosedError
+from ztunnel.hbone.errors import (
+    ConnectionGoneError,
+    HboneError,
+    StreamClosedError,
+    StreamRefusedError,
+)
 from ztunnel.hbone.events import EOF_RESET_CODES, ErrorCode, Headers
 
 DEFAULT_RECEIVE_SIZE = 256 * 1024
@@ -144,6 +149,17 @@ class HboneStream(trio.abc.HalfCloseableStream):
         return self._fault is _CLOSED
 
     @property
+    def peer_error(self) -> str | None:
+        """Why the *peer* broke the stream (an error reset, its connection lost), or None.
+
+        Lets a relay cancelled together with a dying connection still say who ended it.
+        """
+        fault = self._fault
+        if fault is None or fault.closed or (fault.lost is None and self._reset_code is None):
+            return None
+        return fault.message
+
+    @property
     def finished(self) -> bool:
         """Both directions ended cleanly, or the stream was reset."""
         return self._state.finished
@@ -218,9 +234,12 @@ class HboneStream(trio.abc.HalfCloseableStream):
     async def wait_response(self) -> tuple[int, Headers]:
         """Wait for the answer to our CONNECT: (status, headers).
 
-        Raises ConnectionGoneError if the stream is reset or its connection lost first.
+        Raises ConnectionGoneError if the stream is reset or its connection lost first
+        (StreamRefusedError when the peer refused it unprocessed: safe to retry).
         """
         while self.response_status is None:
+            if self._reset_code == ErrorCode.REFUSED_STREAM:
+                raise StreamRefusedError("stream refused by the peer (REFUSED_STREAM or GOAWAY)")
             if self._reset_code is not None:
                 raise ConnectionGoneError(f"stream refused (reset code {self._reset_code})")
             if self._fault is not None and self._fault.lost is not None:

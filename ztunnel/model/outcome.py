@@ -2,9 +2,13 @@
 
 A ``Failure`` is made once, where the agent learns what went wrong (a resolve
 error, a refused dial, a policy decision), and then carried unchanged to every
-place that reports it: the access log (its ``message``), the metrics
+place that reports it: the access log (its ``message`` and ``side``), the metrics
 (``response_flags``, from its kind) and, for SOCKS5, the reply code (from its
 kind). Nothing downstream parses a message to find out what happened.
+
+Every kind says which ``Side`` ended the connection: the client (the app that opened
+it, or the peer agent on inbound), the upstream (the destination), or the agent
+itself (policy, drain, a refusal, a bug).
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ class ResponseFlag(enum.StrEnum):
         return self is not ResponseFlag.NONE
 
 
+class Side(enum.StrEnum):
+    """Who ended a connection that did not complete normally (the access log's ``side``)."""
+
+    CLIENT = "client"  # the downstream: the app (outbound) or the peer agent (inbound)
+    UPSTREAM = "upstream"  # the destination: the remote agent or app (outbound), the app (inbound)
+    AGENT = "agent"  # this agent: policy, drain, a refusal, a bug
+
+
 class FailureKind(enum.Enum):
     """Why a connection did not complete normally; each kind has one response flag."""
 
@@ -52,13 +64,21 @@ class FailureKind(enum.Enum):
     UNREACHABLE = "unreachable"  # no route to the network or host
     CONNECT_FAILED = "connect_failed"  # any other dial, TLS, identity or HTTP/2 failure
     # After the upstream was connected.
-    RELAY = "relay"  # an I/O error while bytes were flowing
-    INTERRUPTED = "interrupted"  # cancelled (drain, dying HBONE connection) before completion
+    CLIENT_ABORTED = "client_aborted"  # the client reset or broke the connection mid-relay
+    UPSTREAM_ABORTED = "upstream_aborted"  # the upstream reset or broke it mid-relay
+    # Ended by this agent.
+    LOOP = "loop"  # the connection came from the agent itself (a redirect or NAT loop)
+    DRAINED = "drained"  # still open at the drain deadline (shutdown, pod deleted): cut
+    INTERRUPTED = "interrupted"  # cancelled before completion for another reason
     INTERNAL = "internal"  # a bug in the agent (its traceback is logged by the handler)
 
     @property
     def flag(self) -> ResponseFlag:
         return _FLAGS.get(self, ResponseFlag.NONE)
+
+    @property
+    def side(self) -> Side:
+        return _SIDES.get(self, Side.AGENT)
 
 
 _FLAGS = {
@@ -73,6 +93,19 @@ _FLAGS = {
 }
 
 
+_SIDES = {
+    FailureKind.TLS_HANDSHAKE: Side.CLIENT,
+    FailureKind.CLIENT_ABORTED: Side.CLIENT,
+    FailureKind.UPSTREAM_DENIED: Side.UPSTREAM,
+    FailureKind.UPSTREAM_REJECTED: Side.UPSTREAM,
+    FailureKind.CONNECT_REFUSED: Side.UPSTREAM,
+    FailureKind.CONNECT_TIMEOUT: Side.UPSTREAM,
+    FailureKind.UNREACHABLE: Side.UPSTREAM,
+    FailureKind.CONNECT_FAILED: Side.UPSTREAM,
+    FailureKind.UPSTREAM_ABORTED: Side.UPSTREAM,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     """A failure reason: its kind (flags, SOCKS5 reply) and the access-log message."""
@@ -84,6 +117,10 @@ class Failure:
     def flag(self) -> ResponseFlag:
         return self.kind.flag
 
+    @property
+    def side(self) -> Side:
+        return self.kind.side
+
     def __str__(self) -> str:
         return self.message
 
@@ -91,4 +128,7 @@ class Failure:
 # The pessimistic default of a connection whose end was never recorded: it was cancelled
 # (drain, its HBONE connection died) before it could finish.
 INTERRUPTED = Failure(FailureKind.INTERRUPTED, "connection closed by the agent before completion")
-POLICY_CUT = Failure(FailureKind.POLICY_CUT, "connection closed: no longer allowed by policy")
+POLICY_CUT = Failure(
+    FailureKind.POLICY_CUT, "connection closed by the agent: no longer allowed by policy"
+)
+DRAINED = Failure(FailureKind.DRAINED, "connection closed by the agent: drain deadline reached")

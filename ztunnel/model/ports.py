@@ -7,10 +7,10 @@ listeners to (``Config.agent_ports``), plus the ports a proxy actually bound.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ztunnel.model.address import SocketAddr
+from ztunnel.model.address import IPAddress, SocketAddr
 
 OUTBOUND = 15001
 INBOUND_PLAINTEXT = 15006
@@ -56,15 +56,22 @@ class AgentPorts:
         """These ports plus ``ports`` (e.g. what the listeners actually bound)."""
         return AgentPorts(self.proxy | _ports(ports), self.services)
 
-    def is_self_call(self, dst: SocketAddr) -> bool:
+    def is_self_call(
+        self, dst: SocketAddr, is_local: Callable[[IPAddress], bool] | None = None
+    ) -> bool:
         """An outbound destination that is this host on one of the agent's ports.
 
         ``dst`` is canonical, so ``::ffff:127.0.0.1`` is 127.0.0.1 here. The
         unspecified address counts as local: connecting to ``0.0.0.0`` / ``::``
-        reaches this host's listeners on Linux.
+        reaches this host's listeners on Linux. ``is_local`` tells whether an address
+        belongs to the netns the connection would leave from (its pod or node IPs):
+        there a proxy port is one of our own listeners (wildcard binds answer on every
+        local address), a loop at the first hop.
         """
         ip = dst.ip
-        return (ip.is_loopback or ip.is_unspecified) and dst.port in self.all
+        if (ip.is_loopback or ip.is_unspecified) and dst.port in self.all:
+            return True
+        return dst.port in self.proxy and is_local is not None and is_local(ip)
 
     def is_proxy_port(self, port: int) -> bool:
         """An inbound target port that is one of the proxy's own listeners (a loop)."""

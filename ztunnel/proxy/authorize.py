@@ -36,7 +36,7 @@ from ztunnel.proxy.outcome import (
     describe,
     relay_failure,
 )
-from ztunnel.proxy.relay import relay
+from ztunnel.proxy.relay import abort, relay
 from ztunnel.state.store import StateStore
 from ztunnel.telemetry.connections import TrackedConnection
 
@@ -117,12 +117,16 @@ async def _authorize_and_relay(
         return
     try:
         if respond is not None:
-            await respond(200)
+            try:
+                await respond(200)
+            except NETWORK_ERRORS as exc:  # the client went away before its answer
+                outcome.failure = relay_failure(describe(exc), client_failed=True)
+                abort(app)
+                return
+        outcome.client, outcome.upstream = client, app
         result = await relay(
             client, app, on_a_to_b=tracked.add_received, on_b_to_a=tracked.add_sent
         )
-        outcome.failure = relay_failure(result.error)
-    except NETWORK_ERRORS as exc:
-        outcome.failure = Failure(FailureKind.RELAY, describe(exc))
+        outcome.failure = relay_failure(result.error, client_failed=result.failed == "a")
     finally:
         await trio.aclose_forcefully(app)

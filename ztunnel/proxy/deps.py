@@ -80,6 +80,10 @@ class FlowSettings:
     socks5_handshake_timeout: float = SOCKS5_HANDSHAKE_TIMEOUT
 
 
+def _nothing_local(ip: IPAddress) -> bool:
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class FlowDeps:
     store: StateStore
@@ -91,6 +95,9 @@ class FlowDeps:
     certificate: FetchCertificate
     serve_hbone: ServeHbone
     rng: random.Random
+    # Whether an IP is an address of the netns the proxy dials from (the self-call check);
+    # loopback and unspecified addresses always are.
+    is_local: Callable[[IPAddress], bool] = _nothing_local
 
 
 async def wait_for_workload(

@@ -16,6 +16,7 @@ from ztunnel.model.address import SocketAddr
 from ztunnel.model.outcome import Failure, FailureKind
 from ztunnel.proxy.authorize import serve_inbound
 from ztunnel.proxy.deps import FlowDeps, UnknownSourceWorkload
+from ztunnel.proxy.relay import abort
 from ztunnel.proxy.sockets import original_dst, socket_stream
 from ztunnel.telemetry.connections import ConnectionInfo
 
@@ -25,6 +26,9 @@ async def serve_plaintext_connection(deps: FlowDeps, conn: socket.socket, peer: 
     client = socket_stream(conn)
     try:
         await proxy_plaintext(deps, client, peer, dst)
+    except BaseException:  # cut midway (drain deadline, a bug): RST, never a clean-looking FIN
+        abort(client)
+        raise
     finally:
         await trio.aclose_forcefully(client)
 

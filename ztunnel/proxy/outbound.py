@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from ztunnel.hbone.errors import StreamRefusedError
 from ztunnel.hbone.pool import PoolKey
 from ztunnel.model.address import IPAddress, SocketAddr
 from ztunnel.model.outcome import Failure, FailureKind
@@ -29,7 +30,7 @@ from ztunnel.proxy.outcome import (
     relay_failure,
     upstream_failure,
 )
-from ztunnel.proxy.relay import relay
+from ztunnel.proxy.relay import abort, relay
 from ztunnel.proxy.sockets import original_dst, socket_stream
 from ztunnel.state.resolve import (
     HboneUpstream,
@@ -49,6 +50,9 @@ async def serve_outbound_connection(deps: FlowDeps, conn: socket.socket, peer: S
     stream = socket_stream(conn)
     try:
         await proxy_outbound(deps, stream, peer, dst)
+    except BaseException:  # cut midway (drain deadline, a bug): RST, never a clean-looking FIN
+        abort(stream)
+        raise
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -69,7 +73,7 @@ async def proxy_outbound(
         if ready is not None:
             await ready(failure)
 
-    if deps.settings.ports.is_self_call(dst):
+    if deps.settings.ports.is_self_call(dst, deps.is_local):
         await refuse(Failure(FailureKind.SELF_CALL, f"self call to {dst} refused"))
         return
     try:
@@ -111,17 +115,21 @@ async def _carry(
         if ready is not None:
             await ready(None)
         if early_data:
-            await upstream_stream.send_all(early_data)
+            try:
+                await upstream_stream.send_all(early_data)
+            except NETWORK_ERRORS as exc:
+                outcome.failure = relay_failure(describe(exc), client_failed=False)
+                abort(downstream)
+                return
             tracked.add_sent(len(early_data))
+        outcome.client, outcome.upstream = downstream, upstream_stream
         result = await relay(
             downstream,
             upstream_stream,
             on_a_to_b=tracked.add_sent,
             on_b_to_a=tracked.add_received,
         )
-        outcome.failure = relay_failure(result.error)
-    except NETWORK_ERRORS as exc:
-        outcome.failure = Failure(FailureKind.RELAY, describe(exc))
+        outcome.failure = relay_failure(result.error, client_failed=result.failed == "a")
     finally:
         await trio.aclose_forcefully(upstream_stream)
 
@@ -166,7 +174,13 @@ async def open_upstream(
         ("forwarded", headers.forwarded(client, service_host)),
         ("traceparent", headers.traceparent()),
     ]
-    return await deps.open_hbone(key, upstream.authority_header, [h for h in extra if h[1]])
+    sent = [h for h in extra if h[1]]
+    try:
+        return await deps.open_hbone(key, upstream.authority_header, sent)
+    except StreamRefusedError:
+        # Never processed (the peer's GOAWAY crossed our CONNECT, e.g. its agent is being
+        # replaced): once more, on another connection; the pool skips the draining one.
+        return await deps.open_hbone(key, upstream.authority_header, sent)
 
 
 def source_ip(workload: Workload, client_ip: IPAddress) -> IPAddress:

@@ -17,6 +17,7 @@ import trio
 
 from ztunnel.errors import ZtunnelError
 from ztunnel.hbone.errors import HboneStatusError
+from ztunnel.hbone.stream import HboneStream
 from ztunnel.model.outcome import INTERRUPTED, Failure, FailureKind
 from ztunnel.telemetry.connections import TrackedConnection
 
@@ -65,23 +66,47 @@ def upstream_failure(exc: BaseException) -> Failure:
     return Failure(connect_kind(exc), f"connect to upstream failed: {reason}")
 
 
-def relay_failure(error: str | None) -> Failure | None:
-    """The outcome of a relay that ran: None when both directions ended cleanly."""
-    return Failure(FailureKind.RELAY, error) if error is not None else None
+def relay_failure(error: str | None, client_failed: bool) -> Failure | None:
+    """The outcome of a relay that ran: None when both directions ended cleanly, else who
+    aborted it (``client_failed``: the read or write that failed was the client's)."""
+    if error is None:
+        return None
+    if client_failed:
+        return Failure(FailureKind.CLIENT_ABORTED, f"connection aborted by the client: {error}")
+    return Failure(FailureKind.UPSTREAM_ABORTED, f"connection aborted by the upstream: {error}")
 
 
 def internal_failure(exc: BaseException) -> Failure:
     return Failure(FailureKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
+def peer_error(stream: object) -> str | None:
+    """Why the peer broke ``stream`` underneath us, if it is an HBONE stream it broke."""
+    return stream.peer_error if isinstance(stream, HboneStream) else None
+
+
 class Outcome:
     """How a tracked connection ended. Starts pessimistic, so a connection cancelled midway
-    (drain, dying HBONE connection) is still closed with an explanation, not as a success."""
+    (drain, dying HBONE connection) is still closed with an explanation, not as a success.
 
-    __slots__ = ("failure",)
+    A flow names its ``client`` and ``upstream`` streams once it relays: a cancellation
+    that comes with one of them broken by its peer (the HBONE connection under it died,
+    and took the relay's task with it) is that side's abort, not the agent's.
+    """
+
+    __slots__ = ("client", "failure", "upstream")
 
     def __init__(self) -> None:
         self.failure: Failure | None = INTERRUPTED
+        self.client: object = None
+        self.upstream: object = None
+
+    def settled(self) -> Failure | None:
+        if self.failure is INTERRUPTED:
+            for stream, client in ((self.client, True), (self.upstream, False)):
+                if (why := peer_error(stream)) is not None:
+                    return relay_failure(why, client_failed=client)
+        return self.failure
 
 
 @contextmanager
@@ -99,4 +124,4 @@ def closing(tracked: TrackedConnection) -> Iterator[Outcome]:
         outcome.failure = internal_failure(exc)
         raise
     finally:
-        tracked.close(outcome.failure)
+        tracked.close(outcome.settled())

@@ -3,7 +3,15 @@
 Theory of operation: one task per direction. EOF on one side becomes
 ``send_eof`` on the other (TCP FIN <-> HTTP/2 END_STREAM) and that direction
 ends; the relay ends when both have. A failure in either direction is not a
-half-close: it cancels the other direction and is reported as the error.
+half-close: it cancels the other direction and is reported as the error, with
+the stream that failed (so the access log can say which side ended it).
+
+A relay that does not end cleanly (a failure, or cancelled: drain deadline,
+policy cut) *aborts* both streams before returning: a truncated connection must
+never look like a clean end (RFC 9113 §8.5): a TCP socket is closed with RST
+(SO_LINGER 0), an HBONE stream with RST_STREAM(CONNECT_ERROR), which ztunnel and
+we treat as an error (only NO_ERROR and CANCEL are EOF). The peer agent then
+resets its own app connection, so an abort travels end to end as an abort.
 
 Read sizes grow like ztunnel's copy loop (1 KiB, then 16 KiB after 128 KiB,
 then 256 KiB after 10 MiB), so idle or chatty connections stay small while bulk
@@ -18,12 +26,17 @@ queued and copied by the task as usual.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import trio
 
+from ztunnel.hbone.events import ErrorCode
 from ztunnel.hbone.stream import HboneStream
 from ztunnel.proxy.outcome import describe
 
@@ -39,11 +52,40 @@ def read_size(transferred: int) -> int:
     return SMALL
 
 
+_LINGER_RESET = struct.pack("ii", 1, 0)
+# What a broken stream raises while relaying.
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
 @dataclass
 class RelayResult:
     a_to_b: int = 0
     b_to_a: int = 0
     error: str | None = None
+    failed: Literal["a", "b"] | None = None  # the stream whose read or write failed first
+
+
+class StreamFailed(Exception):
+    """A read from or a write to ``stream`` failed while copying (``cause``)."""
+
+    def __init__(self, stream: trio.abc.AsyncResource, cause: BaseException) -> None:
+        super().__init__(describe(cause))
+        self.stream = stream
+        self.cause = cause
+
+
+def abort(stream: trio.abc.AsyncResource) -> None:
+    """Make the coming close of ``stream`` say "truncated", never "finished".
+
+    Synchronous and idempotent: a TCP socket gets SO_LINGER 0 (its close sends RST
+    and drops unsent bytes), an HBONE stream is reset with CONNECT_ERROR now.
+    Other streams (in-memory ones in tests) are left alone.
+    """
+    if isinstance(stream, HboneStream):
+        stream.reset(ErrorCode.CONNECT_ERROR)
+    elif isinstance(stream, trio.SocketStream):
+        with contextlib.suppress(OSError):  # already closed: nothing left to reset
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 async def copy_one_way(
@@ -51,7 +93,10 @@ async def copy_one_way(
     dst: trio.abc.HalfCloseableStream,
     count: Callable[[int], None],
 ) -> int:
-    """Copy until EOF, then half-close ``dst``. Returns the bytes copied."""
+    """Copy until EOF, then half-close ``dst``. Returns the bytes copied.
+
+    Raises StreamFailed naming the stream (``src`` or ``dst``) whose operation failed.
+    """
     total = 0
 
     def wrote(n: int) -> None:
@@ -65,16 +110,25 @@ async def copy_one_way(
         src.direct_sink = _socket_sink(dst, wrote)
     try:
         while True:
-            data = await src.receive_some(read_size(total))
+            try:
+                data = await src.receive_some(read_size(total))
+            except STREAM_ERRORS as exc:
+                raise StreamFailed(src, exc) from exc
             if not data:
                 break
-            await dst.send_all(data)
+            try:
+                await dst.send_all(data)
+            except STREAM_ERRORS as exc:
+                raise StreamFailed(dst, exc) from exc
             wrote(len(data))
     finally:
         if direct:
             assert isinstance(src, HboneStream)
             src.direct_sink = None
-    await dst.send_eof()
+    try:
+        await dst.send_eof()
+    except STREAM_ERRORS as exc:
+        raise StreamFailed(dst, exc) from exc
     return total
 
 
@@ -102,7 +156,8 @@ async def relay(
     on_a_to_b: Callable[[int], None] = lambda n: None,
     on_b_to_a: Callable[[int], None] = lambda n: None,
 ) -> RelayResult:
-    """Relay until both directions reach EOF or one fails. Does not close a or b."""
+    """Relay until both directions reach EOF or one fails. Does not close a or b, but
+    aborts both (``abort``) unless the relay ended cleanly, also when cancelled."""
     result = RelayResult()
 
     async def direction(
@@ -121,13 +176,22 @@ async def relay(
 
         try:
             await copy_one_way(src, dst, count)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        except StreamFailed as exc:
             if result.error is None:
-                result.error = describe(exc)
+                result.error = str(exc)
+                result.failed = "a" if exc.stream is a else "b"
             cancel.cancel()
 
-    with trio.CancelScope() as scope:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(direction, a, b, True, scope)
-            nursery.start_soon(direction, b, a, False, scope)
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(direction, a, b, True, scope)
+                nursery.start_soon(direction, b, a, False, scope)
+    except BaseException:  # cancelled from outside (drain deadline, policy cut) or a bug
+        abort(a)
+        abort(b)
+        raise
+    if result.error is not None:
+        abort(a)
+        abort(b)
     return result

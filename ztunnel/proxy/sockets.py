@@ -107,6 +107,32 @@ def make_listener(
     return sock, is_transparent
 
 
+def is_local_address(factory: SocketFactory, ip: IPAddress) -> bool:
+    """Whether ``ip`` is an address of the netns ``factory`` makes sockets in, i.e. a
+    connection to it would stay on this host (loopback, unspecified, the pod or node IPs).
+
+    The kernel answers: only a local address can be bound (without IP_FREEBIND or the
+    ``ip_nonlocal_bind`` sysctl, which would make every address look local here).
+    """
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    sock = factory.new_socket(family_of(ip), socket.SOCK_STREAM)
+    try:
+        sock.bind((str(ip), 0))
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+def abort_socket(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): the peer must not take this for a clean end."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 async def accept(listener: socket.socket) -> tuple[socket.socket, SocketAddr]:
     """Accept one connection (non-blocking, TCP_NODELAY) on a non-blocking listener."""
     while True:
@@ -115,9 +141,32 @@ async def accept(listener: socket.socket) -> tuple[socket.socket, SocketAddr]:
             conn, _ = listener.accept()
         except BlockingIOError:
             continue
+        accepted = _prepare(conn)
+        if accepted is not None:
+            return accepted
+
+
+def _prepare(conn: socket.socket) -> tuple[socket.socket, SocketAddr] | None:
+    """Non-blocking, TCP_NODELAY, with its peer; None (closed) if the peer already reset it."""
+    try:
         conn.setblocking(False)
         set_nodelay(conn)
         return conn, sockname(conn, peer=True)
+    except OSError:  # ENOTCONN, EINVAL: reset between the kernel's accept and ours
+        conn.close()
+        return None
+
+
+def accept_nowait(listener: socket.socket) -> tuple[socket.socket, SocketAddr] | None:
+    """One connection the kernel already accepted, or None (none queued, or closed)."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # BlockingIOError: queue empty; EBADF/EINVAL: closed
+            return None
+        accepted = _prepare(conn)
+        if accepted is not None:
+            return accepted
 
 
 def _bound(factory: SocketFactory, host: str, port: int) -> socket.socket:

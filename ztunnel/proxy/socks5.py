@@ -21,6 +21,7 @@ from ztunnel.model.address import Authority, SocketAddr
 from ztunnel.model.outcome import Failure, FailureKind
 from ztunnel.proxy.deps import FlowDeps
 from ztunnel.proxy.outbound import proxy_outbound
+from ztunnel.proxy.relay import abort
 from ztunnel.proxy.sockets import socket_stream
 from ztunnel.proxy.socks5_proto import (
     Reply,
@@ -61,6 +62,9 @@ async def serve_socks5_connection(deps: FlowDeps, conn: socket.socket, peer: Soc
     stream = socket_stream(conn)
     try:
         await proxy_socks5(deps, stream, peer)
+    except BaseException:  # cut midway (drain deadline, a bug): RST, never a clean-looking FIN
+        abort(stream)
+        raise
     finally:
         await trio.aclose_forcefully(stream)
 

@@ -6,14 +6,26 @@ creates every socket inside that pod's netns. Everything else is identical.
 
 Lifecycle: ``run`` binds every listener first (a bind failure raises before
 ``task_status.started``, so the caller can mark the pod pending), then accepts
-until cancelled or drained. ``drain`` stops accepting, asks HBONE peers to go
-away (GOAWAY), waits up to a deadline for open connections, then cancels them.
+until cancelled or drained. ``drain`` closes the listeners at once (what the
+kernel already accepted is served first; afterwards a new connection is refused,
+or taken by a new agent's SO_REUSEPORT listener), asks HBONE peers to go away
+(GOAWAY), waits up to a deadline for open connections, then cuts what is left:
+each is logged as drained and aborted (TCP RST, RST_STREAM), never closed as if
+it had finished.
+
+Loops: a captured connection whose destination is one of this proxy's listeners
+(on any local address of its netns) is refused before anything is dialled
+(outbound's self-call check), and a connection this proxy dialled that comes
+back to one of its listeners (a redirect or NAT loop) is refused when accepted.
+Both are counted (``ztunnel_connections_refused_total``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +43,7 @@ from ztunnel.identity.certificate import WorkloadCertificate
 from ztunnel.identity.tls import client_context, verify_server_identity
 from ztunnel.model.address import IPAddress, SocketAddr
 from ztunnel.model.identity import Identity
+from ztunnel.model.outcome import DRAINED, Failure, FailureKind
 from ztunnel.model.workload import Workload
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.deps import FlowDeps, FlowSettings, wait_for_workload
@@ -39,18 +52,25 @@ from ztunnel.proxy.inbound_plain import serve_plaintext_connection
 from ztunnel.proxy.outbound import serve_outbound_connection
 from ztunnel.proxy.sockets import (
     SocketFactory,
+    abort_socket,
     accept,
+    accept_nowait,
     connect_socket,
+    is_local_address,
     make_listener,
+    original_dst,
     socket_stream,
+    sockname,
 )
 from ztunnel.proxy.socks5 import serve_socks5_connection
+from ztunnel.telemetry.connections import Direction
 
 log = structlog.get_logger("ztunnel.proxy")
 
 # A listener's per-connection entry point, before and after binding it to the FlowDeps.
 Flow = Callable[[FlowDeps, socket.socket, SocketAddr], Awaitable[None]]
 Handler = Callable[[socket.socket, SocketAddr], Awaitable[None]]
+_OUTBOUND_LISTENERS = frozenset({"outbound", "socks5"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +91,10 @@ class WorkloadProxy:
         *,
         uid: str = "",
         orig_src: bool | None = None,
+        agent_services: Iterable[int] = (),
     ) -> None:
+        """``agent_services``: ports of the agent's own servers (admin, metrics, readiness)
+        that listen in this proxy's netns (dedicated mode); no flow may connect to them."""
         self.ctx = ctx
         self.info = info
         self.uid = uid or f"{info.namespace}/{info.name}"
@@ -88,6 +111,14 @@ class WorkloadProxy:
         self._idle = trio.Event()
         self._idle.set()
         self.draining = False
+        self.agent_services = frozenset(agent_services)
+        self._listeners: list[tuple[str, socket.socket, Handler]] = []
+        self._handlers: trio.Nursery | None = None
+        # Local ends of the TCP connections this proxy dialled (passthrough, plain TCP, the
+        # app): one of them arriving at our own listener is a loop. Weak: closed sockets go.
+        self._own_dials: weakref.WeakValueDictionary[SocketAddr, socket.socket] = (
+            weakref.WeakValueDictionary()
+        )
         # Set once the workload's certificate is issued: readiness waits for it.
         self.certificate_ready = trio.Event()
         self.certificate_error = ""
@@ -105,7 +136,7 @@ class WorkloadProxy:
         settings = FlowSettings(
             proxy_uid=self.uid,
             cluster_id=cfg.cluster_id,
-            ports=cfg.agent_ports().with_proxy(bound_ports),
+            ports=cfg.agent_ports().with_proxy(bound_ports).with_proxy(self.agent_services),
             transparent=self.transparent,
             tls_handshake_timeout=self.ctx.hbone.tls_handshake_timeout,
         )
@@ -119,6 +150,7 @@ class WorkloadProxy:
             certificate=self.ctx.secrets.fetch,
             serve_hbone=self._serve_hbone,
             rng=self.ctx.rng,
+            is_local=partial(is_local_address, self.factory),
         )
 
     async def _dial_tcp(
@@ -128,6 +160,8 @@ class WorkloadProxy:
         sock = await connect_socket(
             self.factory, dst, src_ip=src_ip, transparent=transparent, connect_timeout=None
         )
+        with contextlib.suppress(OSError):  # already reset: the flow's first I/O says so
+            self._own_dials[sockname(sock)] = sock
         return socket_stream(sock)
 
     async def _serve_hbone(self, tls: trio.abc.Stream, handler: StreamHandler) -> None:
@@ -190,12 +224,16 @@ class WorkloadProxy:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = self._bind()
         deps = self.flow_deps()  # once: the transparency and the bound ports are known now
-        bound = [(name, sock, partial(flow, deps)) for name, sock, flow in listeners]
+        bound: list[tuple[str, socket.socket, Handler]] = [
+            (name, sock, partial(flow, deps)) for name, sock, flow in listeners
+        ]
+        self._listeners = bound
         # A rotated client certificate must not keep being presented on pooled connections.
         unsubscribe = self.ctx.secrets.subscribe(self._certificate_rotated)
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
+                    self._handlers = nursery
                     await nursery.start(self.pool.run)
                     nursery.start_soon(self._warm_certificate)
                     await nursery.start(self._accept_all, bound, nursery)
@@ -242,14 +280,55 @@ class WorkloadProxy:
         while True:
             try:
                 conn, peer = await accept(listener)
+            except trio.ClosedResourceError:  # drain closed the listener
+                return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of resources: back off instead of spinning; never crash the agent.
                     log.error("accept failed", listener=name, error=str(exc))
                     await trio.sleep(0.1)
                     continue
+                if self.draining:
+                    return
                 raise
-            handlers.start_soon(self._run_handler, name, handler, conn, peer)
+            self._dispatch(name, handler, conn, peer, handlers)
+
+    def _dispatch(
+        self,
+        name: str,
+        handler: Handler,
+        conn: socket.socket,
+        peer: SocketAddr,
+        handlers: trio.Nursery,
+    ) -> None:
+        if self._is_own_dial(conn, peer):
+            self._refuse_loop(name, conn, peer)
+            return
+        handlers.start_soon(self._run_handler, name, handler, conn, peer)
+
+    def _is_own_dial(self, conn: socket.socket, peer: SocketAddr) -> bool:
+        """Whether ``conn`` is the far end of a connection we dialled: same source, and the
+        destination we dialled is where it was headed (its original destination, if a
+        redirect brought it here). One source port may serve dials to several places."""
+        own = self._own_dials.get(peer)
+        if own is None or own.fileno() == -1:
+            return False
+        try:
+            return sockname(own, peer=True) == original_dst(conn)
+        except OSError:  # one of them is already gone: no loop to refuse
+            return False
+
+    def _refuse_loop(self, name: str, conn: socket.socket, peer: SocketAddr) -> None:
+        """A connection we dialled came back to our own listener: refuse it (RST) at
+        this first hop, before it can dial again."""
+        try:
+            local = sockname(conn)
+        except OSError:
+            local = peer
+        abort_socket(conn)
+        failure = Failure(FailureKind.LOOP, f"loop refused: {peer} is this agent's own connection")
+        direction: Direction = "outbound" if name in _OUTBOUND_LISTENERS else "inbound"
+        self.ctx.tracker.connection_failed(peer, local, direction, failure)
 
     async def _run_handler(
         self, name: str, handler: Handler, conn: socket.socket, peer: SocketAddr
@@ -269,16 +348,40 @@ class WorkloadProxy:
         return self._active
 
     async def drain(self, deadline: float) -> None:
-        """Stop accepting, GOAWAY HBONE peers, wait ``deadline`` s for connections, then cut."""
+        """Close the listeners, GOAWAY HBONE peers, wait ``deadline`` s for connections,
+        then cut (abort) what is left."""
         self.draining = True
-        self._accept_scope.cancel()
+        self.close_listeners()
         for conn in list(self.server_connections):
             drain = getattr(conn, "drain", None)
             if drain is not None:
                 drain()
         with trio.move_on_after(deadline):
             await self._idle.wait()
+        self._cut_open_connections()
         self.stop()
+
+    def close_listeners(self) -> None:
+        """Stop listening now. Connections the kernel already completed are served (they
+        were accepted before the drain); afterwards the port refuses new connections, or
+        the kernel hands them to another agent's listener on the same port (SO_REUSEPORT,
+        an upgrade). Synchronous: nothing can slip in between the sweep and the close."""
+        self._accept_scope.cancel()
+        listeners, self._listeners = self._listeners, []
+        for name, sock, handler in listeners:
+            while self._handlers is not None and (accepted := accept_nowait(sock)) is not None:
+                self._dispatch(name, handler, *accepted, self._handlers)
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+    def _cut_open_connections(self) -> None:
+        """At the deadline: every connection still open is logged as drained now; the
+        cancellation that follows aborts its sockets and streams."""
+        cut = self.ctx.tracker.connections_for(self.uid)
+        if cut:
+            log.info("drain deadline reached, cutting connections", pod=self.uid, open=len(cut))
+        for tracked in cut:
+            tracked.close(DRAINED)
 
     def stop(self) -> None:
         self._accept_scope.cancel()

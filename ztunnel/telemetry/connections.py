@@ -250,6 +250,7 @@ class ConnectionTracker:
             "error": failure.message,
         }
         self._log.warning("connection failed", **fields)
+        self.metrics.connections_refused.labels(direction, failure.kind.value).inc()
         self.history.failed(fields, failure)
 
     def _counter(self, metric: Counter, labels: tuple[str, ...]) -> Counter:

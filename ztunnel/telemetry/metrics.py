@@ -126,6 +126,13 @@ class Metrics:
         self.connections_failed = counter(
             "istio_tcp_connections_failed", "The total number of TCP connections that failed"
         )
+        self.connections_refused = Counter(
+            "ztunnel_connections_refused",
+            "Connections refused before they were opened (self call, loop, unknown source, "
+            "no route, TLS handshake, identity), by direction and reason",
+            ("direction", "reason"),
+            registry=self.registry,
+        )
         self.sockets_open = Gauge(
             "istio_tcp_sockets_open",
             "The current number of open TCP sockets",
