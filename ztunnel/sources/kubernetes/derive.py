@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ztunnel.model.address import IPAddress, canonical_ip
+from ztunnel.model.identity import DEFAULT_CLUSTER_ID
 from ztunnel.model.pod import (
     REDIRECTION_ANNOTATION,
     MeshState,
@@ -69,7 +70,7 @@ class Settings:
     """What the derivation needs besides the objects (the agent's configuration)."""
 
     node_name: str
-    cluster_id: str = "Kubernetes"
+    cluster_id: str = DEFAULT_CLUSTER_ID
     domain: str = "cluster.local"
     trust_domain: str = "cluster.local"
     network: str = ""
