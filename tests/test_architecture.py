@@ -40,6 +40,7 @@ ALLOWED_UPWARD = {("ztunnel.cli", "ztunnel.demo")}
 
 SANS_IO = (
     "ztunnel.model",
+    "ztunnel.h2wire",
     "ztunnel.state",
     "ztunnel.policy",
     "ztunnel.hbone.engine",

@@ -294,6 +294,20 @@ def test_waypoints_not_ready_or_not_admitting_the_namespace_are_not_used() -> No
     )
 
 
+def test_a_selector_listener_admits_only_namespaces_with_its_labels() -> None:
+    gw = k.waypoint_gateway("wp", "infra", address="wp.infra.svc.cluster.local")
+    gw["spec"]["listeners"][0]["allowedRoutes"]["namespaces"] = {
+        "from": "Selector",
+        "selector": {"matchLabels": {"mesh/waypoint": "infra"}},
+    }
+    use = {"istio.io/use-waypoint": "wp", "istio.io/use-waypoint-namespace": "infra"}
+    for ns_labels, bound in (({"mesh/waypoint": "infra"}, True), ({"mesh/waypoint": "x"}, False)):
+        items = [namespace("default", {**use, **ns_labels}), namespace("infra"), gw, service("web")]
+        state, _ = mesh_state(objects(items), SETTINGS)
+        expected = GatewayAddress(NamespacedHostname("infra", "wp.infra.svc.cluster.local"))
+        assert state.services[0].waypoint == (expected if bound else None)
+
+
 def test_node_pods_and_enrollment_rule() -> None:
     settings = Settings(node_name="node1", self_pod=("istio-system", "ztunnel-py-abc"))
     items = [

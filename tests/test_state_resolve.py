@@ -41,10 +41,12 @@ from ztunnel.state.resolve import (
     TcpUpstream,
     UnknownServicePort,
     UnknownWaypoint,
+    expected_identities,
     resolve_inbound,
     resolve_outbound,
 )
 from ztunnel.state.store import StateStore
+from ztunnel.waypoint.backends import workload_endpoint
 
 WEB = "ns/web.ns.svc.cluster.local"
 WP_SVC = "ns/wp.ns.svc.cluster.local"
@@ -505,3 +507,17 @@ def test_inbound_ip_mismatch_allowed_when_target_uses_us_as_waypoint() -> None:
     assert got.port == 8080
     with pytest.raises(IPMismatch):  # a's waypoint is not us
         inbound(store, WAYPOINT, "10.0.0.1", 8080, "10.0.5.1")
+
+
+def test_expected_identities_are_valid_sans_then_the_workload_for_agent_and_waypoint() -> None:
+    w = wl("web-1", "10.0.0.9")
+    sans = (
+        "spiffe://cluster.local/ns/ns/sa/web",
+        "not-a-spiffe-id",
+        "spiffe://cluster.local/ns/ns/sa/web-1",
+    )
+    expected = (Identity("cluster.local", "ns", "web"), w.identity)
+    assert w.identity == Identity("cluster.local", "ns", "web-1")  # listed once although also a SAN
+    assert expected_identities(w, sans) == expected
+    endpoint = workload_endpoint(w, 8080, sans)  # the waypoint's upstream check
+    assert endpoint is not None and endpoint.identities == expected

@@ -163,6 +163,20 @@ def test_a_missing_waypoint_binds_nothing_and_says_so() -> None:
     assert any("waypoint shop/nope is not ready" in w for w in warnings)
 
 
+def test_the_cluster_file_treats_a_selector_listener_as_same_namespace() -> None:
+    listener = "{name: mesh, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: FROM}}"
+    for from_, admits_other in (("{from: All}", True), ("{from: Selector}", False)):
+        text = cluster().replace(
+            "[{name: mesh, port: 15008, protocol: HBONE}]",
+            "[" + listener.replace("FROM", from_) + "]",
+        )
+        spec = loads_spec(text)
+        index = wp.index_waypoints(spec.policies, [], [])
+        (waypoint,) = index.waypoints.values()
+        assert waypoint.admits("other", {}) is admits_other
+        assert waypoint.admits("shop", {})
+
+
 def test_port_protocols_follow_istio_protocol_selection() -> None:
     state, _ = derive(cluster())
     web = next(s for s in state.services if s.name == "web")

@@ -8,6 +8,7 @@ import pytest
 from google.protobuf import any_pb2
 
 from tests.xds_fakes import deny_port, ip_bytes, service, workload
+from ztunnel.model.identity import DEFAULT_CLUSTER_ID
 from ztunnel.model.workload import AppProtocol, Service
 from ztunnel.proto import authorization_pb2 as apb
 from ztunnel.proto import workload_pb2 as wpb
@@ -61,6 +62,7 @@ def test_same_model_as_the_local_config() -> None:
     w.workload.waypoint.hostname.hostname = "waypoint.default.svc.cluster.local"
     w.workload.waypoint.hbone_mtls_port = 15008
     assert address_from_proto(w) == local.workloads[0]
+    assert local.workloads[0].cluster_id == DEFAULT_CLUSTER_ID  # neither names one
     converted = address_from_proto(service("echo", "10.96.0.10"))
     # xDS services carry no endpoints (the store fills them from the workloads)
     assert converted == dataclasses.replace(local.services[0], endpoints={})

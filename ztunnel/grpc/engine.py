@@ -40,6 +40,7 @@ from ztunnel.grpc.status import (
     status_code,
     status_from_http,
 )
+from ztunnel.h2wire import decode_headers, error_code
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -154,10 +155,6 @@ class _Stream:
     end_after_flush: bool = False  # client: half-close once ``out`` drains
     trailers: list[tuple[str, str]] | None = None  # server: written once ``out`` drains
     ended: bool = False  # client: CallEnded emitted
-
-
-def _decode(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
 
 
 def _user_metadata(headers: list[tuple[str, str]]) -> Metadata:
@@ -369,8 +366,7 @@ class GrpcEngine:
         try:
             h2_events = self._h2.receive_data(data)
         except (h2.exceptions.H2Error, HyperframeError) as exc:
-            code = int(getattr(exc, "error_code", None) or h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            self.close(code)
+            self.close(error_code(exc))
             return [ConnectionFailed(f"{type(exc).__name__}: {exc}")]
         out: list[Event] = []
         for ev in h2_events:
@@ -382,7 +378,7 @@ class GrpcEngine:
 
     def _on_request(self, ev: Any, out: list[Event]) -> None:
         sid = int(ev.stream_id)
-        headers = _decode(ev.headers)
+        headers = decode_headers(ev.headers)
         pseudo = {k: v for k, v in headers if k.startswith(":")}
         if not _is_grpc(_first(headers, "content-type")):
             self.reject(sid, 415)
@@ -403,7 +399,7 @@ class GrpcEngine:
         stream = self._streams.get(sid)
         if stream is None:
             return
-        headers = _decode(ev.headers)
+        headers = decode_headers(ev.headers)
         status = _first(headers, ":status") or ""
         if status != "200":
             code = status_from_http(int(status)) if status.isdigit() else StatusCode.UNKNOWN
@@ -427,7 +423,7 @@ class GrpcEngine:
         if stream.reader.partial:
             self._end(sid, out, CallEnded(sid, StatusCode.INTERNAL, "stream ended mid-message"))
             return
-        self._end(sid, out, _ended(sid, _decode(ev.headers)))
+        self._end(sid, out, _ended(sid, decode_headers(ev.headers)))
 
     def _on_data(self, ev: Any, out: list[Event]) -> None:
         sid = int(ev.stream_id)

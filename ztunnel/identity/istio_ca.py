@@ -36,7 +36,7 @@ from ztunnel.grpc.credentials import CredentialError, RootsFile, token_metadata
 from ztunnel.grpc.status import GrpcError, StatusCode
 from ztunnel.identity._x509 import load_pem_certs, spiffe_identities, uri_sans
 from ztunnel.identity.errors import CAError, CertificateError
-from ztunnel.model.identity import Identity
+from ztunnel.model.identity import DEFAULT_CLUSTER_ID, Identity
 from ztunnel.proto import citadel_pb2
 
 CREATE_CERTIFICATE = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
@@ -58,7 +58,7 @@ class IstioCAConfig:
     root_cert: Path | None = None  # CA_ROOT_CA; None = the system roots
     alt_hostname: str | None = None  # ALT_CA_HOSTNAME
     token_path: Path | None = None  # AUTH_TOKEN; None = send no credentials
-    cluster_id: str = "Kubernetes"
+    cluster_id: str = DEFAULT_CLUSTER_ID
     headers: tuple[tuple[str, str], ...] = ()  # CA_HEADER_*
     impersonate: bool = True  # shared (in-pod) mode
     time_limit: float = DEFAULT_TIME_LIMIT

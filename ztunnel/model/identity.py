@@ -13,6 +13,7 @@ from ztunnel.errors import InvalidIdentity
 
 SPIFFE_PREFIX = "spiffe://"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
+DEFAULT_CLUSTER_ID = "Kubernetes"  # istio's CLUSTER_ID when none is configured
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from ztunnel.model import ports
-from ztunnel.model.identity import DEFAULT_TRUST_DOMAIN, Identity
+from ztunnel.model.identity import DEFAULT_CLUSTER_ID, DEFAULT_TRUST_DOMAIN, Identity
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -141,7 +141,7 @@ class Workload:
     application_tunnel: ApplicationTunnel | None = None
     authorization_policies: tuple[str, ...] = ()
     status: HealthStatus = HealthStatus.HEALTHY
-    cluster_id: str = "Kubernetes"
+    cluster_id: str = DEFAULT_CLUSTER_ID
     locality: Locality = field(default_factory=Locality)
     canonical_name: str = ""
     canonical_revision: str = ""

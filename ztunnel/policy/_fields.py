@@ -7,11 +7,10 @@ instead of a ``KeyError`` deep inside the translation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from ipaddress import ip_network
 from typing import Any
 
+from ztunnel.docfields import FieldReader
 from ztunnel.errors import ConfigError
 from ztunnel.model.authorization import MatchKind, ServiceAccountMatch, StringMatch
 from ztunnel.model.workload import IPNetwork
@@ -21,28 +20,11 @@ class PolicyTranslationError(ConfigError):
     """An Istio policy document cannot be translated (or, in strict mode, is unsupported)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Where:
-    """Which document is being read, for error messages."""
+class Where(FieldReader):
+    """Which Istio policy document is being read, for error messages."""
 
-    source: str
-
-    def fail(self, path: str, problem: str) -> PolicyTranslationError:
-        return PolicyTranslationError(self.source, path, problem)
-
-    def mapping(self, value: Any, path: str) -> Mapping[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise self.fail(path, f"expected a mapping, got {type(value).__name__}")
-        return value
-
-    def sequence(self, value: Any, path: str) -> list[Any]:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise self.fail(path, f"expected a list, got {type(value).__name__}")
-        return value
+    __slots__ = ()
+    error = PolicyTranslationError
 
     def strings(self, value: Any, path: str) -> list[str]:
         items = self.sequence(value, path)
@@ -50,11 +32,6 @@ class Where:
             if not isinstance(item, str):
                 raise self.fail(f"{path}[{i}]", f"expected a string, got {item!r}")
         return items
-
-    def known_keys(self, value: Mapping[str, Any], path: str, known: frozenset[str]) -> None:
-        for key in value:
-            if key not in known:
-                raise self.fail(f"{path}.{key}", "unknown field")
 
     def ports(self, value: Any, path: str) -> tuple[int, ...]:
         out = []

@@ -39,6 +39,7 @@ from ztunnel.policy.l7model import (
     L7Policy,
     L7Rule,
 )
+from ztunnel.policy.verdict import MESSAGES, explanation, finding_json
 
 __all__ = [
     "DENY_BODY",
@@ -54,7 +55,6 @@ __all__ = [
 
 DENY_STATUS = 403
 DENY_BODY = b"RBAC: access denied"
-EXPLAIN_LIMIT = 20
 
 
 class L7Reason(enum.Enum):
@@ -64,16 +64,6 @@ class L7Reason(enum.Enum):
     CUSTOM_DENIED = "CustomDenied"
     EXPLICITLY_DENIED = "ExplicitlyDenied"
     NOT_ALLOWED = "NotAllowed"
-
-
-_MESSAGES = {
-    L7Reason.NO_POLICIES: "no policies, allow",
-    L7Reason.NO_ALLOW_POLICIES: "no allow policies, allow",
-    L7Reason.ALLOW_MATCHED: "allow policy match",
-    L7Reason.CUSTOM_DENIED: "custom policy match without an extension provider, deny",
-    L7Reason.EXPLICITLY_DENIED: "deny policy match",
-    L7Reason.NOT_ALLOWED: "no allow policies matched",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +88,7 @@ class L7Decision:
 
     @property
     def message(self) -> str:
-        return _MESSAGES[self.reason]
+        return MESSAGES[self.reason.value]
 
     @cached_property
     def mismatches(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -309,22 +299,16 @@ def describe_request(attrs: RequestAttrs) -> str:
 
 def explain(decision: L7Decision) -> str:
     """Multi-line text: verdict, deciding policy and rule, findings, ALLOW mismatches."""
-    verdict = "ALLOW" if decision.allowed else "DENY"
-    lines = [f"{verdict}: {decision.message} ({decision.reason.value})"]
-    if decision.attrs is not None:
-        lines.append(f"  request: {describe_request(decision.attrs)}")
-    if decision.policy is not None:
-        lines.append(f"  decided by policy {decision.policy} rule {decision.rule}")
-    for f in decision.findings:
-        where = f" {f.policy} rule {f.rule}" if f.policy else ""
-        lines.append(f"  {f.message}{where}")
-    mismatches = decision.mismatches if decision.reason is L7Reason.NOT_ALLOWED else ()
-    for key, reasons in mismatches[:EXPLAIN_LIMIT]:
-        lines.append(f"  allow policy {key} did not match:")
-        lines.extend(f"    {why}" for why in reasons)
-    if len(mismatches) > EXPLAIN_LIMIT:
-        lines.append(f"  ... and {len(mismatches) - EXPLAIN_LIMIT} more allow policies")
-    return "\n".join(lines)
+    attrs = decision.attrs
+    return explanation(
+        allowed=decision.allowed,
+        reason=decision.reason,
+        subject=f"request: {describe_request(attrs)}" if attrs is not None else None,
+        policy=decision.policy,
+        rule=decision.rule,
+        findings=decision.findings,
+        mismatches=decision.mismatches if decision.reason is L7Reason.NOT_ALLOWED else (),
+    )
 
 
 def decision_to_json(decision: L7Decision) -> dict[str, Any]:
@@ -334,10 +318,7 @@ def decision_to_json(decision: L7Decision) -> dict[str, Any]:
         "message": decision.message,
         "policy": decision.policy,
         "rule": decision.rule,
-        "findings": [
-            {"message": f.message, "action": f.action.value, "policy": f.policy, "rule": f.rule}
-            for f in decision.findings
-        ],
+        "findings": [finding_json(f) for f in decision.findings],
     }
     if decision.attrs is not None:
         out["request"] = describe_request(decision.attrs)

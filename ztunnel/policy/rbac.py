@@ -30,6 +30,7 @@ from ztunnel.policy.match import (
     policy_matches,
 )
 from ztunnel.policy.mismatch import describe_mismatch
+from ztunnel.policy.verdict import MESSAGES, explanation, finding_json
 
 __all__ = [
     "ConnectionAttrs",
@@ -43,9 +44,6 @@ __all__ = [
     "policy_matches",
 ]
 
-# How many failed ALLOW policies ``explain`` spells out before summarising.
-EXPLAIN_LIMIT = 20
-
 
 class Reason(enum.Enum):
     NO_POLICIES = "NoPolicies"  # nothing applies to the destination
@@ -53,15 +51,6 @@ class Reason(enum.Enum):
     ALLOW_MATCHED = "AllowMatched"
     EXPLICITLY_DENIED = "ExplicitlyDenied"
     NOT_ALLOWED = "NotAllowed"
-
-
-_MESSAGES = {
-    Reason.NO_POLICIES: "no policies, allow",
-    Reason.NO_ALLOW_POLICIES: "no allow policies, allow",
-    Reason.ALLOW_MATCHED: "allow policy match",
-    Reason.EXPLICITLY_DENIED: "deny policy match",
-    Reason.NOT_ALLOWED: "no allow policies matched",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +82,7 @@ class Decision:
     @property
     def message(self) -> str:
         """ztunnel's log message for this outcome."""
-        return _MESSAGES[self.reason]
+        return MESSAGES[self.reason.value]
 
     @cached_property
     def mismatches(self) -> tuple[PolicyMismatch, ...]:
@@ -167,22 +156,17 @@ def _dry_run_allows(policies: list[CompiledPolicy], subj: Subject) -> tuple[DryR
 def explain(decision: Decision) -> str:
     """Multi-line text: the verdict, what decided it, dry-run findings, and for a
     NOT_ALLOWED denial why each ALLOW policy failed (the first EXPLAIN_LIMIT)."""
-    verdict = "ALLOW" if decision.allowed else "DENY"
-    lines = [f"{verdict}: {decision.message} ({decision.reason.value})"]
-    if decision.conn is not None:
-        lines.append(f"  connection: {_describe_conn(decision.conn)}")
-    if decision.policy is not None:
-        lines.append(f"  decided by policy {decision.policy} rule {decision.rule}")
-    for finding in decision.dry_run:
-        where = f" {finding.policy} rule {finding.rule}" if finding.policy else ""
-        lines.append(f"  {finding.message}{where}")
-    mismatches = decision.mismatches if decision.reason is Reason.NOT_ALLOWED else ()
-    for mismatch in mismatches[:EXPLAIN_LIMIT]:
-        lines.append(f"  allow policy {mismatch.policy} did not match:")
-        lines.extend(f"    {why}" for why in mismatch.reasons)
-    if len(mismatches) > EXPLAIN_LIMIT:
-        lines.append(f"  ... and {len(mismatches) - EXPLAIN_LIMIT} more allow policies")
-    return "\n".join(lines)
+    conn = decision.conn
+    failed = decision.mismatches if decision.reason is Reason.NOT_ALLOWED else ()
+    return explanation(
+        allowed=decision.allowed,
+        reason=decision.reason,
+        subject=f"connection: {_describe_conn(conn)}" if conn is not None else None,
+        policy=decision.policy,
+        rule=decision.rule,
+        findings=decision.dry_run,
+        mismatches=[(m.policy, m.reasons) for m in failed],
+    )
 
 
 def decision_to_json(decision: Decision) -> dict[str, Any]:
@@ -193,15 +177,7 @@ def decision_to_json(decision: Decision) -> dict[str, Any]:
         "message": decision.message,
         "policy": decision.policy,
         "rule": decision.rule,
-        "dryRun": [
-            {
-                "message": f.message,
-                "action": f.action.value,
-                "policy": f.policy,
-                "rule": f.rule,
-            }
-            for f in decision.dry_run
-        ],
+        "dryRun": [finding_json(f) for f in decision.dry_run],
     }
     if decision.conn is not None:
         out["connection"] = _conn_json(decision.conn)

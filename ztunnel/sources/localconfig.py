@@ -42,7 +42,7 @@ from ztunnel.model.authorization import (
     ServiceAccountMatch,
     StringMatch,
 )
-from ztunnel.model.identity import DEFAULT_TRUST_DOMAIN
+from ztunnel.model.identity import DEFAULT_CLUSTER_ID, DEFAULT_TRUST_DOMAIN
 from ztunnel.model.workload import (
     HBONE_PORT,
     ApplicationTunnel,
@@ -67,8 +67,6 @@ from ztunnel.model.workload import (
 )
 
 T = TypeVar("T")
-
-DEFAULT_CLUSTER_ID = "Kubernetes"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ the Kubernetes source):
   accounts are the waypoint's identities. ``istio.io/waypoint-for`` on the Gateway says
   what it serves: ``service`` (default), ``workload``, ``all`` or ``none``. Attachment
   from other namespaces follows the HBONE listener's ``allowedRoutes.namespaces.from``
-  (``Same`` by default, or ``All``; ``Selector`` is not supported: treated as Same).
+  (``Same`` by default, ``All``, or ``Selector`` with ``matchLabels`` on the namespace; the
+  cluster file does not support ``Selector`` and treats it as Same).
 * **Binding** (``istio.io/use-waypoint: <name>``, namespace from
   ``istio.io/use-waypoint-namespace``, else the object's): the object's own label wins,
   ``none`` opts out, else the namespace's label. A Service gets the waypoint when it
@@ -49,6 +50,7 @@ WAYPOINT_FOR_LABEL = "istio.io/waypoint-for"
 TUNNEL_LABEL = "networking.istio.io/tunnel"  # "http": the pod speaks HBONE natively
 NONE = "none"
 SERVICE, WORKLOAD, ALL = "service", "workload", "all"
+SAME_NAMESPACE, ALL_NAMESPACES, SELECTED_NAMESPACES = "Same", "All", "Selector"
 _TRAFFIC_TYPES = (SERVICE, WORKLOAD, ALL, NONE)
 IMPLICIT_POLICY_PREFIX = "istio_allow_waypoint_"
 
@@ -93,7 +95,8 @@ class Waypoint:
     address: GatewayAddress | None  # None: its Service does not exist (not ready)
     traffic_type: str = SERVICE
     service_accounts: tuple[str, ...] = ()
-    allow_all_namespaces: bool = False
+    allowed_from: str = SAME_NAMESPACE  # the HBONE listener's allowedRoutes.namespaces.from
+    selector: tuple[tuple[str, str], ...] = ()  # its matchLabels, with SELECTED_NAMESPACES
 
     @property
     def key(self) -> str:
@@ -102,8 +105,12 @@ class Waypoint:
     def serves(self, kind: str) -> bool:
         return self.traffic_type in (kind, ALL)
 
-    def admits(self, namespace: str) -> bool:
-        return self.allow_all_namespaces or namespace == self.namespace
+    def admits(self, namespace: str, namespace_labels: Mapping[str, str]) -> bool:
+        if self.allowed_from == ALL_NAMESPACES:
+            return True
+        if self.allowed_from == SELECTED_NAMESPACES:
+            return all(namespace_labels.get(k) == v for k, v in self.selector)
+        return namespace == self.namespace  # Same, and anything unknown
 
     def implicit_policy_key(self) -> str | None:
         if not self.service_accounts:
@@ -149,15 +156,23 @@ def is_waypoint_gateway(doc: Any) -> bool:
     )
 
 
-def _allow_all(spec: Mapping[str, Any]) -> bool:
-    for listener in spec.get("listeners") or []:
+def hbone_allowed_namespaces(spec: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The first HBONE listener's ``allowedRoutes.namespaces`` (``{}`` when absent)."""
+    listeners = spec.get("listeners")
+    for listener in listeners if isinstance(listeners, list) else ():
         if not isinstance(listener, Mapping):
             continue
         if listener.get("protocol") == "HBONE" and listener.get("port") == HBONE_PORT:
-            routes = listener.get("allowedRoutes") or {}
+            routes = listener.get("allowedRoutes")
             namespaces = routes.get("namespaces") if isinstance(routes, Mapping) else None
-            return isinstance(namespaces, Mapping) and namespaces.get("from") == "All"
-    return False
+            return namespaces if isinstance(namespaces, Mapping) else {}
+    return {}
+
+
+def _allowed_from(spec: Mapping[str, Any]) -> str:
+    """The cluster file's admission: All or Same (no Selector support)."""
+    is_all = hbone_allowed_namespaces(spec).get("from") == ALL_NAMESPACES
+    return ALL_NAMESPACES if is_all else SAME_NAMESPACE
 
 
 def index_waypoints(
@@ -199,7 +214,8 @@ def index_waypoints(
                 if p.namespace == namespace and p.labels.get(GATEWAY_NAME_LABEL) == name
             }
         )
-        wp = Waypoint(namespace, name, address, traffic, tuple(accounts), _allow_all(doc["spec"]))
+        allowed = _allowed_from(doc["spec"])
+        wp = Waypoint(namespace, name, address, traffic, tuple(accounts), allowed)
         out.waypoints[wp.key] = wp
     return out
 
@@ -232,10 +248,31 @@ def _target(
     if wp is None or wp.address is None:
         index.warnings.append(f"{what}: waypoint {wanted} is not ready (no such waypoint)")
         return None, own is not None
-    if not wp.admits(namespace):
+    if not wp.admits(namespace, namespace_labels):
         index.warnings.append(f"{what}: waypoint {wanted} does not allow namespace {namespace}")
         return None, own is not None
     return wp, own is not None
+
+
+def bound_waypoint(
+    index: WaypointIndex,
+    kind: str,
+    what: str,
+    labels: Mapping[str, str],
+    namespace: str,
+    namespace_labels: Mapping[str, str],
+) -> Waypoint | None:
+    """The waypoint a Service (``kind`` SERVICE) or workload (WORKLOAD) with these labels
+    binds to: ``_target`` plus the traffic-type check. ``what`` names it in warnings. The
+    caller has already excluded the waypoint's own Service or pods (sources tell them apart
+    differently)."""
+    wp, own = _target(index, what, labels, namespace, namespace_labels)
+    if wp is None or wp.serves(kind):
+        return wp
+    # A workload inheriting a service waypoint from its namespace is normal, not an error.
+    if own or kind == SERVICE:
+        index.warnings.append(f"{what}: waypoint {wp.key} does not serve {kind} traffic")
+    return None
 
 
 def service_waypoint(
@@ -245,11 +282,7 @@ def service_waypoint(
     if f"{svc.namespace}/{svc.name}" in index.waypoints:
         return None  # the waypoint's own Service
     what = f"Service {svc.namespace}/{svc.name}"
-    wp, _ = _target(index, what, svc.labels, svc.namespace, namespace_labels)
-    if wp is not None and not wp.serves(SERVICE):
-        index.warnings.append(f"{what}: waypoint {wp.key} does not serve service traffic")
-        return None
-    return wp
+    return bound_waypoint(index, SERVICE, what, svc.labels, svc.namespace, namespace_labels)
 
 
 def workload_waypoint(
@@ -259,12 +292,7 @@ def workload_waypoint(
     if pod.labels.get(GATEWAY_NAME_LABEL):
         return None  # a waypoint's own pod
     what = f"pod {pod.namespace}/{pod.name}"
-    wp, own = _target(index, what, pod.labels, pod.namespace, namespace_labels)
-    if wp is None or wp.serves(WORKLOAD):
-        return wp
-    if own:  # inherited from the namespace: a service waypoint, not an error
-        index.warnings.append(f"{what}: waypoint {wp.key} does not serve workload traffic")
-    return None
+    return bound_waypoint(index, WORKLOAD, what, pod.labels, pod.namespace, namespace_labels)
 
 
 def implicit_policy(wp: Waypoint, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> Authorization:

@@ -26,6 +26,7 @@ from ztunnel.errors import ConfigError
 from ztunnel.grpc.client import ChannelOptions, Target, connect
 from ztunnel.grpc.credentials import CredentialError, RootsFile, token_metadata
 from ztunnel.grpc.status import GrpcError, StatusCode
+from ztunnel.model.identity import DEFAULT_CLUSTER_ID
 from ztunnel.proto import xds_pb2
 from ztunnel.sources.xds_protocol import DeltaXds, XdsState, build_node
 
@@ -43,7 +44,7 @@ class XdsConfig:
     root_cert: Path | None = None  # XDS_ROOT_CA; None = the system roots
     alt_hostname: str | None = None  # ALT_XDS_HOSTNAME
     token_path: Path | None = None  # AUTH_TOKEN
-    cluster_id: str = "Kubernetes"
+    cluster_id: str = DEFAULT_CLUSTER_ID
     headers: tuple[tuple[str, str], ...] = ()  # XDS_HEADER_*
     options: ChannelOptions = field(default_factory=lambda: ChannelOptions(max_message=MAX_MESSAGE))
     initial_backoff: float = INITIAL_BACKOFF

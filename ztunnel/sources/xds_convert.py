@@ -32,7 +32,7 @@ from ztunnel.model.authorization import (
     ServiceAccountMatch,
     StringMatch,
 )
-from ztunnel.model.identity import DEFAULT_TRUST_DOMAIN
+from ztunnel.model.identity import DEFAULT_CLUSTER_ID, DEFAULT_TRUST_DOMAIN
 from ztunnel.model.workload import (
     HBONE_PORT,
     ApplicationTunnel,
@@ -60,7 +60,6 @@ from ztunnel.proto import workload_pb2 as wpb
 
 ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
 AUTHORIZATION_TYPE = "type.googleapis.com/istio.security.Authorization"
-DEFAULT_CLUSTER_ID = "Kubernetes"
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)

@@ -33,6 +33,7 @@ from pathlib import Path
 import structlog
 import trio
 
+from ztunnel.model.identity import DEFAULT_CLUSTER_ID
 from ztunnel.model.pod import PodSnapshot
 from ztunnel.proto import zds_pb2
 from ztunnel.sources.zds_protocol import (
@@ -122,7 +123,7 @@ class ZdsClient:
         self,
         path: str | os.PathLike[str] = DEFAULT_UDS,
         *,
-        cluster_id: str = "Kubernetes",
+        cluster_id: str = DEFAULT_CLUSTER_ID,
         node: str = "",
         report_starts: bool = False,
         start_timeout: float = START_TIMEOUT,

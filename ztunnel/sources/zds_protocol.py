@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from ztunnel.errors import ZtunnelError
+from ztunnel.model.identity import DEFAULT_CLUSTER_ID
 from ztunnel.model.pod import NetnsRef, Pod, PodSnapshot
 from ztunnel.proto import zds_pb2
 
@@ -62,7 +63,7 @@ class AddOutcome:
 
 @dataclass
 class ZdsState:
-    cluster_id: str = "Kubernetes"
+    cluster_id: str = DEFAULT_CLUSTER_ID
     node: str = ""
     pods: dict[str, HeldPod] = field(default_factory=dict)  # by cni uid
     version: int = 0  # bumps whenever the published pod set changes

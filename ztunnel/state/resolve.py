@@ -157,8 +157,9 @@ class InboundTarget:
 # --- helpers -----------------------------------------------------------------------------
 
 
-def _identities(workload: Workload, sans: Iterable[str]) -> tuple[Identity, ...]:
-    """Service SANs (invalid ones skipped, as ztunnel does) then the workload's identity."""
+def expected_identities(workload: Workload, sans: Iterable[str]) -> tuple[Identity, ...]:
+    """Who may answer for ``workload``: the Service's SANs (invalid ones skipped, as ztunnel
+    does) then the workload's own identity. The agent and the waypoint both verify with it."""
     found: list[Identity] = []
     for san in sans:
         try:
@@ -323,7 +324,7 @@ def _to_waypoint(
         service=service,
         address=SocketAddr(ip, wp.port),
         authority=target,
-        expected_identities=_identities(wp.workload, sans),
+        expected_identities=expected_identities(wp.workload, sans),
         waypoint=True,
     )
 
@@ -367,7 +368,7 @@ def _direct(
         return TcpUpstream(w, svc, SocketAddr(ip, port))
     sans = svc.subject_alt_names if svc else ()
     return HboneUpstream(
-        w, svc, SocketAddr(ip, hbone_port), SocketAddr(ip, port), _identities(w, sans)
+        w, svc, SocketAddr(ip, hbone_port), SocketAddr(ip, port), expected_identities(w, sans)
     )
 
 

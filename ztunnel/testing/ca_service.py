@@ -32,7 +32,8 @@ from ztunnel.identity.ca import ROOT_CERT, init_ca_dir
 from ztunnel.model.identity import Identity
 from ztunnel.sources.clusterfile.layout import NodeNet
 from ztunnel.sources.clusterfile.spec import ClusterSpec
-from ztunnel.testing.harness import PROJECT_ROOT, http_get
+from ztunnel.testing.harness import http_get
+from ztunnel.testing.process import LoggedProcess, project_pythonpath
 
 CA_IP = IPv4Address("10.244.0.2")
 CA_PORT = 15012
@@ -41,7 +42,7 @@ NODE_AGENT = ("istio-system", "ztunnel")  # the service account agents' tokens b
 
 
 @dataclass
-class CAService:
+class CAService(LoggedProcess):
     """A running ``ztunnel ca serve`` of one simulated cluster."""
 
     host: NodeNet
@@ -70,16 +71,6 @@ class CAService:
             "AUTH_TOKEN": str(self.tokens[node]),
         }
 
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
     def metrics(self) -> dict[str, float]:
         """Every sample of its /metrics: ``name{label="v"}`` (labels sorted) -> value."""
         status, body = http_get(self.host, METRICS_PORT, "/metrics", timeout=5.0)
@@ -100,14 +91,8 @@ class CAService:
     def issued(self) -> float:
         return self.metrics().get("ztunnel_ca_certificates_issued_total", 0.0)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def stop(self, timeout: float = 5.0) -> int:
+        return super().stop(timeout)  # the CA has nothing to drain: a shorter wait
 
 
 def placement(spec: ClusterSpec, trust_domain: str = "cluster.local") -> dict[str, list[str]]:
@@ -165,7 +150,7 @@ def start_ca_service(
         "--trust-domain", trust_domain,
     ]  # fmt: skip
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PROJECT_ROOT, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = project_pythonpath(env)
     env["PYTHONUNBUFFERED"] = "1"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(

@@ -28,53 +28,18 @@ from typing import Any, Protocol
 from ztunnel.cluster.net import ClusterNet
 from ztunnel.redirect.netns import NetNamespace, create_named, delete_named
 from ztunnel.sources.clusterfile.layout import GATEWAY, POD_CIDR, NodeNet
+from ztunnel.testing.process import LoggedProcess, project_pythonpath
 
-PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 READINESS_PORT = 15021
 ADMIN_PORT = 15000
 
 
 @dataclass
-class AgentProcess:
+class AgentProcess(LoggedProcess):
     node: NodeNet
     proc: subprocess.Popen[bytes]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        """The agent's JSON log records (non-JSON lines, e.g. tracebacks, are skipped)."""
-        out: list[dict[str, Any]] = []
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return out
-        for line in text.splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    out.append(record)
-        return out
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM (graceful drain), then SIGKILL if it does not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 class CAAccess(Protocol):
@@ -99,7 +64,7 @@ def agent_env(node: str, ca: AgentCA, extra: Mapping[str, str] | None = None) ->
         NODE_NAME=node,
         LOG_FORMAT="json",
         PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [PROJECT_ROOT, env.get("PYTHONPATH")])),
+        PYTHONPATH=project_pythonpath(env),
     )
     env.pop("PROXY_MODE", None)  # shared is the default; a stray dedicated setting would break it
     env.update(extra or {})

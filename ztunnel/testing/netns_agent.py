@@ -11,7 +11,6 @@ the netns from this process (a socket created there). Needs root.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import socket
@@ -26,8 +25,10 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from ztunnel.redirect.netns import NetNamespace, create_named, delete_named
+from ztunnel.testing import process
+from ztunnel.testing.process import LoggedProcess
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(process.PROJECT_ROOT)
 LOCALHOST_EXAMPLE = PROJECT_ROOT / "examples" / "localhost.yaml"
 
 
@@ -57,17 +58,13 @@ def scratch_netns(
 
 
 @dataclass
-class AgentProc:
+class AgentProc(LoggedProcess):
     proc: subprocess.Popen[bytes]
     log_path: Path
 
     @property
     def pid(self) -> int:
         return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
     def fds(self) -> int:
         try:
@@ -76,19 +73,10 @@ class AgentProc:
             return 0
 
     def records(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        with contextlib.suppress(OSError):
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-                    if isinstance(record, dict):
-                        out.append(record)
-        return out
+        return self.log_lines()
 
     def log_tail(self, n: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        return ""
+        return super().log_tail(n)
 
     def wait_logged(self, message: str, timeout: float = 20.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -100,16 +88,6 @@ class AgentProc:
                 break
             time.sleep(0.05)
         raise RuntimeError(f"no {message!r} in the agent's log:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def dedicated_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -126,7 +104,7 @@ def dedicated_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         FAKE_CA="true",
         LOG_FORMAT="json",
         PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")])),
+        PYTHONPATH=process.project_pythonpath(env),
     )
     env.update(extra or {})
     return env

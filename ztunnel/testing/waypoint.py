@@ -37,8 +37,8 @@ from ztunnel.sources.clusterfile.layout import PodNet
 from ztunnel.sources.clusterfile.spec import ClusterSpec, PodSpec
 from ztunnel.sources.waypoints import GATEWAY_NAME_LABEL, is_waypoint_gateway
 from ztunnel.testing.ca_service import CAService
+from ztunnel.testing.process import LoggedProcess, project_pythonpath
 
-_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 _CA_VARIABLES = ("CA_DIR", "FAKE_CA", "CA_ADDRESS", "CA_ROOT_CA", "AUTH_TOKEN", "XDS_ADDRESS")
 ADMIN_PORT = 15000
 STATS_PORT = 15020
@@ -56,38 +56,15 @@ def waypoint_pods(spec: ClusterSpec) -> list[PodSpec]:
 
 
 @dataclass
-class WaypointProcess:
+class WaypointProcess(LoggedProcess):
     pod: PodNet
     gateway: str
     proc: subprocess.Popen[bytes]
     log_path: Path
 
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return out
-        for line in text.splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    out.append(record)
-        return out
-
     def requests(self) -> list[dict[str, Any]]:
         """Its access log: one record per HTTP request."""
         return [r for r in self.log_lines() if r.get("message") == "request complete"]
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
 
     def get(self, port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return pod_http_get(self.pod, port, path, timeout=timeout)
@@ -98,16 +75,6 @@ class WaypointProcess:
             raise RuntimeError(f"waypoint config_dump: HTTP {status}")
         data: dict[str, Any] = json.loads(body)
         return data
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def pod_http_get(
@@ -173,7 +140,7 @@ def start_waypoint(
         GATEWAY_NAME=gateway,
         LOG_FORMAT="json",
         PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [_PROJECT_ROOT, env.get("PYTHONPATH")])),
+        PYTHONPATH=project_pythonpath(env),
     )
     env.update(extra_env or {})
     argv = [

@@ -15,8 +15,6 @@ import random
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from ztunnel.errors import InvalidIdentity
-from ztunnel.model.identity import Identity
 from ztunnel.model.workload import (
     HealthPolicy,
     HealthStatus,
@@ -24,19 +22,9 @@ from ztunnel.model.workload import (
     TunnelProtocol,
     Workload,
 )
+from ztunnel.state.resolve import expected_identities
 from ztunnel.state.store import StateStore
 from ztunnel.waypoint.upstream import Endpoint
-
-
-def _identities(workload: Workload, sans: Iterable[str]) -> tuple[Identity, ...]:
-    found: list[Identity] = []
-    for san in sans:
-        try:
-            found.append(Identity.parse(san))
-        except InvalidIdentity:
-            continue
-    found.append(workload.identity)
-    return tuple(dict.fromkeys(found))
 
 
 def workload_endpoint(workload: Workload, port: int, sans: Iterable[str] = ()) -> Endpoint | None:
@@ -46,7 +34,7 @@ def workload_endpoint(workload: Workload, port: int, sans: Iterable[str] = ()) -
         workload.uid,
         workload.workload_ips[0],
         port,
-        _identities(workload, sans),
+        expected_identities(workload, sans),
         hbone=workload.protocol is TunnelProtocol.HBONE,
     )
 

@@ -17,7 +17,6 @@ client stops its peer at the window, memory stays bounded.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +28,7 @@ import h2.settings
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import GoAwayFrame
 
+from ztunnel.h2wire import decode_headers, error_code
 from ztunnel.hbone.events import ErrorCode
 from ztunnel.waypoint.messages import Headers, RequestHead, ResponseHead, strip_hop_by_hop
 
@@ -151,15 +151,6 @@ class _H2Connection(h2.connection.H2Connection):
         event.last_stream_id = frame.last_stream_id
         event.additional_data = frame.additional_data or None
         return [], [event]
-
-
-def _decode(headers: Iterable[tuple[bytes | str, bytes | str]]) -> list[tuple[str, str]]:
-    out = []
-    for k, v in headers:
-        key = k.decode("latin-1") if isinstance(k, bytes) else k
-        value = v.decode("latin-1") if isinstance(v, bytes) else v
-        out.append((key, value))
-    return out
 
 
 def _split(headers: list[tuple[str, str]]) -> tuple[dict[str, str], Headers]:
@@ -340,8 +331,7 @@ class H2Protocol:
             h2_events = self._h2.receive_data(data)
         except (h2.exceptions.H2Error, HyperframeError) as exc:
             self.closed = True
-            code = int(getattr(exc, "error_code", None) or ErrorCode.PROTOCOL_ERROR)
-            return [ConnectionFailed(code, f"{type(exc).__name__}: {exc}")]
+            return [ConnectionFailed(error_code(exc), f"{type(exc).__name__}: {exc}")]
         out: list[Event] = []
         for ev in h2_events:
             handler = _HANDLERS.get(type(ev))
@@ -351,7 +341,7 @@ class H2Protocol:
 
     def _on_request(self, ev: Any, out: list[Event]) -> None:
         sid = int(ev.stream_id)
-        pseudo, headers = _split(_decode(ev.headers))
+        pseudo, headers = _split(decode_headers(ev.headers))
         method = pseudo.get(":method", "")
         authority = pseudo.get(":authority") or next((v for k, v in headers if k == "host"), "")
         if method == "CONNECT":
@@ -371,19 +361,19 @@ class H2Protocol:
         out.append(RequestReceived(sid, head, ev.stream_ended is not None))
 
     def _on_response(self, ev: Any, out: list[Event]) -> None:
-        pseudo, headers = _split(_decode(ev.headers))
+        pseudo, headers = _split(decode_headers(ev.headers))
         status = pseudo.get(":status", "")
         head = ResponseHead(int(status) if status.isdigit() else 502, headers)
         out.append(ResponseReceived(int(ev.stream_id), head, ev.stream_ended is not None))
 
     def _on_informational(self, ev: Any, out: list[Event]) -> None:
-        pseudo, headers = _split(_decode(ev.headers))
+        pseudo, headers = _split(decode_headers(ev.headers))
         status = pseudo.get(":status", "100")
         head = ResponseHead(int(status) if status.isdigit() else 100, headers)
         out.append(InformationalReceived(int(ev.stream_id), head))
 
     def _on_trailers(self, ev: Any, out: list[Event]) -> None:
-        _, headers = _split(_decode(ev.headers))
+        _, headers = _split(decode_headers(ev.headers))
         out.append(TrailersReceived(int(ev.stream_id), headers))
 
     def _on_data(self, ev: Any, out: list[Event]) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ztunnel.docfields import FieldReader
 from ztunnel.waypoint.errors import RouteConfigError
 from ztunnel.waypoint.routes import (
     DEFAULT_RETRY_ATTEMPTS,
@@ -64,32 +65,9 @@ def parse_duration(text: str) -> float:
     return sum(int(n) * _UNIT[u] for n, u in _DURATION_PART.findall(text))
 
 
-@dataclass(frozen=True, slots=True)
-class _Doc:
-    source: str
-
-    def fail(self, path: str, problem: str) -> RouteConfigError:
-        return RouteConfigError(self.source, path, problem)
-
-    def mapping(self, value: Any, path: str) -> Mapping[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise self.fail(path, f"expected a mapping, got {type(value).__name__}")
-        return value
-
-    def sequence(self, value: Any, path: str) -> list[Any]:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise self.fail(path, f"expected a list, got {type(value).__name__}")
-        return value
-
-    def known(self, value: Mapping[str, Any], path: str, keys: Iterable[str]) -> None:
-        allowed = frozenset(keys)
-        for key in value:
-            if key not in allowed:
-                raise self.fail(f"{path}.{key}", "unknown field")
+class _Doc(FieldReader):
+    __slots__ = ()
+    error = RouteConfigError
 
     def string(self, value: Any, path: str, *, required: bool = True) -> str:
         if value is None and not required:
@@ -151,7 +129,7 @@ def parse_route(doc: Mapping[str, Any], kind: RouteKind, where: _Doc) -> tuple[R
     created = str(meta.get("creationTimestamp") or "")
     where = _Doc(f"{where.source} ({kind.value} {namespace}/{name})")
     spec = where.mapping(doc.get("spec"), "spec")
-    where.known(spec, "spec", ("parentRefs", "hostnames", "rules"))
+    where.known_keys(spec, "spec", ("parentRefs", "hostnames", "rules"))
     warnings: list[str] = []
     parents = _parents(spec, namespace, where, warnings)
     hostnames = tuple(
@@ -174,7 +152,7 @@ def _parents(
     for i, raw in enumerate(where.sequence(spec.get("parentRefs"), "spec.parentRefs")):
         path = f"spec.parentRefs[{i}]"
         ref = where.mapping(raw, path)
-        where.known(ref, path, ("group", "kind", "name", "namespace", "port", "sectionName"))
+        where.known_keys(ref, path, ("group", "kind", "name", "namespace", "port", "sectionName"))
         kind = ref.get("kind", "Gateway")
         group = ref.get("group", "gateway.networking.k8s.io")
         name = where.string(ref.get("name"), f"{path}.name")
@@ -204,7 +182,7 @@ def _rule(
     keys = ["name", "matches", "filters", "backendRefs", "sessionPersistence"]
     if kind is RouteKind.HTTP:
         keys += ["timeouts", "retry"]
-    where.known(rule, path, keys)
+    where.known_keys(rule, path, keys)
     if rule.get("sessionPersistence"):
         warnings.append(f"{path}.sessionPersistence is not supported; ignored")
     parse_match = _http_match if kind is RouteKind.HTTP else _grpc_match
@@ -240,7 +218,7 @@ def _rule(
 
 def _path_match(raw: Any, path: str, where: _Doc) -> PathMatch:
     spec = where.mapping(raw, path)
-    where.known(spec, path, ("type", "value"))
+    where.known_keys(spec, path, ("type", "value"))
     kind_text = spec.get("type", "PathPrefix")
     value = spec.get("value", "/")
     if not isinstance(value, str) or not value:
@@ -265,7 +243,7 @@ def _value_matches(raw: Any, path: str, where: _Doc, *, header: bool) -> tuple[V
     for i, item in enumerate(where.sequence(raw, path)):
         at = f"{path}[{i}]"
         spec = where.mapping(item, at)
-        where.known(spec, at, ("type", "name", "value"))
+        where.known_keys(spec, at, ("type", "name", "value"))
         name = where.string(spec.get("name"), f"{at}.name")
         if header and not _HEADER_NAME.match(name):
             raise where.fail(f"{at}.name", f"{name!r} is not a valid header name")
@@ -286,7 +264,7 @@ def _value_matches(raw: Any, path: str, where: _Doc, *, header: bool) -> tuple[V
 
 def _http_match(raw: Any, path: str, where: _Doc) -> RouteMatch:
     spec = where.mapping(raw, path)
-    where.known(spec, path, ("path", "headers", "queryParams", "method"))
+    where.known_keys(spec, path, ("path", "headers", "queryParams", "method"))
     match_path = _path_match(spec.get("path"), f"{path}.path", where)
     method = spec.get("method")
     if method is not None and method not in _METHODS:
@@ -305,13 +283,13 @@ _GRPC_METHOD = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
 
 def _grpc_match(raw: Any, path: str, where: _Doc) -> RouteMatch:
     spec = where.mapping(raw, path)
-    where.known(spec, path, ("method", "headers"))
+    where.known_keys(spec, path, ("method", "headers"))
     headers = _value_matches(spec.get("headers"), f"{path}.headers", where, header=True)
     if spec.get("method") is None:
         return RouteMatch(None, None, headers)
     at = f"{path}.method"
     method = where.mapping(spec.get("method"), at)
-    where.known(method, at, ("type", "service", "method"))
+    where.known_keys(method, at, ("type", "service", "method"))
     kind = method.get("type", "Exact")
     svc = where.string(method.get("service"), f"{at}.service", required=False)
     name = where.string(method.get("method"), f"{at}.method", required=False)
@@ -339,7 +317,7 @@ def _grpc_match(raw: Any, path: str, where: _Doc) -> RouteMatch:
 
 def _header_modifier(raw: Any, path: str, where: _Doc) -> HeaderModifier:
     spec = where.mapping(raw, path)
-    where.known(spec, path, ("set", "add", "remove"))
+    where.known_keys(spec, path, ("set", "add", "remove"))
     lists: dict[str, tuple[tuple[str, str], ...]] = {}
     names: set[str] = set()
     for key in ("set", "add"):
@@ -347,7 +325,7 @@ def _header_modifier(raw: Any, path: str, where: _Doc) -> HeaderModifier:
         for i, item in enumerate(where.sequence(spec.get(key), f"{path}.{key}")):
             at = f"{path}.{key}[{i}]"
             entry = where.mapping(item, at)
-            where.known(entry, at, ("name", "value"))
+            where.known_keys(entry, at, ("name", "value"))
             name = where.string(entry.get("name"), f"{at}.name").lower()
             value = where.string(entry.get("value"), f"{at}.value")
             if not _HEADER_NAME.match(name):
@@ -373,7 +351,7 @@ def _path_modifier(raw: Any, path: str, where: _Doc) -> PathModifier | None:
     if raw is None:
         return None
     spec = where.mapping(raw, path)
-    where.known(spec, path, ("type", "replaceFullPath", "replacePrefixMatch"))
+    where.known_keys(spec, path, ("type", "replaceFullPath", "replacePrefixMatch"))
     kind = spec.get("type")
     if kind == "ReplaceFullPath":
         value = spec.get("replaceFullPath")
@@ -399,7 +377,7 @@ def _hostname(value: Any, path: str, where: _Doc) -> str | None:
 
 def _redirect(raw: Any, path: str, where: _Doc) -> Redirect:
     spec = where.mapping(raw, path)
-    where.known(spec, path, ("scheme", "hostname", "path", "port", "statusCode"))
+    where.known_keys(spec, path, ("scheme", "hostname", "path", "port", "statusCode"))
     scheme = spec.get("scheme")
     if scheme is not None and scheme not in ("http", "https"):
         raise where.fail(f"{path}.scheme", f"{scheme!r} is not http or https")
@@ -420,7 +398,7 @@ def _redirect(raw: Any, path: str, where: _Doc) -> Redirect:
 
 def _rewrite(raw: Any, path: str, where: _Doc) -> Rewrite:
     spec = where.mapping(raw, path)
-    where.known(spec, path, ("hostname", "path"))
+    where.known_keys(spec, path, ("hostname", "path"))
     return Rewrite(
         _hostname(spec.get("hostname"), f"{path}.hostname", where),
         _path_modifier(spec.get("path"), f"{path}.path", where),
@@ -454,7 +432,7 @@ def _filters(
         allowed = _GRPC_FILTERS if kind is RouteKind.GRPC else frozenset(_FILTER_FIELDS)
         if ftype not in allowed:
             raise where.fail(f"{at}.type", f"{ftype!r} is not a {kind.value} filter type")
-        where.known(spec, at, ("type", _FILTER_FIELDS[ftype]))
+        where.known_keys(spec, at, ("type", _FILTER_FIELDS[ftype]))
         if ftype in found:
             raise where.fail(f"{at}.type", f"{ftype} cannot be repeated")
         if ftype in _UNSUPPORTED_FILTERS:
@@ -501,7 +479,9 @@ def _backend(
     raw: Any, path: str, kind: RouteKind, namespace: str, where: _Doc, warnings: list[str]
 ) -> BackendRef | None:
     spec = where.mapping(raw, path)
-    where.known(spec, path, ("group", "kind", "name", "namespace", "port", "weight", "filters"))
+    where.known_keys(
+        spec, path, ("group", "kind", "name", "namespace", "port", "weight", "filters")
+    )
     name = where.string(spec.get("name"), f"{path}.name")
     weight = spec.get("weight", 1)
     weight = where.integer(weight, f"{path}.weight", 0, 1_000_000)
@@ -533,7 +513,7 @@ def _retry_and_timeouts(
     raw_retry = rule.get("retry")
     if raw_retry is not None:
         spec = where.mapping(raw_retry, f"{path}.retry")
-        where.known(spec, f"{path}.retry", ("codes", "attempts", "backoff"))
+        where.known_keys(spec, f"{path}.retry", ("codes", "attempts", "backoff"))
         codes = frozenset(
             where.integer(c, f"{path}.retry.codes[{i}]", 400, 599)
             for i, c in enumerate(where.sequence(spec.get("codes"), f"{path}.retry.codes"))
@@ -547,7 +527,7 @@ def _retry_and_timeouts(
         retry = RetryPolicy(attempts, DEFAULT_RETRY_ON, codes, backoff)
     timeout: float | None = None
     timeouts = where.mapping(rule.get("timeouts"), f"{path}.timeouts")
-    where.known(timeouts, f"{path}.timeouts", ("request", "backendRequest"))
+    where.known_keys(timeouts, f"{path}.timeouts", ("request", "backendRequest"))
     if timeouts.get("request") is not None:
         timeout = where.duration(timeouts["request"], f"{path}.timeouts.request") or None
     if timeouts.get("backendRequest") is not None:

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ztunnel.model.address import IPAddress, canonical_ip
+from ztunnel.model.identity import DEFAULT_CLUSTER_ID
 from ztunnel.model.pod import (
     REDIRECTION_ANNOTATION,
-    USE_WAYPOINT_LABEL,
     MeshState,
     NetnsRef,
     Pod,
@@ -52,17 +52,14 @@ from ztunnel.model.workload import (
     Workload,
     WorkloadType,
 )
+from ztunnel.sources import waypoints as wp
 
 JSON = Mapping[str, Any]
 
 REDIRECTION_ENABLED = "enabled"
-USE_WAYPOINT_NAMESPACE_LABEL = "istio.io/use-waypoint-namespace"
-WAYPOINT_FOR_LABEL = "istio.io/waypoint-for"
-GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 MANAGED_GATEWAY_LABEL = "gateway.istio.io/managed"
 MANAGED_BY_MESH = "istio.io-mesh-controller"
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
-TUNNEL_LABEL = "networking.istio.io/tunnel"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _CRONJOB_NAME = re.compile(r"^(.+)-\d{8,10}$")
 _CLOSE_SCOPES = ("Network", "Region", "Zone", "Subzone")
@@ -73,7 +70,7 @@ class Settings:
     """What the derivation needs besides the objects (the agent's configuration)."""
 
     node_name: str
-    cluster_id: str = "Kubernetes"
+    cluster_id: str = DEFAULT_CLUSTER_ID
     domain: str = "cluster.local"
     trust_domain: str = "cluster.local"
     network: str = ""
@@ -269,39 +266,22 @@ def canonical_service(pod_labels: Mapping[str, str], workload_name: str) -> tupl
 # --- waypoints ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Waypoint:
-    address: GatewayAddress
-    traffic_type: str  # service, workload, all or none
-    namespace: str
-    allowed_from: str  # Same, All or Selector
-    selector: Mapping[str, str]
-
-    def serves(self, traffic: str) -> bool:
-        return self.traffic_type in (traffic, "all")
-
-    def admits(self, namespace: str, namespace_labels: Mapping[str, str]) -> bool:
-        if self.allowed_from == "All":
-            return True
-        if self.allowed_from == "Selector":
-            return all(namespace_labels.get(k) == v for k, v in self.selector.items())
-        return namespace == self.namespace
-
-
-def waypoints(gateways: Mapping[str, JSON], network: str = "") -> dict[str, Waypoint]:
-    """Ready Gateways (``status.addresses`` set) by ``namespace/name``."""
-    out = {}
+def waypoints(gateways: Mapping[str, JSON], network: str = "") -> wp.WaypointIndex:
+    """Ready Gateways (``status.addresses`` set) by ``namespace/name``; binding them to
+    services and pods is ``sources.waypoints``' (the same rules as the cluster file)."""
+    out = wp.WaypointIndex()
     for key, gw in gateways.items():
         address = _gateway_address(gw, network)
         if address is None:
             continue
-        route = _hbone_allowed_routes(gw)
-        out[key] = Waypoint(
-            address=address,
-            traffic_type=labels_of(gw).get(WAYPOINT_FOR_LABEL, "service"),
+        route = wp.hbone_allowed_namespaces(_spec(gw))
+        out.waypoints[key] = wp.Waypoint(
             namespace=_namespace(gw),
-            allowed_from=str(route.get("from") or "Same"),
-            selector=_strs(_map(route.get("selector")).get("matchLabels")),
+            name=_name(gw),
+            address=address,
+            traffic_type=labels_of(gw).get(wp.WAYPOINT_FOR_LABEL, wp.SERVICE),
+            allowed_from=str(route.get("from") or wp.SAME_NAMESPACE),
+            selector=tuple(sorted(_strs(_map(route.get("selector")).get("matchLabels")).items())),
         )
     return out
 
@@ -320,44 +300,16 @@ def _gateway_address(gw: JSON, network: str) -> GatewayAddress | None:
     return None
 
 
-def _hbone_allowed_routes(gw: JSON) -> JSON:
-    for listener in _list(_spec(gw).get("listeners")):
-        lst = _map(listener)
-        if lst.get("protocol") == "HBONE" and lst.get("port") == 15008:
-            return _map(_map(lst.get("allowedRoutes")).get("namespaces"))
-    return {}
-
-
-def _use_waypoint(obj_labels: Mapping[str, str], default_ns: str) -> tuple[str | None, bool]:
-    """(gateway key or None, opted out with ``none``)."""
-    value = obj_labels.get(USE_WAYPOINT_LABEL)
-    if value is None:
-        return None, False
-    if value == "none":
-        return None, True
-    return f"{obj_labels.get(USE_WAYPOINT_NAMESPACE_LABEL, default_ns)}/{value}", False
-
-
 def waypoint_for(
-    obj: JSON,
-    namespace: JSON | None,
-    traffic: str,
-    known: Mapping[str, Waypoint],
+    obj: JSON, namespace: JSON | None, kind: str, known: wp.WaypointIndex
 ) -> GatewayAddress | None:
-    """The waypoint the object's own label, else its namespace's, names (istiod's
-    fetchWaypointForTarget plus the traffic-type check)."""
-    own_ns = _namespace(obj)
-    key, opted_out = _use_waypoint(labels_of(obj), own_ns)
-    if opted_out:
-        return None
-    if key is None and namespace is not None:
-        key, _ = _use_waypoint(labels_of(namespace), own_ns)
-    wp = known.get(key) if key else None
-    if wp is None or not wp.serves(traffic):
-        return None
-    if not wp.admits(own_ns, labels_of(namespace) if namespace else {}):
-        return None
-    return wp.address
+    """The address of the waypoint ``obj`` (a Service or pod, ``kind`` SERVICE or WORKLOAD)
+    binds to, by its own ``use-waypoint`` label else its namespace's."""
+    ns = _namespace(obj)
+    what = f"{obj.get('kind') or kind} {ns}/{_name(obj)}"
+    ns_labels = labels_of(namespace) if namespace is not None else {}
+    found = wp.bound_waypoint(known, kind, what, labels_of(obj), ns, ns_labels)
+    return found.address if found is not None else None
 
 
 # --- services -----------------------------------------------------------------------------
@@ -376,7 +328,7 @@ def service_hostname(name: str, namespace: str, domain: str) -> str:
 
 
 def _service_info(
-    svc: JSON, namespace: JSON | None, settings: Settings, known: Mapping[str, Waypoint]
+    svc: JSON, namespace: JSON | None, settings: Settings, known: wp.WaypointIndex
 ) -> _ServiceInfo:
     spec = _spec(svc)
     ports: dict[int, int] = {}
@@ -406,7 +358,7 @@ def _service_info(
         hostname=service_hostname(_name(svc), _namespace(svc), settings.domain),
         vips=vips,
         ports=ports,
-        waypoint=None if is_waypoint else waypoint_for(svc, namespace, "service", known),
+        waypoint=None if is_waypoint else waypoint_for(svc, namespace, wp.SERVICE, known),
         load_balancer=_load_balancer(spec, is_waypoint),
     )
     return _ServiceInfo(service, _strs(spec.get("selector")), target_names, port_names)
@@ -521,7 +473,7 @@ def _pod_workload(
     infos: Mapping[str, _ServiceInfo],
     candidates: Sequence[_ServiceInfo],
     slices: Sequence[tuple[str, JSON]],
-    known: Mapping[str, Waypoint],
+    known: wp.WaypointIndex,
 ) -> Workload | None:
     phase, ips = pod_phase(pod), pod_ips(pod)
     if phase in (PodPhase.SUCCEEDED, PodPhase.FAILED) or not ips:
@@ -537,11 +489,11 @@ def _pod_workload(
         if by_slice and not by_slice.selector and by_slice.service.key not in services:
             services[by_slice.service.key] = _slice_ports(by_slice, es)
     ready = pod_ready(pod) and not _meta(pod).get("deletionTimestamp")
-    native = pod_lbls.get(TUNNEL_LABEL) == "http"
+    native = pod_lbls.get(wp.TUNNEL_LABEL) == "http"
     hbone = native or pod_ann.get(REDIRECTION_ANNOTATION) == REDIRECTION_ENABLED
     wl_name, wl_type = workload_name_and_type(pod)
     canonical, revision = canonical_service(pod_lbls, wl_name)
-    is_waypoint = GATEWAY_NAME_LABEL in pod_lbls
+    is_waypoint = wp.GATEWAY_NAME_LABEL in pod_lbls
     return Workload(
         uid=workload_uid(settings.cluster_id, ns_name, _name(pod)),
         name=_name(pod),
@@ -555,7 +507,7 @@ def _pod_workload(
         if _spec(pod).get("hostNetwork") is True
         else NetworkMode.STANDARD,
         node=str(_spec(pod).get("nodeName") or ""),
-        waypoint=None if is_waypoint else waypoint_for(pod, namespace, "workload", known),
+        waypoint=None if is_waypoint else waypoint_for(pod, namespace, wp.WORKLOAD, known),
         native_tunnel=native,
         status=HealthStatus.HEALTHY if ready else HealthStatus.UNHEALTHY,
         cluster_id=settings.cluster_id,
