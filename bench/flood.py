@@ -321,10 +321,13 @@ def flood_main(args: argparse.Namespace) -> int:
         others = Others((f"{base}.1", 15080), (f"{base}.2", APP_PORT), f"{base}.1", args.rate)
         threads = others.run()
         time.sleep(args.warmup)
-        before = common.proc_sample(b_pid)
+        a_pid = procs.agents["A"].pid
+        before, a_before = common.proc_sample(b_pid), common.proc_sample(a_pid)
+        children_before = os.times()
         t_start = time.perf_counter()
         flooder = subprocess.run(
             [
+                *(["nice", "-n", str(args.nice)] if args.nice else []),
                 PY,
                 __file__,
                 "flooder",
@@ -348,7 +351,8 @@ def flood_main(args: argparse.Namespace) -> int:
             check=False,
         )
         t_end = time.perf_counter()
-        after = common.proc_sample(b_pid)
+        after, a_after = common.proc_sample(b_pid), common.proc_sample(a_pid)
+        children_after = os.times()
         time.sleep(args.warmup)
         others.stop(threads)
         peak_rss = after.rss_kib
@@ -377,12 +381,19 @@ def flood_main(args: argparse.Namespace) -> int:
         print(f"  closed by the server: {sum(o.closed_by_server for o in outcomes)}")
     if flooder.returncode or flooder.stderr.strip():
         print(f"  flooder exit {flooder.returncode}: {flooder.stderr.strip()[-500:]}")
+    wall = t_end - t_start
     cpu = after.cpu_s - before.cpu_s
+    a_cpu = a_after.cpu_s - a_before.cpu_s
+    flooder_cpu = (children_after.children_user + children_after.children_system) - (
+        children_before.children_user + children_before.children_system
+    )
     print()
     print(
-        f"agent B: {cpu:.1f} CPU-s during the flood ({cpu / (t_end - t_start):.2f} vCPU),"
-        f" RSS {before.rss_kib / 1024:.0f} -> {peak_rss / 1024:.0f} MiB"
+        f"CPU during the flood: agent B {cpu:.1f} s ({cpu / wall:.2f} vCPU), agent A"
+        f" {a_cpu:.1f} s, flooder {flooder_cpu:.1f} s (nice {args.nice}) in {wall:.1f} s;"
+        f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
+    print(f"agent B RSS {before.rss_kib / 1024:.0f} -> {peak_rss / 1024:.0f} MiB")
     return 0
 
 
@@ -417,7 +428,24 @@ def burst_main(args: argparse.Namespace) -> int:
                     f"    +{wait:3g} s after close RSS {s.rss_kib / 1024:7.1f} MiB"
                     f" (+{(s.rss_kib - base_sample.rss_kib) / 1024:.1f})  fds {open_fds(pid)}"
                 )
+            if args.gdb_trim:
+                gdb_malloc_trim(pid)
+                s = common.proc_sample(pid)
+                print(
+                    f"    after malloc_trim(0) by gdb RSS {s.rss_kib / 1024:7.1f} MiB"
+                    f" (+{(s.rss_kib - base_sample.rss_kib) / 1024:.1f})"
+                )
     return 0
+
+
+def gdb_malloc_trim(pid: int) -> None:
+    """What glibc would give back: call malloc_trim(0) inside the agent (a diagnosis)."""
+    subprocess.run(
+        ["gdb", "-p", str(pid), "-batch", "-ex", "call (int) malloc_trim(0)"],
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
 
 
 def run_burst(
@@ -499,6 +527,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     f.add_argument("--connections", type=int, default=1, help="flooder connections at once")
     f.add_argument("--no-reconnect", action="store_true")
     f.add_argument("--max-units", type=int, help="stop each connection after this many units")
+    f.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run the flooder at this nice level: its own CPU then does not compete with"
+        " the agents (on a real node the attacker's CPU is elsewhere)",
+    )
     f.add_argument("--base")
     b = sub.add_parser("burst", help="many connections and streams, then RSS after close")
     b.add_argument("--connections", type=int, default=500)
@@ -509,6 +544,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=lambda v: [float(x) for x in v.split(",")],
         default=[1.0, 5.0, 10.0],
         help="seconds after the close at which B is sampled (default 1,5,10)",
+    )
+    b.add_argument(
+        "--gdb-trim",
+        action="store_true",
+        help="diagnosis: after the samples, call malloc_trim(0) in agent B with gdb",
     )
     b.add_argument("--base")
     fl = sub.add_parser("flooder", help="(internal) the attacking process")
