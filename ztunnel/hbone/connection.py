@@ -560,7 +560,7 @@ class HboneServerConnection(_Connection):
             # unwinding; the advertised limit applies to the work we do, too.
             self._refuse(request, Limit.CONCURRENT_STREAMS, "stream limit reached")
             return
-        if self.engine.unanswered_streams > self.settings.max_pending_connects:
+        if self.engine.unanswered_before(request.stream_id) >= self.settings.max_pending_connects:
             self._refuse(request, Limit.PENDING_CONNECTS, "pending-connect limit reached")
             return
         stream = HboneServerStream(self, request.stream_id)

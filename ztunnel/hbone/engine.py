@@ -381,9 +381,13 @@ class HboneEngine:
         return int(self._h2.local_settings.max_concurrent_streams)
 
     def send_window(self, stream_id: int) -> int:
-        """Bytes ``send_data`` would accept now (0 if the stream cannot send)."""
+        """Bytes ``send_data`` would accept now (0 if the stream cannot send).
+
+        Never negative: a peer that lowers SETTINGS_INITIAL_WINDOW_SIZE after we sent
+        makes h2's window negative (RFC 9113 §6.9.2); that means "wait for
+        WINDOW_UPDATE", and a negative count would make callers step backwards."""
         try:
-            return int(self._h2.local_flow_control_window(stream_id))
+            return max(0, int(self._h2.local_flow_control_window(stream_id)))
         except h2.exceptions.H2Error:
             return 0
 
@@ -430,8 +434,8 @@ class HboneEngine:
         if state is None or not state.can_send or self.closed:
             self._sendable(stream_id)  # raises the precise StreamClosedError
         with self._stream_op(stream_id):
-            window = self._h2.local_flow_control_window(stream_id)
-            total = min(len(data), window)
+            # max(0, ...): a window the peer's SETTINGS made negative takes nothing.
+            total = min(len(data), max(0, int(self._h2.local_flow_control_window(stream_id))))
             frame = self._h2.max_outbound_frame_size
             view = memoryview(data)
             for start in range(0, total, frame):
@@ -467,6 +471,12 @@ class HboneEngine:
     def unanswered_streams(self) -> int:
         """Server: CONNECT streams surfaced to the driver and not answered yet."""
         return len(self._unanswered)
+
+    def unanswered_before(self, stream_id: int) -> int:
+        """Unanswered CONNECT streams older than ``stream_id``. One read can surface many
+        CONNECTs at once; a limit judged with this count refuses the newest of them,
+        never the ones that came first."""
+        return sum(1 for sid in self._unanswered if sid < stream_id)
 
     def _charge(self, limit: str) -> ConnectionClosed | None:
         """Charge a budget outside h2's receive loop; a ConnectionClosed when it ran out."""
