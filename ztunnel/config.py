@@ -291,6 +291,12 @@ class Config:
         600.0,
         "an inbound HBONE connection without streams is closed after this (0: never)",
     )
+    hbone_max_pending_connects: int = _env_field(
+        "HBONE_MAX_PENDING_CONNECTS",
+        lambda v, n: parse_int(v, n, 1),
+        100,
+        "CONNECTs one inbound HBONE connection may have unanswered; more are refused",
+    )
     log_format: str = _env_field("LOG_FORMAT", _log_format, "plain", "plain or json")
     log_level: str = _env_field("RUST_LOG", _str, "info", "log filter, e.g. info or access=debug")
     socks5_enabled: bool = _env_field(

@@ -110,6 +110,7 @@ class HboneSettings:
             pool_max_streams=config.pool_max_streams_per_connection,
             pool_idle_timeout=config.pool_unused_release_timeout,
             idle_timeout=config.hbone_idle_timeout or None,
+            max_pending_connects=config.hbone_max_pending_connects,
         )
 
 
@@ -121,6 +122,7 @@ _SETTING_NAMES = {
     "pool_max_streams": "POOL_MAX_STREAMS_PER_CONNECTION",
     "pool_idle_timeout": "POOL_UNUSED_RELEASE_TIMEOUT",
     "idle_timeout": "HBONE_IDLE_TIMEOUT",
+    "max_pending_connects": "HBONE_MAX_PENDING_CONNECTS",
 }
 
 
