@@ -428,6 +428,8 @@ def burst_main(args: argparse.Namespace) -> int:
                     f"    +{wait:3g} s after close RSS {s.rss_kib / 1024:7.1f} MiB"
                     f" (+{(s.rss_kib - base_sample.rss_kib) / 1024:.1f})  fds {open_fds(pid)}"
                 )
+            if args.memory_report:
+                print_memory_report(workdir / "agent-B.log")
             if args.gdb_trim:
                 gdb_malloc_trim(pid)
                 s = common.proc_sample(pid)
@@ -436,6 +438,22 @@ def burst_main(args: argparse.Namespace) -> int:
                     f" (+{(s.rss_kib - base_sample.rss_kib) / 1024:.1f})"
                 )
     return 0
+
+
+def print_memory_report(log: Path) -> None:
+    """Agent B's /debug/memory (top allocation sites when PYTHONTRACEMALLOC is set)."""
+    import urllib.request
+
+    admin = next(
+        json.loads(line)["admin"]
+        for line in log.read_text().splitlines()
+        if line.startswith("{") and "agent ready" in line
+    )
+    with urllib.request.urlopen(f"http://{admin}/debug/memory", timeout=60) as resp:
+        report = json.load(resp)
+    print(f"    gc objects {report['gcObjects']}")
+    for site in report.get("topAllocations", [])[:15]:
+        print(f"    {site['sizeBytes'] / 1024:9.0f} KiB {site['count']:7d}  {site['where']}")
 
 
 def gdb_malloc_trim(pid: int) -> None:
@@ -549,6 +567,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--gdb-trim",
         action="store_true",
         help="diagnosis: after the samples, call malloc_trim(0) in agent B with gdb",
+    )
+    b.add_argument(
+        "--memory-report",
+        action="store_true",
+        help="diagnosis: print agent B's /debug/memory after the samples (run with"
+        " PYTHONTRACEMALLOC=1 for the top allocation sites)",
     )
     b.add_argument("--base")
     fl = sub.add_parser("flooder", help="(internal) the attacking process")
