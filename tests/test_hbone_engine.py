@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 
 import h2.config
 import h2.connection
@@ -40,9 +42,13 @@ MIB = 1024 * 1024
 class Pair:
     """Moves bytes between a client and a server engine until both are quiet."""
 
-    def __init__(self, server_settings: HboneSettings | None = None) -> None:
-        self.client = HboneEngine(client=True)
-        self.server = HboneEngine(client=False, settings=server_settings)
+    def __init__(
+        self,
+        server_settings: HboneSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = HboneEngine(client=True, clock=clock)
+        self.server = HboneEngine(client=False, settings=server_settings, clock=clock)
         self.client_events: list[Event] = []
         self.server_events: list[Event] = []
         self.pump()

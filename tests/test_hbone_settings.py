@@ -128,3 +128,13 @@ def test_ztunnel_run_refuses_it_at_startup() -> None:
         "ztunnel: configuration error: HTTP2_FRAME_SIZE: must be an integer in "
         "16384..16777215, got 16777216"
     ]
+
+
+def test_limits_from_the_environment() -> None:
+    config = Config.from_sources({"HBONE_IDLE_TIMEOUT": "90s", "HBONE_MAX_PENDING_CONNECTS": "7"})
+    s = HboneSettings.from_config(config)
+    assert (s.idle_timeout, s.max_pending_connects) == (90.0, 7)
+    never = HboneSettings.from_config(Config.from_sources({"HBONE_IDLE_TIMEOUT": "0"}))
+    assert never.idle_timeout is None
+    with pytest.raises(ConfigError, match="HBONE_MAX_PENDING_CONNECTS"):
+        Config.from_sources({"HBONE_MAX_PENDING_CONNECTS": "0"})

@@ -118,6 +118,8 @@ def parse_int(value: str, name: str, minimum: int = 0) -> int:
 
 
 DEFAULT_DRAIN_DEADLINE = 5.0
+# 128 (Python's and the kernel's old default) overflowed under a burst of 1,000 handshakes.
+DEFAULT_LISTEN_BACKLOG = 1024
 # ztunnel's defaults (relative: ztunnel runs in / of its container).
 DEFAULT_ROOT_CA = "./var/run/secrets/istio/root-cert.pem"
 DEFAULT_AUTH_TOKEN = "./var/run/secrets/tokens/istio-token"
@@ -283,6 +285,18 @@ class Config:
         1024 * 1024,
         "HTTP/2 SETTINGS_MAX_FRAME_SIZE (bytes)",
     )
+    hbone_idle_timeout: float = _env_field(
+        "HBONE_IDLE_TIMEOUT",
+        parse_duration,
+        600.0,
+        "an inbound HBONE connection without streams is closed after this (0: never)",
+    )
+    hbone_max_pending_connects: int = _env_field(
+        "HBONE_MAX_PENDING_CONNECTS",
+        lambda v, n: parse_int(v, n, 1),
+        100,
+        "CONNECTs one inbound HBONE connection may have unanswered; more are refused",
+    )
     log_format: str = _env_field("LOG_FORMAT", _log_format, "plain", "plain or json")
     log_level: str = _env_field("RUST_LOG", _str, "info", "log filter, e.g. info or access=debug")
     socks5_enabled: bool = _env_field(
@@ -290,6 +304,12 @@ class Config:
     )
     packet_mark: int = _env_field(
         "PACKET_MARK", lambda v, n: parse_int(v, n, 0), 0x539, "SO_MARK of every agent socket"
+    )
+    listen_backlog: int = _env_field(
+        "ZTUNNEL_LISTEN_BACKLOG",
+        lambda v, n: parse_int(v, n, 1),
+        DEFAULT_LISTEN_BACKLOG,
+        "listen() backlog of the proxy listeners (the kernel caps it at net.core.somaxconn)",
     )
     enable_orig_src: bool | None = _env_field(
         "ENABLE_ORIG_SRC",

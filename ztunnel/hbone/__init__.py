@@ -16,6 +16,7 @@ from ztunnel.hbone.errors import (
     HboneStatusError,
     StreamClosedError,
     TLSHandshakeError,
+    TLSHandshakeTimeout,
 )
 from ztunnel.hbone.events import ConnectRequest, ErrorCode
 from ztunnel.hbone.pool import HbonePool, PoolKey
@@ -43,6 +44,7 @@ __all__ = [
     "StreamHost",
     "StreamState",
     "TLSHandshakeError",
+    "TLSHandshakeTimeout",
     "TLSStream",
     "parse_authority",
     "serve_hbone",

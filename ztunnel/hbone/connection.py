@@ -15,6 +15,15 @@ Theory of operation: three tasks per connection, in a nursery owned by ``run``:
 * the **keepalive** sends a PING every ``ping_interval`` and drops the
   connection if no ack arrives within ``ping_timeout`` (ztunnel: 10 s / 20 s).
 
+Fairness and limits (docs/reliability.md): the reader hands the engine at most
+``frames_per_turn`` frames at a time and lets every other task run between such
+turns, so one peer's flood of small frames cannot hold the event loop. A peer
+that goes over a budget (engine, ``limits.py``) gets GOAWAY(ENHANCE_YOUR_CALM);
+a server refuses CONNECTs past its handler and pending-connect limits and closes
+connections idle for ``idle_timeout``. Each limit hit is reported to
+``on_limit(name)`` (the agent counts them in ``ztunnel_limit_hits_total``) and
+logged once per connection, never per frame.
+
 The connection talks to its streams only through ``StreamEvents`` (and they to
 it through ``StreamHost``); every size and timer comes from one ``HboneSettings``.
 Graceful drain is GOAWAY, wait for open streams, then close; a deadline bounds
@@ -47,6 +56,7 @@ from ztunnel.hbone.events import (
     StreamReset,
     WindowOpened,
 )
+from ztunnel.hbone.limits import Limit
 from ztunnel.hbone.settings import HboneSettings
 from ztunnel.hbone.stream import HboneServerStream, HboneStream, StreamEvents
 from ztunnel.hbone.tlsstream import TLSStream
@@ -55,15 +65,17 @@ log = structlog.get_logger("ztunnel.hbone")
 
 RECEIVE_SIZE = 256 * 1024
 CLOSE_FLUSH_TIMEOUT = 1.0
-# Bytes of replies to the peer's own frames (PING/SETTINGS ACKs, RST_STREAMs, 400s)
-# allowed to pile up unsent while the peer does not read. Past this we drop the
-# connection rather than make the reader wait for the writer: a reader blocked on
-# writing deadlocks with peers that write before they read. DATA is not counted;
-# flow control and each sender waiting for its flush already bound it.
-MAX_UNSENT_REPLIES = 1024 * 1024
+# Replies to the peer's own frames (PING/SETTINGS ACKs, RST_STREAMs, 400s) may pile
+# up unsent while the peer does not read, up to ``settings.max_unsent_bytes``. Past
+# that we drop the connection rather than make the reader wait for the writer: a
+# reader blocked on writing deadlocks with peers that write before they read. DATA
+# is not counted; flow control and each sender waiting for its flush already bound it.
 # Larger output goes through the writer task as before: bulk transfers measured
 # slower (and bimodal) when the relay task wrote 256 KiB itself.
 DIRECT_WRITE_MAX = 64 * 1024
+
+
+OnLimit = Callable[[str], object]
 
 
 class _Connection:
@@ -71,9 +83,13 @@ class _Connection:
 
     _started_after_settings = False
 
-    def __init__(self, tls: trio.abc.Stream, engine: HboneEngine) -> None:
+    def __init__(
+        self, tls: trio.abc.Stream, engine: HboneEngine, on_limit: OnLimit | None = None
+    ) -> None:
         self.engine = engine
         self.settings = engine.settings
+        self._on_limit = on_limit
+        self._limits_logged: set[str] = set()
         self._tls = tls
         self._direct = tls if isinstance(tls, TLSStream) else None
         self._deferring = False  # the reader is dispatching: kick() leaves the flush to it
@@ -182,6 +198,7 @@ class _Connection:
                 nursery.start_soon(self._writer)
                 if self.settings.ping_interval:
                     nursery.start_soon(self._keepalive)
+                self._start_role_tasks(nursery)
                 self.kick()  # preface and SETTINGS
                 if self._started_after_settings:
                     await self._ready.wait()
@@ -239,6 +256,15 @@ class _Connection:
     def _on_idle(self) -> None:
         """Hook: the last open stream finished."""
 
+    def _limit_hit(self, limit: str, message: str, **fields: object) -> None:
+        """Count every hit; log the first of each limit on this connection (a flood must
+        not become a log flood)."""
+        if self._on_limit is not None:
+            self._on_limit(limit)
+        if limit not in self._limits_logged:
+            self._limits_logged.add(limit)
+            log.warning(message, limit=limit, **fields)
+
     # -- tasks ----------------------------------------------------------------------
 
     async def _writer(self) -> None:
@@ -259,7 +285,14 @@ class _Connection:
                 self._stalled = False
             self._mark_written(seq)
 
+    def _start_role_tasks(self, nursery: trio.Nursery) -> None:
+        """Hook: role-specific tasks in the connection's nursery."""
+
+    def _after_turn(self) -> None:
+        """Hook: the events of one reader turn were dispatched."""
+
     async def _reader(self) -> None:
+        turn = self.settings.frames_per_turn
         while True:
             try:
                 data = await self._tls.receive_some(RECEIVE_SIZE)
@@ -269,19 +302,37 @@ class _Connection:
             if not data:
                 self.abort("peer closed the connection")
                 return
-            before = self.engine.pending_output
-            self._deferring = True  # one flush for the whole read, after the backlog check
-            try:
-                for event in self.engine.receive_data(bytes(data)):
-                    self._dispatch(event)
-            finally:
-                self._deferring = False
-            self._reply_backlog += self.engine.pending_output - before
-            if self._reply_backlog > MAX_UNSENT_REPLIES:
-                log.info("peer not reading, dropping connection", unsent_bytes=self._reply_backlog)
-                self.abort("peer not reading")
+            if not self._take_turn(data, turn):
                 return
-            self.kick()
+            while self.engine.input_pending:
+                # Fairness: a read full of small frames (a flood) is handled a turn at a
+                # time, and every other task of the agent runs once between turns.
+                await trio.lowlevel.checkpoint()
+                if not self._take_turn(b"", turn):
+                    return
+
+    def _take_turn(self, data: bytes | bytearray, max_frames: int) -> bool:
+        """Feed the engine up to ``max_frames`` frames, dispatch, flush; False once the
+        connection was dropped for not reading."""
+        before = self.engine.pending_output
+        self._deferring = True  # one flush per turn, after the backlog check
+        try:
+            for event in self.engine.receive_data(data, max_frames):
+                self._dispatch(event)
+        finally:
+            self._deferring = False
+        self._after_turn()
+        self._reply_backlog += self.engine.pending_output - before
+        if self._reply_backlog > self.settings.max_unsent_bytes:
+            self._limit_hit(
+                Limit.UNSENT_BYTES,
+                "peer not reading, dropping connection",
+                unsent_bytes=self._reply_backlog,
+            )
+            self.abort("peer not reading")
+            return False
+        self.kick()
+        return True
 
     async def _keepalive(self) -> None:
         interval, timeout = self.settings.ping_interval, self.settings.ping_timeout
@@ -322,8 +373,14 @@ class _Connection:
         elif isinstance(event, GoAwayReceived):
             self._on_goaway(event)
         elif isinstance(event, ConnectionClosed):
-            log.info("peer protocol error, closing connection", reason=event.reason)
-            self.close(event.error_code, f"protocol error: {event.reason}")
+            if event.limit is not None:
+                self._limit_hit(
+                    event.limit, "peer exceeded a limit, closing connection", reason=event.reason
+                )
+                self.close(event.error_code, f"limit exceeded: {event.reason}")
+            else:
+                log.info("peer protocol error, closing connection", reason=event.reason)
+                self.close(event.error_code, f"protocol error: {event.reason}")
         else:
             self._dispatch_role(event)
 
@@ -357,10 +414,17 @@ class HboneClientConnection(_Connection):
 
     _started_after_settings = True  # the pool needs the peer's MAX_CONCURRENT_STREAMS
 
-    def __init__(self, tls: trio.abc.Stream, *, settings: HboneSettings | None = None) -> None:
+    def __init__(
+        self,
+        tls: trio.abc.Stream,
+        *,
+        settings: HboneSettings | None = None,
+        on_limit: OnLimit | None = None,
+    ) -> None:
         """``settings.connect_response_timeout`` bounds the wait for the CONNECT's answer
         (ztunnel's 10 s connect timeout): a peer that answers PINGs but not the CONNECT."""
-        super().__init__(tls, HboneEngine(client=True, settings=settings))
+        engine = HboneEngine(client=True, settings=settings, clock=trio.current_time)
+        super().__init__(tls, engine, on_limit)
         self.opened_streams = 0
 
     @property
@@ -419,12 +483,41 @@ class HboneServerConnection(_Connection):
     """Server end: runs ``handler`` per CONNECT stream in the connection's nursery."""
 
     def __init__(
-        self, tls: trio.abc.Stream, handler: Handler, *, settings: HboneSettings | None = None
+        self,
+        tls: trio.abc.Stream,
+        handler: Handler,
+        *,
+        settings: HboneSettings | None = None,
+        on_limit: OnLimit | None = None,
     ) -> None:
-        super().__init__(tls, HboneEngine(client=False, settings=settings))
+        engine = HboneEngine(client=False, settings=settings, clock=trio.current_time)
+        super().__init__(tls, engine, on_limit)
         self._handler = handler
         self._handlers = 0  # running handler tasks, including those of reset streams
+        self._last_active = 0.0  # trio time of the last stream or handler activity
+        # Handlers of the previous turn and of this one, started after the next turn:
+        # a CONNECT whose RST_STREAM lands in the next turn never starts its setup.
+        self._deferred: list[tuple[ConnectRequest, HboneServerStream]] = []
+        self._deferring_handlers: list[tuple[ConnectRequest, HboneServerStream]] = []
         self.draining = False
+
+    def _start_role_tasks(self, nursery: trio.Nursery) -> None:
+        self._last_active = trio.current_time()
+        if self.settings.idle_timeout is not None:
+            nursery.start_soon(self._idle_timeout, self.settings.idle_timeout)
+
+    async def _idle_timeout(self, idle: float) -> None:
+        """Close (GOAWAY) once no stream or handler was active for ``idle`` s: an
+        authenticated peer must not park connections (fds, TLS state) forever."""
+        while True:
+            await trio.sleep_until(self._last_active + idle)
+            if self._streams or self._handlers:
+                self._last_active = trio.current_time()  # busy: look again a timeout later
+                continue
+            if trio.current_time() >= self._last_active + idle:
+                self._limit_hit(Limit.IDLE_TIMEOUT, "idle connection, closing", seconds=idle)
+                self.close(reason="idle timeout")
+                return
 
     def drain(self) -> None:
         """Graceful drain: GOAWAY now, close when open streams finish or at the deadline."""
@@ -444,6 +537,7 @@ class HboneServerConnection(_Connection):
         self.close(reason="drain timeout")
 
     def _on_idle(self) -> None:
+        self._last_active = trio.current_time()
         if self.draining:
             self.close(reason="drained")
 
@@ -452,6 +546,9 @@ class HboneServerConnection(_Connection):
             self._on_request(event)
 
     def _on_request(self, request: ConnectRequest) -> None:
+        self._last_active = trio.current_time()
+        if self.is_closed:  # a limit closed the connection earlier in this read
+            return
         status, _, _ = validate_connect(request)
         if status is not None:
             # The peer may already have reset the stream in the same read.
@@ -461,14 +558,37 @@ class HboneServerConnection(_Connection):
         if self._handlers >= self.engine.local_max_concurrent_streams:
             # h2 stops counting a stream at its reset, while its handler may still be
             # unwinding; the advertised limit applies to the work we do, too.
-            log.debug("handler limit reached, refusing stream", stream_id=request.stream_id)
-            self.engine.reset(request.stream_id, ErrorCode.REFUSED_STREAM)
+            self._refuse(request, Limit.CONCURRENT_STREAMS, "stream limit reached")
+            return
+        if self.engine.unanswered_before(request.stream_id) >= self.settings.max_pending_connects:
+            self._refuse(request, Limit.PENDING_CONNECTS, "pending-connect limit reached")
             return
         stream = HboneServerStream(self, request.stream_id)
         self._streams[request.stream_id] = stream
         self._handlers += 1
+        self._deferring_handlers.append((request, stream))
+
+    def _after_turn(self) -> None:
+        # Start what the previous turn received (this turn delivered its resets), and
+        # this turn's too when no further turn is due.
+        ready, self._deferred = self._deferred, self._deferring_handlers
+        self._deferring_handlers = []
+        if not self.engine.input_pending:
+            ready += self._deferred
+            self._deferred = []
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_handler, request, stream)
+        for request, stream in ready:
+            if self.is_closed:  # a limit closed the connection: start no setup work
+                self._handlers -= 1
+                stream.connection_lost(self.close_reason)
+                self.stream_finished(stream)
+            else:
+                self._nursery.start_soon(self._run_handler, request, stream)
+
+    def _refuse(self, request: ConnectRequest, limit: str, message: str) -> None:
+        self._limit_hit(limit, f"{message}, refusing streams", stream_id=request.stream_id)
+        if (closed := self.engine.refuse(request.stream_id)) is not None:
+            self._dispatch(closed)  # refused too many: the connection goes
 
     async def _run_handler(self, request: ConnectRequest, stream: HboneServerStream) -> None:
         try:
@@ -485,6 +605,7 @@ class HboneServerConnection(_Connection):
             stream.reset(ErrorCode.INTERNAL_ERROR)
         finally:
             self._handlers -= 1
+            self._last_active = trio.current_time()
             await stream.aclose()
 
 
@@ -495,16 +616,18 @@ async def serve_hbone(
     settings: HboneSettings | None = None,
     on_connection: Callable[[HboneServerConnection], object] | None = None,
     on_close: Callable[[HboneServerConnection], object] | None = None,
+    on_limit: OnLimit | None = None,
     task_status: trio.TaskStatus[HboneServerConnection] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve HBONE on an accepted TLS stream until the connection ends.
 
     ``task_status.started(conn)`` (and ``on_connection(conn)``) hand out the
     connection, whose ``drain()`` starts a graceful shutdown; ``on_close(conn)``
-    runs when it ends. ``settings`` defaults to ztunnel's. Protocol-level 400s
-    (validate_connect) are answered here; every other stream goes to ``handler``.
+    runs when it ends; ``on_limit(name)`` is called for each limit the peer hits.
+    ``settings`` defaults to ztunnel's. Protocol-level 400s (validate_connect) are
+    answered here; every other stream goes to ``handler``.
     """
-    conn = HboneServerConnection(tls, handler, settings=settings)
+    conn = HboneServerConnection(tls, handler, settings=settings, on_limit=on_limit)
     if on_connection is not None:
         on_connection(conn)
     try:
@@ -523,5 +646,6 @@ __all__ = [
     "HboneServerStream",
     "HboneStatusError",
     "Headers",
+    "OnLimit",
     "serve_hbone",
 ]

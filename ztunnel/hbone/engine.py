@@ -18,6 +18,20 @@ state, ``StreamState``, so the driver asks the engine, not h2, what a stream may
   every received frame; for DATA that hexlifies a copy of the whole payload
   (~75% of CPU on bulk data, perf-anchors §7). ``_cheap_data_body_repr`` replaces
   ``DataFrame._body_repr`` process-wide with a length-only version.
+
+And the bounds against hostile peers (docs/reliability.md):
+
+* **Bounded work per call.** ``receive_data(data, max_frames=n)`` handles at most
+  ``n`` frames and keeps the rest in h2's buffer (``input_pending``); the driver
+  yields to other connections between such turns.
+* **Header blocks capped while they arrive.** h2 buffers HEADERS + CONTINUATION
+  frames until the block ends (up to 64 frames of the advertised frame size) and
+  checks the header list size only then; ``_FrameBuffer`` refuses a block whose
+  encoded bytes pass our SETTINGS_MAX_HEADER_LIST_SIZE as soon as they do.
+* **Budgets for frames that do no useful work** (``limits.FloodGuard``): RST_STREAM
+  of streams we have not answered, PING, SETTINGS, WINDOW_UPDATE, empty frames,
+  refused streams, frames on closed streams. Past one, GOAWAY(ENHANCE_YOUR_CALM)
+  and a ``ConnectionClosed`` naming the limit.
 """
 
 from __future__ import annotations
@@ -27,8 +41,10 @@ import enum
 import ipaddress
 import itertools
 import re
+import sys
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import h2.config
@@ -36,8 +52,22 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+from h2.frame_buffer import FrameBuffer
 from hyperframe.exceptions import HyperframeError
-from hyperframe.frame import DataFrame, GoAwayFrame
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    ExtensionFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    PushPromiseFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
 from ztunnel.hbone.errors import ConnectionGoneError, StreamClosedError
 from ztunnel.hbone.events import (
@@ -55,6 +85,7 @@ from ztunnel.hbone.events import (
     StreamReset,
     WindowOpened,
 )
+from ztunnel.hbone.limits import FloodGuard, Limit, LimitExceeded
 from ztunnel.hbone.settings import HboneSettings
 
 __all__ = [
@@ -127,8 +158,116 @@ class StreamState(enum.Enum):
 FINISHED_STREAMS_KEPT = 1024
 
 
+class _FloodError(h2.exceptions.DenialOfServiceError):
+    """A budget ran out inside h2's receive loop: h2 answers any ProtocolError with a
+    GOAWAY carrying its ``error_code`` (ENHANCE_YOUR_CALM), then re-raises it to us."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class _FrameBuffer(FrameBuffer):
+    """h2's frame buffer with two bounds: frames per ``receive_data`` call, and the
+    encoded size of a header block while its CONTINUATION frames arrive."""
+
+    def __init__(self, *, server: bool, max_header_block: int) -> None:
+        super().__init__(server=server)
+        self.max_header_block = max_header_block
+        self.frames_left = sys.maxsize  # this call's frame budget (set by the engine)
+        self._block_bytes = 0
+
+    def __next__(self) -> Frame:
+        # h2 recurses into __next__ for frames it absorbs (CONTINUATION): they count too.
+        if self.frames_left <= 0:
+            raise StopIteration
+        self.frames_left -= 1
+        return super().__next__()
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        if isinstance(f, ContinuationFrame) and self._headers_buffer:
+            self._block_bytes += len(f.data)
+        elif isinstance(f, HeadersFrame | PushPromiseFrame) and "END_HEADERS" not in f.flags:
+            self._block_bytes = len(f.data)
+        else:
+            return super()._update_header_buffer(f)
+        if self._block_bytes > self.max_header_block:
+            raise _FloodError(
+                Limit.HEADER_LIST_SIZE,
+                f"unfinished header block of {self._block_bytes} bytes"
+                f" (max {self.max_header_block})",
+            )
+        return super()._update_header_buffer(f)
+
+    @property
+    def frame_ready(self) -> bool:
+        """A whole frame is buffered (what the next call would handle at once)."""
+        data = self._data
+        if self._preamble_len or len(data) < 9:
+            return False
+        return len(data) >= 9 + int.from_bytes(data[:3], "big")
+
+
+# Frames charged to a budget before h2 handles them (DATA and RST_STREAM: see _account).
+_BUDGET_OF_FRAME: dict[type, str] = {
+    PingFrame: Limit.PINGS,
+    SettingsFrame: Limit.SETTINGS,
+    WindowUpdateFrame: Limit.WINDOW_UPDATES,
+    PriorityFrame: Limit.EMPTY_FRAMES,
+    ExtensionFrame: Limit.EMPTY_FRAMES,
+    GoAwayFrame: Limit.EMPTY_FRAMES,
+}
+
+
 class _H2Connection(h2.connection.H2Connection):
-    """h2 with a receive-side GOAWAY that leaves existing streams usable."""
+    """h2 with a receive-side GOAWAY that leaves existing streams usable, a per-frame
+    budget hook, and a bounded memory of closed streams."""
+
+    # h2 remembers 2**16 closed streams per connection (megabytes on a long-lived one);
+    # ours are only needed while a peer's in-flight frames for them can still arrive.
+    MAX_CLOSED_STREAMS = 1024
+
+    def __init__(self, config: h2.config.H2Configuration, guard: FloodGuard) -> None:
+        super().__init__(config=config)
+        self.guard = guard
+
+    def _receive_frame(self, frame: Frame) -> list[Any]:
+        try:
+            self._account(frame)
+        except LimitExceeded as exc:
+            raise _FloodError(exc.limit, str(exc)) from exc
+        return super()._receive_frame(frame)
+
+    def _account(self, frame: Frame) -> None:
+        kind = type(frame)
+        if isinstance(frame, DataFrame):
+            if not frame.flow_controlled_length and "END_STREAM" not in frame.flags:
+                self.guard.charge(Limit.EMPTY_FRAMES)
+        elif kind is RstStreamFrame:
+            # Resets of known streams are judged later (answered or not: _on_reset);
+            # one for a stream h2 does not know is pure overhead.
+            if frame.stream_id not in self.streams:
+                self.guard.charge(Limit.RESETS)
+        elif (budget := _BUDGET_OF_FRAME.get(kind)) is not None:
+            self.guard.charge(budget)
+
+    def _handle_data_on_closed_stream(self, *args: Any) -> tuple[list[Any], list[Any]]:
+        # h2 answers each DATA frame on a closed stream with RST_STREAM ("made you reset").
+        self._charge_stream_error()
+        return super()._handle_data_on_closed_stream(*args)
+
+    def _stream_is_closed_by_reset(self, stream_id: int) -> bool:
+        # Called by _receive_frame only, where True means "answer with RST_STREAM".
+        closed = bool(super()._stream_is_closed_by_reset(stream_id))
+        if closed:
+            self._charge_stream_error()
+        return closed
+
+    def _charge_stream_error(self) -> None:
+        try:
+            self.guard.charge(Limit.STREAM_ERRORS)
+        except LimitExceeded as exc:
+            raise _FloodError(exc.limit, str(exc)) from exc
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
         event = h2.events.ConnectionTerminated()
@@ -167,16 +306,28 @@ def _split(headers: list[tuple[str, str]]) -> tuple[dict[str, str], Headers]:
 class HboneEngine:
     """One HTTP/2 connection carrying CONNECT streams, client or server role."""
 
-    def __init__(self, *, client: bool, settings: HboneSettings | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        client: bool,
+        settings: HboneSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock`` (seconds) refills the flood budgets; drivers pass their own."""
         self.client = client
         self.settings = settings if settings is not None else HboneSettings()
         config = h2.config.H2Configuration(client_side=client, header_encoding=None)
-        self._h2 = _H2Connection(config=config)
+        self._guard = FloodGuard(self.settings.flood, clock)
+        self._h2 = _H2Connection(config, self._guard)
         # Initial values take effect at once (no ACK round trip), so the limits h2
         # derives from its settings in __init__ must be refreshed by hand.
         self._h2.local_settings = _h2_settings(self.settings, client)
         self._h2.max_inbound_frame_size = self.settings.max_frame_size
-        self._h2.decoder.max_header_list_size = _max_header_list_size(self.settings, client)
+        header_limit = _max_header_list_size(self.settings, client)
+        self._h2.decoder.max_header_list_size = header_limit
+        self._input = _FrameBuffer(server=not client, max_header_block=header_limit)
+        self._input.max_frame_size = self.settings.max_frame_size
+        self._h2.incoming_buffer = self._input
         self._h2.initiate_connection()
         extra = self.settings.connection_window - _DEFAULT_WINDOW
         if extra > 0:
@@ -189,6 +340,7 @@ class HboneEngine:
         self._goaway_sent_last: int | None = None
         self._streams: dict[int, StreamState] = {}  # open and half-closed streams
         self._finished: OrderedDict[int, StreamState] = OrderedDict()
+        self._unanswered: set[int] = set()  # CONNECT streams not answered yet (either role)
 
     # -- output ---------------------------------------------------------------
 
@@ -229,9 +381,13 @@ class HboneEngine:
         return int(self._h2.local_settings.max_concurrent_streams)
 
     def send_window(self, stream_id: int) -> int:
-        """Bytes ``send_data`` would accept now (0 if the stream cannot send)."""
+        """Bytes ``send_data`` would accept now (0 if the stream cannot send).
+
+        Never negative: a peer that lowers SETTINGS_INITIAL_WINDOW_SIZE after we sent
+        makes h2's window negative (RFC 9113 §6.9.2); that means "wait for
+        WINDOW_UPDATE", and a negative count would make callers step backwards."""
         try:
-            return int(self._h2.local_flow_control_window(stream_id))
+            return max(0, int(self._h2.local_flow_control_window(stream_id)))
         except h2.exceptions.H2Error:
             return 0
 
@@ -252,6 +408,7 @@ class HboneEngine:
         headers = [(":method", "CONNECT"), (":authority", authority), *extra_headers]
         self._h2.send_headers(stream_id, headers, end_stream=False)
         self._streams[stream_id] = StreamState.OPEN
+        self._unanswered.add(stream_id)
         return stream_id
 
     def respond(
@@ -268,6 +425,7 @@ class HboneEngine:
         new = state.after_local_end() if end_stream else state
         with self._stream_op(stream_id):
             self._h2.send_headers(stream_id, [(":status", str(status)), *headers], end_stream)
+        self._unanswered.discard(stream_id)
         return self._set(stream_id, new)
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
@@ -276,12 +434,14 @@ class HboneEngine:
         if state is None or not state.can_send or self.closed:
             self._sendable(stream_id)  # raises the precise StreamClosedError
         with self._stream_op(stream_id):
-            window = self._h2.local_flow_control_window(stream_id)
-            total = min(len(data), window)
+            # max(0, ...): a window the peer's SETTINGS made negative takes nothing.
+            total = min(len(data), max(0, int(self._h2.local_flow_control_window(stream_id))))
             frame = self._h2.max_outbound_frame_size
             view = memoryview(data)
             for start in range(0, total, frame):
                 self._h2.send_data(stream_id, view[start : min(start + frame, total)])
+                # The peer's WINDOW_UPDATEs for this data are useful work: budget for them.
+                self._guard.credit(Limit.WINDOW_UPDATES)
             return total
 
     def end_stream(self, stream_id: int) -> StreamState:
@@ -299,6 +459,34 @@ class HboneEngine:
         with contextlib.suppress(h2.exceptions.H2Error):
             self._h2.reset_stream(stream_id, code)
         return self._set(stream_id, state.after_reset())
+
+    def refuse(self, stream_id: int) -> ConnectionClosed | None:
+        """Server: RST_STREAM(REFUSED_STREAM) a CONNECT we will not serve (over a limit).
+        Refused streams have a budget; past it the connection is closed and the
+        returned ConnectionClosed says so."""
+        self.reset(stream_id, ErrorCode.REFUSED_STREAM)
+        return self._charge(Limit.REFUSED_STREAMS)
+
+    @property
+    def unanswered_streams(self) -> int:
+        """Server: CONNECT streams surfaced to the driver and not answered yet."""
+        return len(self._unanswered)
+
+    def unanswered_before(self, stream_id: int) -> int:
+        """Unanswered CONNECT streams older than ``stream_id``. One read can surface many
+        CONNECTs at once; a limit judged with this count refuses the newest of them,
+        never the ones that came first."""
+        return sum(1 for sid in self._unanswered if sid < stream_id)
+
+    def _charge(self, limit: str) -> ConnectionClosed | None:
+        """Charge a budget outside h2's receive loop; a ConnectionClosed when it ran out."""
+        if self.closed:
+            return None
+        try:
+            self._guard.charge(limit)
+        except LimitExceeded as exc:
+            return self._fail(_FloodError(exc.limit, str(exc)))
+        return None
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         """Release ``n`` received bytes of flow-control window (stream and connection).
@@ -323,6 +511,7 @@ class HboneEngine:
             self._streams[stream_id] = state
             return state
         self._streams.pop(stream_id, None)
+        self._unanswered.discard(stream_id)
         self._finished[stream_id] = state
         if len(self._finished) > FINISHED_STREAMS_KEPT:
             self._finished.popitem(last=False)
@@ -359,11 +548,18 @@ class HboneEngine:
 
     # -- input ----------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Feed bytes from the peer; returns the events they caused."""
+    def receive_data(
+        self, data: bytes | bytearray | memoryview, max_frames: int | None = None
+    ) -> list[Event]:
+        """Feed bytes from the peer; returns the events they caused.
+
+        With ``max_frames`` at most that many frames are handled; the rest stays
+        buffered (``input_pending``) until the next call, which may pass b"".
+        """
         if self.closed:
             return []
         self._pull()  # h2 may clear its buffer on errors; keep what was queued
+        self._input.frames_left = sys.maxsize if max_frames is None else max_frames
         try:
             h2_events = self._h2.receive_data(data)
         except (h2.exceptions.H2Error, HyperframeError) as exc:
@@ -371,13 +567,23 @@ class HboneEngine:
         events: list[Event] = []
         for h2_event in h2_events:
             self._translate(h2_event, events)
+            if self.closed:  # a budget ran out while translating
+                break
         return events
+
+    @property
+    def input_pending(self) -> bool:
+        """Whole frames wait in the buffer (a ``max_frames`` call stopped before them)."""
+        return not self.closed and self._input.frame_ready
 
     def _fail(self, exc: Exception) -> ConnectionClosed:
         code = int(getattr(exc, "error_code", None) or ErrorCode.PROTOCOL_ERROR)
         self.close(code)
         last = int(self._h2.highest_inbound_stream_id)
-        return ConnectionClosed(code, last, f"{type(exc).__name__}: {exc}")
+        limit = getattr(exc, "limit", None)
+        if limit is None and isinstance(exc, h2.exceptions.DenialOfServiceError):
+            limit = Limit.HEADER_LIST_SIZE  # h2's only one: an oversized header list
+        return ConnectionClosed(code, last, f"{type(exc).__name__}: {exc}", limit)
 
     def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
         handler = _HANDLERS.get(type(ev))
@@ -390,13 +596,17 @@ class HboneEngine:
             # Never surfaced, so never tracked: refuse it directly.
             with contextlib.suppress(h2.exceptions.H2Error):
                 self._h2.reset_stream(sid, ErrorCode.REFUSED_STREAM)
+            if (closed := self._charge(Limit.REFUSED_STREAMS)) is not None:
+                out.append(closed)
             return
         pseudo, headers = _split(_decode(ev.headers))
         method, authority = pseudo.get(":method", ""), pseudo.get(":authority", "")
         self._streams[sid] = StreamState.OPEN
+        self._unanswered.add(sid)
         out.append(ConnectRequest(sid, method, authority, headers))
 
     def _on_response(self, ev: Any, out: list[Event]) -> None:
+        self._unanswered.discard(int(ev.stream_id))
         pseudo, headers = _split(_decode(ev.headers))
         out.append(Response(int(ev.stream_id), _parse_status(pseudo.get(":status", "")), headers))
 
@@ -416,9 +626,14 @@ class HboneEngine:
 
     def _on_reset(self, ev: Any, out: list[Event]) -> None:
         sid = int(ev.stream_id)
+        # Rapid reset: a CONNECT cancelled before it was answered cost setup work for
+        # nothing (on a client: a server refusing or cancelling our CONNECTs).
+        premature = sid in self._unanswered
         if (state := self._streams.get(sid)) is not None:
             self._set(sid, state.after_reset())
         out.append(StreamReset(sid, int(ev.error_code), bool(ev.remote_reset)))
+        if premature and ev.remote_reset and (closed := self._charge(Limit.RESETS)) is not None:
+            out.append(closed)
 
     def _on_goaway(self, ev: Any, out: list[Event]) -> None:
         self.goaway_received = True

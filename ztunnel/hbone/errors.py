@@ -34,3 +34,7 @@ class StreamRefusedError(ConnectionGoneError):
 
 class TLSHandshakeError(HboneError):
     """The TLS handshake failed or timed out (ztunnel's TLS_FAILURE flag)."""
+
+
+class TLSHandshakeTimeout(TLSHandshakeError):
+    """The TLS handshake did not finish within its timeout (a limit: counted)."""

@@ -101,11 +101,13 @@ class GoAwayReceived:
 @dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """We detected a fatal error from the peer (malformed input, flow-control
-    violation...). A GOAWAY with ``error_code`` is queued; flush, then close."""
+    violation, a budget exceeded...). A GOAWAY with ``error_code`` is queued; flush,
+    then close. ``limit`` names the limit the peer went over (``limits.Limit``), if any."""
 
     error_code: int
     last_stream_id: int
     reason: str = ""
+    limit: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

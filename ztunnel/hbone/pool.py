@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 import trio
 
-from ztunnel.hbone.connection import HboneClientConnection
+from ztunnel.hbone.connection import HboneClientConnection, OnLimit
 from ztunnel.hbone.settings import HboneSettings
 from ztunnel.hbone.stream import HboneStream
 from ztunnel.model.address import IPAddress, SocketAddr
@@ -53,12 +53,15 @@ class _KeyState:
 class HbonePool:
     """Pooled HBONE client connections; ``run`` must be started in a nursery first."""
 
-    def __init__(self, dial: Dial, *, settings: HboneSettings | None = None) -> None:
+    def __init__(
+        self, dial: Dial, *, settings: HboneSettings | None = None, on_limit: OnLimit | None = None
+    ) -> None:
         """``settings`` (ztunnel's defaults if None) is handed to every connection;
         the pool itself uses ``pool_max_streams`` (through the connection) and
-        ``pool_idle_timeout``."""
+        ``pool_idle_timeout``. ``on_limit(name)``: a server went over one of our limits."""
         self._dial = dial
         self.settings = settings if settings is not None else HboneSettings()
+        self._on_limit = on_limit
         self._keys: dict[PoolKey, _KeyState] = {}
         self._nursery: trio.Nursery | None = None
         # Connections that must not take new streams (their client certificate rotated).
@@ -136,7 +139,7 @@ class HbonePool:
         if self._nursery is None:
             raise RuntimeError("HbonePool.run() is not running")
         tls = await self._dial(key)
-        conn = HboneClientConnection(tls, settings=self.settings)
+        conn = HboneClientConnection(tls, settings=self.settings, on_limit=self._on_limit)
         started: HboneClientConnection = await self._nursery.start(self._drive, key, state, conn)
         return started
 

@@ -10,10 +10,11 @@ connection later. Defaults are ztunnel's (reference §1.5, §1.6).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ztunnel.config import Config
 from ztunnel.errors import ConfigError
+from ztunnel.hbone.limits import FloodLimits
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -55,6 +56,23 @@ class HboneSettings:
     """A draining server connection closes after this even with open streams."""
     tls_handshake_timeout: float = 10.0
     """Bound of one TLS handshake (dial and accept)."""
+    # -- limits against hostile or broken peers (docs/reliability.md) -------------------
+    max_pending_connects: int = 100
+    """CONNECTs a server connection has not answered yet (resolve, policy, app connect
+    in progress); more are refused with REFUSED_STREAM. A ztunnel pool sends at most
+    ``POOL_MAX_STREAMS_PER_CONNECTION`` (100) at once."""
+    idle_timeout: float | None = 600.0
+    """A server connection with no stream for this long gets GOAWAY and is closed
+    (``HBONE_IDLE_TIMEOUT``; None: never). Twice the client pool's 5 min release, so a
+    ztunnel client always lets go first and only parked connections meet it."""
+    max_unsent_bytes: int = 1 * MIB
+    """Replies to the peer's own frames (PING/SETTINGS ACKs, RST_STREAMs, 400s) allowed
+    to pile up while the peer does not read; past it the connection is dropped."""
+    frames_per_turn: int = 100
+    """Frames one connection's reader handles before it lets every other task run once:
+    a peer's burst of small frames cannot hold the event loop."""
+    flood: FloodLimits = field(default_factory=FloodLimits)
+    """Per-connection budgets of frames that do no useful work (limits.py)."""
 
     def __post_init__(self) -> None:
         _check_int(self, "stream_window", 1, MAX_WINDOW)
@@ -71,6 +89,13 @@ class HboneSettings:
         _check_seconds(self, "connect_response_timeout")
         _check_seconds(self, "drain_timeout", allow_zero=True)
         _check_seconds(self, "tls_handshake_timeout")
+        _check_int(self, "max_pending_connects", 1, MAX_WINDOW)
+        if self.idle_timeout is not None:
+            _check_seconds(self, "idle_timeout")
+        _check_int(self, "max_unsent_bytes", 1, MAX_WINDOW)
+        _check_int(self, "frames_per_turn", 1, MAX_WINDOW)
+        if not isinstance(self.flood, FloodLimits):
+            raise ConfigError(_name("flood"), "", "must be FloodLimits")
 
     @classmethod
     def from_config(cls, config: Config) -> HboneSettings:
@@ -84,6 +109,8 @@ class HboneSettings:
             max_frame_size=config.http2_frame_size,
             pool_max_streams=config.pool_max_streams_per_connection,
             pool_idle_timeout=config.pool_unused_release_timeout,
+            idle_timeout=config.hbone_idle_timeout or None,
+            max_pending_connects=config.hbone_max_pending_connects,
         )
 
 
@@ -94,6 +121,8 @@ _SETTING_NAMES = {
     "max_frame_size": "HTTP2_FRAME_SIZE",
     "pool_max_streams": "POOL_MAX_STREAMS_PER_CONNECTION",
     "pool_idle_timeout": "POOL_UNUSED_RELEASE_TIMEOUT",
+    "idle_timeout": "HBONE_IDLE_TIMEOUT",
+    "max_pending_connects": "HBONE_MAX_PENDING_CONNECTS",
 }
 
 

@@ -303,7 +303,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
             seq = None
             while view:
                 sent = self._queue(view)
-                if sent:
+                if sent > 0:  # never step backwards, whatever the engine says
                     view = view[sent:]
                     seq = self._host.kick()
                 else:

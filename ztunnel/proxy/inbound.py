@@ -17,7 +17,8 @@ import trio
 
 from ztunnel.hbone.connection import HboneServerStream
 from ztunnel.hbone.engine import ConnectRequest
-from ztunnel.hbone.errors import HboneError
+from ztunnel.hbone.errors import HboneError, TLSHandshakeTimeout
+from ztunnel.hbone.limits import Limit
 from ztunnel.hbone.tlsstream import tls_handshake
 from ztunnel.identity.errors import TLSIdentityError
 from ztunnel.identity.tls import peer_identity, server_context, verify_client_trust_domain
@@ -50,6 +51,8 @@ async def serve_inbound_connection(deps: FlowDeps, conn: socket.socket, peer: So
             timeout=deps.settings.tls_handshake_timeout,
         )
     except NETWORK_ERRORS as exc:
+        if isinstance(exc, TLSHandshakeTimeout):
+            tracker.metrics.limit_hit(Limit.HANDSHAKE_TIMEOUT)
         failure = Failure(FailureKind.TLS_HANDSHAKE, f"tls handshake failed: {describe(exc)}")
         tracker.connection_failed(peer, local_addr, "inbound", failure)
         return

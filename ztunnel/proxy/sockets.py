@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from ztunnel.config import Address
+from ztunnel.config import DEFAULT_LISTEN_BACKLOG, Address
 from ztunnel.model.address import IPAddress, SocketAddr
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ IP_FREEBIND = 15
 IPV6_TRANSPARENT = 75
 IPV6_FREEBIND = 78
 SOL_IPV6 = 41
-LISTEN_BACKLOG = 128
 CONNECT_TIMEOUT = 10.0
 
 
@@ -88,11 +87,17 @@ def try_transparent(sock: socket.socket) -> bool:
 
 
 def make_listener(
-    factory: SocketFactory, addr: Address, *, transparent: bool = False
+    factory: SocketFactory,
+    addr: Address,
+    *,
+    transparent: bool = False,
+    backlog: int = DEFAULT_LISTEN_BACKLOG,
 ) -> tuple[socket.socket, bool]:
     """Bind and listen (non-blocking); returns the socket and whether IP_TRANSPARENT is on.
 
     ``::`` listens dual-stack; where the netns has no IPv6 it falls back to 0.0.0.0.
+    ``backlog`` bounds the kernel's queue of connections not yet accepted (the kernel
+    caps it at net.core.somaxconn); a burst of half-open handshakes overflowed 128.
     """
     host, port = addr
     try:
@@ -102,7 +107,7 @@ def make_listener(
             raise
         sock = _bound(factory, "0.0.0.0", port)
     is_transparent = try_transparent(sock) if transparent else False
-    sock.listen(LISTEN_BACKLOG)
+    sock.listen(backlog)
     sock.setblocking(False)
     return sock, is_transparent
 

@@ -103,7 +103,7 @@ class WorkloadProxy:
         self._orig_src_wanted = orig_src
         self.transparent = False
         self.bound: dict[str, Address] = {}
-        self.pool = HbonePool(self._dial, settings=ctx.hbone)
+        self.pool = HbonePool(self._dial, settings=ctx.hbone, on_limit=self._limit_hit)
         self.server_connections: set[object] = set()
         self._accept_scope = trio.CancelScope()
         self._scope: trio.CancelScope | None = None
@@ -171,7 +171,11 @@ class WorkloadProxy:
             settings=self.ctx.hbone,
             on_connection=self.server_connections.add,
             on_close=self.server_connections.discard,
+            on_limit=self._limit_hit,
         )
+
+    def _limit_hit(self, limit: str) -> None:
+        self.ctx.tracker.metrics.limit_hit(limit)
 
     # -- HBONE dialing (the pool's connector) ---------------------------------
 
@@ -210,7 +214,12 @@ class WorkloadProxy:
         bound: list[tuple[str, socket.socket, Flow]] = []
         try:
             for name, addr, flow, transparent in plan:
-                sock, is_transparent = make_listener(self.factory, addr, transparent=transparent)
+                sock, is_transparent = make_listener(
+                    self.factory,
+                    addr,
+                    transparent=transparent,
+                    backlog=self.ctx.config.listen_backlog,
+                )
                 bound.append((name, sock, flow))
                 self.bound[name] = sock.getsockname()[:2]
                 if transparent:

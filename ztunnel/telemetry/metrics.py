@@ -94,6 +94,12 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._declare_traffic()
         self._declare_proxies()
+        self.limit_hits = Counter(
+            "ztunnel_limit_hits",
+            "Times a peer or connection hit one of the agent's protective limits",
+            ("limit",),
+            registry=self.registry,
+        )
         build = Gauge(
             "istio_build",
             "Istio component build info",
@@ -161,6 +167,11 @@ class Metrics:
             "The total number of proxies that were stopped",
             registry=self.registry,
         )
+
+    def limit_hit(self, limit: str) -> None:
+        """Count one hit of ``limit`` (``hbone.limits.Limit``: a flood budget, the idle
+        or handshake timeout, a stream or pending-connect limit...)."""
+        self.limit_hits.labels(limit).inc()
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format (what /metrics serves)."""
