@@ -717,13 +717,17 @@ def test_describe_shows_programs_and_maps(net: Net, redirector: EbpfRedirector) 
     progs = sorted((p["device"], p["direction"], p["name"]) for p in info["programs"])
     assert progs == EXPECTED_FILTERS
     assert all(p["current"] and len(p["tag"]) == 16 for p in info["programs"])
-    maps = {m["name"]: m for m in info["maps"]}
+    assert info["routes"] == {"rule": True, "route": True}
+    assert info["sk_lookup"]["attached"] and info["sk_lookup"]["current"]
+    summary = redirector.summary()  # the agent-wide part: build, maps, counters
+    assert summary["build"] == info["build"] and summary["mode"] == "ebpf"
+    ids = {p["name"]: p["id"] for p in info["programs"]}
+    assert all(summary["programs"][name] == prog_id for name, prog_id in ids.items())
+    maps = {m["name"]: m for m in summary["maps"]}
     assert maps["zt_config"]["max_entries"] == 1
     assert maps["zt_config"]["value_size"] == layout.CONFIG_STRUCT.size
     assert maps["zt_stats"]["max_entries"] == len(layout.STATS)
-    assert set(info["counters_all_pods"]) == set(layout.STATS)
-    assert info["routes"] == {"rule": True, "route": True}
-    assert info["sk_lookup"]["attached"] and info["sk_lookup"]["current"]
+    assert set(summary["counters"]) == set(layout.STATS)
     assert maps["zt_handoff"]["type"] == "sockhash"
 
 
