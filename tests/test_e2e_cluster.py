@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -176,6 +177,10 @@ def test_non_ambient_pods_are_not_captured(mesh: Mesh) -> None:
 
 def test_installed_redirection_is_exactly_the_expected_one(mesh: Mesh) -> None:
     got = assert_captured_once(mesh, "a")  # the ip rule and local route in both modes
+    dump = config_dump(mesh.agents["n1"])
+    shown = dump["workloadState"]["Kubernetes//Pod/mesh/a"]["redirection"]
+    assert shown["mode"] == dump["redirection"]["mode"] == mesh.mode
+    assert shown["installed"] is True
     if mesh.mode == "iptables":
         ours = [
             line
@@ -187,20 +192,33 @@ def test_installed_redirection_is_exactly_the_expected_one(mesh: Mesh) -> None:
             if line.startswith("-A")
         ]  # fmt: skip
         assert sorted(ours) == sorted(expected)  # verbatim, and nothing twice
-    else:
-        # What the agent reports is what the kernel holds: ctl/config_dump show it per pod.
-        dump = config_dump(mesh.agents["n1"])
-        shown = dump["workloadState"]["Kubernetes//Pod/mesh/a"]["redirection"]
-        assert shown["mode"] == "ebpf" and shown["installed"] is True
-        assert {(p["device"], p["direction"]): p["id"] for p in shown["programs"]} == got.prog_ids
-        assert shown["sk_lookup"]["link_id"] == got.links[0]
-        assert dump["redirection"]["build"] == shown["build"]
-        assert {m["name"] for m in dump["redirection"]["maps"]} == {
-            "zt_config",
-            "zt_stats",
-            "zt_handoff",
-        }
-        assert dump["redirection"]["counters"]["outbound_captured"] >= 0
+        assert shown["current"] is True
+        return
+    # What the agent reports is what the kernel holds.
+    assert {(p["device"], p["direction"]): p["id"] for p in shown["programs"]} == got.prog_ids
+    assert shown["sk_lookup"]["link_id"] == got.links[0]
+    assert dump["redirection"]["build"] == shown["build"]
+    sizes = {m["name"]: m["max_entries"] for m in dump["redirection"]["maps"]}
+    assert sizes == {"zt_config": 1, "zt_stats": 7, "zt_handoff": 1024}
+    # The counters are read live: a's outbound connection is counted.
+    before = dump["redirection"]["counters"]["outbound_captured"]
+    assert send(mesh, "a", f"{mesh.ip('b')}:8080", 1000)["ok"]
+    after = config_dump(mesh.agents["n1"])["redirection"]["counters"]["outbound_captured"]
+    assert after == before + 1
+    # ztunnel ctl shows the same, per pod.
+    node = mesh.agents["n1"].node.netns_path
+    ctl = subprocess.run(
+        ["nsenter", f"--net={node}", "--", sys.executable, "-m", "ztunnel.cli", "ctl", "redirection"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env=mesh.agents["n1"].env,
+    ).stdout
+    row = next(line.split() for line in ctl.splitlines() if line.startswith("mesh "))
+    assert row[:4] == ["mesh", "a", "ebpf", "True"]
+    assert f"eth0/egress=zt_egress#{got.prog_ids[('eth0', 'egress')]}" in row
+    assert "maps: zt_config array 1 entries" in ctl
 
 
 # -- lifecycle -------------------------------------------------------------------------
