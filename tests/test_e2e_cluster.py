@@ -54,6 +54,7 @@ CLUSTER = textwrap.dedent(
         ports: [8080]
     """
 )
+CLI = [sys.executable, "-m", "ztunnel.cli"]
 NOT_AMBIENT = CLUSTER.replace("mesh: {labels: {istio.io/dataplane-mode: ambient}}", "mesh: {}")
 
 
@@ -208,7 +209,7 @@ def test_installed_redirection_is_exactly_the_expected_one(mesh: Mesh) -> None:
     # ztunnel ctl shows the same, per pod.
     node = mesh.agents["n1"].node.netns_path
     ctl = subprocess.run(
-        ["nsenter", f"--net={node}", "--", sys.executable, "-m", "ztunnel.cli", "ctl", "redirection"],
+        ["nsenter", f"--net={node}", "--", *CLI, "ctl", "redirection"],
         capture_output=True,
         text=True,
         timeout=30,
