@@ -75,6 +75,42 @@ def test_bad_settings_exit_2_naming_the_setting(env: dict[str, str], needle: str
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_ebpf_mode_that_cannot_run_is_one_line_exit_2_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    """Without root the missing capabilities are named, as root the missing bpffs (the pin
+    directory is a plain directory here): either way one line, and nothing pinned."""
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(
+        "namespaces: {mesh: {}}\nnodes: [n1]\npods: [{name: a, namespace: mesh, node: n1}]\n"
+    )
+    pins = tmp_path / "pins"
+    argv = ["run", "--redirect", "ebpf", "--cluster", str(cluster), "--cluster-prefix"]
+    env = {"FAKE_CA": "true", "NODE_NAME": "n1", "ZTUNNEL_BPF_PIN_DIR": str(pins)}
+    result = run([*argv, "zt000000"], env)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("ztunnel: configuration error: REDIRECT_MODE=ebpf: ")
+    assert ("missing capabilities" in line) if os.geteuid() else ("no bpf filesystem" in line)
+    assert not pins.exists()
+    bad = run(["run", "--redirect", "nftables"])
+    assert bad.returncode == 2 and "expected one of iptables, ebpf, none" in bad.stderr
+
+
+def test_demo_redirect_mode_must_redirect_by_itself() -> None:
+    from ztunnel.config import RedirectMode
+    from ztunnel.demo import demo_redirect_mode
+    from ztunnel.errors import ConfigError
+
+    assert demo_redirect_mode(None, {}) is RedirectMode.IPTABLES
+    assert demo_redirect_mode(None, {"REDIRECT_MODE": "eBPF"}) is RedirectMode.EBPF
+    assert demo_redirect_mode("iptables", {"REDIRECT_MODE": "ebpf"}) is RedirectMode.IPTABLES
+    with pytest.raises(ConfigError, match="--redirect: the demo runs with iptables or ebpf"):
+        demo_redirect_mode("none", {})
+    with pytest.raises(ConfigError, match="REDIRECT_MODE: the demo runs with iptables or ebpf"):
+        demo_redirect_mode(None, {"REDIRECT_MODE": "nft"})
+
+
 def test_bad_local_config_names_file_and_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("workloads:\n- name: x\n  namespace: ns\n  workloadIps: ['10.0.0.300']\n")
