@@ -290,3 +290,17 @@ def test_pod_recreated_with_a_new_netns_is_reenrolled(mesh: Mesh) -> None:
     assert result["ok"], result
     until(lambda: len(mesh.records("n2")) > before, "b's agent logged the meshed connection")
     assert os.path.exists(mesh.net.pod("a").netns_path)
+
+
+def test_switching_a_node_between_modes_leaves_only_the_new_ones_state() -> None:
+    """REDIRECT_MODE changed and the agent restarted: each pod holds the new mode only (the
+    old one's state is removed after the new one is in place), both ways."""
+    mode_param("ebpf")
+    with cluster_mesh(CLUSTER, {"b": 8080}, "iptables") as mesh:
+        for mode in ("ebpf", "iptables"):
+            mesh.mode = mode
+            mesh.restart("n1")
+            assert_captured_once(mesh, "a")  # and nothing of the other mode
+            result = send(mesh, "a", f"{mesh.ip('b')}:8080")
+            assert result["ok"], result
+            assert is_untouched(mesh, "q")
