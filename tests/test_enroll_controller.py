@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import os
 import socket
 import textwrap
@@ -741,4 +742,56 @@ async def test_the_agent_forgets_the_certificate_of_an_identity_no_pod_uses(
         before = len(issued)
         await trio.sleep(120)
         assert issued[before:] == []  # nothing renews any more
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_shared_agent_is_not_ready_before_its_first_pass_enrolled_every_pod(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The first pod's proxy running is not readiness: a pod later in the same pass (its
+    redirection slow to install, as eBPF's tc calls are) still waits for enrollment."""
+    config = Config(
+        node_name="n1",
+        fake_ca=True,
+        packet_mark=0,
+        enable_orig_src=False,
+        outbound_addr=("127.0.0.1", 0),
+        inbound_addr=("127.0.0.1", 0),
+        inbound_plaintext_addr=("127.0.0.1", 0),
+        admin_addr=("127.0.0.1", 0),
+        stats_addr=("127.0.0.1", 0),
+        readiness_addr=("127.0.0.1", 0),
+    )
+    agent = Agent(
+        config, ca=FakeCA.ephemeral(), pod_sockets=lambda netns, mark: LocalSocketFactory(mark)
+    )
+    gate = trio.Event()
+
+    async def slow_for_b(fn: Callable[[], T]) -> T:
+        if isinstance(fn, functools.partial) and getattr(fn.args[1], "name", "") == "b":
+            await gate.wait()
+        return await inline(fn)
+
+    source = ScriptedSource()
+    controller = EnrollmentController(
+        source, FakeRedirector(), agent, poll=POLL, blocking=slow_for_b
+    )
+    agent.extra_services.append(controller.run)
+    a, b = (
+        Pod(f"Kubernetes//Pod/mesh/{n}", n, "mesh", netns=_netns_file(tmp_path, n), in_mesh=True)
+        for n in ("a", "b")
+    )
+    state = MeshState(
+        workloads=(_workload("a", "a", "127.0.0.11"), _workload("b", "b", "127.0.0.12"))
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await source.send.send(PodSnapshot((a, b), state))
+        await trio.sleep(5)
+        assert set(agent.proxies) == {a.uid}  # a runs, b's redirection is still going in
+        assert "proxy: workload proxies not started" in agent.readiness()
+        gate.set()
+        while agent.readiness():  # noqa: ASYNC110 - b enrolled, certificates issued
+            await trio.sleep(0.5)
+        assert set(agent.proxies) == {a.uid, b.uid}
         nursery.cancel_scope.cancel()
