@@ -782,7 +782,7 @@ async def test_a_shared_agent_is_not_ready_before_its_first_pass_enrolled_every_
         for n in ("a", "b")
     )
     state = MeshState(
-        workloads=(_workload("a", "a", "127.0.0.11"), _workload("b", "b", "127.0.0.12"))
+        workloads=(_workload("a", "default", "127.0.0.11"), _workload("b", "default", "127.0.0.12"))
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent.run)
@@ -791,7 +791,8 @@ async def test_a_shared_agent_is_not_ready_before_its_first_pass_enrolled_every_
         assert set(agent.proxies) == {a.uid}  # a runs, b's redirection is still going in
         assert "proxy: workload proxies not started" in agent.readiness()
         gate.set()
-        while agent.readiness():  # noqa: ASYNC110 - b enrolled, certificates issued
-            await trio.sleep(0.5)
+        with trio.fail_after(60):  # virtual time: a readiness that never comes fails, not hangs
+            while agent.readiness():  # noqa: ASYNC110 - b enrolled, certificates issued
+                await trio.sleep(0.5)
         assert set(agent.proxies) == {a.uid, b.uid}
         nursery.cancel_scope.cancel()
