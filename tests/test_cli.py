@@ -97,6 +97,31 @@ def test_ebpf_mode_that_cannot_run_is_one_line_exit_2_before_anything_is_written
     assert bad.returncode == 2 and "expected one of iptables, ebpf, none" in bad.stderr
 
 
+@pytest.mark.root
+def test_ebpf_mode_without_cap_net_admin_is_one_line_exit_2(tmp_path: Path) -> None:
+    """Root whose bounding set lacks CAP_NET_ADMIN (a container granted too little): the
+    capability is named, nothing is pinned, no traceback."""
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(
+        "namespaces: {mesh: {}}\nnodes: [n1]\npods: [{name: a, namespace: mesh, node: n1}]\n"
+    )
+    pins = tmp_path / "pins"
+    drop = ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin", "--"]
+    argv = ["run", "--redirect", "ebpf", "--cluster", str(cluster), "--cluster-prefix", "zt000001"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PROXY_MODE", "LOCAL_XDS_PATH")}
+    env.update({"FAKE_CA": "true", "NODE_NAME": "n1", "ZTUNNEL_BPF_PIN_DIR": str(pins)})
+    result = subprocess.run(
+        drop + ZTUNNEL + argv, capture_output=True, text=True, env=env, timeout=30, cwd=ROOT
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (
+        "ztunnel: configuration error: REDIRECT_MODE=ebpf: missing capabilities CAP_NET_ADMIN: "
+        "run the agent as root (or grant them to its container)"
+    )
+    assert not pins.exists()
+
+
 def test_demo_redirect_mode_must_redirect_by_itself() -> None:
     from ztunnel.config import RedirectMode
     from ztunnel.demo import demo_redirect_mode

@@ -35,6 +35,7 @@ from ztunnel.redirect.ebpf import (
     EbpfUnavailable,
     bpfsys,
     clean_other_modes,
+    environment,
     layout,
     original_dst,
     tc,
@@ -951,6 +952,30 @@ def test_missing_sources_are_reported_before_anything_is_written(
     scratch = pin_root.with_name(pin_root.name + "-nosrc")
     with pytest.raises(EbpfUnavailable, match="ZTUNNEL_EBPF_DIR"):
         EbpfRedirector(pin_root=scratch, source_dir=tmp_path).prepare()
+    assert not scratch.exists()
+
+
+def test_missing_kernel_headers_are_reported_before_anything_is_written(
+    tmp_path: Path, pin_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Headers are looked for where bcc will look (here: an empty BCC_KERNEL_SOURCE)."""
+    monkeypatch.setenv(environment.HEADERS_ENV, str(tmp_path / "no-headers"))
+    scratch = pin_root.with_name(pin_root.name + "-nohdr")
+    with pytest.raises(EbpfUnavailable, match=r"kernel headers for .* not found at .*no-headers"):
+        EbpfRedirector(pin_root=scratch).prepare()
+    assert not scratch.exists()
+
+
+def test_missing_bcc_is_reported_before_anything_is_written(
+    tmp_path: Path, pin_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No bcc in the venv and none where Debian's python3-bpfcc puts it."""
+    for name in [m for m in sys.modules if m == "bcc" or m.startswith("bcc.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(environment, "BCC_DIRS", (str(tmp_path),))
+    scratch = pin_root.with_name(pin_root.name + "-nobcc")
+    with pytest.raises(EbpfUnavailable, match=r"bcc is not usable .*apt-get install python3-bpfcc"):
+        EbpfRedirector(pin_root=scratch).prepare()
     assert not scratch.exists()
 
 

@@ -155,11 +155,12 @@ def headers_present(release: str) -> bool:
     ).exists()
 
 
-def import_bcc(dirs: Sequence[str] = BCC_DIRS) -> ModuleType:
+def import_bcc(dirs: Sequence[str] | None = None) -> ModuleType:
     """The ``bcc`` module: from the venv if it has one, else Debian's python3-bpfcc package.
 
     Raises ImportError (or OSError when libbcc.so is missing) like a plain import would.
     """
+    dirs = BCC_DIRS if dirs is None else dirs  # read at call time: tests point it elsewhere
     loaded = sys.modules.get("bcc")
     if loaded is not None:
         return loaded
