@@ -118,7 +118,8 @@ def test_demo_runs_traffic_explains_it_and_cleans_up(mode: str) -> None:
     # (a deleted netns releases its tc filters asynchronously: allow it a few seconds).
     assert not list(BPF_ROOT.glob(f"{prefix}-*"))
     progs, links = _bpf_ids(out)
-    mesh_pods = len(re.findall(r"^    pod .* in the mesh$", out, re.M))
+    mesh_pods = len(re.findall(r"^    pod .*(?<!not) in the mesh$", out, re.M))
+    assert mesh_pods == 6, out
     assert len(progs) == 8 and len(links) == mesh_pods  # 4 programs per agent, a link per pod
     deadline = time.monotonic() + 15
     while (alive := _loaded(progs, links)) and time.monotonic() < deadline:
