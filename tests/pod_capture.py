@@ -11,9 +11,9 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from cluster_mesh import Mesh
-
+from ztunnel.cluster.net import ClusterNet
 from ztunnel.redirect import iptables
 from ztunnel.redirect.ebpf import tc
 from ztunnel.redirect.ebpf.redirector import netns_cookie, pod_dir_name
@@ -25,6 +25,13 @@ EXPECTED_HOOKS = [
     ("eth0", "ingress", "zt_ingress"),
     ("lo", "ingress", "zt_loopback"),
 ]
+
+
+class Mesh(Protocol):
+    """A running simulated cluster (cluster file or Kubernetes way) and its agents' mode."""
+
+    net: ClusterNet
+    mode: str
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,12 @@ def assert_captured_once(mesh: Mesh, pod: str) -> PodCapture:
         assert all(f.ours for f in got.filters)
         assert len(got.links) == 1 and (got.pin_dir / "sk_lookup").exists()
     return got
+
+
+def is_captured(mesh: Mesh, pod: str) -> bool:
+    """The mesh's mode is installed in the pod (a quick look, for waiting on an agent)."""
+    got = pod_capture(mesh, pod)
+    return not got.rules.empty if mesh.mode == "iptables" else bool(got.filters)
 
 
 def is_untouched(mesh: Mesh, pod: str) -> bool:
