@@ -68,7 +68,7 @@ def _loaded(progs: set[int], links: set[int]) -> set[str]:
 def test_demo_runs_traffic_explains_it_and_cleans_up(mode: str) -> None:
     mode_param(mode)
     argv = [*DEMO, "--redirect", mode]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     lines = out.splitlines()

@@ -567,7 +567,9 @@ class Demo:
         self.waypoints = start_waypoints(net, path, ca)
         self.programs = apps.start_pod_programs(net)
         for agent in self.agents.values():
-            wait_ready(agent, timeout=30)
+            # Returns as soon as ready (seconds); the bound only matters on a machine so busy
+            # that starting every process and compiling the BPF programs takes a minute.
+            wait_ready(agent, timeout=90)
         for wp in self.waypoints.values():
             wait_waypoint_ready(wp, timeout=20)
         describe_redirection(self.agents, out)
