@@ -10,13 +10,31 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from ztunnel.cluster import apps
-from ztunnel.cluster.net import ClusterNet, running_cluster
+from ztunnel.cluster.net import BPF_ROOT, ClusterNet, running_cluster
+from ztunnel.redirect.ebpf import EbpfUnavailable, check_environment
+from ztunnel.redirect.ebpf.build import default_source_dir
 from ztunnel.sources.clusterfile.spec import loads_spec
 from ztunnel.testing.ca_service import CAService, start_ca_service
 from ztunnel.testing.harness import AgentProcess, start_agent, stop_agents, wait_ready
 
 APPS = ["python", "-m", "ztunnel.cluster.apps"]
+
+
+MODES = ("iptables", "ebpf")
+
+
+def mode_param(mode: str) -> str:
+    """A redirect mode as a test parameter: eBPF skips, with the reason, where the machine
+    cannot run it (Linux < 6.5, no bcc or headers); scripts/install.sh provides it."""
+    if mode == "ebpf":
+        try:
+            check_environment(BPF_ROOT, default_source_dir())
+        except EbpfUnavailable as exc:
+            pytest.skip(f"eBPF mode unavailable here: {exc}")
+    return mode
 
 
 @dataclass
@@ -25,6 +43,11 @@ class Mesh:
     path: Path
     ca: CAService  # ztunnel ca serve: no agent holds a CA key
     agents: dict[str, AgentProcess]
+    mode: str = "iptables"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"REDIRECT_MODE": self.mode}
 
     def ip(self, pod: str) -> str:
         return str(self.net.pod(pod).ip)
@@ -40,13 +63,14 @@ class Mesh:
 
     def restart(self, node: str) -> None:
         self.agents[node].stop()
-        self.agents[node] = start_agent(self.net, node, self.path, self.ca)
-        wait_ready(self.agents[node], 20)
+        self.agents[node] = start_agent(self.net, node, self.path, self.ca, extra_env=self.env)
+        wait_ready(self.agents[node], 30)
 
 
 @contextmanager
-def cluster_mesh(text: str, listening: dict[str, int]) -> Iterator[Mesh]:
-    """Build the cluster from ``text``, run an agent per node, wait for the pods' servers."""
+def cluster_mesh(text: str, listening: dict[str, int], mode: str = "iptables") -> Iterator[Mesh]:
+    """Build the cluster from ``text``, run an agent per node (redirecting with ``mode``),
+    wait for the pods' servers."""
     with tempfile.TemporaryDirectory() as tmp, running_cluster(loads_spec(text)) as net:
         path = Path(tmp) / "cluster.yaml"
         path.write_text(text)
@@ -54,21 +78,24 @@ def cluster_mesh(text: str, listening: dict[str, int]) -> Iterator[Mesh]:
         programs = apps.start_pod_programs(net)
         agents: dict[str, AgentProcess] = {}
         try:
+            env = {"REDIRECT_MODE": mode}
             for node in net.nodes:
-                agents[node] = start_agent(net, node, path, ca)
+                agents[node] = start_agent(net, node, path, ca, extra_env=env)
             for agent in agents.values():
-                wait_ready(agent, 20)
+                wait_ready(agent, 30)
             for pod, port in listening.items():
                 apps.wait_listening(net, pod, port, timeout=10)
-            yield Mesh(net, path, ca, agents)
+            yield Mesh(net, path, ca, agents, mode)
         finally:
             stop_agents(agents)
             ca.stop()
             apps.stop_programs(programs)
 
 
-def send(mesh: Mesh, pod: str, to: str, nbytes: int = 100_000) -> dict[str, object]:
-    argv = [*APPS, "send", "--to", to, "--bytes", str(nbytes), "--timeout", "8"]
+def send(
+    mesh: Mesh, pod: str, to: str, nbytes: int = 100_000, timeout: float = 8
+) -> dict[str, object]:
+    argv = [*APPS, "send", "--to", to, "--bytes", str(nbytes), "--timeout", str(timeout)]
     proc = apps.run_in_pod(mesh.net, pod, argv, timeout=20)
     result: dict[str, object] = json.loads(proc.stdout)
     return result

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from cluster_mesh import APPS
 from cluster_mesh import until as _until
+from pod_capture import is_captured, is_untouched
 
 from ztunnel.cluster import apps, cgroups
 from ztunnel.cluster.kubelet import Kubelet, running_pods
@@ -48,6 +49,7 @@ class KubeMesh:
     api: KubeApi
     ca: CAService
     agents: dict[str, AgentProcess]
+    mode: str = "iptables"  # the agents' REDIRECT_MODE
 
     def ip(self, pod: str) -> str:
         return str(self.net.pod(pod).ip)
@@ -79,10 +81,10 @@ class KubeMesh:
             return sock.connect_ex(("127.0.0.1", port)) == 0
 
     def enrolled(self, key: str) -> bool:
-        return "ISTIO_OUTPUT" in self.iptables_save(key) and self.listening(key, 15008)
+        return is_captured(self, key) and self.listening(key, 15008)
 
     def unenrolled(self, key: str) -> bool:
-        return "ISTIO" not in self.iptables_save(key) and not self.listening(key, 15008)
+        return is_untouched(self, key) and not self.listening(key, 15008)
 
     def send(self, pod: str, to: str, nbytes: int = 50_000) -> dict[str, Any]:
         argv = [*APPS, "send", "--to", to, "--bytes", str(nbytes), "--timeout", "8"]
@@ -117,10 +119,12 @@ def require_cgroup_v2() -> None:
 
 
 @contextmanager
-def kube_mesh(text: str, listening: dict[str, int], *, api_up: bool = True) -> Iterator[KubeMesh]:
+def kube_mesh(
+    text: str, listening: dict[str, int], *, api_up: bool = True, mode: str = "iptables"
+) -> Iterator[KubeMesh]:
     """Build the cluster, its pods (kubelet-style), the CA service and the API server, and
-    start an agent per node (ready, unless ``api_up`` is False: then the API server is
-    down while they start). Everything is torn down on exit."""
+    start an agent per node redirecting with ``mode`` (ready, unless ``api_up`` is False:
+    then the API server is down while they start). Everything is torn down on exit."""
     require_cgroup_v2()
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -137,8 +141,9 @@ def kube_mesh(text: str, listening: dict[str, int], *, api_up: bool = True) -> I
                 if not api_up:
                     api.thread.run(api.server.stop)
                 for node in net.nodes:
-                    agents[node] = start_kube_agent(net, node, api.kubeconfig, ca)
-                mesh = KubeMesh(net, kubelet, api, ca, agents)
+                    env = {"REDIRECT_MODE": mode}
+                    agents[node] = start_kube_agent(net, node, api.kubeconfig, ca, extra_env=env)
+                mesh = KubeMesh(net, kubelet, api, ca, agents, mode)
                 if api_up:
                     mesh.wait_all_ready()
                 try:

@@ -72,6 +72,41 @@ DUMP: dict[str, object] = {
     ],
 }
 
+# What a shared-mode agent adds: per pod the redirection installed, and the agent-wide part.
+EBPF_POD = {
+    "mode": "ebpf",
+    "installed": True,
+    "programs": [
+        {"device": "lo", "direction": "ingress", "id": 901, "name": "zt_loopback"},
+        {"device": "eth0", "direction": "ingress", "id": 899, "name": "zt_ingress"},
+        {"device": "eth0", "direction": "egress", "id": 900, "name": "zt_egress"},
+    ],
+    "sk_lookup": {"link_id": 647, "prog_id": 902, "attached": True, "current": True},
+    "build": "faa4a9d54502",
+}
+DUMP["workloadState"] = {
+    "c//Pod/default/shell": {
+        "state": "Up",
+        "info": {"name": "shell", "namespace": "default", "serviceAccount": "sleep"},
+        "redirection": EBPF_POD,
+    },
+    "c//Pod/echo/echo-1": {
+        "state": "Up",
+        "info": {"name": "echo-1", "namespace": "echo", "serviceAccount": "default"},
+        "redirection": {"mode": "ebpf", "error": "tc: not found"},
+    },
+}
+DUMP["redirection"] = {
+    "mode": "ebpf",
+    "pin_dir": "/sys/fs/bpf/ztunnel",
+    "build": "faa4a9d54502",
+    "maps": [
+        {"name": "zt_config", "type": "array", "max_entries": 1},
+        {"name": "zt_handoff", "type": "sockhash", "max_entries": 1024},
+    ],
+    "counters": {"inbound_captured": 3, "outbound_captured": 5},
+}
+
 
 @pytest.fixture
 async def admin_url() -> AsyncIterator[str]:
@@ -152,6 +187,33 @@ async def test_json_and_yaml_output(admin_url: str) -> None:
     assert code == 0 and json.loads(out) == DUMP["workloads"]
     _, out, _ = await run("-o", "yaml", "--admin", admin_url, "policies")
     assert yaml.safe_load(out) == DUMP["policies"]
+
+
+async def test_redirection_shows_each_pods_programs_and_the_maps(admin_url: str) -> None:
+    code, out, _ = await run("--admin", admin_url, "redirection")
+    assert code == 0
+    header, shell, echo, summary = out.splitlines()
+    assert header.split() == ["NAMESPACE", "NAME", "MODE", "INSTALLED", "DETAIL"]
+    assert shell.split() == [
+        "default",
+        "shell",
+        "ebpf",
+        "True",
+        "lo/ingress=zt_loopback#901",
+        "eth0/ingress=zt_ingress#899",
+        "eth0/egress=zt_egress#900",
+        "sk_lookup=link#647",
+    ]
+    assert echo.split()[:3] == ["echo", "echo-1", "ebpf"] and "error: tc: not found" in echo
+    assert summary == (
+        "(mode ebpf; build faa4a9d54502 pinned in /sys/fs/bpf/ztunnel; "
+        "maps: zt_config array 1 entries, zt_handoff sockhash 1024 entries; "
+        "counters: inbound_captured=3, outbound_captured=5)"
+    )
+    _, out, _ = await run("--admin", admin_url, "redirection", "-o", "json")
+    data = json.loads(out)
+    assert data["redirection"] == DUMP["redirection"]
+    assert {p["name"]: p["redirection"] for p in data["pods"]}["shell"] == EBPF_POD
 
 
 async def test_log_subcommand(admin_url: str) -> None:

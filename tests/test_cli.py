@@ -75,6 +75,67 @@ def test_bad_settings_exit_2_naming_the_setting(env: dict[str, str], needle: str
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_ebpf_mode_that_cannot_run_is_one_line_exit_2_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    """Without root the missing capabilities are named, as root the missing bpffs (the pin
+    directory is a plain directory here): either way one line, and nothing pinned."""
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(
+        "namespaces: {mesh: {}}\nnodes: [n1]\npods: [{name: a, namespace: mesh, node: n1}]\n"
+    )
+    pins = tmp_path / "pins"
+    argv = ["run", "--redirect", "ebpf", "--cluster", str(cluster), "--cluster-prefix"]
+    env = {"FAKE_CA": "true", "NODE_NAME": "n1", "ZTUNNEL_BPF_PIN_DIR": str(pins)}
+    result = run([*argv, "zt000000"], env)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("ztunnel: configuration error: REDIRECT_MODE=ebpf: ")
+    assert ("missing capabilities" in line) if os.geteuid() else ("no bpf filesystem" in line)
+    assert not pins.exists()
+    bad = run(["run", "--redirect", "nftables"])
+    assert bad.returncode == 2 and "expected one of iptables, ebpf, none" in bad.stderr
+
+
+@pytest.mark.root
+def test_ebpf_mode_without_cap_net_admin_is_one_line_exit_2(tmp_path: Path) -> None:
+    """Root whose bounding set lacks CAP_NET_ADMIN (a container granted too little): the
+    capability is named, nothing is pinned, no traceback."""
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(
+        "namespaces: {mesh: {}}\nnodes: [n1]\npods: [{name: a, namespace: mesh, node: n1}]\n"
+    )
+    pins = tmp_path / "pins"
+    drop = ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin", "--"]
+    argv = ["run", "--redirect", "ebpf", "--cluster", str(cluster), "--cluster-prefix", "zt000001"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PROXY_MODE", "LOCAL_XDS_PATH")}
+    env.update({"FAKE_CA": "true", "NODE_NAME": "n1", "ZTUNNEL_BPF_PIN_DIR": str(pins)})
+    result = subprocess.run(
+        drop + ZTUNNEL + argv, capture_output=True, text=True, env=env, timeout=30, cwd=ROOT
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (
+        "ztunnel: configuration error: REDIRECT_MODE=ebpf: missing capabilities CAP_NET_ADMIN: "
+        "run the agent as root (or grant them to its container)"
+    )
+    assert not pins.exists()
+
+
+def test_demo_redirect_mode_must_redirect_by_itself() -> None:
+    from ztunnel.config import RedirectMode
+    from ztunnel.demo import demo_redirect_mode
+    from ztunnel.errors import ConfigError
+
+    assert demo_redirect_mode(None, {}) is RedirectMode.IPTABLES
+    assert demo_redirect_mode(None, {"REDIRECT_MODE": "eBPF"}) is RedirectMode.EBPF
+    assert demo_redirect_mode("iptables", {"REDIRECT_MODE": "ebpf"}) is RedirectMode.IPTABLES
+    with pytest.raises(ConfigError, match="--redirect: the demo runs with iptables or ebpf"):
+        demo_redirect_mode("none", {})
+    with pytest.raises(ConfigError, match="REDIRECT_MODE: the demo runs with iptables or ebpf"):
+        demo_redirect_mode(None, {"REDIRECT_MODE": "nft"})
+
+
 def test_bad_local_config_names_file_and_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("workloads:\n- name: x\n  namespace: ns\n  workloadIps: ['10.0.0.300']\n")

@@ -20,6 +20,7 @@ from ztunnel.model.workload import TunnelProtocol
 from ztunnel.policy.istio import read_policy_dir
 from ztunnel.redirect.base import NoRedirector
 from ztunnel.redirect.iptables import IptablesRedirector
+from ztunnel.redirect.modes import ModeSwitch
 from ztunnel.sources.clusterfile.source import ClusterFileSource
 
 SMALL = textwrap.dedent(
@@ -234,14 +235,22 @@ def test_attach_rejects_a_bad_policy_dir_naming_the_file(tmp_path: Path) -> None
 def test_the_redirect_mode_chooses_the_redirector(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(SMALL)
-    controller = attach_cluster_source(_agent(), str(path), "zt000000", None)
-    assert isinstance(controller.redirector, IptablesRedirector)
-    assert controller.redirector.config.outbound_port == 15001
+    agent = _agent()
+    controller = attach_cluster_source(agent, str(path), "zt000000", None)
+    assert isinstance(controller.redirector, ModeSwitch)  # iptables, and cleans eBPF leftovers
+    inner = controller.redirector.inner
+    assert isinstance(inner, IptablesRedirector) and inner.config.outbound_port == 15001
+    # config_dump names the mode (each enrolled pod's entry adds what was installed).
+    assert agent.config_dump()["redirection"] == {
+        "mode": "iptables",
+        "ipv6": False,
+        "dnsCapture": False,
+    }
     agent = _agent(redirect_mode=RedirectMode.NONE)
     assert isinstance(
         attach_cluster_source(agent, str(path), "zt000000", None).redirector, NoRedirector
     )
-    with pytest.raises(ConfigError, match="iptables, none"):
+    with pytest.raises(ConfigError, match="iptables, ebpf, none"):
         Config.from_sources({"REDIRECT_MODE": "nftables"})
 
 

@@ -146,6 +146,8 @@ def test_a_local_ca_or_no_istiod_means_no_remote_ca() -> None:
         ({"INPOD_UDS": "/s", "PROXY_MODE": "dedicated", "PROXY_WORKLOAD_INFO": "a/b/c"},
          "INPOD_UDS"),
         ({"INPOD_UDS": "/s", "REDIRECT_MODE": "iptables"}, "REDIRECT_MODE"),
+        ({"INPOD_UDS": "/s", "REDIRECT_MODE": "ebpf"}, "REDIRECT_MODE"),  # istio-cni's job
+        ({"ZTUNNEL_BPF_PIN_DIR": "relative/pins"}, "ZTUNNEL_BPF_PIN_DIR"),
         ({"ISTIO_METAJSON_X": "{"}, "ISTIO_METAJSON_X"),
     ],
 )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -12,7 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_mesh import MODES, mode_param
 
+from ztunnel.cluster.net import BPF_ROOT
+from ztunnel.redirect.ebpf import bpfsys
 from ztunnel.redirect.netns import list_named
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +40,35 @@ def _leftovers(prefix: str) -> list[str]:
     return [n for n in list_named() if n.startswith(prefix)]
 
 
+def _bpf_ids(output: str) -> tuple[set[int], set[int]]:
+    """The program and sk_lookup link ids the demo's agents reported (eBPF mode)."""
+    progs = {int(i) for i in re.findall(r"zt_[a-z_]+#(\d+)", output)}
+    links = {int(i) for i in re.findall(r"sk_lookup link #(\d+)", output)}
+    return progs, links
+
+
+def _loaded(progs: set[int], links: set[int]) -> set[str]:
+    """Which of these programs and links the kernel still holds."""
+    alive = set()
+    for prog_id in progs:
+        try:
+            os.close(bpfsys.prog_fd_by_id(prog_id))
+            alive.add(f"prog {prog_id}")
+        except bpfsys.BpfError:
+            pass
+    listed = subprocess.run(
+        ["bpftool", "-j", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    alive |= {f"link {li['id']}" for li in json.loads(listed or "[]") if li["id"] in links}
+    return alive
+
+
 @pytest.mark.root
-def test_demo_runs_traffic_explains_it_and_cleans_up() -> None:
-    proc = subprocess.run(DEMO, capture_output=True, text=True, timeout=90, env=_env(), cwd=ROOT)
+@pytest.mark.parametrize("mode", MODES)
+def test_demo_runs_traffic_explains_it_and_cleans_up(mode: str) -> None:
+    mode_param(mode)
+    argv = [*DEMO, "--redirect", mode]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     lines = out.splitlines()
@@ -76,7 +106,25 @@ def test_demo_runs_traffic_explains_it_and_cleans_up() -> None:
     # Binomial(100, 0.1): 0 or over 30 canary answers happen less than 3 times in 100,000.
     assert v1 + v2 == 100 and 1 <= v2 <= 30, (v1, v2)
     assert "around the waypoint: refused by the pod's agent" in out
-    assert not _leftovers(_prefix(out))
+    prefix = _prefix(out)
+    assert not _leftovers(prefix)
+    # What each agent installed, per mesh pod, as its config_dump reported it.
+    if mode == "iptables":
+        assert "demo/client: iptables chains ISTIO_OUTPUT, ISTIO_PRERT" in out
+        return
+    hooks = "eBPF lo ingress zt_loopback, eth0 ingress zt_ingress, eth0 egress zt_egress"
+    assert f"demo/client: {hooks}; sk_lookup link #" in out
+    # Nothing left attached: no pins, and the programs and links are gone from the kernel
+    # (a deleted netns releases its tc filters asynchronously: allow it a few seconds).
+    assert not list(BPF_ROOT.glob(f"{prefix}-*"))
+    progs, links = _bpf_ids(out)
+    mesh_pods = len(re.findall(r"^    pod .*(?<!not) in the mesh$", out, re.M))
+    assert mesh_pods == 6, out
+    assert len(progs) == 8 and len(links) == mesh_pods  # 4 programs per agent, a link per pod
+    deadline = time.monotonic() + 15
+    while (alive := _loaded(progs, links)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive
 
 
 def _agent_environments(prefix: str) -> dict[str, dict[str, str]]:

@@ -5,7 +5,9 @@ capability proven necessary with the exact set the manifest grants."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -18,7 +20,9 @@ import pytest
 import yaml
 
 import ztunnel.sources.kubernetes as k8s
-from ztunnel.config import Config, parse_address, termination_deadline
+from ztunnel.config import Config, RedirectMode, parse_address, termination_deadline
+from ztunnel.redirect.ebpf.build import SOURCE_DIR_ENV, remove_tree
+from ztunnel.redirect.ebpf.environment import HEADERS_ENV, TOOLS
 from ztunnel.sources.kubernetes.annotate import annotate_enrolled
 from ztunnel.sources.kubernetes.client import ApiClient
 from ztunnel.sources.kubernetes.derive import Settings
@@ -90,7 +94,29 @@ def test_mounts_match_what_the_code_opens() -> None:
     assert mounts[values["HOST_PROC"]]["hostPath"]["path"] == "/proc"
     assert "secret" in mounts[values["CA_DIR"]]
     assert "emptyDir" in mounts["/tmp"]  # read-only root: temp files (kubeconfig data)
-    assert len(mounts) == 3, "every mount is used by the code"
+    # eBPF mode pins under the host's bpffs (a restarted agent finds its programs there).
+    pins = Path(values.get("ZTUNNEL_BPF_PIN_DIR", Config().bpf_pin_dir))
+    assert mounts["/sys/fs/bpf"]["hostPath"]["path"] == "/sys/fs/bpf"
+    assert pins.is_relative_to("/sys/fs/bpf")
+    assert len(mounts) == 4, "every mount is used by the code"
+
+
+def test_the_image_carries_what_ebpf_mode_compiles_and_runs() -> None:
+    """bcc, the ebpf/ sources where ZTUNNEL_EBPF_DIR points, a header tree where
+    BCC_KERNEL_SOURCE points, and the commands eBPF mode runs (environment.TOOLS)."""
+    text = (ROOT / "Dockerfile").read_text()
+    envs = dict(re.findall(r"(\w+)=(/\S+)", text.split("\nENV ", 1)[1].split("\n\n", 1)[0]))
+    assert set(envs) == {SOURCE_DIR_ENV, HEADERS_ENV}
+    assert f"COPY ebpf {envs[SOURCE_DIR_ENV]}" in text
+    assert f'cp -rsf "$tree/." {envs[HEADERS_ENV]}/' in text
+    for package in ("python3-bpfcc", "bpftool", "linux-headers-", "iproute2", "procps"):
+        assert package in text, package
+    assert set(TOOLS) <= {"tc", "ip", "nsenter", "sysctl"}  # iproute2, util-linux, procps
+    values = env()
+    assert Config.from_sources({"REDIRECT_MODE": values["REDIRECT_MODE"]}).redirect_mode in (
+        RedirectMode.IPTABLES,
+        RedirectMode.EBPF,
+    )
 
 
 def test_ports_and_probe_match_the_agent() -> None:
@@ -260,3 +286,55 @@ def test_each_granted_capability_is_needed() -> None:
         sleeper.kill()
         sleeper.wait()
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+EBPF_PROBE = r"""
+import json, sys
+from pathlib import Path
+from ztunnel.model.pod import Pod
+from ztunnel.redirect.ebpf import EbpfRedirector, tc
+from ztunnel.redirect.netns import NetNamespace
+redirector = EbpfRedirector(pin_root=Path(sys.argv[2]))
+with NetNamespace.open(sys.argv[1]) as ns:
+    redirector.install(ns, Pod(uid="u", name="app", namespace="demo"))
+    hooks = sorted(f"{a.device} {a.direction} {a.prog_name}" for a in tc.ours(ns))
+    link = redirector.describe(ns)["sk_lookup"]
+    removed = redirector.remove(ns)
+print(json.dumps({"hooks": hooks, "link": bool(link and link["attached"]), "removed": removed}))
+"""
+
+
+@pytest.mark.root
+def test_ebpf_mode_runs_with_exactly_the_granted_capabilities() -> None:
+    """Compile, load, pin, attach (tc, sk_lookup link) and detach in a pod netns, with no
+    capability but the manifest's: CAP_BPF and CAP_PERFMON are not needed on top."""
+    if os.system("command -v setpriv >/dev/null") != 0:
+        pytest.skip("setpriv (util-linux) is not installed")
+    tag = secrets.token_hex(3)
+    name, pins = f"zt{tag}-ebpfcaps", Path(f"/sys/fs/bpf/ztunnel-caps-{tag}")
+    peer = f"zt{tag}-ebpfpeer"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "netns", "add", peer], check=True)
+    try:
+        veth = ["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer]
+        subprocess.run(["ip", "-n", name, *veth], check=True)
+        granted = set(container()["securityContext"]["capabilities"]["add"])
+        bounding = ",".join(["-all", *(f"+{c.lower()}" for c in sorted(granted))])
+        setpriv = ["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all"]
+        proc = subprocess.run(
+            [*setpriv, sys.executable, "-c", EBPF_PROBE, f"/var/run/netns/{name}", str(pins)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == {
+            "hooks": ["eth0 egress zt_egress", "eth0 ingress zt_ingress", "lo ingress zt_loopback"],
+            "link": True,
+            "removed": True,
+        }
+    finally:
+        remove_tree(pins)
+        for netns in (name, peer):
+            subprocess.run(["ip", "netns", "del", netns], check=False)

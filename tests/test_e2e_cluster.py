@@ -1,6 +1,7 @@
 """End to end in the simulated cluster: real agent processes (one per node netns), real pods.
 
-Each test gets its own cluster (unique prefix) and its own agents, always torn down.
+Each test gets its own cluster (unique prefix) and its own agents, always torn down, and
+runs once per redirect mode (iptables, eBPF): the outcomes must be the same.
 """
 
 from __future__ import annotations
@@ -9,20 +10,20 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_mesh import APPS, Mesh, cluster_mesh, send, until
+from cluster_mesh import APPS, MODES, Mesh, cluster_mesh, mode_param, send, until
+from pod_capture import assert_captured_once, is_untouched, pod_capture
 
 from ztunnel.cluster import apps
 from ztunnel.cluster.net import ClusterNet
 from ztunnel.redirect import iptables
-from ztunnel.testing.harness import (
-    recreate_pod_netns,
-)
+from ztunnel.testing.harness import config_dump, recreate_pod_netns
 
 pytestmark = pytest.mark.root
 
@@ -53,19 +54,15 @@ CLUSTER = textwrap.dedent(
         ports: [8080]
     """
 )
+CLI = [sys.executable, "-m", "ztunnel.cli"]
 NOT_AMBIENT = CLUSTER.replace("mesh: {labels: {istio.io/dataplane-mode: ambient}}", "mesh: {}")
-EXPECTED_RULES = iptables.expected_state(iptables.InpodConfig())
 
 
-@pytest.fixture
-def mesh() -> Iterator[Mesh]:
-    with cluster_mesh(CLUSTER, {"b": 8080, "w": 9090, "p": 8080}) as m:
+@pytest.fixture(params=MODES)
+def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    mode = mode_param(request.param)
+    with cluster_mesh(CLUSTER, {"b": 8080, "w": 9090, "p": 8080}, mode) as m:
         yield m
-
-
-def _iptables_save(mesh: Mesh, pod: str) -> str:
-    with mesh.net.open_netns(mesh.net.pod(pod)) as ns:
-        return ns.run(["iptables-save"]).stdout
 
 
 def _listening(mesh: Mesh, pod: str, port: int) -> bool:
@@ -169,7 +166,7 @@ def test_server_sees_the_client_pod_ip(mesh: Mesh) -> None:
 
 def test_non_ambient_pods_are_not_captured(mesh: Mesh) -> None:
     for pod in ("p", "q"):
-        assert "ISTIO" not in _iptables_save(mesh, pod)
+        assert is_untouched(mesh, pod)  # no rules, no programs, no pins, no link
         assert not _listening(mesh, pod, 15001)
     before = len(mesh.records())
     result = send(mesh, "q", f"{mesh.ip('p')}:8080")
@@ -179,27 +176,57 @@ def test_non_ambient_pods_are_not_captured(mesh: Mesh) -> None:
     assert not [r for r in new if mesh.ip("q") in str(r.get("src.addr"))], new
 
 
-def test_installed_rules_equal_the_expected_rule_set(mesh: Mesh) -> None:
-    saved = _iptables_save(mesh, "a")
-    assert iptables.parse_save(saved) == EXPECTED_RULES
-    ours = [line for line in saved.splitlines() if "ISTIO_" in line and line.startswith("-A")]
-    expected = [
-        line for line in iptables.render_rules(iptables.InpodConfig()).splitlines()
-        if line.startswith("-A")
-    ]  # fmt: skip
-    assert sorted(ours) == sorted(expected)  # verbatim, and nothing twice
-    with mesh.net.open_netns(mesh.net.pod("a")) as ns:
-        rules = ns.run(["ip", "rule", "show"]).stdout
-        route = ns.run(["ip", "route", "show", "table", "100"]).stdout
-    assert "fwmark 0x111/0xfff lookup 100" in rules
-    assert "local" in route
+def test_installed_redirection_is_exactly_the_expected_one(mesh: Mesh) -> None:
+    got = assert_captured_once(mesh, "a")  # the ip rule and local route in both modes
+    dump = config_dump(mesh.agents["n1"])
+    shown = dump["workloadState"]["Kubernetes//Pod/mesh/a"]["redirection"]
+    assert shown["mode"] == dump["redirection"]["mode"] == mesh.mode
+    assert shown["installed"] is True
+    if mesh.mode == "iptables":
+        ours = [
+            line
+            for line in got.iptables_save.splitlines()
+            if "ISTIO_" in line and line.startswith("-A")
+        ]
+        expected = [
+            line for line in iptables.render_rules(iptables.InpodConfig()).splitlines()
+            if line.startswith("-A")
+        ]  # fmt: skip
+        assert sorted(ours) == sorted(expected)  # verbatim, and nothing twice
+        assert shown["current"] is True
+        return
+    # What the agent reports is what the kernel holds.
+    assert {(p["device"], p["direction"]): p["id"] for p in shown["programs"]} == got.prog_ids
+    assert shown["sk_lookup"]["link_id"] == got.links[0]
+    assert dump["redirection"]["build"] == shown["build"]
+    sizes = {m["name"]: m["max_entries"] for m in dump["redirection"]["maps"]}
+    assert sizes == {"zt_config": 1, "zt_stats": 7, "zt_handoff": 1024}
+    # The counters are read live: a's outbound connection is counted.
+    before = dump["redirection"]["counters"]["outbound_captured"]
+    assert send(mesh, "a", f"{mesh.ip('b')}:8080", 1000)["ok"]
+    after = config_dump(mesh.agents["n1"])["redirection"]["counters"]["outbound_captured"]
+    assert after == before + 1
+    # ztunnel ctl shows the same, per pod.
+    node = mesh.agents["n1"].node.netns_path
+    ctl = subprocess.run(
+        ["nsenter", f"--net={node}", "--", *CLI, "ctl", "redirection"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env=mesh.agents["n1"].env,
+    ).stdout
+    row = next(line.split() for line in ctl.splitlines() if line.startswith("mesh "))
+    assert row[:4] == ["mesh", "a", "ebpf", "True"]
+    assert f"eth0/egress=zt_egress#{got.prog_ids[('eth0', 'egress')]}" in row
+    assert "maps: zt_config array 1 entries" in ctl
 
 
 # -- lifecycle -------------------------------------------------------------------------
 
 
 def _until_unenrolled(mesh: Mesh, pod: str) -> None:
-    until(lambda: "ISTIO" not in _iptables_save(mesh, pod), f"rules removed from {pod}")
+    until(lambda: is_untouched(mesh, pod), f"redirection removed from {pod}")
     until(lambda: not _listening(mesh, pod, 15008), f"{pod}'s listeners closed")
 
 
@@ -214,20 +241,29 @@ def test_editing_namespace_labels_enrolls_and_unenrolls_live_pods(mesh: Mesh) ->
     assert len(mesh.records()) == before
     mesh.path.write_text(CLUSTER)
     until(lambda: _listening(mesh, "a", 15008) and _listening(mesh, "b", 15008), "re-enroll")
-    assert iptables.parse_save(_iptables_save(mesh, "a")) == EXPECTED_RULES
+    assert_captured_once(mesh, "a")
     assert send(mesh, "a", f"{mesh.ip('b')}:8080")["ok"]
     until(lambda: len(mesh.records()) >= before + 2, "access logs of the meshed connection")
 
 
 def test_agent_restart_reuses_rules_without_duplicates(mesh: Mesh) -> None:
+    before = assert_captured_once(mesh, "a")
     mesh.agents["n1"].stop()
-    # Fail closed: the rules stay, a's traffic has nowhere to go while its agent is away.
-    assert iptables.parse_save(_iptables_save(mesh, "a")) == EXPECTED_RULES
-    assert not send(mesh, "a", f"{mesh.ip('b')}:8080", 1000)["ok"]
+    # Fail closed: the redirection stays, a's traffic has nowhere to go while its agent is away.
+    while_away = pod_capture(mesh, "a")
+    assert (while_away.rules, while_away.prog_ids, while_away.links) == (
+        before.rules,
+        before.prog_ids,
+        before.links,
+    )
+    assert not send(mesh, "a", f"{mesh.ip('b')}:8080", 1000, timeout=3)["ok"]
     mesh.restart("n1")
-    saved = _iptables_save(mesh, "a")
-    assert iptables.parse_save(saved) == EXPECTED_RULES
-    assert saved.count("-A OUTPUT -j ISTIO_OUTPUT") == 2  # mangle + nat, once each
+    after = assert_captured_once(mesh, "a")
+    assert after.iptables_save.count("-A OUTPUT -j ISTIO_OUTPUT") == (
+        2 if mesh.mode == "iptables" else 0
+    )  # mangle + nat, once each
+    # eBPF: the very programs and link the first agent attached (pinned, reused, not reloaded)
+    assert after.prog_ids == before.prog_ids and after.links == before.links
     assert any(
         r.get("message") == "pod enrolled" and r.get("rules") == "reused"
         for r in mesh.agents["n1"].log_lines()
@@ -237,9 +273,12 @@ def test_agent_restart_reuses_rules_without_duplicates(mesh: Mesh) -> None:
 
 
 def test_pod_recreated_with_a_new_netns_is_reenrolled(mesh: Mesh) -> None:
+    old = pod_capture(mesh, "a")
     recreate_pod_netns(mesh.net, "mesh/a")
     until(lambda: _listening(mesh, "a", 15001), "a enrolled in its new netns")
-    assert iptables.parse_save(_iptables_save(mesh, "a")) == EXPECTED_RULES
+    assert_captured_once(mesh, "a")
+    # eBPF: the dead sandbox's pins are dropped once its proxy drained (nothing leaks)
+    until(lambda: not old.pin_dir.exists(), "the old sandbox's pins dropped")
     enrolled = [
         r
         for r in mesh.agents["n1"].log_lines()
@@ -251,3 +290,17 @@ def test_pod_recreated_with_a_new_netns_is_reenrolled(mesh: Mesh) -> None:
     assert result["ok"], result
     until(lambda: len(mesh.records("n2")) > before, "b's agent logged the meshed connection")
     assert os.path.exists(mesh.net.pod("a").netns_path)
+
+
+def test_switching_a_node_between_modes_leaves_only_the_new_ones_state() -> None:
+    """REDIRECT_MODE changed and the agent restarted: each pod holds the new mode only (the
+    old one's state is removed after the new one is in place), both ways."""
+    mode_param("ebpf")
+    with cluster_mesh(CLUSTER, {"b": 8080}, "iptables") as mesh:
+        for mode in ("ebpf", "iptables"):
+            mesh.mode = mode
+            mesh.restart("n1")
+            assert_captured_once(mesh, "a")  # and nothing of the other mode
+            result = send(mesh, "a", f"{mesh.ip('b')}:8080")
+            assert result["ok"], result
+            assert is_untouched(mesh, "q")

@@ -2,6 +2,7 @@
 
 Policies are Istio documents in the cluster file; the agents re-read the file when it changes,
 so each test starts with no policy and edits the file as an operator would apply a manifest.
+Every test runs once per redirect mode (iptables, eBPF) with the same expectations.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import textwrap
 from collections.abc import Iterator
 
 import pytest
-from cluster_mesh import Mesh, cluster_mesh, send, until
+from cluster_mesh import MODES, Mesh, cluster_mesh, mode_param, send, until
 
 from ztunnel.cluster import apps
 
@@ -67,9 +68,9 @@ policies:
 """
 
 
-@pytest.fixture
-def mesh() -> Iterator[Mesh]:
-    with cluster_mesh(CLUSTER, {"b": 8080}) as m:
+@pytest.fixture(params=MODES)
+def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    with cluster_mesh(CLUSTER, {"b": 8080}, mode_param(request.param)) as m:
         yield m
 
 

@@ -244,6 +244,21 @@ def test_kernel_version_parsing() -> None:
     assert environment.kernel_version("weird") == (0, 0)
 
 
+def test_a_merged_header_tree_named_by_bcc_kernel_source_counts_as_headers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The container image ships one merged tree and sets BCC_KERNEL_SOURCE (bcc's own
+    variable): the check looks where bcc will look, and says so when it is not there."""
+    monkeypatch.setenv(environment.HEADERS_ENV, str(tmp_path))
+    assert environment.headers_dir("6.18.44-fc") == tmp_path
+    assert not environment.headers_present("6.18.44-fc")
+    (tmp_path / "include" / "linux").mkdir(parents=True)
+    (tmp_path / "include" / "linux" / "kconfig.h").write_text("")
+    assert environment.headers_present("6.18.44-fc")
+    monkeypatch.delenv(environment.HEADERS_ENV)
+    assert environment.headers_dir("6.18.44-fc") == Path("/lib/modules/6.18.44-fc/build")
+
+
 def test_bpffs_detection_uses_the_longest_matching_mount(tmp_path: Path) -> None:
     mounts = tmp_path / "mounts"
     mounts.write_text(

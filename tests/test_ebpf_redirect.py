@@ -19,10 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from ztunnel.config import Config, RedirectMode, WorkloadInfo
+from ztunnel.errors import ConfigError
 from ztunnel.model.address import SocketAddr
 from ztunnel.model.pod import Pod
 from ztunnel.proxy import sockets
+from ztunnel.proxy.context import ProxyContext
+from ztunnel.proxy.workload_proxy import ProxyAddresses, WorkloadProxy
 from ztunnel.redirect import iptables
+from ztunnel.redirect.base import RedirectPorts
 from ztunnel.redirect.ebpf import (
     EbpfError,
     EbpfRedirector,
@@ -30,14 +35,17 @@ from ztunnel.redirect.ebpf import (
     EbpfUnavailable,
     bpfsys,
     clean_other_modes,
+    environment,
     layout,
     original_dst,
     tc,
 )
 from ztunnel.redirect.ebpf import build as ebpf_build
 from ztunnel.redirect.ebpf.environment import import_bcc
+from ztunnel.redirect.modes import ModeSwitch, make_redirector
 from ztunnel.redirect.netns import NetNamespace, create_named, delete_named
 from ztunnel.redirect.routes import routes_state
+from ztunnel.state.store import StateStore
 
 pytestmark = pytest.mark.root
 
@@ -717,13 +725,17 @@ def test_describe_shows_programs_and_maps(net: Net, redirector: EbpfRedirector) 
     progs = sorted((p["device"], p["direction"], p["name"]) for p in info["programs"])
     assert progs == EXPECTED_FILTERS
     assert all(p["current"] and len(p["tag"]) == 16 for p in info["programs"])
-    maps = {m["name"]: m for m in info["maps"]}
+    assert info["routes"] == {"rule": True, "route": True}
+    assert info["sk_lookup"]["attached"] and info["sk_lookup"]["current"]
+    summary = redirector.summary()  # the agent-wide part: build, maps, counters
+    assert summary["build"] == info["build"] and summary["mode"] == "ebpf"
+    ids = {p["name"]: p["id"] for p in info["programs"]}
+    assert all(summary["programs"][name] == prog_id for name, prog_id in ids.items())
+    maps = {m["name"]: m for m in summary["maps"]}
     assert maps["zt_config"]["max_entries"] == 1
     assert maps["zt_config"]["value_size"] == layout.CONFIG_STRUCT.size
     assert maps["zt_stats"]["max_entries"] == len(layout.STATS)
-    assert set(info["counters_all_pods"]) == set(layout.STATS)
-    assert info["routes"] == {"rule": True, "route": True}
-    assert info["sk_lookup"]["attached"] and info["sk_lookup"]["current"]
+    assert set(summary["counters"]) == set(layout.STATS)
     assert maps["zt_handoff"]["type"] == "sockhash"
 
 
@@ -823,6 +835,107 @@ def test_switching_to_none_removes_both_modes_and_the_routes(
     assert not routes_state(net.pod, fwmark=0x111, mask=0xFFF, table=100).rule
 
 
+# --- the agent's redirector (modes.py) and its outbound listener ----------------------------
+
+
+def test_make_redirector_prepares_ebpf_mode_before_any_pod(pin_root: Path) -> None:
+    made = make_redirector(RedirectMode.EBPF, RedirectPorts(), pin_dir=pin_root)
+    assert isinstance(made, ModeSwitch) and made.mode == "ebpf"
+    summary = made.summary()  # compiled (or reused) and pinned already: nothing waits for a pod
+    assert summary["mode"] == "ebpf" and (pin_root / f"build-{summary['build']}").is_dir()
+    assert set(summary["programs"]) == set(ebpf_build.PROGRAMS)
+
+
+def test_make_redirector_that_cannot_pin_is_a_config_error(tmp_path: Path) -> None:
+    pins = tmp_path / "plain-dir"
+    with pytest.raises(ConfigError, match="REDIRECT_MODE=ebpf: no bpf filesystem at"):
+        make_redirector(RedirectMode.EBPF, RedirectPorts(), pin_dir=pins)
+    assert not pins.exists()
+
+
+def _mode_switch(mode: RedirectMode, pin_root: Path) -> ModeSwitch:
+    made = make_redirector(mode, RedirectPorts(), pin_dir=pin_root)
+    assert isinstance(made, ModeSwitch)
+    return made
+
+
+def test_a_node_switched_between_modes_keeps_only_the_active_one(net: Net, pin_root: Path) -> None:
+    as_iptables = _mode_switch(RedirectMode.IPTABLES, pin_root)
+    as_ebpf = _mode_switch(RedirectMode.EBPF, pin_root)
+    assert as_iptables.install(net.pod, POD) is True
+    # iptables -> eBPF: the agent's first install clears the chains (a change, though the
+    # eBPF part alone would have been one too), the pod captured all along.
+    assert as_ebpf.install(net.pod, POD) is True
+    assert iptables.installed(net.pod).empty and our_filters(net.pod) == EXPECTED_FILTERS
+    assert as_ebpf.install(net.pod, POD) is False  # reconciled: nothing to do twice
+    with agent_listener(net.pod, 15001) as out_l, connect(net.pod, REMOTE) as app:
+        conn, _ = accept(out_l)
+        with conn:
+            echo(app, conn)
+    # eBPF -> iptables: programs, pins and link go, the chains come.
+    pod_dir = as_ebpf.inner.pod_dir(net.pod)  # type: ignore[union-attr]
+    assert as_iptables.install(net.pod, POD) is True
+    assert tc.ours(net.pod) == [] and not pod_dir.exists() and sk_lookup_links(net.pod) == []
+    assert iptables.installed(net.pod) == iptables.expected_state(iptables.InpodConfig())
+    assert routes_state(net.pod, fwmark=0x111, mask=0xFFF, table=100).rule
+
+
+def test_the_other_modes_leftovers_count_as_installed_and_are_removed(
+    net: Net, pin_root: Path
+) -> None:
+    """A pod that left the mesh while the node switched modes: the agent's stranded check
+    finds the other mode's state, and removing takes both modes' and the routes."""
+    as_iptables = _mode_switch(RedirectMode.IPTABLES, pin_root)
+    as_ebpf = _mode_switch(RedirectMode.EBPF, pin_root)
+    as_ebpf.install(net.pod, POD)
+    assert as_iptables.installed(net.pod) and not as_iptables.inner.installed(net.pod)
+    assert as_iptables.remove(net.pod, POD) is True
+    assert tc.ours(net.pod) == [] and not as_iptables.installed(net.pod)
+    assert not routes_state(net.pod, fwmark=0x111, mask=0xFFF, table=100).rule
+    iptables.install(net.pod, iptables.InpodConfig())
+    assert as_ebpf.installed(net.pod) and as_ebpf.remove(net.pod, POD) is True
+    assert iptables.installed(net.pod).empty
+    assert not routes_state(net.pod, fwmark=0x111, mask=0xFFF, table=100).rule
+
+
+def test_iptables_mode_does_not_look_for_ebpf_state_where_none_was_ever_pinned(
+    net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No tc and no SO_NETNS_COOKIE (Linux >= 5.14) needed by the default mode, unless
+    eBPF mode pinned pods under this pin directory before."""
+
+    def no_tc(*args: object, **kwargs: object) -> list[tc.Attached]:
+        raise AssertionError("tc consulted")
+
+    monkeypatch.setattr(tc, "ours", no_tc)
+    as_iptables = _mode_switch(RedirectMode.IPTABLES, tmp_path / "never-ebpf")
+    assert as_iptables.install(net.pod, POD) is True
+    assert as_iptables.installed(net.pod) and as_iptables.remove(net.pod, POD) is True
+
+
+def test_the_proxys_outbound_listener_is_transparent_whatever_enable_orig_src_says(
+    net: Net,
+) -> None:
+    """eBPF hands the outbound listener connections to remote addresses: without
+    IP_TRANSPARENT their SYN-ACK cannot be sent (test_the_outbound_listener_must_be_transparent)."""
+    proxy = WorkloadProxy(
+        ProxyContext(Config(), StateStore(), None, None),  # type: ignore[arg-type]
+        WorkloadInfo("demo", "app", "default"),
+        sockets.NetnsSocketFactory(net.pod, MARK),
+        ProxyAddresses(("::", 15001), ("::", 15008), ("::", 15006)),
+        orig_src=False,
+    )
+    bound = {name: sock for name, sock, _ in proxy._bind()}
+    try:
+        opt = (sockets.SOL_IPV6, sockets.IPV6_TRANSPARENT)
+        assert bound["outbound"].getsockopt(*opt) == 1
+        assert bound["inbound_plaintext"].getsockopt(*opt) == 0  # ENABLE_ORIG_SRC=false
+        assert proxy.transparent is False  # the app is dialled from the pod's own address
+    finally:
+        for sock in bound.values():
+            sock.close()
+
+
 # --- startup checks and the compiler's view of the layout -----------------------------------
 
 
@@ -839,6 +952,30 @@ def test_missing_sources_are_reported_before_anything_is_written(
     scratch = pin_root.with_name(pin_root.name + "-nosrc")
     with pytest.raises(EbpfUnavailable, match="ZTUNNEL_EBPF_DIR"):
         EbpfRedirector(pin_root=scratch, source_dir=tmp_path).prepare()
+    assert not scratch.exists()
+
+
+def test_missing_kernel_headers_are_reported_before_anything_is_written(
+    tmp_path: Path, pin_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Headers are looked for where bcc will look (here: an empty BCC_KERNEL_SOURCE)."""
+    monkeypatch.setenv(environment.HEADERS_ENV, str(tmp_path / "no-headers"))
+    scratch = pin_root.with_name(pin_root.name + "-nohdr")
+    with pytest.raises(EbpfUnavailable, match=r"kernel headers for .* not found at .*no-headers"):
+        EbpfRedirector(pin_root=scratch).prepare()
+    assert not scratch.exists()
+
+
+def test_missing_bcc_is_reported_before_anything_is_written(
+    tmp_path: Path, pin_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No bcc in the venv and none where Debian's python3-bpfcc puts it."""
+    for name in [m for m in sys.modules if m == "bcc" or m.startswith("bcc.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(environment, "BCC_DIRS", (str(tmp_path),))
+    scratch = pin_root.with_name(pin_root.name + "-nobcc")
+    with pytest.raises(EbpfUnavailable, match=r"bcc is not usable .*apt-get install python3-bpfcc"):
+        EbpfRedirector(pin_root=scratch).prepare()
     assert not scratch.exists()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import os
 import socket
 import textwrap
@@ -35,7 +36,7 @@ from ztunnel.model.workload import TunnelProtocol, Workload
 from ztunnel.proxy.sockets import LocalSocketFactory
 from ztunnel.redirect.base import FakeRedirector
 from ztunnel.redirect.iptables import IptablesError
-from ztunnel.redirect.netns import NetNamespace
+from ztunnel.redirect.netns import NetNamespace, NetnsError
 from ztunnel.sources.clusterfile.mesh import snapshot
 from ztunnel.sources.clusterfile.spec import loads_spec
 
@@ -64,7 +65,13 @@ class Redirector(FakeRedirector):
     """FakeRedirector that can also fail removals and counts presence checks."""
 
     fail_remove: Exception | None = None
+    fail_describe: Exception | None = None
     checks: int = 0
+
+    def describe(self, netns: NetNamespace) -> dict[str, Any]:
+        if self.fail_describe is not None:
+            raise self.fail_describe
+        return super().describe(netns)
 
     def remove(self, netns: NetNamespace, pod: Pod | None = None) -> bool:
         if self.fail_remove is not None:
@@ -501,6 +508,52 @@ async def test_stranded_redirection_is_removed_once_per_netns(
         nursery.cancel_scope.cancel()
 
 
+async def test_state_kept_outside_the_pods_is_pruned_after_the_first_pass_and_sandbox_changes(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """eBPF pins live in bpffs, not in the pod: the first pass prunes those of pods that went
+    away while no agent ran, and a recreated sandbox's old pins go once it is let go."""
+    a = Pod("Kubernetes//Pod/mesh/a", "a", "mesh", netns=_netns_file(tmp_path, "a"), in_mesh=True)
+    async with running(tmp_path, a) as rig:
+        assert rig.redirector.kept == [rig.ident("a")]  # before the agent reports ready
+        rig.redirector.kept = None
+        await rig.send(a, rig.pod("b"))
+        await trio.sleep(5)
+        assert rig.redirector.kept is None  # nothing let go: no prune on ordinary passes
+        old = rig.ident("a")
+        rig.recreate("a")
+        await trio.sleep(2 * POLL)
+        assert rig.redirector.kept == sorted([rig.ident("a"), rig.ident("b")])
+        assert old not in rig.redirector.kept
+
+
+async def test_the_redirection_view_shows_each_pod_as_installed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(tmp_path) as rig:
+        await rig.send(rig.pod("a"))
+        rig.redirector.fail_describe = NetnsError("tc: not found")
+        await rig.send(rig.pod("a"), rig.pod("b"))
+        assert rig.host.keys == {"mesh/a", "mesh/b"}  # a view that fails stops no enrollment
+        view = rig.controller.redirection()
+        assert view["mode"] == "fake" and view["pods"] == {  # the summary, then per pod
+            "Kubernetes//Pod/mesh/a": {
+                "mode": "fake",
+                "installed": True,
+                "describedAt": view["pods"]["Kubernetes//Pod/mesh/a"]["describedAt"],
+            },
+            "Kubernetes//Pod/mesh/b": {
+                "mode": "fake",
+                "error": "tc: not found",
+                "describedAt": view["pods"]["Kubernetes//Pod/mesh/b"]["describedAt"],
+            },
+        }
+        assert view["pods"]["Kubernetes//Pod/mesh/a"]["describedAt"].endswith("+00:00")
+        await rig.send(rig.pod("b"))
+        await trio.sleep(DRAIN)
+        assert set(rig.controller.redirection()["pods"]) == {"Kubernetes//Pod/mesh/b"}
+
+
 async def test_a_pod_without_a_usable_netns_is_pending_until_it_has_one(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -689,4 +742,57 @@ async def test_the_agent_forgets_the_certificate_of_an_identity_no_pod_uses(
         before = len(issued)
         await trio.sleep(120)
         assert issued[before:] == []  # nothing renews any more
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_shared_agent_is_not_ready_before_its_first_pass_enrolled_every_pod(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The first pod's proxy running is not readiness: a pod later in the same pass (its
+    redirection slow to install, as eBPF's tc calls are) still waits for enrollment."""
+    config = Config(
+        node_name="n1",
+        fake_ca=True,
+        packet_mark=0,
+        enable_orig_src=False,
+        outbound_addr=("127.0.0.1", 0),
+        inbound_addr=("127.0.0.1", 0),
+        inbound_plaintext_addr=("127.0.0.1", 0),
+        admin_addr=("127.0.0.1", 0),
+        stats_addr=("127.0.0.1", 0),
+        readiness_addr=("127.0.0.1", 0),
+    )
+    agent = Agent(
+        config, ca=FakeCA.ephemeral(), pod_sockets=lambda netns, mark: LocalSocketFactory(mark)
+    )
+    gate = trio.Event()
+
+    async def slow_for_b(fn: Callable[[], T]) -> T:
+        if isinstance(fn, functools.partial) and getattr(fn.args[1], "name", "") == "b":
+            await gate.wait()
+        return await inline(fn)
+
+    source = ScriptedSource()
+    controller = EnrollmentController(
+        source, FakeRedirector(), agent, poll=POLL, blocking=slow_for_b
+    )
+    agent.extra_services.append(controller.run)
+    a, b = (
+        Pod(f"Kubernetes//Pod/mesh/{n}", n, "mesh", netns=_netns_file(tmp_path, n), in_mesh=True)
+        for n in ("a", "b")
+    )
+    state = MeshState(
+        workloads=(_workload("a", "default", "127.0.0.11"), _workload("b", "default", "127.0.0.12"))
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await source.send.send(PodSnapshot((a, b), state))
+        await trio.sleep(5)
+        assert set(agent.proxies) == {a.uid}  # a runs, b's redirection is still going in
+        assert "proxy: workload proxies not started" in agent.readiness()
+        gate.set()
+        with trio.fail_after(60):  # virtual time: a readiness that never comes fails, not hangs
+            while agent.readiness():  # noqa: ASYNC110 - b enrolled, certificates issued
+                await trio.sleep(0.5)
+        assert set(agent.proxies) == {a.uid, b.uid}
         nursery.cancel_scope.cancel()

@@ -21,6 +21,7 @@ from ztunnel.config import Config
 from ztunnel.errors import ConfigError
 from ztunnel.model.pod import REDIRECTION_ANNOTATION
 from ztunnel.redirect.iptables import IptablesRedirector
+from ztunnel.redirect.modes import ModeSwitch
 from ztunnel.sources.dump import service_to_dump, workload_to_dump
 from ztunnel.sources.localconfig import load_local_config
 from ztunnel.testing.k8s_fake import FakeApiServer, namespace, pod, service
@@ -81,7 +82,8 @@ def test_kubeconfig_selects_the_source_with_iptables_and_the_annotation(tmp_path
     assert set(agent.dump_sections) == {"kubernetes"}
     (service_fn,) = agent.extra_services
     source, annotator, controller = service_fn.args
-    assert isinstance(controller.redirector, IptablesRedirector)
+    assert isinstance(controller.redirector, ModeSwitch)  # iptables, cleaning eBPF leftovers
+    assert isinstance(controller.redirector.inner, IptablesRedirector)
     assert controller.source is source
     assert controller.on_start == annotator.enrolled and controller.on_leave == annotator.left
     assert source.settings.node_name == "node1" and source.netns_finder.root == "/proc"

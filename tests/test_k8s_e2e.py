@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from functools import partial
 
 import pytest
+from cluster_mesh import MODES, mode_param
 from kube_mesh import AMBIENT, KubeMesh, kube_mesh, until
+from pod_capture import assert_captured_once
 
-from ztunnel.redirect import iptables
 from ztunnel.sources.kubernetes.protocol import PODS
 
 pytestmark = pytest.mark.root
@@ -48,7 +49,6 @@ CLUSTER = textwrap.dedent(
     """
 )
 LISTENING = {"shop/echo": 8080, "other/bystander": 8080}
-EXPECTED_RULES = iptables.expected_state(iptables.InpodConfig())
 CLIENT_ID = "spiffe://cluster.local/ns/shop/sa/client"
 SHOP = ("shop/client", "shop/echo")
 
@@ -56,6 +56,13 @@ SHOP = ("shop/client", "shop/echo")
 @pytest.fixture
 def mesh() -> Iterator[KubeMesh]:
     with kube_mesh(CLUSTER, LISTENING) as m:
+        yield m
+
+
+@pytest.fixture(params=MODES)
+def any_mode_mesh(request: pytest.FixtureRequest) -> Iterator[KubeMesh]:
+    """The same cluster with the agents redirecting by iptables, then by eBPF."""
+    with kube_mesh(CLUSTER, LISTENING, mode=mode_param(request.param)) as m:
         yield m
 
 
@@ -89,8 +96,9 @@ def _hbone_to_echo(mesh: KubeMesh) -> None:
 
 
 def test_labelling_a_namespace_enrolls_its_running_pods_and_unlabelling_unenrolls(
-    mesh: KubeMesh,
+    any_mode_mesh: KubeMesh,
 ) -> None:
+    mesh = any_mode_mesh
     # Nothing is in the mesh yet: no rules, no listeners, no annotation, plain traffic.
     for key in (*SHOP, "other/bystander"):
         assert mesh.unenrolled(key) and mesh.annotation(key) is None
@@ -115,7 +123,7 @@ def test_labelling_a_namespace_enrolls_its_running_pods_and_unlabelling_unenroll
     # The label: both running pods are enrolled by their own node's agent, at once.
     _enroll_shop(mesh)
     for key in SHOP:
-        assert iptables.parse_save(mesh.iptables_save(key)) == EXPECTED_RULES
+        assert_captured_once(mesh, key)  # the agents' mode only, exactly once
     assert mesh.unenrolled("other/bystander") and mesh.annotation("other/bystander") is None
     enrolled = mesh.logged("node1", "pod enrolled")
     assert [(r["pod"], r["netns"].split("/")[1:4:2]) for r in enrolled] == [

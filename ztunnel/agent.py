@@ -19,6 +19,7 @@ import enum
 import signal
 from collections.abc import Callable, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -41,7 +42,7 @@ from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.policy_watch import watch_policies
 from ztunnel.proxy.sockets import LocalSocketFactory, NetnsSocketFactory, SocketFactory
 from ztunnel.proxy.workload_proxy import ProxyAddresses, WorkloadProxy
-from ztunnel.redirect.base import NoRedirector, RedirectPorts
+from ztunnel.redirect.base import NoRedirector, Redirector, RedirectPorts
 from ztunnel.redirect.modes import make_redirector
 from ztunnel.redirect.netns import NetNamespace
 from ztunnel.sources import kubernetes as k8s
@@ -167,6 +168,8 @@ class Agent:
         self.dump_sections: dict[str, Callable[[], Any]] = {}
         if isinstance(ca, IstioCAClient):
             self.dump_sections["ca"] = ca.dump
+        # Shared mode: the enrollment controller's view of the pods' redirection.
+        self.redirection: Callable[[], dict[str, Any]] | None = None
 
     @classmethod
     def from_config(
@@ -295,7 +298,9 @@ class Agent:
         if self.config.proxy_mode is ProxyMode.DEDICATED:
             # In-pod listeners live in each pod's netns; the enrollment log names them.
             self.bound.update(proxy.bound)
-        self.pending.pop(STARTUP_PENDING, None)
+            # Shared mode is ready once the first pass enrolled every pod (mark_reconciled),
+            # not when its first pod's proxy runs.
+            self.pending.pop(STARTUP_PENDING, None)
 
     def _identity_of(self, info: WorkloadInfo) -> Identity:
         """The identity the proxy's certificate is for (its workload's, once known)."""
@@ -405,11 +410,22 @@ class Agent:
             "config": self.config.to_dump(),
             "workloadState": self.workload_state(),
             "controlPlane": {name: dump() for name, dump in self.dump_sections.items()},
+            **self._redirection_dump(),
         }
+
+    def _redirection_dump(self) -> dict[str, Any]:
+        """``redirection``: the mode and its agent-wide state; each pod's own part goes into
+        its ``workloadState`` entry (added by ``workload_state``)."""
+        if self.redirection is None:
+            return {}
+        view = dict(self.redirection())
+        view.pop("pods", None)
+        return {"redirection": view}
 
     def workload_state(self) -> dict[str, Any]:
         """Per proxied pod: state and workload info. The admin handler adds each pod's
         open connections from the tracker (and the dump's ``version``)."""
+        pods = self.redirection()["pods"] if self.redirection is not None else {}
         return {
             uid: {
                 "state": "Up",
@@ -418,6 +434,7 @@ class Agent:
                     "namespace": proxy.info.namespace,
                     "serviceAccount": proxy.info.service_account,
                 },
+                **({"redirection": pods[uid]} if uid in pods else {}),
             }
             for uid, proxy in self.proxies.items()
         }
@@ -451,14 +468,27 @@ def attach_cluster_source(
     )
     controller = EnrollmentController(
         source,
-        make_redirector(cfg.redirect_mode or RedirectMode.IPTABLES, redirect_ports(cfg)),
+        agent_redirector(cfg),
         agent,
         initial=initial,
         drain_deadline=cfg.connection_termination_deadline,
         poll=poll,
     )
-    agent.extra_services.append(controller.run)
+    register_controller(agent, controller)
     return controller
+
+
+def agent_redirector(config: Config) -> Redirector:
+    """The configured redirector (iptables unless set), prepared: raises ConfigError when
+    eBPF mode cannot run."""
+    mode = config.redirect_mode or RedirectMode.IPTABLES
+    return make_redirector(mode, redirect_ports(config), pin_dir=Path(config.bpf_pin_dir))
+
+
+def register_controller(agent: Agent, controller: EnrollmentController) -> None:
+    """Run the controller with the agent and show its pods' redirection in config_dump."""
+    agent.extra_services.append(controller.run)
+    agent.redirection = controller.redirection
 
 
 class PodSourceKind(enum.Enum):
@@ -531,13 +561,14 @@ def attach_kubernetes_source(
     annotator = Annotator(source.client, source.pod_object)
     controller = EnrollmentController(
         source,
-        make_redirector(cfg.redirect_mode or RedirectMode.IPTABLES, redirect_ports(cfg)),
+        agent_redirector(cfg),
         agent,
         drain_deadline=cfg.connection_termination_deadline,
         on_start=annotator.enrolled,
         on_leave=annotator.left,
     )
     agent.extra_services.append(partial(_serve_kubernetes, source, annotator, controller))
+    agent.redirection = controller.redirection
     agent.readiness_checks.append(source.not_ready_reason)
     agent.dump_sections["kubernetes"] = lambda: {**source.dump(), "annotations": annotator.dump()}
     return source, controller
@@ -582,6 +613,7 @@ def attach_zds_source(
         on_start=lambda pod, error: zds.report(pod.uid, error),
     )
     agent.extra_services += [zds.run, controller.run]
+    agent.redirection = controller.redirection
     agent.readiness_checks.append(lambda: _prefixed("istio-cni", zds.not_ready_reason()))
     agent.dump_sections["zds"] = zds.dump
     return zds, controller
@@ -612,4 +644,5 @@ __all__ = [
     "attach_zds_source",
     "make_ca",
     "pod_source_kind",
+    "register_controller",
 ]

@@ -47,6 +47,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
             default=None,
             help=f"{text} [env {env}; default {default!r}]",
         )
+    _add_redirect_alias(group)
     extra = parser.add_argument_group("pod sources (shared mode)")
     extra.add_argument(
         "--cluster",
@@ -68,6 +69,17 @@ def _prefix_epilog() -> str:
         if f.metadata.get("prefix")
     ]
     return "environment only: " + "; ".join(lines)
+
+
+def _add_redirect_alias(group: argparse._ArgumentGroup) -> None:
+    """``--redirect iptables|ebpf|none``: the short spelling of ``--redirect-mode``."""
+    group.add_argument(
+        "--redirect",
+        dest="redirect_mode",
+        metavar="MODE",
+        default=None,
+        help="same as --redirect-mode: iptables, ebpf or none",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", action="store_true", help="leave it running and print how to inspect"
     )
     demo.add_argument("--cluster", metavar="FILE", help="cluster file (default: the built-in demo)")
+    demo.add_argument(
+        "--redirect",
+        metavar="MODE",
+        default=None,
+        help="how the agents redirect pod traffic: iptables (default) or ebpf [env REDIRECT_MODE]",
+    )
     return parser
 
 
@@ -144,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from ztunnel.demo import demo_command
 
-        return demo_command(keep=args.keep, cluster_file=args.cluster)
+        return demo_command(keep=args.keep, cluster_file=args.cluster, redirect=args.redirect)
     return run_command(args)
 
 

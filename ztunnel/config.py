@@ -34,6 +34,7 @@ class RedirectMode(enum.Enum):
     its ``Redirector``)."""
 
     IPTABLES = "iptables"
+    EBPF = "ebpf"  # tc + sk_lookup programs from ebpf/ (docs/ebpf.md)
     NONE = "none"  # someone else (istio-cni) installs the redirection
 
 
@@ -206,6 +207,12 @@ def _str(value: str, name: str) -> str:
     return value
 
 
+def _abs_path(value: str, name: str) -> str:
+    if not value.startswith("/"):
+        raise ConfigError(name, "", f"expected an absolute path, got {value!r}")
+    return value
+
+
 def _opt_str(value: str, name: str) -> str | None:
     return value or None
 
@@ -231,8 +238,14 @@ class Config:
         "REDIRECT_MODE",
         _redirect_mode,
         None,
-        "how enrolled pods' traffic is redirected (shared mode): iptables or none "
+        "how enrolled pods' traffic is redirected (shared mode): iptables, ebpf or none "
         "(default: iptables with --cluster and Kubernetes, none under istio-cni)",
+    )
+    bpf_pin_dir: str = _env_field(
+        "ZTUNNEL_BPF_PIN_DIR",
+        _abs_path,
+        "/sys/fs/bpf/ztunnel",
+        "the agent's own bpffs directory (eBPF mode: programs, maps, per-pod attachments)",
     )
     proxy_workload_info: WorkloadInfo | None = _env_field(
         "PROXY_WORKLOAD_INFO", _workload_info, None, "ns/name/sa of the workload (dedicated mode)"
@@ -459,9 +472,11 @@ class Config:
             )
         if self.inpod_uds and self.proxy_mode is ProxyMode.DEDICATED:
             raise ConfigError("INPOD_UDS", "", "istio-cni's pods need PROXY_MODE=shared")
-        if self.zds_path and self.redirect_mode is RedirectMode.IPTABLES:
+        if self.zds_path and self.redirect_mode in (RedirectMode.IPTABLES, RedirectMode.EBPF):
             raise ConfigError(
-                "REDIRECT_MODE", "iptables", "under istio-cni (ZDS) istio-cni installs the rules"
+                "REDIRECT_MODE",
+                self.redirect_mode.value,
+                "under istio-cni (ZDS) istio-cni installs the redirection",
             )
 
     @property

@@ -21,7 +21,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,8 +30,11 @@ from typing import Any, TextIO
 
 from ztunnel.cluster import apps, waypoint_scene
 from ztunnel.cluster.forward import PortForward
-from ztunnel.cluster.net import ClusterNet, build, cleanup_stale
-from ztunnel.errors import ZtunnelError
+from ztunnel.cluster.net import BPF_ROOT, ClusterNet, build, cleanup_stale
+from ztunnel.config import RedirectMode
+from ztunnel.errors import ConfigError, ZtunnelError
+from ztunnel.redirect.ebpf.build import default_source_dir
+from ztunnel.redirect.ebpf.environment import check_environment
 from ztunnel.sources.clusterfile.layout import PodNet
 from ztunnel.sources.clusterfile.mesh import in_mesh as is_enrolled
 from ztunnel.sources.clusterfile.spec import (
@@ -45,6 +48,7 @@ from ztunnel.testing.ca_service import CA_PORT, METRICS_PORT, CAService, start_c
 from ztunnel.testing.harness import (
     ADMIN_PORT,
     AgentProcess,
+    config_dump,
     start_agent,
     stop_agents,
     wait_ready,
@@ -390,6 +394,44 @@ def report_ca(ca: CAService, out: TextIO) -> None:
     )
 
 
+REDIRECTION = {
+    RedirectMode.IPTABLES: "redirection: iptables rules in each mesh pod",
+    RedirectMode.EBPF: "redirection: eBPF programs in each mesh pod, no iptables",
+}
+
+
+def describe_redirection(agents: dict[str, AgentProcess], out: TextIO) -> None:
+    """What each agent installed in its pods, from its config_dump (the ctl view)."""
+    for node, agent in agents.items():
+        dump = config_dump(agent)
+        summary = dump.get("redirection") or {}
+        pods = [
+            (state.get("info", {}), state.get("redirection") or {})
+            for state in (dump.get("workloadState") or {}).values()
+        ]
+        line = f"  agent@{node}: {summary.get('mode', '?')}"
+        if summary.get("build"):
+            ids = ", ".join(f"{n}#{i}" for n, i in (summary.get("programs") or {}).items())
+            line += f", build {summary['build']} ({ids}), pinned in {summary.get('pin_dir')}"
+        print(line, file=out)
+        for info, red in sorted(pods, key=lambda p: str(p[0].get("name"))):
+            print(
+                f"    {info.get('namespace')}/{info.get('name')}: {_pod_redirection(red)}", file=out
+            )
+
+
+def _pod_redirection(red: dict[str, Any]) -> str:
+    if red.get("mode") == "ebpf":
+        progs = red.get("programs") or []
+        hooks = ", ".join(f"{p['device']} {p['direction']} {p['name']}" for p in progs)
+        link = red.get("sk_lookup") or {}
+        return f"eBPF {hooks}; sk_lookup link #{link.get('link_id', '?')}"
+    if red.get("mode") == "iptables":
+        chains = sorted({c for cs in (red.get("chains") or {}).values() for c in cs})
+        return f"iptables chains {', '.join(chains)}"
+    return str(red.get("mode", "not reported"))
+
+
 def keep_instructions(
     net: ClusterNet,
     cluster_file: Path,
@@ -397,6 +439,7 @@ def keep_instructions(
     ui: dict[str, PortForward] | None = None,
     ca: CAService | None = None,
     waypoints: dict[str, WaypointProcess] | None = None,
+    redirect: RedirectMode = RedirectMode.IPTABLES,
 ) -> None:
     print(
         "\nThe cluster keeps running. Open the UI (live graph of each agent's connections):",
@@ -417,7 +460,14 @@ def keep_instructions(
     for pod in net.pods.values():
         print(f"    {pod.key:<22} {pod.ip}  netns {pod.netns}", file=out)
     first = next(iter(net.pods.values()))
-    print(f"  rules in a pod:  ip netns exec {first.netns} iptables-save", file=out)
+    if redirect is RedirectMode.EBPF:
+        where = f"nsenter --net={first.netns_path}"
+        print(f"  programs in a pod: {where} tc filter show dev eth0 ingress", file=out)
+        print(f"                     {where} bpftool net show", file=out)
+        node = next(iter(net.nodes))
+        print(f"  pinned state:      ls -R {net.bpf_pin_dir(node)}", file=out)
+    else:
+        print(f"  rules in a pod:  ip netns exec {first.netns} iptables-save", file=out)
     print(f"  agent logs:      {net.log_dir}/agent-*.log", file=out)
     if ca is not None:
         print(
@@ -478,8 +528,15 @@ def _signals_ignored() -> Iterator[None]:
 
 
 class Demo:
-    def __init__(self, keep: bool, cluster_file: str | None, out: TextIO) -> None:
+    def __init__(
+        self,
+        keep: bool,
+        cluster_file: str | None,
+        out: TextIO,
+        redirect: RedirectMode = RedirectMode.IPTABLES,
+    ) -> None:
         self.keep, self.cluster_file, self.out = keep, cluster_file, out
+        self.redirect = redirect
         self.net: ClusterNet | None = None
         self.agents: dict[str, AgentProcess] = {}
         self.ca: CAService | None = None
@@ -499,15 +556,23 @@ class Demo:
         self.ca = ca = start_ca_service(net, self.workdir / "ca-service")
         describe_cluster(net, out)
         describe_ca(ca, out)
-        print("\nStarting one agent per node and the pod programs...", file=out, flush=True)
+        print(
+            f"\nStarting one agent per node ({REDIRECTION[self.redirect]}) and the pod programs...",
+            file=out,
+            flush=True,
+        )
+        env = {"REDIRECT_MODE": self.redirect.value}
         for node in net.nodes:
-            self.agents[node] = start_agent(net, node, path, ca)
+            self.agents[node] = start_agent(net, node, path, ca, extra_env=env)
         self.waypoints = start_waypoints(net, path, ca)
         self.programs = apps.start_pod_programs(net)
         for agent in self.agents.values():
-            wait_ready(agent, timeout=20)
+            # Returns as soon as ready (seconds); the bound only matters on a machine so busy
+            # that starting every process and compiling the BPF programs takes a minute.
+            wait_ready(agent, timeout=90)
         for wp in self.waypoints.values():
             wait_waypoint_ready(wp, timeout=20)
+        describe_redirection(self.agents, out)
         for pod in spec.pods:
             for port in pod.ports if pod.program else ():
                 apps.wait_listening(net, pod.key, port, timeout=10)
@@ -520,7 +585,7 @@ class Demo:
         print(f"\n(demo ran in {time.monotonic() - started:.1f}s)", file=out, flush=True)
         if self.keep:
             self.forwards = forward_admin_ports(net)
-            keep_instructions(net, path, out, self.forwards, ca, self.waypoints)
+            keep_instructions(net, path, out, self.forwards, ca, self.waypoints, self.redirect)
             while True:
                 signal.pause()
         return 0
@@ -544,8 +609,33 @@ class Demo:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def demo_command(keep: bool, cluster_file: str | None, out: TextIO | None = None) -> int:
-    """``ztunnel demo [--keep] [--cluster FILE]``; exit 0 when the demo ran."""
+def demo_redirect_mode(flag: str | None, env: Mapping[str, str]) -> RedirectMode:
+    """``--redirect``, else ``REDIRECT_MODE``, else iptables; the demo needs a mode that
+    redirects by itself (raises ConfigError otherwise)."""
+    name = "--redirect" if flag is not None else "REDIRECT_MODE"
+    raw = flag if flag is not None else env.get("REDIRECT_MODE", RedirectMode.IPTABLES.value)
+    try:
+        mode = RedirectMode(raw.strip().lower())
+    except ValueError:
+        mode = RedirectMode.NONE
+    if mode not in REDIRECTION:
+        raise ConfigError(name, "", f"the demo runs with iptables or ebpf, got {raw!r}")
+    return mode
+
+
+def check_redirect_mode(mode: RedirectMode) -> None:
+    """eBPF mode's requirements, checked before anything is built (EbpfUnavailable)."""
+    if mode is RedirectMode.EBPF:
+        check_environment(BPF_ROOT, default_source_dir())
+
+
+def demo_command(
+    keep: bool,
+    cluster_file: str | None,
+    out: TextIO | None = None,
+    redirect: str | None = None,
+) -> int:
+    """``ztunnel demo [--keep] [--cluster FILE] [--redirect MODE]``; exit 0 when it ran."""
     out = out or sys.stdout
     if os.geteuid() != 0:
         print(
@@ -554,7 +644,13 @@ def demo_command(keep: bool, cluster_file: str | None, out: TextIO | None = None
             file=sys.stderr,
         )
         return EXIT_NOT_ROOT
-    demo = Demo(keep, cluster_file, out)
+    try:
+        mode = demo_redirect_mode(redirect, os.environ)
+        check_redirect_mode(mode)
+    except ConfigError as exc:
+        print(f"ztunnel demo: {exc}", file=sys.stderr)
+        return EXIT_NOT_ROOT
+    demo = Demo(keep, cluster_file, out, mode)
     try:
         with _sigterm_as_interrupt():
             return demo.run()
@@ -567,4 +663,5 @@ def demo_command(keep: bool, cluster_file: str | None, out: TextIO | None = None
     finally:
         with _signals_ignored():
             demo.teardown()
-        print("Torn down: no namespaces, rules or processes left.", file=out, flush=True)
+        what = "rules" if demo.redirect is RedirectMode.IPTABLES else "programs, pins"
+        print(f"Torn down: no namespaces, {what} or processes left.", file=out, flush=True)

@@ -275,6 +275,96 @@ def render_graph(graph: Mapping[str, object], output: str) -> str:
     return table
 
 
+REDIRECTION_HEADER: Row = ["NAMESPACE", "NAME", "MODE", "INSTALLED", "DETAIL"]
+
+
+def redirection_pods(dump: Dump) -> list[dict[str, object]]:
+    """Each proxied pod's redirection as the agent reported it when installing it."""
+    state = dump.get("workloadState")
+    out: list[dict[str, object]] = []
+    for uid, entry in state.items() if isinstance(state, Mapping) else ():
+        red = entry.get("redirection") if isinstance(entry, Mapping) else None
+        if not isinstance(red, Mapping):
+            continue  # not an enrolled pod (dedicated mode, or connections of a gone proxy)
+        info = entry.get("info")
+        info = info if isinstance(info, Mapping) else {}
+        out.append(
+            {
+                "uid": uid,
+                "namespace": info.get("namespace"),
+                "name": info.get("name"),
+                "redirection": dict(red),
+            }
+        )
+    return out
+
+
+def _redirection_detail(red: Mapping[str, object]) -> str:
+    if red.get("error"):
+        return f"error: {red['error']}"
+    programs = red.get("programs")
+    if isinstance(programs, list):
+        hooks = [
+            f"{p.get('device')}/{p.get('direction')}={p.get('name')}#{p.get('id')}"
+            for p in programs
+            if isinstance(p, Mapping)
+        ]
+        link = red.get("sk_lookup")
+        if isinstance(link, Mapping):
+            hooks.append(f"sk_lookup=link#{link.get('link_id')}")
+        return " ".join(hooks)
+    chains = red.get("chains")
+    if isinstance(chains, Mapping):
+        return " ".join(f"{t}:{','.join(map(str, c))}" for t, c in chains.items() if c)
+    return ""
+
+
+def _redirection_summary(summary: Mapping[str, object]) -> str:
+    parts = [f"mode {summary.get('mode')}"]
+    if summary.get("build"):
+        parts.append(f"build {summary['build']} pinned in {summary.get('pin_dir')}")
+    maps = summary.get("maps")
+    if isinstance(maps, list):
+        sizes = [
+            f"{m.get('name')} {m.get('type')} {m.get('max_entries')} entries"
+            for m in maps
+            if isinstance(m, Mapping)
+        ]
+        parts.append("maps: " + ", ".join(sizes))
+    counters = summary.get("counters")
+    if isinstance(counters, Mapping):
+        parts.append("counters: " + ", ".join(f"{k}={v}" for k, v in counters.items()))
+    return "(" + "; ".join(parts) + ")\n"
+
+
+def render_redirection(dump: Dump, output: str) -> str:
+    """``ctl redirection``: per pod the active redirection (eBPF: the attached programs and
+    the sk_lookup link; iptables: our chains), then the agent-wide part (eBPF: maps, counters)."""
+    summary = dump.get("redirection")
+    summary = summary if isinstance(summary, Mapping) else {}
+    pods = redirection_pods(dump)
+    if output in ("json", "yaml"):
+        data = {"redirection": dict(summary), "pods": pods}
+        if output == "json":
+            return json.dumps(data, indent=2) + "\n"
+        return str(yaml.safe_dump(data, sort_keys=False))
+    rows = []
+    for pod in pods:
+        red = pod["redirection"]
+        red = red if isinstance(red, Mapping) else {}
+        rows.append(
+            [
+                cell(pod["namespace"]),
+                cell(pod["name"]),
+                cell(red.get("mode")),
+                cell(red.get("installed")),
+                cell(_redirection_detail(red)),
+            ]
+        )
+    table = format_table(REDIRECTION_HEADER, sorted(rows))
+    return table + (_redirection_summary(summary) if summary else "(no pod redirection)\n")
+
+
 def format_table(header: Row, rows: Sequence[Row]) -> str:
     """Left-aligned columns separated by three spaces, kubectl style."""
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
@@ -318,6 +408,11 @@ def _parser() -> argparse.ArgumentParser:
         "graph", help="who talked to whom: open and recent connections by outcome (/api/graph)"
     )
     _common(graph, defaults=False)
+    redirection = sub.add_parser(
+        "redirection",
+        help="per pod: iptables or eBPF, the attached programs; the eBPF maps and counters",
+    )
+    _common(redirection, defaults=False)
     log = sub.add_parser("log", help="show or change the log level")
     _common(log, defaults=False)
     log.add_argument("--level", help="filter, e.g. debug or ztunnel::proxy=debug,info")
@@ -373,6 +468,8 @@ def _run(args: argparse.Namespace) -> str:
         graph = json.loads(_http(args.admin, "/api/graph"))
         return render_graph(graph if isinstance(graph, Mapping) else {}, args.output)
     dump = json.loads(_http(args.admin, "/config_dump"))
+    if args.command == "redirection":
+        return render_redirection(dump if isinstance(dump, Mapping) else {}, args.output)
     return render(args.command, dump if isinstance(dump, Mapping) else {}, args.output)
 
 

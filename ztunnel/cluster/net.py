@@ -42,6 +42,7 @@ from pathlib import Path
 
 from ztunnel.cluster.cgroups import cgroup2_mount, cluster_prefixes, remove_cluster_cgroups
 from ztunnel.errors import ZtunnelError
+from ztunnel.redirect.ebpf.build import remove_tree
 from ztunnel.redirect.netns import (
     NETNS_RUN_DIR,
     NetNamespace,
@@ -54,6 +55,7 @@ from ztunnel.sources.clusterfile.spec import ClusterSpec, PodSpec
 
 SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/12")
 LOCK_DIR = Path("/run/ztunnel-py/clusters")
+BPF_ROOT = Path("/sys/fs/bpf")  # each node agent pins under <root>/<prefix>-<node> (eBPF mode)
 _PREFIX_RE = re.compile(r"^(zt[0-9a-f]{6})(?:-|$)")
 _SVC_CHAIN = "ZT-SERVICES"
 
@@ -109,14 +111,21 @@ class ClusterNet:
         self.hosts[name] = member
         return member
 
+    def bpf_pin_dir(self, node: str) -> Path:
+        """The node agent's own bpffs directory: agents of one machine must not share one
+        (each prunes the pins of pods it does not hold). bpffs refuses dots in names."""
+        return BPF_ROOT / f"{self.prefix}-{node.replace('.', '~')}"
+
     def teardown(self) -> None:
-        """Kill what runs inside, delete every netns we made and the pods' cgroups
-        (``cluster/kubelet.py``), drop the lock. Idempotent."""
+        """Kill what runs inside, delete every netns we made (their tc programs go with
+        them) and the pods' cgroups (``cluster/kubelet.py``), unpin what the agents pinned,
+        drop the lock. Idempotent."""
         for name in reversed(self._created):
             _kill_netns_pids(name)
             delete_named(name)
         self._created.clear()
         remove_cluster_cgroups(self.prefix)
+        remove_bpf_pins(self.prefix)
         shutil.rmtree(self.log_dir, ignore_errors=True)
         if self._lock_fd is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -318,12 +327,36 @@ def cleanup_stale(prefix_glob: str = "zt", min_age: float = 600.0) -> list[str]:
         for ifname in veths.get(prefix, []):
             subprocess.run(["ip", "link", "del", ifname], capture_output=True, check=False)
             removed.append(ifname)
+        remove_bpf_pins(prefix)
         for logs in Path(tempfile.gettempdir()).glob(f"{prefix}-logs-*"):
             shutil.rmtree(logs, ignore_errors=True)
         removed += remove_cluster_cgroups(prefix)
         with contextlib.suppress(FileNotFoundError):
             (LOCK_DIR / f"{prefix}.lock").unlink()
     removed += _remove_stale_cgroups(set(groups) | set(veths), prefix_glob, min_age)
+    for prefix in _pinned_prefixes(prefix_glob) - set(groups):
+        if _lock_state(prefix) != "held":  # its netns are gone: nobody uses these pins
+            removed += remove_bpf_pins(prefix)
+    return removed
+
+
+def _pinned_prefixes(prefix_glob: str) -> set[str]:
+    if not BPF_ROOT.is_dir():
+        return set()
+    found = set()
+    for path in BPF_ROOT.iterdir():
+        m = _PREFIX_RE.match(path.name)
+        if m and fnmatch.fnmatch(path.name, prefix_glob + "*"):
+            found.add(m.group(1))
+    return found
+
+
+def remove_bpf_pins(prefix: str) -> list[str]:
+    """Unpin the eBPF state of a cluster's agents (programs, maps, per-pod links)."""
+    removed = []
+    for directory in sorted(BPF_ROOT.glob(f"{prefix}-*")) if BPF_ROOT.is_dir() else []:
+        remove_tree(directory)
+        removed.append(str(directory))
     return removed
 
 

@@ -38,7 +38,9 @@ import dataclasses
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 import structlog
 import trio
@@ -110,6 +112,8 @@ class EnrolledPod:
     ident: Ident
     running: bool = False
     retry_at: float = 0.0
+    # What the redirector reported right after installing (ctl, config_dump).
+    redirection: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -118,6 +122,7 @@ class EnrolledPod:
 
 @dataclass
 class _Draining:
+    netns: NetNamespace
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -158,6 +163,9 @@ class EnrollmentController:
         self._blocked: dict[str, str] = {}  # wanted pods we cannot open: key -> reason
         self._checked: dict[str, Ident] = {}  # not-in-mesh pods checked for stranded rules
         self._pins: dict[tuple[str, Ident], NetNamespace] = {}  # our fds of ephemeral netns
+        # The redirector's state outside the pods is pruned after the first pass and after
+        # a pod's netns was let go without removing its redirection (a recreated sandbox).
+        self._prune_due = True
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         if initial is not None:
@@ -299,6 +307,8 @@ class EnrollmentController:
             if p.key not in wanted and p.key not in self.pods and p.key not in self._draining
         ]
         await self._remove_stranded(others)
+        if self._prune_due:
+            await self._prune()
 
     def _apply_state(self) -> PodSnapshot | None:
         """Apply the newest snapshot's state once; return the last cleanly applied snapshot."""
@@ -405,7 +415,7 @@ class EnrollmentController:
     async def _enroll(self, held: EnrolledPod) -> None:
         pod, netns = held.pod, held.netns
         try:
-            changed = await self._blocking(partial(self.redirector.install, netns, pod))
+            changed, held.redirection = await self._blocking(partial(self._install, netns, pod))
         except Exception as exc:  # one pod's failure must never end the agent
             self._failed(held, "failure to install redirection", exc)
             return
@@ -427,6 +437,41 @@ class EnrollmentController:
             **facts,
         )
 
+    def _install(self, netns: NetNamespace, pod: Pod) -> tuple[bool, dict[str, Any]]:
+        """Install, then describe what is installed (blocking: one thread for both)."""
+        changed = self.redirector.install(netns, pod)
+        try:
+            described = self.redirector.describe(netns)
+        except (ZtunnelError, OSError) as exc:  # the capture is in place; only the view failed
+            described = {"mode": self.redirector.mode, "error": str(exc)}
+        described["describedAt"] = datetime.now(UTC).isoformat(timespec="seconds")
+        return changed, described
+
+    def redirection(self) -> dict[str, Any]:
+        """For the admin endpoint: the mode, what it holds for all pods (read now), and per
+        enrolled pod (by uid) what the redirector reported when it installed it."""
+        try:
+            summary = self.redirector.summary()
+        except (ZtunnelError, OSError) as exc:
+            summary = {"mode": self.redirector.mode, "error": str(exc)}
+        pods = {p.pod.uid: p.redirection for p in self.pods.values() if p.redirection}
+        return {**summary, "pods": pods}
+
+    async def _prune(self) -> None:
+        keep = [p.netns for p in self.pods.values()] + [d.netns for d in self._draining.values()]
+        try:
+            dropped = await self._blocking(partial(self.redirector.prune, keep))
+        except Exception as exc:  # retried after the next pass
+            log.warning(
+                "could not prune redirection state of gone pods",
+                error=str(exc),
+                exc_info=not _expected(exc),
+            )
+            return
+        self._prune_due = False
+        if dropped:
+            log.info("dropped redirection state of pods that are gone", netns=dropped)
+
     def _failed(self, held: EnrolledPod, what: str, exc: Exception) -> None:
         self.host.mark_pending(held.key, f"{what}: {exc}")
         self._report(held.pod, f"{what}: {exc}")
@@ -446,7 +491,7 @@ class EnrollmentController:
         self, held: EnrolledPod, *, graceful: bool, uninstall: bool, release: bool = False
     ) -> None:
         self.host.clear_pending(held.key)
-        draining = self._draining[held.key] = _Draining()
+        draining = self._draining[held.key] = _Draining(held.netns)
         self.nursery.start_soon(self._unenroll, held, graceful, uninstall, release, draining)
 
     async def _unenroll(
@@ -488,6 +533,7 @@ class EnrollmentController:
             rules = self._rules("removed" if uninstall else "left")
             log.info("pod un-enrolled", pod=held.key, rules=rules)
         finally:
+            self._prune_due |= not uninstall  # what the redirector keeps for it is stale now
             netns.close()
             draining.done.set()
             if self._draining.get(held.key) is draining:

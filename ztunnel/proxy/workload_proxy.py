@@ -73,6 +73,10 @@ Handler = Callable[[socket.socket, SocketAddr], Awaitable[None]]
 _OUTBOUND_LISTENERS = frozenset({"outbound", "socks5"})
 
 
+# The listeners whose transparency decides whether the app is dialled from the client's IP.
+ORIG_SRC_LISTENERS = frozenset({"inbound", "inbound_plaintext"})
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyAddresses:
     outbound: Address
@@ -200,7 +204,9 @@ class WorkloadProxy:
     def _bind(self) -> list[tuple[str, socket.socket, Flow]]:
         wants = self._orig_src_wanted is not False
         plan: list[tuple[str, Address, Flow, bool]] = [
-            ("outbound", self.addresses.outbound, serve_outbound_connection, False),
+            # Always transparent (best effort, as ztunnel): eBPF redirection hands it
+            # connections *to* remote addresses, whose SYN-ACK needs IP_TRANSPARENT.
+            ("outbound", self.addresses.outbound, serve_outbound_connection, True),
             ("inbound", self.addresses.inbound, serve_inbound_connection, wants),
             (
                 "inbound_plaintext",
@@ -222,7 +228,7 @@ class WorkloadProxy:
                 )
                 bound.append((name, sock, flow))
                 self.bound[name] = sock.getsockname()[:2]
-                if transparent:
+                if transparent and name in ORIG_SRC_LISTENERS:
                     self.transparent = is_transparent if self._orig_src_wanted is None else True
         except BaseException:
             for _, sock, _ in bound:

@@ -16,10 +16,15 @@ Contract (all calls are synchronous and may block: callers run them in a thread)
 - ``installed`` tells whether any of our redirection is present (an agent that
   starts uses it to clean pods that left the mesh while no agent ran).
 - ``describe`` is what ``ztunnel ctl`` and the admin endpoint show for the pod.
+- ``summary`` is what the redirector holds for all pods (eBPF: the pinned build, its maps and
+  counters); cheap enough to read on every admin request.
+- ``prune`` forgets what the redirector keeps *outside* pod netns (eBPF pins) for every
+  netns but the given ones: the agent calls it once its first pass held every live pod.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,6 +59,13 @@ class Redirector(Protocol):
 
     def describe(self, netns: NetNamespace) -> dict[str, Any]: ...
 
+    def summary(self) -> dict[str, Any]: ...
+
+    def prune(self, keep: Iterable[NetNamespace]) -> list[str]:
+        """Drop per-pod state kept outside the pods for netns not in ``keep``; returns what
+        was dropped (nothing for modes whose state lives only inside the pod netns)."""
+        ...
+
 
 class NoRedirector:
     """Redirection is someone else's job (istio-cni over ZDS): nothing to install or remove."""
@@ -72,6 +84,12 @@ class NoRedirector:
     def describe(self, netns: NetNamespace) -> dict[str, Any]:
         return {"mode": self.mode}
 
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.mode}
+
+    def prune(self, keep: Iterable[NetNamespace]) -> list[str]:
+        return []
+
 
 @dataclass
 class FakeRedirector:
@@ -85,6 +103,7 @@ class FakeRedirector:
     state: dict[tuple[int, int], str] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
     fail_install: Exception | None = None
+    kept: list[tuple[int, int]] | None = None  # the netns idents of the last prune
 
     def install(self, netns: NetNamespace, pod: Pod) -> bool:
         self.calls.append(("install", pod.key))
@@ -104,3 +123,10 @@ class FakeRedirector:
 
     def describe(self, netns: NetNamespace) -> dict[str, Any]:
         return {"mode": self.mode, "installed": self.installed(netns)}
+
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.mode, "pods": len(self.state)}
+
+    def prune(self, keep: Iterable[NetNamespace]) -> list[str]:
+        self.kept = sorted(ns.ident for ns in keep)
+        return []

@@ -8,7 +8,7 @@ different → replace our chains in one iptables-restore transaction".
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -294,3 +294,9 @@ class IptablesRedirector:
             "current": state == expected_state(self.config),
             "chains": {t: sorted(st.chains) for t, st in state.tables.items()},
         }
+
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.mode, "ipv6": self.config.ipv6, "dnsCapture": self.config.dns_capture}
+
+    def prune(self, keep: Iterable[NetNamespace]) -> list[str]:
+        return []  # the rules live in the pod netns and go with it

@@ -1,9 +1,10 @@
 """Run one real agent process per node of a simulated cluster (demo, e2e tests, benchmarks).
 
 Each agent is ``python -m ztunnel.cli run --cluster F --cluster-prefix P`` started with
-``ip netns exec <node netns>``, so it sees the node's network like a DaemonSet pod would;
-its JSON log goes to a file. The caller lives in the root netns, so talking to an agent's
-localhost ports (readiness, admin) uses a socket created in the node netns.
+``nsenter --net=<node netns>``, so it sees the node's network like a DaemonSet pod would,
+and the host's /sys/fs/bpf like one that mounts it (``ip netns exec`` would remount /sys
+and hide it); its JSON log goes to a file. The caller lives in the root netns, so talking to
+an agent's localhost ports (readiness, admin) uses a socket created in the node netns.
 
 Certificates: an agent is given either a CA service (``testing/ca_service.py``: the
 demo and the e2e tests; the agent holds a token and the root, never a CA key) or, the
@@ -84,13 +85,14 @@ def start_agent(
     nn = net.nodes[node]
     log_path = log_path or net.log_dir / f"agent-{node}.log"
     argv = [
-        "ip", "netns", "exec", nn.netns,
+        "nsenter", f"--net={nn.netns_path}", "--",
         sys.executable, "-m", "ztunnel.cli", "run",
         "--cluster", os.fspath(cluster_file), "--cluster-prefix", net.prefix,
     ]  # fmt: skip
     if policy_dir is not None:
         argv += ["--policies", policy_dir]
-    env = agent_env(node, ca, extra_env)
+    pins = {"ZTUNNEL_BPF_PIN_DIR": str(net.bpf_pin_dir(node))}
+    env = agent_env(node, ca, {**pins, **(extra_env or {})})
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env

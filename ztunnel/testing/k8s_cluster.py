@@ -301,10 +301,12 @@ def start_kube_agent(
     the cluster's log directory."""
     nn = net.nodes[node]
     log_path = net.log_dir / f"agent-{node}.log"
-    env = agent_env(node, ca, {"KUBECONFIG": str(kubeconfig), **(extra_env or {})})
+    pins = {"ZTUNNEL_BPF_PIN_DIR": str(net.bpf_pin_dir(node))}
+    env = agent_env(node, ca, {"KUBECONFIG": str(kubeconfig), **pins, **(extra_env or {})})
     for name in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "INPOD_UDS", "XDS_ADDRESS"):
         env.pop(name, None)
-    argv = ["ip", "netns", "exec", nn.netns, sys.executable, "-m", "ztunnel.cli", "run"]
+    # nsenter, not `ip netns exec`: that remounts /sys, hiding bpffs (eBPF mode's pins)
+    argv = ["nsenter", f"--net={nn.netns_path}", "--", sys.executable, "-m", "ztunnel.cli", "run"]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env

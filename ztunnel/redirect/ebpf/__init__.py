@@ -10,6 +10,7 @@ from ztunnel.redirect.ebpf.redirector import (
     EbpfSettings,
     clean_other_modes,
     original_dst,
+    other_modes_present,
 )
 from ztunnel.redirect.ebpf.tc import EbpfError
 
@@ -22,4 +23,5 @@ __all__ = [
     "check_environment",
     "clean_other_modes",
     "original_dst",
+    "other_modes_present",
 ]

@@ -48,9 +48,12 @@ BUILD_PREFIX = "build-"
 _BUILD_RE = re.compile(r"^build-([0-9a-f]{12})(?:-tmp-(\d+))?$")
 
 
+SOURCE_DIR_ENV = "ZTUNNEL_EBPF_DIR"  # the container image sets it (Dockerfile)
+
+
 def default_source_dir() -> Path:
     """``$ZTUNNEL_EBPF_DIR``, else the ``ebpf/`` folder of the checkout this package runs from."""
-    env = os.environ.get("ZTUNNEL_EBPF_DIR")
+    env = os.environ.get(SOURCE_DIR_ENV)
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[3] / "ebpf"

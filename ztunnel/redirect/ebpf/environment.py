@@ -31,6 +31,9 @@ CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 CAP_BPF = 39
 TOOLS = ("tc", "ip", "nsenter", "sysctl")
+# bcc's own variable: one directory holding a merged (source + build) header tree. Any
+# recent headers serve: the programs use only stable uapi structs (docs/ebpf.md).
+HEADERS_ENV = "BCC_KERNEL_SOURCE"
 INSTALL_HINT = "scripts/install.sh installs and links it"
 
 
@@ -98,7 +101,8 @@ def problems(f: Facts) -> list[str]:
     if not f.headers_present:
         out.append(
             f"kernel headers for {f.kernel_release} not found at {f.headers_dir}: install "
-            f"linux-headers-amd64 and link it as build and source ({INSTALL_HINT})"
+            f"linux-headers-amd64 and link it as build and source ({INSTALL_HINT}), "
+            f"or point {HEADERS_ENV} at a merged header tree"
         )
     if f.bcc_error is not None:
         out.append(
@@ -136,21 +140,27 @@ def bpffs_mounted(path: str, mounts: str = "/proc/self/mounts") -> bool:
 
 
 def headers_dir(release: str) -> Path:
-    return Path("/lib/modules") / release / "build"
+    """Where bcc looks for kernel headers: ``$BCC_KERNEL_SOURCE`` (one merged tree, what the
+    container image ships), else /lib/modules/<release>/build."""
+    override = os.environ.get(HEADERS_ENV)
+    return Path(override) if override else Path("/lib/modules") / release / "build"
 
 
 def headers_present(release: str) -> bool:
-    """bcc compiles against /lib/modules/<release>/build, or the kernel's own kheaders."""
+    """bcc compiles against the headers dir, or the kernel's own kheaders."""
+    if os.environ.get(HEADERS_ENV):
+        return (headers_dir(release) / "include" / "linux" / "kconfig.h").is_file()
     return (headers_dir(release) / "include").is_dir() or Path(
         "/sys/kernel/kheaders.tar.xz"
     ).exists()
 
 
-def import_bcc(dirs: Sequence[str] = BCC_DIRS) -> ModuleType:
+def import_bcc(dirs: Sequence[str] | None = None) -> ModuleType:
     """The ``bcc`` module: from the venv if it has one, else Debian's python3-bpfcc package.
 
     Raises ImportError (or OSError when libbcc.so is missing) like a plain import would.
     """
+    dirs = BCC_DIRS if dirs is None else dirs  # read at call time: tests point it elsewhere
     loaded = sys.modules.get("bcc")
     if loaded is not None:
         return loaded

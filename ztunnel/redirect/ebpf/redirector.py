@@ -150,7 +150,7 @@ class EbpfRedirector:
             return self._build
 
     def pod_dir(self, netns: NetNamespace) -> Path:
-        return self.pin_root / PODS_DIR / pod_dir_name(netns_cookie(netns))
+        return _pod_dir(netns, self.pin_root)
 
     # -- Redirector --------------------------------------------------------------
 
@@ -220,18 +220,19 @@ class EbpfRedirector:
         out["routes"] = {"rule": state.rule, "route": state.route}
         if build is not None:
             out["build"] = build.id
-            out["maps"] = [
-                {
-                    "name": m.name,
-                    "type": m.type,
-                    "id": m.id,
-                    "max_entries": m.max_entries,
-                    "key_size": m.key_size,
-                    "value_size": m.value_size,
-                }
-                for m in build.maps()
-            ]
-            out["counters_all_pods"] = build.counters()
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """The agent-wide part, from bpf syscalls only (no subprocess): the build, its maps
+        and the counters of all pods; cheap enough for every admin request."""
+        out: dict[str, Any] = {"mode": self.mode, "pin_dir": str(self.pin_root)}
+        build = self._build
+        if build is not None:
+            out["build"] = build.id
+            out["reused"] = build.reused
+            out["programs"] = dict(sorted(build.prog_ids.items()))
+            out["maps"] = _maps(build)
+            out["counters"] = build.counters()
         return out
 
     def _describe_link(self, netns: NetNamespace) -> dict[str, Any] | None:
@@ -251,7 +252,7 @@ class EbpfRedirector:
             "current": build is not None and build.prog_ids.get("zt_sk_lookup") == info.prog_id,
         }
 
-    # -- lifecycle helpers (phase-2 wiring: agent start and resync) -------------------------
+    # -- lifecycle ---------------------------------------------------------------------------
 
     def prune(self, keep: Iterable[NetNamespace]) -> list[str]:
         """Drop the pins of pods whose netns is not in ``keep`` (gone while no agent ran)."""
@@ -342,6 +343,20 @@ class EbpfRedirector:
                 raise
             return False
         return found
+
+
+def _maps(build: Build) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": m.name,
+            "type": m.type,
+            "id": m.id,
+            "max_entries": m.max_entries,
+            "key_size": m.key_size,
+            "value_size": m.value_size,
+        }
+        for m in build.maps()
+    ]
 
 
 def _with_fd(path: Path, use: Callable[[int], None]) -> None:
@@ -443,14 +458,36 @@ def clean_other_modes(
     """
     s = settings or EbpfSettings()
     cleaned = []
-    pod_dir = pin_root / PODS_DIR / pod_dir_name(netns_cookie(netns))
-    if active != "ebpf" and _detach(netns, pod_dir):
+    if active != "ebpf" and _ebpf_possible(pin_root) and _detach(netns, _pod_dir(netns, pin_root)):
         cleaned.append("ebpf")
     if active != "iptables" and _remove_iptables_chains(netns):
         cleaned.append("iptables")
     if cleaned and active == "none":
         _remove_routes(netns, s)
     return cleaned
+
+
+def other_modes_present(
+    netns: NetNamespace, active: str, *, pin_root: Path = DEFAULT_PIN_ROOT
+) -> bool:
+    """Whether a mode other than ``active`` left state in the pod (what ``clean_other_modes``
+    would remove): for the agent's check of pods that left the mesh while it was away."""
+    if active != "iptables" and _iptables_present(netns):
+        return True
+    if active == "ebpf" or not _ebpf_possible(pin_root):
+        return False
+    return _pod_dir(netns, pin_root).exists() or bool(tc.ours(netns))
+
+
+def _ebpf_possible(pin_root: Path) -> bool:
+    """Whether eBPF mode can have left anything: it pins every pod it captures under
+    ``<pin root>/pods``. Skipping the look otherwise keeps the iptables mode free of tc
+    and of SO_NETNS_COOKIE (Linux >= 5.14) on machines that never ran eBPF mode."""
+    return (pin_root / PODS_DIR).is_dir()
+
+
+def _pod_dir(netns: NetNamespace, pin_root: Path) -> Path:
+    return pin_root / PODS_DIR / pod_dir_name(netns_cookie(netns))
 
 
 if TYPE_CHECKING:  # mypy holds EbpfRedirector to the Redirector protocol
