@@ -56,6 +56,9 @@ from ztunnel.state.store import StateStore
 from ztunnel.telemetry.connections import ConnectionTracker
 from ztunnel.telemetry.logging import configure_logging
 from ztunnel.telemetry.metrics import Metrics
+from ztunnel.workers import count as workers_count
+from ztunnel.workers.group import ProxyGroup, RunningProxy
+from ztunnel.workers.pool import WorkerPool
 
 log = structlog.get_logger("ztunnel.agent")
 
@@ -151,7 +154,7 @@ class Agent:
         self.ca = ca
         self.secrets = SecretManager(ca, ttl=datetime.timedelta(seconds=config.secret_ttl))
         self.ctx = ProxyContext(config, self.store, self.secrets, self.tracker)
-        self.proxies: dict[str, WorkloadProxy] = {}
+        self.proxies: dict[str, RunningProxy] = {}
         self.identities: dict[str, Identity] = {}  # by proxy uid: the certificate it uses
         self._pod_sockets = pod_sockets
         self._unwatch_policies = watch_policies(self.store, self.tracker)
@@ -167,6 +170,12 @@ class Agent:
         self.dump_sections: dict[str, Callable[[], Any]] = {}
         if isinstance(ca, IstioCAClient):
             self.dump_sections["ca"] = ca.dump
+        # Data-plane worker processes (docs/architecture.md "Worker processes"): unset is 1
+        # here, the CPU quota when the agent owns its process (run_forever).
+        self.worker_count = workers_count.resolve(
+            config.worker_threads, lambda: workers_count.EMBEDDED_DEFAULT
+        )
+        self.workers: WorkerPool | None = None
 
     @classmethod
     def from_config(
@@ -207,6 +216,7 @@ class Agent:
 
     def run_forever(self) -> int:
         configure_logging(self.config.log_level, self.config.log_format)
+        self.worker_count = workers_count.resolve(self.config.worker_threads)
         trio.run(self._main)
         return 0
 
@@ -231,6 +241,8 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 await nursery.start(self.secrets.run)
+                if self.worker_count > 1:
+                    await self._start_workers(nursery)
                 await self._start_admin(nursery)
                 if self.config.proxy_mode is ProxyMode.DEDICATED:
                     await self._start_dedicated(nursery)
@@ -262,6 +274,43 @@ class Agent:
         port = await nursery.start(serve_readiness, cfg.readiness_addr, self.readiness)
         self.bound["readiness"] = (cfg.readiness_addr[0], port)
 
+    async def _start_workers(self, nursery: trio.Nursery) -> None:
+        self.workers = WorkerPool(
+            self.config,
+            self.worker_count,
+            store=self.store,
+            secrets=self.secrets,
+            tracker=self.tracker,
+            metrics=self.metrics,
+        )
+        self.readiness_checks.append(self.workers.not_ready_reason)
+        await nursery.start(self.workers.run)
+
+    def _new_proxy(
+        self,
+        info: WorkloadInfo,
+        addresses: ProxyAddresses,
+        *,
+        netns: NetNamespace | None = None,
+        uid: str = "",
+        orig_src: bool | None = None,
+    ) -> RunningProxy:
+        """The workload's proxy: in this process, or in every worker process."""
+        if self.workers is not None:
+            return ProxyGroup(
+                self.workers,
+                info,
+                addresses,
+                store=self.store,
+                secrets=self.secrets,
+                netns=netns,
+                uid=uid,
+                orig_src=orig_src,
+            )
+        mark = self.config.packet_mark
+        factory = LocalSocketFactory(mark) if netns is None else self._pod_sockets(netns, mark)
+        return WorkloadProxy(self.ctx, info, factory, addresses, uid=uid, orig_src=orig_src)
+
     async def _start_dedicated(self, nursery: trio.Nursery) -> None:
         cfg = self.config
         info = cfg.proxy_workload_info
@@ -272,10 +321,8 @@ class Agent:
             inbound_plaintext=cfg.inbound_plaintext_addr,
             socks5=cfg.socks5_addr if cfg.socks5_enabled else None,
         )
-        proxy = WorkloadProxy(
-            self.ctx,
+        proxy = self._new_proxy(
             info,
-            LocalSocketFactory(cfg.packet_mark),
             addresses,
             orig_src=cfg.enable_orig_src if cfg.enable_orig_src is not None else False,
             # Admin, metrics and readiness listen in this netns too: no flow may reach them.
@@ -285,7 +332,7 @@ class Agent:
         )
         await self.start_proxy(nursery, proxy)
 
-    async def start_proxy(self, nursery: trio.Nursery, proxy: WorkloadProxy) -> None:
+    async def start_proxy(self, nursery: trio.Nursery, proxy: RunningProxy) -> None:
         """Start one workload proxy (raises OSError if a listener cannot bind)."""
         await nursery.start(proxy.run)
         self.proxies[proxy.uid] = proxy
@@ -319,15 +366,14 @@ class Agent:
 
     async def start_pod_proxy(self, pod: Pod, netns: NetNamespace) -> Mapping[str, Any]:
         cfg = self.config
-        proxy = WorkloadProxy(
-            self.ctx,
+        proxy = self._new_proxy(
             WorkloadInfo(pod.namespace, pod.name, pod.service_account),
-            self._pod_sockets(netns, cfg.packet_mark),
             ProxyAddresses(
                 outbound=cfg.outbound_addr,
                 inbound=cfg.inbound_addr,
                 inbound_plaintext=cfg.inbound_plaintext_addr,
             ),
+            netns=netns,
             uid=pod.uid,
             orig_src=cfg.enable_orig_src,
         )
@@ -349,6 +395,8 @@ class Agent:
         if identity in (self.identities.get(uid) for uid in self.proxies):
             return
         self.secrets.forget(identity)
+        if self.workers is not None:
+            self.workers.forget_certificate(identity)
         log.info("certificate forgotten", identity=str(identity), pod=pod.key)
 
     def mark_pending(self, pod_key: str, reason: str) -> None:
@@ -396,7 +444,7 @@ class Agent:
         return sorted(reasons)
 
     def config_dump(self) -> dict[str, Any]:
-        return {
+        dump = {
             "workloads": [workload_to_dump(w) for w in self.store.workloads()],
             "services": [service_to_dump(s) for s in self.store.services()],
             "policies": [policy_to_dump(p) for p in self.store.policies()],
@@ -406,6 +454,9 @@ class Agent:
             "workloadState": self.workload_state(),
             "controlPlane": {name: dump() for name, dump in self.dump_sections.items()},
         }
+        if self.workers is not None:
+            dump["workers"] = self.workers.dump()
+        return dump
 
     def workload_state(self) -> dict[str, Any]:
         """Per proxied pod: state and workload info. The admin handler adds each pod's
