@@ -34,26 +34,34 @@ class Channel:
         self._decoder = FrameDecoder()
         self._ready: list[tuple[object, list[int]]] = []
         self._send, self._queue = trio.open_memory_channel[tuple[bytes, list[int]]](math.inf)
+        self._current: tuple[memoryview, list[int]] | None = None  # the frame being sent
+        self._finished = False
         self.closed = False
 
     def post(self, message: object, fds: Sequence[int] = ()) -> None:
         """Queue ``message`` (with duplicates of ``fds``) for the writer task."""
-        if self.closed:
+        if self.closed or self._finished:
             return
         frame = encode(message, len(fds))
         self._send.send_nowait((frame, [os.dup(fd) for fd in fds]))
 
     async def run_writer(self) -> None:
-        """Send queued frames until the channel closes; raises ChannelClosed on a dead peer."""
-        async for frame, fds in self._queue:
-            try:
-                await self._send_frame(frame, fds)
-            finally:
-                for fd in fds:
-                    os.close(fd)
+        """Send queued frames in order until ``finish``; raises ChannelClosed on a dead peer.
 
-    async def _send_frame(self, frame: bytes, fds: list[int]) -> None:
-        view = memoryview(frame)
+        Cancellation may stop it mid-frame: the rest of that frame goes first when it runs
+        again (a graceful stop restarts it to flush), so the stream never desynchronises."""
+        while True:
+            if self._current is None:
+                try:
+                    frame, fds = await self._queue.receive()
+                except trio.EndOfChannel:
+                    return
+                self._current = (memoryview(frame), fds)
+            await self._send_current()
+
+    async def _send_current(self) -> None:
+        assert self._current is not None
+        view, fds = self._current
         ancillary = (
             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         )
@@ -65,8 +73,23 @@ class Channel:
                 continue
             except OSError as exc:
                 raise ChannelClosed(f"send failed: {exc}") from exc
-            ancillary = []  # the descriptors went with the first byte
+            if ancillary:  # the descriptors went with the first byte
+                ancillary = []
+                self._close_fds(fds)
+                fds = []
             view = view[sent:]
+            self._current = (view, fds)
+        self._current = None
+
+    def finish(self) -> None:
+        """No more messages: the writer returns once everything queued is sent."""
+        self._finished = True
+        self._send.close()
+
+    @staticmethod
+    def _close_fds(fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
 
     async def receive(self) -> tuple[object, list[int]]:
         """The next message and its descriptors (the caller owns them)."""
@@ -96,6 +119,9 @@ class Channel:
             return
         self.closed = True
         self._send.close()
+        if self._current is not None:
+            self._close_fds(self._current[1])
+            self._current = None
         while True:  # frames never sent: their duplicated descriptors are ours to close
             try:
                 _frame, fds = self._queue.receive_nowait()

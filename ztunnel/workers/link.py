@@ -63,6 +63,7 @@ class WorkerLink:
         self.proxies: set[str] = set()  # group uids running in this worker
         self.identities: set[Identity] = set()  # certificates it asked for
         self.gone = False
+        self.stopping = False  # asked to shut down: its EOF is expected
         self.nursery: trio.Nursery  # set by the pool while it serves this worker
         self._requests = itertools.count(1)
         self._pending: dict[int, _Pending] = {}

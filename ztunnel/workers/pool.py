@@ -51,6 +51,7 @@ from ztunnel.workers.protocol import (
     ProtocolError,
     Ready,
     SetLogFilter,
+    Shutdown,
     Started,
     StartProxy,
     Telemetry,
@@ -136,8 +137,7 @@ class WorkerPool:
                 code = await self._serve_link(link)
             finally:
                 with trio.CancelScope(shield=True):
-                    await link.reap(REAP_GRACE)
-                    self._lost(link)
+                    code = await self._stop_link(link)
             if self._stopping:
                 return
             why = _exit_text(code)
@@ -160,6 +160,19 @@ class WorkerPool:
             nursery.cancel_scope.cancel()
         return code
 
+    async def _stop_link(self, link: WorkerLink) -> int:
+        """Ask a live worker to stop (its last connection events are applied), then reap it."""
+        if not link.gone and link.proc.poll() is None:
+            link.stopping = True
+            link.channel.post(Shutdown())
+            with trio.move_on_after(REAP_GRACE):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write, link, nursery.cancel_scope)
+                    await self._read(link, nursery.cancel_scope)  # until the worker's EOF
+        code = await link.reap(REAP_GRACE)
+        self._lost(link, "agent stopping" if link.stopping else _exit_text(code))
+        return code
+
     async def _write(self, link: WorkerLink, scope: trio.CancelScope) -> None:
         try:
             await link.channel.run_writer()
@@ -174,7 +187,7 @@ class WorkerPool:
                     os.close(fd)
                 self._dispatch(link, message)
         except (ChannelClosed, ProtocolError) as exc:
-            if not link.gone:
+            if not link.gone and not link.stopping:
                 log.warning("worker channel closed", worker=link.slot, reason=str(exc))
             # the exit code comes from wait_exit; a worker that closed its end and lives on
             # is ended by the reap
@@ -201,11 +214,11 @@ class WorkerPool:
                 "unexpected message from a worker", worker=link.slot, type=type(message).__name__
             )
 
-    def _lost(self, link: WorkerLink) -> None:
+    def _lost(self, link: WorkerLink, why: str) -> None:
         if self.links.get(link.slot) is link:
             del self.links[link.slot]
-        cut = self.telemetry.worker_gone(link.key, self.last_exit.get(link.slot, "stopped"))
-        if cut and not self._stopping:
+        cut = self.telemetry.worker_gone(link.key, why)
+        if cut and not link.stopping:
             log.warning("connections of the exited worker closed", worker=link.slot, count=cut)
         self._running.set(sum(1 for other in self.links.values() if other.ready))
 

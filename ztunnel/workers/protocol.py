@@ -8,7 +8,7 @@ private socketpair between a parent and the child it spawned, never a listener.
 
 Control -> worker: ``Hello`` (once), ``StateSnapshot`` then ``StateDelta``s, ``StartProxy``,
 ``DrainProxy``, ``CertificateUpdate``, ``CertificateReply``, ``ForgetCertificate``,
-``SetLogFilter``.
+``SetLogFilter``, ``Shutdown`` (last).
 Worker -> control: ``Ready`` (once), ``Started``, ``Drained``, ``CertificateRequest``,
 ``Telemetry`` (a batch of connection events, see ``workers/telemetry.py``).
 """
@@ -120,6 +120,11 @@ class ForgetCertificate:
 @dataclass(frozen=True, slots=True)
 class SetLogFilter:
     spec: str
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Stop every proxy, report the last connection events, close the channel, exit."""
 
 
 # -- worker -> control -----------------------------------------------------------------

@@ -52,6 +52,7 @@ from ztunnel.workers.protocol import (
     ProtocolError,
     Ready,
     SetLogFilter,
+    Shutdown,
     Started,
     StartProxy,
     StateDelta,
@@ -83,25 +84,57 @@ class Worker:
         self._requests = itertools.count(1)
         self._replies: dict[int, _Reply] = {}
         self._unwatch = watch_policies(self.store, self.tracker)
+        self._stopping = trio.Event()
+        self._proxies_done = trio.Event()
+        self._written = trio.Event()
+        self._proxy_nursery: trio.Nursery
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            nursery.start_soon(self.channel.run_writer)
+            nursery.start_soon(self._write)
             nursery.start_soon(self.tracker.run)
+            await nursery.start(self._host_proxies)
             self.channel.post(Ready(os.getpid()))
-            try:
-                await self._serve()
-            finally:
-                nursery.cancel_scope.cancel()
+            if await self._serve():
+                await self._stop_gracefully()
+            nursery.cancel_scope.cancel()
 
-    async def _serve(self) -> None:
+    async def _write(self) -> None:
+        try:
+            await self.channel.run_writer()
+        except ChannelClosed:
+            pass  # the control process is gone: nothing left to do
+        finally:
+            self._written.set()
+            self.nursery.cancel_scope.cancel()
+
+    async def _host_proxies(self, *, task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as proxies:
+            self._proxy_nursery = proxies
+            task_status.started()
+            await self._stopping.wait()
+            proxies.cancel_scope.cancel()
+        self._proxies_done.set()
+
+    async def _serve(self) -> bool:
+        """Handle messages; True at Shutdown, False when the channel closed under us."""
         while True:
             try:
                 message, fds = await self.channel.receive()
             except ChannelClosed:
-                return  # the control process closed the channel or died: stop at once
+                return False  # the control process closed the channel or died: stop at once
+            if isinstance(message, Shutdown):
+                return True
             self._dispatch(message, fds)
+
+    async def _stop_gracefully(self) -> None:
+        """Connections end (and are reported) before the channel closes."""
+        self._stopping.set()
+        await self._proxies_done.wait()
+        self.tracker.flush()
+        self.channel.finish()
+        await self._written.wait()
 
     def _dispatch(self, message: object, fds: list[int]) -> None:
         if isinstance(message, StateSnapshot | StateDelta):
@@ -146,7 +179,7 @@ class Worker:
             orig_src=msg.orig_src,
         )
         try:
-            await self.nursery.start(self._run_proxy, proxy, netns)
+            await self._proxy_nursery.start(self._run_proxy, proxy, netns)
         except (OSError, ZtunnelError) as exc:
             code = exc.errno if isinstance(exc, OSError) and exc.errno else 0
             self.channel.post(Started(msg.request, error=str(exc), errno=code))
