@@ -60,8 +60,8 @@ def workers(agent: Agent) -> list[dict[str, object]]:
     return dump
 
 
-async def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
+async def until(cond: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+    with trio.fail_after(limit):
         while not cond():  # noqa: ASYNC110 - the agents' books have no event to wait on
             await trio.sleep(0.02)
 
@@ -143,8 +143,9 @@ async def test_a_policy_change_cuts_open_connections_in_every_worker() -> None:
 
         assert [await cut(s) for s in streams] == [True] * 10
         await until(
-            lambda: metric(server, "istio_tcp_connections_closed_total", response_flags="DENY")
-            == 10,
+            lambda: (
+                metric(server, "istio_tcp_connections_closed_total", response_flags="DENY") == 10
+            ),
             "10 connections closed as DENY",
         )
         with pytest.raises(Socks5Refused):
@@ -266,8 +267,8 @@ async def test_a_worker_that_dies_is_restarted_and_reported() -> None:
             seen.extend(client.readiness())
             return any("worker 0: restarting" in r and "SIGKILL" in r for r in seen)
 
-        await until(reported, "readiness to report the dead worker", timeout=5)
-        await until(lambda: workers(client)[0]["state"] == "running", "the restart", timeout=30)
+        await until(reported, "readiness to report the dead worker", limit=5)
+        await until(lambda: workers(client)[0]["state"] == "running", "the restart", limit=30)
         assert workers(client)[0]["pid"] != victim["pid"]
         assert workers(client)[0]["restarts"] == 1
         assert metric(client, "ztunnel_worker_restarts_total", worker="0") == 1
