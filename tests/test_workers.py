@@ -61,9 +61,12 @@ def workers(agent: Agent) -> list[dict[str, object]]:
 
 
 async def until(cond: Callable[[], bool], what: str, limit: float = 10.0) -> None:
-    with trio.fail_after(limit):
-        while not cond():  # noqa: ASYNC110 - the agents' books have no event to wait on
-            await trio.sleep(0.02)
+    try:
+        with trio.fail_after(limit):
+            while not cond():  # noqa: ASYNC110 - the agents' books have no event to wait on
+                await trio.sleep(0.02)
+    except trio.TooSlowError:
+        raise AssertionError(f"timed out after {limit} s waiting for {what}") from None
 
 
 async def open_streams(mesh: LoopbackMesh, n: int) -> list[trio.SocketStream]:
