@@ -25,6 +25,7 @@ class Mesh:
     path: Path
     ca: CAService  # ztunnel ca serve: no agent holds a CA key
     agents: dict[str, AgentProcess]
+    agent_env: dict[str, str] | None = None
 
     def ip(self, pod: str) -> str:
         return str(self.net.pod(pod).ip)
@@ -40,13 +41,18 @@ class Mesh:
 
     def restart(self, node: str) -> None:
         self.agents[node].stop()
-        self.agents[node] = start_agent(self.net, node, self.path, self.ca)
+        self.agents[node] = start_agent(
+            self.net, node, self.path, self.ca, extra_env=self.agent_env
+        )
         wait_ready(self.agents[node], 20)
 
 
 @contextmanager
-def cluster_mesh(text: str, listening: dict[str, int]) -> Iterator[Mesh]:
-    """Build the cluster from ``text``, run an agent per node, wait for the pods' servers."""
+def cluster_mesh(
+    text: str, listening: dict[str, int], agent_env: dict[str, str] | None = None
+) -> Iterator[Mesh]:
+    """Build the cluster from ``text``, run an agent per node (``agent_env`` added to its
+    environment), wait for the pods' servers."""
     with tempfile.TemporaryDirectory() as tmp, running_cluster(loads_spec(text)) as net:
         path = Path(tmp) / "cluster.yaml"
         path.write_text(text)
@@ -55,12 +61,12 @@ def cluster_mesh(text: str, listening: dict[str, int]) -> Iterator[Mesh]:
         agents: dict[str, AgentProcess] = {}
         try:
             for node in net.nodes:
-                agents[node] = start_agent(net, node, path, ca)
+                agents[node] = start_agent(net, node, path, ca, extra_env=agent_env)
             for agent in agents.values():
                 wait_ready(agent, 20)
             for pod, port in listening.items():
                 apps.wait_listening(net, pod, port, timeout=10)
-            yield Mesh(net, path, ca, agents)
+            yield Mesh(net, path, ca, agents, agent_env)
         finally:
             stop_agents(agents)
             ca.stop()
