@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from ztunnel.testing.loopback import agent_env, mesh_yaml, random_base
+from ztunnel.testing.loopback import APP_PORT, agent_env, mesh_yaml, random_base
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,17 +38,24 @@ def _records(log: Path) -> list[dict[str, object]]:
     return out
 
 
-def _start(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, list[int]]:
-    base = random_base()
+def _start(
+    tmp_path: Path,
+    who: str = "server",
+    base: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], Path, list[int]]:
+    """A dedicated-mode ``ztunnel run`` (the loopback mesh's client or server workload)."""
+    base = base or random_base()
     (tmp_path / "mesh.yaml").write_text(mesh_yaml(base))
-    extra = {
+    env_extra = {
         "LOCAL_XDS_PATH": str(tmp_path / "mesh.yaml"),
-        "FAKE_CA": "true",
         "LOG_FORMAT": "json",
         "ZTUNNEL_WORKER_THREADS": "2",
+        **(extra or {"FAKE_CA": "true"}),
     }
-    env = {**os.environ, **agent_env(f"{base}.2", "default/server/server", extra=extra)}
-    log = tmp_path / "agent.log"
+    ip = f"{base}.1" if who == "client" else f"{base}.2"
+    env = {**os.environ, **agent_env(ip, f"default/{who}/{who}", extra=env_extra)}
+    log = tmp_path / f"agent-{who}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ztunnel.cli", "run"],
@@ -59,8 +68,9 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, list[int]]:
     while time.monotonic() < deadline:
         records = _records(log)
         ready = [r for r in records if r.get("message") == "workers ready"]
-        if ready and any(r.get("message") == "agent ready" for r in records):
-            pids = json.loads(str(ready[0]["pids"]))
+        workers = env_extra["ZTUNNEL_WORKER_THREADS"] != "1"
+        if (ready or not workers) and any(r.get("message") == "agent ready" for r in records):
+            pids = json.loads(str(ready[0]["pids"])) if ready else []
             return proc, log, [int(p) for p in pids]
         if proc.poll() is not None:
             break
@@ -89,3 +99,62 @@ def test_no_worker_outlives_the_agent(tmp_path: Path, how: signal.Signals) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _admin(log: Path) -> str:
+    (ready,) = [r for r in _records(log) if r.get("message") == "agent ready"]
+    return str(ready["admin"])
+
+
+def test_a_log_level_set_through_admin_reaches_the_workers(tmp_path: Path) -> None:
+    """POST /logging?level=... on the control process changes what the workers log: their
+    pools' debug line for an idle HBONE connection appears only after the change."""
+    base = random_base()
+    subprocess.run(
+        [sys.executable, "-m", "ztunnel.cli", "ca", "init", str(tmp_path / "ca")], check=True
+    )
+    common = {"CA_DIR": str(tmp_path / "ca"), "POOL_UNUSED_RELEASE_TIMEOUT": "300ms"}
+    client_dir, server_dir = tmp_path / "a", tmp_path / "b"
+    client_dir.mkdir()
+    server_dir.mkdir()
+    server, _, _ = _start(server_dir, "server", base, {**common, "ZTUNNEL_WORKER_THREADS": "1"})
+    client, log, _ = _start(client_dir, "client", base, {**common, "RUST_LOG": "info"})
+    try:
+        app = socket.create_server((f"{base}.2", APP_PORT))
+
+        def one_connection() -> None:
+            with socks5_connect_blocking((f"{base}.1", 15080), (f"{base}.2", APP_PORT)) as s:
+                conn, _ = app.accept()
+                with conn:
+                    s.sendall(b"x")
+                    assert conn.recv(1) == b"x"
+
+        def idle_closed() -> int:
+            return sum(r.get("message") == "closing idle connection" for r in _records(log))
+
+        one_connection()
+        time.sleep(1.0)
+        assert idle_closed() == 0  # at info, the workers say nothing
+        request = urllib.request.Request(f"http://{_admin(log)}/logging?level=debug", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert b"debug" in resp.read()
+        one_connection()
+        deadline = time.monotonic() + 10
+        while idle_closed() == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert idle_closed() >= 1, log.read_text()[-3000:]
+        app.close()
+    finally:
+        for proc in (client, server):
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+def socks5_connect_blocking(proxy: tuple[str, int], dst: tuple[str, int]) -> socket.socket:
+    sock = socket.create_connection(proxy, timeout=10)
+    sock.sendall(b"\x05\x01\x00")
+    assert sock.recv(2) == b"\x05\x00"
+    sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(dst[0]) + dst[1].to_bytes(2, "big"))
+    reply = sock.recv(10)
+    assert reply[1] == 0, reply
+    return sock

@@ -266,6 +266,7 @@ class Agent:
                 tracker=self.tracker,
                 on_quit=self.request_shutdown,
                 explainer=self.explain,
+                on_log_filter=self._log_filter_changed,
             )
         )
         self.bound["admin"] = (cfg.admin_addr[0], port)
@@ -273,6 +274,10 @@ class Agent:
         self.bound["stats"] = (cfg.stats_addr[0], port)
         port = await nursery.start(serve_readiness, cfg.readiness_addr, self.readiness)
         self.bound["readiness"] = (cfg.readiness_addr[0], port)
+
+    def _log_filter_changed(self, spec: str) -> None:
+        if self.workers is not None:
+            self.workers.set_log_filter(spec)
 
     async def _start_workers(self, nursery: trio.Nursery) -> None:
         self.workers = WorkerPool(

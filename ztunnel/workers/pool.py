@@ -89,6 +89,7 @@ class WorkerPool:
         self.restarts: dict[int, int] = dict.fromkeys(range(count), 0)
         self.last_exit: dict[int, str] = {}
         self._stopping = False
+        self._log_filter: str | None = None  # set at runtime through the admin endpoint
         self._state_dirty = trio.Event()
         self._all_ready = trio.Event()
         self._unsubscribe = [
@@ -228,6 +229,8 @@ class WorkerPool:
         """Ready: send the current state, then start every current proxy in it."""
         self.flush_state()
         link.channel.post(self.state.snapshot())
+        if self._log_filter is not None:
+            link.channel.post(SetLogFilter(self._log_filter))
         link.ready = True
         self._running.set(sum(1 for other in self.links.values() if other.ready))
         if all(slot in self.links and self.links[slot].ready for slot in range(self.count)):
@@ -366,8 +369,12 @@ class WorkerPool:
                 link.channel.post(ForgetCertificate(identity))
 
     def set_log_filter(self, spec: str) -> None:
+        """The admin endpoint changed the log filter: the workers follow (and restarted
+        ones start with it)."""
+        self._log_filter = spec
         for link in self.links.values():
-            link.channel.post(SetLogFilter(spec))
+            if link.ready:
+                link.channel.post(SetLogFilter(spec))
 
     # -- inspection ---------------------------------------------------------------------
 
