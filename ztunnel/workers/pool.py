@@ -146,9 +146,11 @@ class WorkerPool:
             self.restarts[slot] += 1
             self._restarts.labels(str(slot)).inc()
             log.error("worker exited, restarting", worker=slot, pid=link.pid, status=why)
-            lived = time.monotonic() - link.started
-            backoff = BACKOFF_FIRST if lived >= STABLE_AFTER else min(backoff * 2, BACKOFF_CAP)
-            await trio.sleep(backoff if lived < STABLE_AFTER else 0)
+            if time.monotonic() - link.started >= STABLE_AFTER:
+                backoff = BACKOFF_FIRST  # a crash after a long life restarts at once
+                continue
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_CAP)
 
     async def _serve_link(self, link: WorkerLink) -> int:
         """Run one worker until it exits or its channel fails; its exit code."""
