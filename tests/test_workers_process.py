@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -43,8 +44,11 @@ def _start(
     who: str = "server",
     base: str | None = None,
     extra: dict[str, str] | None = None,
+    *,
+    wait: bool = True,
 ) -> tuple[subprocess.Popen[bytes], Path, list[int]]:
-    """A dedicated-mode ``ztunnel run`` (the loopback mesh's client or server workload)."""
+    """A dedicated-mode ``ztunnel run`` (the loopback mesh's client or server workload);
+    ``wait``: until it and its workers said they are ready (their pids)."""
     base = base or random_base()
     (tmp_path / "mesh.yaml").write_text(mesh_yaml(base))
     env_extra = {
@@ -64,6 +68,8 @@ def _start(
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
+    if not wait:
+        return proc, log, []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         records = _records(log)
@@ -158,3 +164,40 @@ def socks5_connect_blocking(proxy: tuple[str, int], dst: tuple[str, int]) -> soc
     reply = sock.recv(10)
     assert reply[1] == 0, reply
     return sock
+
+
+def _probe(url: str) -> tuple[int, str] | None:
+    """(status, body) of a GET, or None when nothing listens yet."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except urllib.error.URLError:
+        return None
+
+
+def test_readiness_answers_while_the_workers_start(tmp_path: Path) -> None:
+    """Readiness is served before the worker processes are up (each imports the agent
+    anew, seconds on a busy node): a probe meanwhile gets 503 naming the worker it waits
+    for, not a refused connection, then 200."""
+    base = random_base()
+    url = f"http://{base}.2:15021/healthz/ready"
+    extra = {"FAKE_CA": "true", "ZTUNNEL_READINESS_ADDR": f"{base}.2:15021"}
+    proc, log, _ = _start(tmp_path, "server", base, extra, wait=False)
+    try:
+        answers: list[tuple[int, str]] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            answer = _probe(url)
+            if answer is not None:
+                answers.append(answer)
+                if answer[0] == 200:
+                    break
+            time.sleep(0.01)
+        assert answers and answers[-1][0] == 200, log.read_text()[-3000:]
+        waiting = [body for status, body in answers if status == 503]
+        assert any("worker 0: starting" in body for body in waiting), answers[:3]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -242,8 +242,12 @@ class Agent:
                 self.nursery = nursery
                 await nursery.start(self.secrets.run)
                 if self.worker_count > 1:
-                    await self._start_workers(nursery)
+                    self.workers = self._worker_pool()
+                # Admin first: while workers start (each imports the agent anew), readiness
+                # answers 503 with "worker N: starting" instead of refusing connections.
                 await self._start_admin(nursery)
+                if self.workers is not None:
+                    await nursery.start(self.workers.run)
                 if self.config.proxy_mode is ProxyMode.DEDICATED:
                     await self._start_dedicated(nursery)
                 for service in self.extra_services:
@@ -252,6 +256,7 @@ class Agent:
                     "agent ready",
                     version=__version__,
                     mode=self.config.proxy_mode.value,
+                    workers=self.worker_count,
                     **{k: format_hostport(*v) for k, v in self.bound.items()},
                 )
                 task_status.started(self)
@@ -279,8 +284,8 @@ class Agent:
         if self.workers is not None:
             self.workers.set_log_filter(spec)
 
-    async def _start_workers(self, nursery: trio.Nursery) -> None:
-        self.workers = WorkerPool(
+    def _worker_pool(self) -> WorkerPool:
+        pool = WorkerPool(
             self.config,
             self.worker_count,
             store=self.store,
@@ -288,8 +293,8 @@ class Agent:
             tracker=self.tracker,
             metrics=self.metrics,
         )
-        self.readiness_checks.append(self.workers.not_ready_reason)
-        await nursery.start(self.workers.run)
+        self.readiness_checks.append(pool.not_ready_reason)
+        return pool
 
     def _new_proxy(
         self,

@@ -135,7 +135,7 @@ class WorkerPool:
             link = WorkerLink(slot, self.config)
             self.links[slot] = link
             try:
-                code = await self._serve_link(link)
+                await self._serve_link(link)
             finally:
                 with trio.CancelScope(shield=True):
                     code = await self._stop_link(link)
@@ -152,16 +152,17 @@ class WorkerPool:
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_CAP)
 
-    async def _serve_link(self, link: WorkerLink) -> int:
-        """Run one worker until it exits or its channel fails; its exit code."""
+    async def _serve_link(self, link: WorkerLink) -> None:
+        """Run one worker until it exits or its channel fails (then the reap in
+        ``_stop_link`` gives its exit code: a killed worker's channel may close first,
+        cancelling the wait for its exit)."""
         async with trio.open_nursery() as nursery:
             link.nursery = nursery  # tasks that serve this worker end with it
             nursery.start_soon(self._write, link, nursery.cancel_scope)
             nursery.start_soon(self._read, link, nursery.cancel_scope)
             nursery.start_soon(self._ready_deadline, link)
-            code = await link.wait_exit()
+            await link.wait_exit()
             nursery.cancel_scope.cancel()
-        return code
 
     async def _stop_link(self, link: WorkerLink) -> int:
         """Ask a live worker to stop (its last connection events are applied), then reap it."""
