@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import enum
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -304,6 +304,7 @@ class Agent:
         netns: NetNamespace | None = None,
         uid: str = "",
         orig_src: bool | None = None,
+        agent_services: Iterable[int] = (),
     ) -> RunningProxy:
         """The workload's proxy: in this process, or in every worker process."""
         if self.workers is not None:
@@ -316,10 +317,19 @@ class Agent:
                 netns=netns,
                 uid=uid,
                 orig_src=orig_src,
+                agent_services=agent_services,
             )
         mark = self.config.packet_mark
         factory = LocalSocketFactory(mark) if netns is None else self._pod_sockets(netns, mark)
-        return WorkloadProxy(self.ctx, info, factory, addresses, uid=uid, orig_src=orig_src)
+        return WorkloadProxy(
+            self.ctx,
+            info,
+            factory,
+            addresses,
+            uid=uid,
+            orig_src=orig_src,
+            agent_services=agent_services,
+        )
 
     async def _start_dedicated(self, nursery: trio.Nursery) -> None:
         cfg = self.config

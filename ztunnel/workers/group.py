@@ -11,6 +11,7 @@ in the control process, which issues every certificate the workers use.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import trio
@@ -61,6 +62,7 @@ class ProxyGroup:
         netns: NetNamespace | None = None,
         uid: str = "",
         orig_src: bool | None = None,
+        agent_services: Iterable[int] = (),
     ) -> None:
         self.pool = pool
         self.info = info
@@ -68,6 +70,7 @@ class ProxyGroup:
         self.addresses = addresses
         self.netns = netns
         self.orig_src = orig_src
+        self.agent_services = tuple(agent_services)  # the control process's admin ports
         self.bound: dict[str, Address] = {}
         self.transparent = False
         self.certificate_ready = trio.Event()

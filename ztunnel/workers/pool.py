@@ -299,7 +299,9 @@ class WorkerPool:
         path = group.netns.path if group.netns is not None else None
         try:
             reply = await link.request(
-                lambda r: StartProxy(r, group.uid, group.info, addresses, group.orig_src, path),
+                lambda r: StartProxy(
+                    r, group.uid, group.info, addresses, group.orig_src, path, group.agent_services
+                ),
                 fds,
             )
         except WorkerGone as exc:

@@ -81,6 +81,7 @@ class StartProxy:
     addresses: ProxyAddresses
     orig_src: bool | None
     netns_path: str | None = None
+    agent_services: tuple[int, ...] = ()  # ports no flow may reach (WorkloadProxy's)
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,6 +177,7 @@ class Worker:
             msg.addresses,
             uid=msg.uid,
             orig_src=msg.orig_src,
+            agent_services=msg.agent_services,
         )
         try:
             await self._proxy_nursery.start(self._run_proxy, proxy, netns)
