@@ -218,6 +218,38 @@ def cpu_parts(pid: int) -> tuple[float, float]:
     return int(fields[11]) / _TICK, int(fields[12]) / _TICK
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (an agent's worker processes, ZTUNNEL_WORKER_THREADS)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    todo += [int(child) for child in f.read().split()]
+    return found
+
+
+def tree_cpu_parts(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` and its live descendants."""
+    user = system = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            u, s = cpu_parts(member)
+            user, system = user + u, system + s
+    return user, system
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` and its live descendants, summed (shared pages counted per process)."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += proc_sample(member).rss_kib
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     """user + system CPU seconds of a process (all its threads) since it started."""
     return sum(cpu_parts(pid))

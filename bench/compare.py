@@ -50,7 +50,7 @@ sys.path.insert(0, str(BENCH.parent))
 import compare_report as report  # noqa: E402
 import loadgen  # noqa: E402
 import stunnel  # noqa: E402
-from common import cpu_parts, proc_sample  # noqa: E402
+from common import cpu_parts, tree_cpu_parts, tree_rss_kib  # noqa: E402
 from loadgen import APP_PORT, BenchError, BenchPath  # noqa: E402
 
 STUNNEL_CLIENT_PORT = 9443
@@ -104,7 +104,8 @@ class Run:
 
 
 def _cpu(path: BenchPath) -> dict[str, tuple[float, float]]:
-    return {label: cpu_parts(pid) for label, pid in path.proxies.items()}
+    """Each proxy's CPU (user, system), its worker processes included."""
+    return {label: tree_cpu_parts(pid) for label, pid in path.proxies.items()}
 
 
 def _app_cpu(path: BenchPath) -> float:
@@ -131,7 +132,8 @@ def others_vcpu(seconds: float, ours: Callable[[], float]) -> float:
 
 
 def _rss_kib(path: BenchPath) -> dict[str, int]:
-    return {label: proc_sample(pid).rss_kib for label, pid in path.proxies.items()}
+    """Each proxy's RSS, its worker processes included."""
+    return {label: tree_rss_kib(pid) for label, pid in path.proxies.items()}
 
 
 class Measure:
@@ -498,7 +500,15 @@ def meta(args: argparse.Namespace, plan: Plan, nofile: int) -> dict[str, Any]:
         "plan": plan.__dict__,
         "rlimit_nofile": nofile,
         "rr_conns": report.RR_CONNS,
+        "ztunnel_worker_threads": _worker_threads(),
     }
+
+
+def _worker_threads() -> str:
+    from ztunnel.workers.count import resolve
+
+    spec = os.environ.get("ZTUNNEL_WORKER_THREADS") or None
+    return f"{spec or 'unset'} (= {resolve(spec)} per agent)"
 
 
 def _stunnel_version() -> str:
@@ -562,6 +572,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="vCPU other processes may use during a step before it is retried (0.5)",
     )
     p.add_argument("--attempts", type=int, help="tries per step on a busy machine (2; quick 1)")
+    p.add_argument(
+        "--workers",
+        help="ZTUNNEL_WORKER_THREADS of the ztunnel-py agents (default: the agent's own "
+        "default, the CPU quota; 1 = one process per agent)",
+    )
     args = p.parse_args(argv)
     if args.groups is None:
         cluster = os.geteuid() == 0 and not args.quick
@@ -579,6 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.attempts is not None:
         plan.attempts = args.attempts
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    if args.workers is not None:
+        os.environ["ZTUNNEL_WORKER_THREADS"] = args.workers  # the agents inherit it
     if args.profile_only:
         if not args.profile:
             print("--profile-only needs --profile DIR", file=sys.stderr)

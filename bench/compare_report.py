@@ -53,8 +53,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure("cpu_per_1000_req", "proxies' CPU per 1000 req (@1000/s)", "CPU-s", ".3f"),
     Figure("cpu_per_gb", "proxies' CPU per GB (1 conn one way)", "CPU-s", ".2f"),
     Figure("cpu_per_1000_conn", f"proxies' CPU per 1000 new conns (x{CONN_WORKERS})", "CPU-s"),
-    Figure("rss_idle", "RSS per proxy process, idle", "MiB", ".1f"),
-    Figure("rss_open", "RSS per proxy process, N open conns", "MiB", ".1f"),
+    Figure("rss_idle", "RSS per proxy (all its processes), idle", "MiB", ".1f"),
+    Figure("rss_open", "RSS per proxy (all its processes), N open conns", "MiB", ".1f"),
     Figure("bytes_per_conn", "  per open idle conn", "KiB", ".1f"),
 )
 FIGURE_BY_KEY = {f.key: f for f in FIGURES}

@@ -44,10 +44,11 @@ class Mesh:
     ca: CAService  # ztunnel ca serve: no agent holds a CA key
     agents: dict[str, AgentProcess]
     mode: str = "iptables"
+    agent_env: dict[str, str] | None = None
 
     @property
     def env(self) -> dict[str, str]:
-        return {"REDIRECT_MODE": self.mode}
+        return {**(self.agent_env or {}), "REDIRECT_MODE": self.mode}
 
     def ip(self, pod: str) -> str:
         return str(self.net.pod(pod).ip)
@@ -68,9 +69,14 @@ class Mesh:
 
 
 @contextmanager
-def cluster_mesh(text: str, listening: dict[str, int], mode: str = "iptables") -> Iterator[Mesh]:
-    """Build the cluster from ``text``, run an agent per node (redirecting with ``mode``),
-    wait for the pods' servers."""
+def cluster_mesh(
+    text: str,
+    listening: dict[str, int],
+    mode: str = "iptables",
+    agent_env: dict[str, str] | None = None,
+) -> Iterator[Mesh]:
+    """Build the cluster from ``text``, run an agent per node (redirecting with ``mode``,
+    ``agent_env`` added to its environment), wait for the pods' servers."""
     with tempfile.TemporaryDirectory() as tmp, running_cluster(loads_spec(text)) as net:
         path = Path(tmp) / "cluster.yaml"
         path.write_text(text)
@@ -78,14 +84,14 @@ def cluster_mesh(text: str, listening: dict[str, int], mode: str = "iptables") -
         programs = apps.start_pod_programs(net)
         agents: dict[str, AgentProcess] = {}
         try:
-            env = {"REDIRECT_MODE": mode}
+            env = {**(agent_env or {}), "REDIRECT_MODE": mode}
             for node in net.nodes:
                 agents[node] = start_agent(net, node, path, ca, extra_env=env)
             for agent in agents.values():
                 wait_ready(agent, 30)
             for pod, port in listening.items():
                 apps.wait_listening(net, pod, port, timeout=10)
-            yield Mesh(net, path, ca, agents, mode)
+            yield Mesh(net, path, ca, agents, mode, agent_env)
         finally:
             stop_agents(agents)
             ca.stop()

@@ -7,6 +7,13 @@ import os
 import pytest
 from hypothesis import settings
 
+# Agents the tests start as processes (`ztunnel run`) inherit this environment: one process
+# each unless a test asks for workers (ZTUNNEL_WORKER_THREADS in its own env), so the suite
+# exercises the single-process path by default (docs/architecture.md, "Worker processes";
+# the multi-worker path has its own tests: tests/test_workers*.py). In-process agents
+# (Agent(config).run) already default to one process.
+os.environ.setdefault("ZTUNNEL_WORKER_THREADS", "1")
+
 # Examples are regenerated each run; no on-disk database (the checkout may be read-only).
 settings.register_profile("ztunnel", database=None)
 settings.load_profile("ztunnel")

@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ztunnel.redirect",),
     ("ztunnel.sources",),
     ("ztunnel.proxy",),
+    ("ztunnel.workers",),
     ("ztunnel.enroll",),
     ("ztunnel.waypoint",),
     ("ztunnel.admin",),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import enum
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,9 @@ from ztunnel.state.store import StateStore
 from ztunnel.telemetry.connections import ConnectionTracker
 from ztunnel.telemetry.logging import configure_logging
 from ztunnel.telemetry.metrics import Metrics
+from ztunnel.workers import count as workers_count
+from ztunnel.workers.group import ProxyGroup, RunningProxy
+from ztunnel.workers.pool import WorkerPool
 
 log = structlog.get_logger("ztunnel.agent")
 
@@ -152,7 +155,7 @@ class Agent:
         self.ca = ca
         self.secrets = SecretManager(ca, ttl=datetime.timedelta(seconds=config.secret_ttl))
         self.ctx = ProxyContext(config, self.store, self.secrets, self.tracker)
-        self.proxies: dict[str, WorkloadProxy] = {}
+        self.proxies: dict[str, RunningProxy] = {}
         self.identities: dict[str, Identity] = {}  # by proxy uid: the certificate it uses
         self._pod_sockets = pod_sockets
         self._unwatch_policies = watch_policies(self.store, self.tracker)
@@ -170,6 +173,12 @@ class Agent:
             self.dump_sections["ca"] = ca.dump
         # Shared mode: the enrollment controller's view of the pods' redirection.
         self.redirection: Callable[[], dict[str, Any]] | None = None
+        # Data-plane worker processes (docs/architecture.md "Worker processes"): unset is 1
+        # here, the CPU quota when the agent owns its process (run_forever).
+        self.worker_count = workers_count.resolve(
+            config.worker_threads, lambda: workers_count.EMBEDDED_DEFAULT
+        )
+        self.workers: WorkerPool | None = None
 
     @classmethod
     def from_config(
@@ -210,6 +219,7 @@ class Agent:
 
     def run_forever(self) -> int:
         configure_logging(self.config.log_level, self.config.log_format)
+        self.worker_count = workers_count.resolve(self.config.worker_threads)
         trio.run(self._main)
         return 0
 
@@ -234,7 +244,13 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 await nursery.start(self.secrets.run)
+                if self.worker_count > 1:
+                    self.workers = self._worker_pool()
+                # Admin first: while workers start (each imports the agent anew), readiness
+                # answers 503 with "worker N: starting" instead of refusing connections.
                 await self._start_admin(nursery)
+                if self.workers is not None:
+                    await nursery.start(self.workers.run)
                 if self.config.proxy_mode is ProxyMode.DEDICATED:
                     await self._start_dedicated(nursery)
                 for service in self.extra_services:
@@ -243,6 +259,7 @@ class Agent:
                     "agent ready",
                     version=__version__,
                     mode=self.config.proxy_mode.value,
+                    workers=self.worker_count,
                     **{k: format_hostport(*v) for k, v in self.bound.items()},
                 )
                 task_status.started(self)
@@ -257,6 +274,7 @@ class Agent:
                 tracker=self.tracker,
                 on_quit=self.request_shutdown,
                 explainer=self.explain,
+                on_log_filter=self._log_filter_changed,
             )
         )
         self.bound["admin"] = (cfg.admin_addr[0], port)
@@ -264,6 +282,57 @@ class Agent:
         self.bound["stats"] = (cfg.stats_addr[0], port)
         port = await nursery.start(serve_readiness, cfg.readiness_addr, self.readiness)
         self.bound["readiness"] = (cfg.readiness_addr[0], port)
+
+    def _log_filter_changed(self, spec: str) -> None:
+        if self.workers is not None:
+            self.workers.set_log_filter(spec)
+
+    def _worker_pool(self) -> WorkerPool:
+        pool = WorkerPool(
+            self.config,
+            self.worker_count,
+            store=self.store,
+            secrets=self.secrets,
+            tracker=self.tracker,
+            metrics=self.metrics,
+        )
+        self.readiness_checks.append(pool.not_ready_reason)
+        return pool
+
+    def _new_proxy(
+        self,
+        info: WorkloadInfo,
+        addresses: ProxyAddresses,
+        *,
+        netns: NetNamespace | None = None,
+        uid: str = "",
+        orig_src: bool | None = None,
+        agent_services: Iterable[int] = (),
+    ) -> RunningProxy:
+        """The workload's proxy: in this process, or in every worker process."""
+        if self.workers is not None:
+            return ProxyGroup(
+                self.workers,
+                info,
+                addresses,
+                store=self.store,
+                secrets=self.secrets,
+                netns=netns,
+                uid=uid,
+                orig_src=orig_src,
+                agent_services=agent_services,
+            )
+        mark = self.config.packet_mark
+        factory = LocalSocketFactory(mark) if netns is None else self._pod_sockets(netns, mark)
+        return WorkloadProxy(
+            self.ctx,
+            info,
+            factory,
+            addresses,
+            uid=uid,
+            orig_src=orig_src,
+            agent_services=agent_services,
+        )
 
     async def _start_dedicated(self, nursery: trio.Nursery) -> None:
         cfg = self.config
@@ -275,10 +344,8 @@ class Agent:
             inbound_plaintext=cfg.inbound_plaintext_addr,
             socks5=cfg.socks5_addr if cfg.socks5_enabled else None,
         )
-        proxy = WorkloadProxy(
-            self.ctx,
+        proxy = self._new_proxy(
             info,
-            LocalSocketFactory(cfg.packet_mark),
             addresses,
             orig_src=cfg.enable_orig_src if cfg.enable_orig_src is not None else False,
             # Admin, metrics and readiness listen in this netns too: no flow may reach them.
@@ -288,7 +355,7 @@ class Agent:
         )
         await self.start_proxy(nursery, proxy)
 
-    async def start_proxy(self, nursery: trio.Nursery, proxy: WorkloadProxy) -> None:
+    async def start_proxy(self, nursery: trio.Nursery, proxy: RunningProxy) -> None:
         """Start one workload proxy (raises OSError if a listener cannot bind)."""
         await nursery.start(proxy.run)
         self.proxies[proxy.uid] = proxy
@@ -324,15 +391,14 @@ class Agent:
 
     async def start_pod_proxy(self, pod: Pod, netns: NetNamespace) -> Mapping[str, Any]:
         cfg = self.config
-        proxy = WorkloadProxy(
-            self.ctx,
+        proxy = self._new_proxy(
             WorkloadInfo(pod.namespace, pod.name, pod.service_account),
-            self._pod_sockets(netns, cfg.packet_mark),
             ProxyAddresses(
                 outbound=cfg.outbound_addr,
                 inbound=cfg.inbound_addr,
                 inbound_plaintext=cfg.inbound_plaintext_addr,
             ),
+            netns=netns,
             uid=pod.uid,
             orig_src=cfg.enable_orig_src,
         )
@@ -354,6 +420,8 @@ class Agent:
         if identity in (self.identities.get(uid) for uid in self.proxies):
             return
         self.secrets.forget(identity)
+        if self.workers is not None:
+            self.workers.forget_certificate(identity)
         log.info("certificate forgotten", identity=str(identity), pod=pod.key)
 
     def mark_pending(self, pod_key: str, reason: str) -> None:
@@ -401,7 +469,7 @@ class Agent:
         return sorted(reasons)
 
     def config_dump(self) -> dict[str, Any]:
-        return {
+        dump = {
             "workloads": [workload_to_dump(w) for w in self.store.workloads()],
             "services": [service_to_dump(s) for s in self.store.services()],
             "policies": [policy_to_dump(p) for p in self.store.policies()],
@@ -412,6 +480,9 @@ class Agent:
             "controlPlane": {name: dump() for name, dump in self.dump_sections.items()},
             **self._redirection_dump(),
         }
+        if self.workers is not None:
+            dump["workers"] = self.workers.dump()
+        return dump
 
     def _redirection_dump(self) -> dict[str, Any]:
         """``redirection``: the mode and its agent-wide state; each pod's own part goes into

@@ -39,7 +39,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
             default = f"{default[0]}:{default[1]}"
         elif hasattr(default, "value"):
             default = default.value
-        text = f.metadata["help"] or f.name.replace("_", " ")
+        # argparse formats help with %: a literal one (ZTUNNEL_WORKER_THREADS's 50%) is doubled
+        text = (f.metadata["help"] or f.name.replace("_", " ")).replace("%", "%%")
         group.add_argument(
             _flag(f.name),
             dest=f.name,

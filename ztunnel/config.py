@@ -221,6 +221,19 @@ def _workload_info(value: str, name: str) -> WorkloadInfo | None:
     return WorkloadInfo.parse(value) if value else None
 
 
+def _worker_threads(value: str, name: str) -> str | None:
+    """A count (``4``) or a share of the CPU quota (``50%``); resolved by ``ztunnel.workers``."""
+    text = value.strip()
+    if not text:
+        return None
+    m = re.fullmatch(r"(\d+)(%?)", text)
+    if not m or int(m.group(1)) < 1 or (m.group(2) and int(m.group(1)) > 100):
+        raise ConfigError(
+            name, "", f"expected a number >= 1 or a percentage 1%..100%, got {value!r}"
+        )
+    return f"{int(m.group(1))}{m.group(2)}"
+
+
 def _log_format(value: str, name: str) -> str:
     if value not in ("plain", "json"):
         raise ConfigError(name, "", f"expected plain or json, got {value!r}")
@@ -335,6 +348,13 @@ class Config:
         parse_duration,
         DEFAULT_DRAIN_DEADLINE,
         "drain deadline on shutdown (default: from TERMINATION_GRACE_PERIOD_SECONDS, else 5s)",
+    )
+    worker_threads: str | None = _env_field(
+        "ZTUNNEL_WORKER_THREADS",
+        _worker_threads,
+        None,
+        "data-plane worker processes: a number, or a share of the CPU quota such as 50% "
+        "(default: the CPU quota; 1 = everything in one process)",
     )
     outbound_addr: Address = _env_field(
         "ZTUNNEL_OUTBOUND_ADDR", parse_address, ("::", ports.OUTBOUND), "outbound capture listener"

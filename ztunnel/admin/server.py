@@ -91,8 +91,10 @@ class AdminHandler:
         tracker: ConnectionTracker | None = None,
         on_quit: Callable[[], None] | None = None,
         explainer: Explainer | None = None,
+        on_log_filter: Callable[[str], None] | None = None,
     ) -> None:
         self._dump_provider = dump_provider
+        self._on_log_filter = on_log_filter
         self._explainer = explainer
         self._tracker = tracker
         self._on_quit = on_quit
@@ -145,6 +147,8 @@ class AdminHandler:
                 zlog.set_filter(levels[-1])
             except ValueError as exc:
                 return Response.text(400, f"{exc}\n{LOGGING_HELP}")
+        if ("reset" in request.query or levels) and self._on_log_filter is not None:
+            self._on_log_filter(zlog.current_filter())  # e.g. to the worker processes
         return Response.text(200, f"current log level is {zlog.current_filter()}\n")
 
     def _quit(self, request: Request) -> Response:
@@ -258,9 +262,10 @@ async def serve_admin(
     tracker: ConnectionTracker | None = None,
     on_quit: Callable[[], None] | None = None,
     explainer: Explainer | None = None,
+    on_log_filter: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    handler = AdminHandler(dump_provider, tracker, on_quit, explainer)
+    handler = AdminHandler(dump_provider, tracker, on_quit, explainer, on_log_filter)
     await serve_http(target, handler, task_status=task_status)
 
 

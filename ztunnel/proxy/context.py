@@ -6,20 +6,33 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ztunnel.config import Config
 from ztunnel.hbone.settings import HboneSettings
-from ztunnel.identity.manager import SecretManager
+from ztunnel.identity.certificate import WorkloadCertificate
+from ztunnel.identity.manager import CertCallback
+from ztunnel.model.identity import Identity
 from ztunnel.state.store import StateStore
 from ztunnel.telemetry.connections import ConnectionTracker
+
+
+class CertificateSource(Protocol):
+    """Where proxies get certificates: the ``SecretManager`` itself, or (in a worker
+    process) the control process's, through ``workers.certs.RemoteCertificates``."""
+
+    async def fetch(self, identity: Identity) -> WorkloadCertificate: ...
+
+    def subscribe(self, callback: CertCallback) -> Callable[[], None]: ...
 
 
 @dataclass
 class ProxyContext:
     config: Config
     store: StateStore
-    secrets: SecretManager
+    secrets: CertificateSource
     tracker: ConnectionTracker
     rng: random.Random = field(default_factory=random.Random)
     # Built once from the config (raises ConfigError for values that cannot work).

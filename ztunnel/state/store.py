@@ -123,6 +123,47 @@ class StateStore:
             self._materialise(key)
         self._changed(Kind)
 
+    def apply_changes(
+        self,
+        *,
+        workloads: Iterable[Workload] = (),
+        services: Iterable[Service] = (),
+        policies: Iterable[Authorization] = (),
+        removed_workloads: Iterable[str] = (),
+        removed_services: Iterable[str] = (),
+        removed_policies: Iterable[str] = (),
+    ) -> None:
+        """Many upserts and removals as one change (one version bump, one notification):
+        how a worker process's replica follows the control process's store."""
+        kinds: set[Kind] = set()
+        touched: set[str] = set()
+        for uid in removed_workloads:
+            if (old := self._remove_workload(uid)) is not None:
+                kinds.add(Kind.WORKLOAD)
+                touched.update(old.services)
+        for w in workloads:
+            old = self._remove_workload(w.uid)
+            self._insert_workload(w)
+            kinds.add(Kind.WORKLOAD)
+            touched.update(w.services, old.services if old else ())
+        for key in removed_services:
+            if self._remove_service(key) is not None:
+                kinds.add(Kind.SERVICE)
+        for svc in services:
+            self._remove_service(svc.key)
+            self._insert_service(svc)
+            self._materialise(svc.key)
+            kinds.add(Kind.SERVICE)
+        for key in removed_policies:
+            if self._remove_policy(key) is not None:
+                kinds.add(Kind.POLICY)
+        for p in policies:
+            self._remove_policy(p.key)
+            self._insert_policy(p)
+            kinds.add(Kind.POLICY)
+        kinds |= self._refresh_services(touched)
+        self._changed(kinds)
+
     # --- workloads -------------------------------------------------------------------
 
     def upsert_workload(self, workload: Workload) -> None:

@@ -145,6 +145,12 @@ class TrackedConnection:
     def duration(self) -> float:
         return self._tracker.clock() - self._start
 
+    def backdate(self, start: float, started_at: float) -> None:
+        """Start the clock at ``start`` (the tracker's clock; ``started_at``: wall clock): the
+        connection was opened earlier elsewhere (a worker process) and reported now."""
+        self._start = start
+        self.started_at = started_at
+
     def close(self, failure: Failure | None = None) -> None:
         """Record the end of the connection (``None``: it completed); later calls do nothing."""
         if self.closed:

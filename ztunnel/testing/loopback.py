@@ -116,18 +116,22 @@ async def loopback_mesh(
     yaml_text: str | None = None,
     ca: CertificateAuthority | None = None,
     extra_env: dict[str, str] | None = None,
+    client_env: dict[str, str] | None = None,
+    server_env: dict[str, str] | None = None,
 ) -> AsyncIterator[LoopbackMesh]:
-    """Run both agents for the duration of the block (yaml_text may use ``{base}``)."""
+    """Run both agents for the duration of the block (yaml_text may use ``{base}``);
+    ``extra_env`` goes to both, ``client_env`` / ``server_env`` to one of them."""
     base = base or random_base()
     text = (yaml_text or mesh_yaml(base)).replace("{base}", base)
     ca = ca or FakeCA.ephemeral()
     agents = []
-    for ip, workload in (
-        (f"{base}.1", "default/client/client"),
-        (f"{base}.2", "default/server/server"),
+    for ip, workload, own in (
+        (f"{base}.1", "default/client/client", client_env),
+        (f"{base}.2", "default/server/server", server_env),
     ):
         static = load_local_config(text, "loopback mesh")
-        agents.append(Agent(agent_config(ip, workload, extra=extra_env), ca=ca, static=static))
+        env = {**(extra_env or {}), **(own or {})}
+        agents.append(Agent(agent_config(ip, workload, extra=env), ca=ca, static=static))
     async with trio.open_nursery() as nursery:
         for agent in agents:
             await nursery.start(agent.run)

@@ -104,6 +104,10 @@ def dedicated_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         FAKE_CA="true",
         LOG_FORMAT="json",
         PYTHONUNBUFFERED="1",
+        # One process: its tests read metrics right after a refusal and count the agent's
+        # fds; with worker processes both live partly in the workers (and the books lag by
+        # up to workers/telemetry.py's FLUSH_INTERVAL). Callers may ask for workers.
+        ZTUNNEL_WORKER_THREADS="1",
         PYTHONPATH=process.project_pythonpath(env),
     )
     env.update(extra or {})
