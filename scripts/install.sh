@@ -77,4 +77,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# An editable install leaves the package uncompiled; with PYTHONDONTWRITEBYTECODE set (as in
+# many containers) every agent, worker and pod program would compile it again at each start.
+.venv/bin/python -m compileall -q ztunnel >/dev/null
 echo "installed: $(.venv/bin/ztunnel --version 2>/dev/null || echo ztunnel)"

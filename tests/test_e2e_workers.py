@@ -139,7 +139,14 @@ def test_a_killed_worker_comes_back_and_sigterm_leaves_none(mesh: Mesh) -> None:
     assert metric(mesh, "n2", "ztunnel_worker_restarts_total", worker="1") == 1
     assert workers(mesh, "n2")[1]["pid"] != victim["pid"]
     assert connect_many(mesh, "a", 16) == 16
-    until(lambda: int(str(workers(mesh, "n2")[1]["connectionsOpened"])) > 0, "worker 1 serves")
+
+    # Readiness turns 200 once the new worker has its state; its pod listeners can join the
+    # SO_REUSEPORT group a moment later, so keep connecting until one lands on it.
+    def worker_1_serves() -> bool:
+        assert connect_many(mesh, "a", 4) == 4
+        return int(str(workers(mesh, "n2")[1]["connectionsOpened"])) > 0
+
+    until(worker_1_serves, "worker 1 serves", timeout=30)
 
     pids = [int(str(w["pid"])) for node in ("n1", "n2") for w in workers(mesh, node)]
     for agent in mesh.agents.values():

@@ -68,6 +68,9 @@ def agent_env(node: str, ca: AgentCA, extra: Mapping[str, str] | None = None) ->
         PYTHONPATH=project_pythonpath(env),
     )
     env.pop("PROXY_MODE", None)  # shared is the default; a stray dedicated setting would break it
+    # Every node's agent of the simulated cluster shares this one machine: one data-plane
+    # process each (not the CPU quota each) unless the caller or the user asks for more.
+    env.setdefault("ZTUNNEL_WORKER_THREADS", "1")
     env.update(extra or {})
     return env
 
