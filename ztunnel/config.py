@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import ipaddress
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from ztunnel.errors import ConfigError
 from ztunnel.model import ports
 from ztunnel.model.address import format_hostport
 from ztunnel.model.ports import AgentPorts
+from ztunnel.telemetry.logging import LogFilter
 
 T = TypeVar("T")
 
@@ -84,9 +86,13 @@ def parse_duration(value: str, name: str) -> float:
     """Go/humantime-style durations: ``24h``, ``5m``, ``1h30m``, ``500ms``, or bare seconds."""
     text = value.strip()
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ConfigError(name, "", f"expected a duration of 0 or more seconds, got {value!r}")
+        return _bounded_duration(seconds, value, name)
     total, pos = 0.0, 0
     for m in _DURATION.finditer(text):
         if m.start() != pos:
@@ -95,7 +101,17 @@ def parse_duration(value: str, name: str) -> float:
         pos = m.end()
     if pos != len(text) or not text:
         raise ConfigError(name, "", f"expected a duration like 30s, 5m or 24h, got {value!r}")
-    return total
+    return _bounded_duration(total, value, name)
+
+
+# Past this, datetime and certificate arithmetic overflow; no setting needs more.
+MAX_DURATION = 100 * 365 * 86400.0
+
+
+def _bounded_duration(seconds: float, value: str, name: str) -> float:
+    if seconds > MAX_DURATION:
+        raise ConfigError(name, "", f"{value!r} is longer than 100 years")
+    return seconds
 
 
 def parse_bool(value: str, name: str) -> bool:
@@ -125,6 +141,8 @@ DEFAULT_ROOT_CA = "./var/run/secrets/istio/root-cert.pem"
 DEFAULT_AUTH_TOKEN = "./var/run/secrets/tokens/istio-token"
 DEFAULT_INPOD_UDS = "/var/run/ztunnel/ztunnel.sock"
 SYSTEM_ROOTS = "SYSTEM"  # XDS_ROOT_CA / CA_ROOT_CA value meaning "the OS trust store"
+# 128 (Python's and the kernel's old default) overflowed under a burst of 1,000 handshakes.
+DEFAULT_LISTEN_BACKLOG = 1024
 
 
 def termination_deadline(env: Mapping[str, str]) -> float:
@@ -218,6 +236,20 @@ def _log_format(value: str, name: str) -> str:
     if value not in ("plain", "json"):
         raise ConfigError(name, "", f"expected plain or json, got {value!r}")
     return value
+
+
+_MAX_WINDOW = 2**31 - 1  # RFC 9113 §6.9.1
+# Field -> (minimum, maximum, why), checked after parsing (Config._validate_values).
+_RANGES: dict[str, tuple[int, int, str]] = {
+    "http2_frame_size": (16_384, 16_777_215, "RFC 9113 SETTINGS_MAX_FRAME_SIZE"),
+    "http2_stream_window_size": (65_535, _MAX_WINDOW, "RFC 9113 flow-control window"),
+    "http2_connection_window_size": (65_535, _MAX_WINDOW, "RFC 9113 flow-control window"),
+    "pool_max_streams_per_connection": (1, _MAX_WINDOW, "streams per connection"),
+    "packet_mark": (0, 2**32 - 1, "SO_MARK is 32 bits"),
+    "listen_backlog": (1, 65_535, "listen() backlog"),
+}
+# A certificate that is never valid, or a pool that drops a connection before using it.
+_POSITIVE_DURATIONS = ("secret_ttl", "pool_unused_release_timeout")
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +476,7 @@ class Config:
         if self.fake_ca and self.ca_dir:
             raise ConfigError("CA_DIR", "", "FAKE_CA and CA_DIR are exclusive")
         self._validate_control_plane()
+        self._validate_values()
 
     def _validate_control_plane(self) -> None:
         """Combinations of the Istio control plane with the standalone sources."""
@@ -483,6 +516,21 @@ class Config:
         if self.xds_address and self.proxy_mode is ProxyMode.SHARED:
             return DEFAULT_INPOD_UDS
         return None
+
+    def _validate_values(self) -> None:
+        """Values that parse but cannot work: refused at start, not at the first connection."""
+        env = self.env_names()
+        for name, (lo, hi, why) in _RANGES.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise ConfigError(env[name], "", f"{value} is out of range {lo}..{hi} ({why})")
+        for name in _POSITIVE_DURATIONS:
+            if getattr(self, name) <= 0:
+                raise ConfigError(env[name], "", "must be longer than 0s")
+        try:
+            LogFilter.parse(self.log_level)
+        except ValueError as exc:
+            raise ConfigError("RUST_LOG", "", str(exc)) from exc
 
     def agent_ports(self) -> AgentPorts:
         """The agent's ports, as configured and by default, for the self-call checks."""

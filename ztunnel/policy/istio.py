@@ -117,6 +117,8 @@ def read_policy_dir(path: str | Path) -> list[PolicyDocuments]:
             docs = tuple(yaml.safe_load_all(file.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise PolicyTranslationError(str(file), "", f"cannot read policies: {exc}") from exc
+        except RecursionError as exc:  # PyYAML recurses once per nesting level
+            raise PolicyTranslationError(str(file), "", "YAML nested too deeply") from exc
         out.append(PolicyDocuments(str(file), docs))
     return out
 
