@@ -1,0 +1,151 @@
+"""Mutation testing of the security-critical modules with mutmut (issue 14).
+
+    .venv/bin/python scripts/mutation.py              # every mutant of the modules below
+    .venv/bin/python scripts/mutation.py --quick      # CI: CONNECT validation + CSR key checks
+    .venv/bin/python scripts/mutation.py --mutants 'ztunnel.policy.rbac.*'
+
+Runs in a copy of the checkout's tracked files (mutmut writes a ``mutants/`` tree next to
+the code), prints the score and every surviving mutant with its diff, and writes
+``mutation-results.json`` into the work directory. Exit status 1 when a mutant survives
+(a check no test notices) or mutmut itself failed. docs/reliability.md records the score
+and explains the survivors that are not bugs in the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MUTMUT = Path(sys.executable).parent / "mutmut"
+
+# The checks an attacker would like gone: TLS contexts and peer identity checks, the CA's
+# CSR checks, the HBONE CONNECT/authority validation, inbound resolution and the self-call
+# check, policy evaluation.
+MODULES = (
+    "ztunnel/identity/tls.py",
+    "ztunnel/identity/ca.py",
+    "ztunnel/hbone/engine.py",
+    "ztunnel/state/resolve.py",
+    "ztunnel/policy/rbac.py",
+    "ztunnel/policy/match.py",
+)
+# Unit and transcript tests of those modules (the loopback/e2e tests are too slow to run
+# once per mutant; what they add is not counted in this score).
+TESTS = (
+    "tests/test_identity_tls.py",
+    "tests/test_identity_ca.py",
+    "tests/test_identity_certificate.py",
+    "tests/test_reliability_mutants.py",
+    "tests/test_hbone_engine.py",
+    "tests/test_hbone_connection.py",
+    "tests/test_hbone_hostile.py",
+    "tests/test_state_resolve.py",
+    "tests/test_policy_rbac.py",
+)
+QUICK_MODULES = ("ztunnel/hbone/engine.py", "ztunnel/identity/ca.py")
+QUICK_TESTS = (
+    "tests/test_hbone_engine.py",
+    "tests/test_identity_ca.py",
+    "tests/test_reliability_mutants.py",
+)
+QUICK_MUTANTS = (
+    "ztunnel.hbone.engine.x_validate_connect*",
+    "ztunnel.hbone.engine.x_parse_authority*",
+    "ztunnel.identity.ca.x__check_csr_key*",
+)
+
+
+def _toml_list(items: tuple[str, ...] | list[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def prepare(workdir: Path, modules: tuple[str, ...], tests: tuple[str, ...]) -> Path:
+    """A copy of the tracked files with a [tool.mutmut] section for this run."""
+    repo = workdir / "repo"
+    if repo.exists():
+        shutil.rmtree(repo)
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        src = ROOT / name.decode()
+        if src.is_file():
+            dst = repo / name.decode()
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    with (repo / "pyproject.toml").open("a") as f:
+        f.write(
+            "\n[tool.mutmut]\n"
+            'source_paths = ["ztunnel/"]\n'
+            f"only_mutate = {_toml_list(modules)}\n"
+            f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
+            'also_copy = ["tests/", "examples/"]\n'
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q", "--timeout=120"]\n'
+        )
+    return repo
+
+
+def survivors(repo: Path) -> list[str]:
+    out = subprocess.run([str(MUTMUT), "results"], cwd=repo, capture_output=True, text=True).stdout
+    return [ln.split(":")[0].strip() for ln in out.splitlines() if ": survived" in ln]
+
+
+def show(repo: Path, mutant: str) -> str:
+    return subprocess.run(
+        [str(MUTMUT), "show", mutant], cwd=repo, capture_output=True, text=True
+    ).stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a handful of mutants (CI)")
+    parser.add_argument("--mutants", nargs="*", default=[], help="mutant name globs")
+    parser.add_argument("--workdir", type=Path, help="default: a temporary directory")
+    parser.add_argument("--max-children", type=int, default=1, help="parallel mutants")
+    args = parser.parse_args(argv)
+    modules, tests = (QUICK_MODULES, QUICK_TESTS) if args.quick else (MODULES, TESTS)
+    patterns = list(args.mutants) or (list(QUICK_MUTANTS) if args.quick else [])
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ztunnel-mutation-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    repo = prepare(workdir, modules, tests)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"}
+    log = workdir / "mutmut.log"
+    with log.open("w") as out:
+        run = subprocess.run(
+            [str(MUTMUT), "run", f"--max-children={args.max_children}", *patterns],
+            cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        subprocess.run(
+            [str(MUTMUT), "export-cicd-stats"], cwd=repo, env=env, stdout=out, stderr=out
+        )
+    stats_file = repo / "mutants" / "mutmut-cicd-stats.json"
+    if run.returncode != 0 or not stats_file.exists():
+        print(f"mutmut failed (exit {run.returncode}); see {log}")
+        return 1
+    stats = json.loads(stats_file.read_text())
+    lost = survivors(repo)
+    tested = sum(stats[k] for k in ("killed", "survived", "timeout", "suspicious", "segfault"))
+    caught = tested - stats["survived"]
+    score = caught / tested if tested else 0.0
+    result = {"modules": modules, "patterns": patterns, "stats": stats, "score": score,
+              "survived": lost, "tests": tests}  # fmt: skip
+    (workdir / "mutation-results.json").write_text(json.dumps(result, indent=2))
+    print(f"mutants tested {tested}, caught {caught}, survived {stats['survived']}, "
+          f"no tests {stats['no_tests']}: score {score:.1%}")  # fmt: skip
+    for mutant in lost:
+        print(f"\n--- survived: {mutant}\n{show(repo, mutant)}")
+    print(f"\nresults: {workdir / 'mutation-results.json'}")
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
