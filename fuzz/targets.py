@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h11
+import hpack
 import trio
 import trio.testing
 import yaml
@@ -26,10 +27,15 @@ from google.protobuf.message import DecodeError
 
 from fuzz.cursor import Cursor
 from fuzz.h2frames import (
+    DATA,
+    END_HEADERS,
+    HEADERS,
     PREFACE,
+    SETTINGS,
     Conversation,
     chunked,
     connect_headers,
+    frame,
     grpc_headers,
     request_headers,
 )
@@ -135,8 +141,14 @@ def hbone_frames(data: bytes) -> bool:
 
 
 def _valid_connect_bytes() -> bytes:
-    headers = [(b":method", b"CONNECT"), (b":authority", b"10.0.0.2:80")]
-    return b"".join(Conversation(Cursor(b"\x01" * 64), lambda _c: headers).build(1))
+    """Preface, empty SETTINGS, HEADERS(CONNECT 10.0.0.2:80), DATA: a well-formed client."""
+    block = hpack.Encoder().encode([(b":method", b"CONNECT"), (b":authority", b"10.0.0.2:80")])
+    return (
+        PREFACE
+        + frame(SETTINGS, 0, 0, b"")
+        + frame(HEADERS, END_HEADERS, 1, block)
+        + frame(DATA, 0, 1, b"hello")
+    )
 
 
 # -- HBONE: the trio connection driver on an in-memory stream ---------------------------------
