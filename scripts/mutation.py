@@ -48,6 +48,7 @@ TESTS = (
     "tests/test_hbone_hostile.py",
     "tests/test_state_resolve.py",
     "tests/test_policy_rbac.py",
+    "tests/test_reliability_policy.py",
 )
 QUICK_MODULES = ("ztunnel/hbone/engine.py", "ztunnel/identity/ca.py")
 QUICK_TESTS = (
