@@ -377,8 +377,8 @@ def socks5(data: bytes) -> bool:
             continue
         if partial is not None and partial != full:
             raise Finding(f"prefix {rest[:cut]!r} parsed as {partial}, whole as {full}")
-    if full is not None and not 0 <= full[0].port <= 65535:
-        raise Finding(f"port {full[0].port}")
+    if full is not None and not 0 <= full[0].target.port <= 65535:
+        raise Finding(f"port {full[0].target.port}")
     return full is not None
 
 

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from ztunnel.model.address import SocketAddr
+from ztunnel.model.outcome import Failure, FailureKind
 from ztunnel.telemetry import logging as zlog
 from ztunnel.telemetry.connections import ConnectionTracker
 from ztunnel.telemetry.metrics import Metrics
@@ -92,7 +94,10 @@ def test_a_peer_value_reaching_the_access_log(stream: io.StringIO, fmt: str) -> 
     zlog.configure_logging("info", fmt, stream)
     peer_value = f"k8s.pod.name=x\n{FORGED}"
     ConnectionTracker(Metrics()).connection_failed(
-        ("10.0.0.1", 5), ("10.0.0.2", 15008), "inbound", f"bad baggage: {peer_value}"
+        SocketAddr.of("10.0.0.1", 5),
+        SocketAddr.of("10.0.0.2", 15008),
+        "inbound",
+        Failure(FailureKind.IDENTITY_REJECTED, f"bad baggage: {peer_value}"),
     )
     [line] = _records(stream)
     if fmt == "json":
