@@ -173,6 +173,13 @@ def _validate(authority: str) -> tuple[int | None, str, int]:
         "10.0.0.2:65536",
         "10.0.0.2:0",
         ":80",
+        "a..b:80",  # empty label
+        "-a.b:80",  # a label starts or ends with a hyphen
+        "a-.b:80",
+        "a" * 64 + ".b:80",  # a label over 63 characters
+        ".".join(["a" * 63] * 4) + ":80",  # a name over 253 characters
+        "a b:80",
+        "a/b:80",
     ],
 )
 def test_malformed_authorities_are_400(authority: str) -> None:
@@ -185,6 +192,10 @@ def test_malformed_authorities_are_400(authority: str) -> None:
         ("10.0.0.2:80", "10.0.0.2", 80),
         ("[fd00::1]:8080", "fd00::1", 8080),
         ("echo.default.svc.cluster.local:65535", "echo.default.svc.cluster.local", 65535),
+        ("a:1", "a", 1),  # one-character label
+        ("_dns-sd.x-1.y:80", "_dns-sd.x-1.y", 80),
+        ("a" * 63 + ".b:80", "a" * 63 + ".b", 80),
+        (".".join(["a" * 63] * 3 + ["a" * 61]) + ":80", ".".join(["a" * 63] * 3 + ["a" * 61]), 80),
     ],
 )
 def test_well_formed_authorities_are_split(authority: str, host: str, port: int) -> None:
@@ -211,3 +222,31 @@ def test_authority_with_a_trailing_newline_is_400(authority: str) -> None:
 )
 def test_authority_with_an_ipv6_zone_is_400() -> None:
     assert _validate("[fe80::1%eth0]:80") == (400, "", 0)
+
+
+# -- key usage of what the CA issues ------------------------------------------------------------
+
+
+def _usage(cert: x509.Certificate) -> x509.KeyUsage:
+    return cert.extensions.get_extension_for_class(x509.KeyUsage).value
+
+
+def _key_usage(**true: bool) -> x509.KeyUsage:
+    flags = (
+        "digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+        "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only",
+    )  # fmt: skip
+    return x509.KeyUsage(**{f: true.get(f, False) for f in flags})
+
+
+async def test_issued_key_usages_are_exactly_istios() -> None:
+    """A workload leaf can sign nothing but TLS handshakes; a CA signs certificates and CRLs."""
+    root_pem, root_key = new_root()
+    inter_pem, _ = new_intermediate(root_pem, root_key)
+    _, csr = new_csr(ALICE)
+    leaf_pem, *_ = await FakeCA.ephemeral().create_certificate(csr, HOUR)
+    leaf = x509.load_pem_x509_certificate(leaf_pem)
+    assert _usage(leaf) == _key_usage(digital_signature=True, key_encipherment=True)
+    for ca_pem in (root_pem, inter_pem):
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        assert _usage(ca) == _key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True)
