@@ -250,3 +250,86 @@ async def test_issued_key_usages_are_exactly_istios() -> None:
     for ca_pem in (root_pem, inter_pem):
         ca = x509.load_pem_x509_certificate(ca_pem)
         assert _usage(ca) == _key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True)
+
+
+# -- what the CA issues and what it accepts as its own material ----------------------------------
+
+
+async def test_leaves_are_not_cas_and_their_constraints_are_critical() -> None:
+    _, csr = new_csr(ALICE)
+    leaf_pem, *_ = await FakeCA.ephemeral().create_certificate(csr, HOUR)
+    ext = x509.load_pem_x509_certificate(leaf_pem).extensions
+    basic = ext.get_extension_for_class(x509.BasicConstraints)
+    assert basic.critical and basic.value.ca is False
+    assert ext.get_extension_for_class(x509.KeyUsage).critical
+    assert not ext.get_extension_for_class(x509.ExtendedKeyUsage).critical  # as Istio's
+
+
+def _chain(*names: str) -> dict[str, tuple[bytes, bytes]]:
+    """root R, then each name an intermediate signed by the one before ("A:R" = A by R)."""
+    root = new_root()
+    made = {"R": root}
+    for spec in names:
+        name, parent = spec.split(":")
+        made[name] = new_intermediate(*made[parent], name=name)
+    return made
+
+
+async def test_ca_cert_missing_from_its_chain_file_is_put_first() -> None:
+    c = _chain("A:R", "C:A")
+    (a, _), (cert, key), (root, _) = c["A"], c["C"], c["R"]
+    for chain_file in (a + root, a):  # cert-chain.pem without ca-cert.pem
+        ca = FileCA(cert, key, chain_file, root)
+        k, csr = new_csr(ALICE)
+        issued = WorkloadCertificate.from_chain(ALICE, k, await ca.create_certificate(csr, HOUR))
+        subjects = [x.subject.rfc4514_string() for x in issued.chain]
+        assert [s.split("CN=")[1].split(",")[0] for s in subjects] == ["C", "A"], chain_file
+
+
+def test_a_broken_link_in_the_ca_chain_file_is_refused() -> None:
+    c = _chain("A:R", "B:R", "C:A")
+    (cert, key), (b, _), (root, _) = c["C"], c["B"], c["R"]
+    with pytest.raises(CAError, match="is not signed by"):
+        FileCA(cert, key, cert + b + root, root)  # C claims B as its issuer
+
+
+def test_a_ca_certificate_without_basic_constraints_is_refused() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "no constraints")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now).not_valid_after(now + HOUR)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(CAError, match="not a CA"):
+        FileCA(pem, key_pem, pem, pem)
+
+
+# -- where the TLS layer puts the key while OpenSSL loads it --------------------------------------
+
+
+def test_the_key_file_is_private_named_and_on_tmpfs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ztunnel.identity.tls as tls
+
+    seen: list[tuple[str, int]] = []
+    real = tempfile.mkstemp
+
+    def spy(*args: object, **kwargs: object) -> tuple[int, str]:
+        fd, path = real(*args, **kwargs)  # type: ignore[call-overload]
+        seen.append((path, os.stat(path).st_mode & 0o777))
+        return fd, path
+
+    monkeypatch.setattr(tls.tempfile, "mkstemp", spy)
+    client_context(FakeCA.ephemeral().workload_certificate(ALICE))
+    [(path, mode)] = seen
+    assert mode == 0o600 and not os.path.exists(path)
+    name = os.path.basename(path)
+    assert name.startswith("ztunnel-key-") and name.endswith(".pem")
+    if os.access("/dev/shm", os.W_OK):  # never on a disk when tmpfs is there
+        assert os.path.dirname(path) == "/dev/shm"
