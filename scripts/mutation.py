@@ -92,10 +92,39 @@ MESSAGE_ONLY = (
 )
 
 
+# Mutants that cannot change behaviour, by the exact change (removed, added) they make.
+EQUIVALENT: tuple[tuple[str, str, str], ...] = (
+    ("src=False", "src=None", "None is falsy like False"),
+    ('.decode("latin-1")', '.decode("LATIN-1")', "codec names are case-insensitive"),
+    ('.decode("ascii")', '.decode("ASCII")', "codec names are case-insensitive"),
+    ("check_hostname = False", "check_hostname = None", "None is falsy like False"),
+    ("num_tickets = 0", "num_tickets = 1",
+     "session tickets: our clients never resume, so a ticket is only wasted bytes"),
+)  # fmt: skip
+# Lines that only build the text of an error message (the raise is on another line).
+MESSAGE_LINES = ("want = ",)
+
+
+def _message_only(line: str) -> bool:
+    text = line[1:].lstrip()
+    return "raise " in text or "Error(" in text or "log." in text or text.startswith(MESSAGE_LINES)
+
+
 def explain_survivor(name: str, diff: str) -> tuple[str, str] | None:
     """(category, why) for a surviving mutant, or None when it is a missing test."""
-    removed = [ln for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
-    if removed and all("raise " in ln or "Error(" in ln or "log." in ln for ln in removed):
+    changed = [ln for ln in diff.splitlines() if ln[:1] in "-+" and ln[:3] not in ("---", "+++")]
+    removed = [ln for ln in changed if ln.startswith("-")]
+    added = [ln for ln in changed if ln.startswith("+")]
+    for old, new, why in EQUIVALENT:
+        if any(old in ln for ln in removed) and any(new in ln for ln in added):
+            return "equivalent", why
+    if removed and all(
+        "raise " in ln
+        or "Error(" in ln
+        or "log." in ln
+        or ln[1:].lstrip().startswith(MESSAGE_LINES)
+        for ln in removed
+    ):
         return "message text", MESSAGE_ONLY
     for category, prefixes, why in EXPLANATIONS:
         if any(f"ztunnel.{_module_of(p)}" in name and p.split(".", 1)[1] in name for p in prefixes):

@@ -333,3 +333,12 @@ def test_the_key_file_is_private_named_and_on_tmpfs(monkeypatch: pytest.MonkeyPa
     assert name.startswith("ztunnel-key-") and name.endswith(".pem")
     if os.access("/dev/shm", os.W_OK):  # never on a disk when tmpfs is there
         assert os.path.dirname(path) == "/dev/shm"
+
+
+def test_self_signed_certificates_in_the_chain_file_are_roots_not_links() -> None:
+    """cert-chain.pem may end with a root (Istio's layout), also another one than
+    root-cert.pem's (mid-rotation): self-signed certificates are never chain links."""
+    c = _chain("A:R", "C:A")
+    (a, _), (cert, key), (root, _) = c["A"], c["C"], c["R"]
+    old_root, _ = new_root()
+    FileCA(cert, key, cert + a + old_root, root)
