@@ -342,3 +342,10 @@ def test_self_signed_certificates_in_the_chain_file_are_roots_not_links() -> Non
     (a, _), (cert, key), (root, _) = c["A"], c["C"], c["R"]
     old_root, _ = new_root()
     FileCA(cert, key, cert + a + old_root, root)
+
+
+def test_a_certificate_valid_for_no_time_is_not_signed() -> None:
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    _, csr = new_csr(ALICE)
+    with pytest.raises(CAError, match="before it starts"):
+        FakeCA.ephemeral().sign(csr, not_before=now, not_after=now)

@@ -151,3 +151,9 @@ def test_dry_run_findings_name_action_policy_and_rule() -> None:
     assert evaluate([dry_allow_miss], c).dry_run == (
         DryRunFinding("dry-run: no allow policies match", Action.ALLOW),
     )
+
+
+@pytest.mark.parametrize("src", ["10.2.3.4", "192.168.9.9", "172.16.0.1"])
+def test_exactly_two_source_networks(src: str) -> None:
+    two = (ip_network("192.168.0.0/16"), ip_network("10.0.0.0/8"))
+    assert policy_matches(only(Match(source_ips=two)), conn(src=src)) is (src != "172.16.0.1")
