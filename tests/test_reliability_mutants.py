@@ -178,6 +178,7 @@ def _validate(authority: str) -> tuple[int | None, str, int]:
         "a-.b:80",
         "a" * 64 + ".b:80",  # a label over 63 characters
         ".".join(["a" * 63] * 4) + ":80",  # a name over 253 characters
+        ".".join(["a" * 63] * 3 + ["a" * 62]) + ":80",  # 254 characters
         "a b:80",
         "a/b:80",
     ],
