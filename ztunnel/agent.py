@@ -31,8 +31,8 @@ from ztunnel.config import Config, ProxyMode, RedirectMode, WorkloadInfo
 from ztunnel.enroll.controller import EnrollmentController
 from ztunnel.errors import ConfigError
 from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA
-from ztunnel.identity.istio_ca import IstioCAClient, ca_config
 from ztunnel.identity.errors import CAError
+from ztunnel.identity.istio_ca import IstioCAClient, ca_config
 from ztunnel.identity.manager import SecretManager
 from ztunnel.model.address import format_hostport
 from ztunnel.model.identity import Identity
