@@ -182,6 +182,7 @@ async def _echo(request: object, stream: object) -> None:
 async def _drive_connection(chunks: list[bytes]) -> bool:
     from ztunnel.hbone.connection import serve_hbone
     from ztunnel.hbone.errors import ConnectionGoneError
+    from ztunnel.hbone.settings import HboneSettings
 
     client, server = trio.testing.memory_stream_pair()
     answered = False
@@ -189,7 +190,7 @@ async def _drive_connection(chunks: list[bytes]) -> bool:
 
     async def serve() -> None:
         with contextlib.suppress(ConnectionGoneError):  # a broken HTTP/2 handshake: documented
-            await serve_hbone(server, _echo, ping_interval=10.0, drain_timeout=5.0)
+            await serve_hbone(server, _echo, settings=HboneSettings(drain_timeout=5.0))
         ended.set()
 
     async def read_all() -> None:
