@@ -11,6 +11,11 @@ peer can do it (a client of our 15008, or a server our pool dials).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import h2.config
 import h2.connection
 import h2.settings
@@ -51,3 +56,58 @@ def test_send_data_never_reports_negative_bytes() -> None:
 )
 def test_send_window_is_never_negative() -> None:
     assert _stream_with_negative_window().send_window(1) >= 0
+
+
+# The same through the real driver, in a child process (a frozen event loop cannot be
+# interrupted from inside): a handler writes the whole window, the peer lowers
+# INITIAL_WINDOW_SIZE to 0, the handler writes again. Virtual time: a fixed agent ends at once.
+FREEZE = textwrap.dedent(
+    """\
+    import trio, trio.testing, h2.connection, h2.config, h2.settings, h2.events
+    from ztunnel.hbone.connection import serve_hbone
+
+    async def handler(req, stream):
+        await stream.respond(200)
+        await stream.send_all(b"x" * 65535)
+        await trio.sleep(1)
+        await stream.send_all(b"y" * 10)
+
+    async def main():
+        client, server = trio.testing.memory_stream_pair()
+        peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        peer.initiate_connection()
+        peer.send_headers(1, [(":method", "CONNECT"), (":authority", "10.0.0.2:80")])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_hbone, server, handler)
+            await client.send_all(peer.data_to_send())
+            got = 0
+            while got < 65535:
+                for ev in peer.receive_data(await client.receive_some(1 << 20)):
+                    if isinstance(ev, h2.events.DataReceived):
+                        got += len(ev.data)
+                await client.send_all(peer.data_to_send())
+            peer.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+            await client.send_all(peer.data_to_send())
+            await trio.sleep(5)
+            print("event loop still alive", flush=True)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    """
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 14 phase 2 (hbone/engine.py, hbone/stream.py): a negative send window "
+    "freezes the agent's event loop (HboneStream.send_all loops without awaiting)",
+)
+def test_a_peer_lowering_the_window_cannot_freeze_the_event_loop() -> None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", FREEZE], cwd=root, capture_output=True, text=True, timeout=15
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the event loop froze (no progress in 15 s)")
+    assert "event loop still alive" in proc.stdout, proc.stdout + proc.stderr
