@@ -111,3 +111,38 @@ def test_a_peer_lowering_the_window_cannot_freeze_the_event_loop() -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("the event loop froze (no progress in 15 s)")
     assert "event loop still alive" in proc.stdout, proc.stdout + proc.stderr
+
+
+# -- found by the fuzz runs and fixed in phase 1 ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        "apiVersion: security.istio.io/v1beta1\nkind: {mtls: {mICT}}\n",  # fuzz: istio-policy
+        "apiVersion: [security.istio.io/v1]\nkind: AuthorizationPolicy\n",
+        "apiVersion: security.istio.io/v1\nkind: [AuthorizationPolicy]\n",
+    ],
+)
+def test_policy_documents_with_non_string_kind_or_version(doc: str) -> None:
+    """A mapping as ``kind`` raised TypeError (unhashable) out of the translator."""
+    import yaml
+
+    from ztunnel.errors import ConfigError
+    from ztunnel.policy.istio import translate_documents
+
+    try:
+        result = translate_documents(yaml.safe_load_all(doc))
+    except ConfigError as exc:
+        assert "not supported" in str(exc)
+    else:
+        assert result.policies == [] and result.warnings
+
+
+def test_an_unhashable_mapping_key_in_the_local_config_is_a_config_error() -> None:
+    """``{[22]}`` as a key raised TypeError from the duplicate-key check (fuzz: localconfig)."""
+    from ztunnel.errors import ConfigError
+    from ztunnel.sources.localconfig import load_local_config
+
+    with pytest.raises(ConfigError, match="unhashable key"):
+        load_local_config("policies: [{rules: [[{matches: [{[22]}]}]]}]", "LOCAL_XDS")

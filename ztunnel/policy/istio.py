@@ -158,7 +158,9 @@ def _translate(
         if not isinstance(doc, Mapping):
             raise where.fail("", "a policy document must be a mapping")
         kind, api = doc.get("kind"), doc.get("apiVersion")
-        if kind not in _KINDS or api not in _API_VERSIONS:
+        # Not str: a mapping or list would not even be hashable for the set lookups.
+        known = isinstance(kind, str) and isinstance(api, str)
+        if not known or kind not in _KINDS or api not in _API_VERSIONS:
             if str(api).startswith("security.istio.io/"):
                 # A security document we cannot read must not silently vanish: skipping a
                 # DENY (or a STRICT) would open what its author meant to close.

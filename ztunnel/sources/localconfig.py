@@ -111,7 +111,9 @@ class _Loader(yaml.SafeLoader):
         seen: set[object] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, str | int) and key in seen:
+            if not isinstance(key, str | int):
+                continue  # unhashable keys (a list, a mapping): SafeLoader refuses them below
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
