@@ -85,7 +85,8 @@ def _check_authority(authority: str, status: int | None, host: str, port: int) -
     if status is None:
         if not 1 <= port <= 65535:
             raise Finding(f"validate_connect accepted port {port} from {authority!r}")
-        if not host or any(ch.isspace() or not ch.isprintable() for ch in host):
+        bad = any(ch.isspace() or not ch.isprintable() for ch in host)
+        if not host or bad or "%" in host:  # "%": an IPv6 zone
             raise Finding(f"validate_connect accepted host {host!r} from {authority!r}")
     elif (status, host, port) != (400, "", 0):
         raise Finding(f"validate_connect returned {(status, host, port)!r}")

@@ -203,26 +203,27 @@ def test_well_formed_authorities_are_split(authority: str, host: str, port: int)
     assert _validate(authority) == (None, host, port)
 
 
-# Found reviewing parse_authority for the fuzz oracle (and confirmed by these calls); not reachable
-# over HBONE today (h2 4.4.1 refuses CR/LF in header values before we see them), but the
-# check must not depend on that. Phase 2 (hbone/engine.py): fullmatch instead of ``$``.
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 phase 2: parse_authority's regexes end in '$', which matches before a "
-    "trailing newline: 'host\\n:80' is accepted with host 'host\\n'",
+# Found reviewing parse_authority for the fuzz oracle. A newline is not reachable over HBONE
+# today (h2 refuses CR/LF in header values before we see them), but the check must not depend
+# on that: the regexes used to end in ``$``, which also matches before a final newline.
+@pytest.mark.parametrize(
+    "authority", ["10.0.0.2:80\n", "echo\n:80", "echo.default\n.svc:80", "[::1]:80\n"]
 )
-@pytest.mark.parametrize("authority", ["10.0.0.2:80\n", "echo\n:80"])
 def test_authority_with_a_trailing_newline_is_400(authority: str) -> None:
     assert _validate(authority) == (400, "", 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 phase 2: '[fe80::1%eth0]:80' is accepted (host 'fe80::1%eth0'); a zone "
-    "names an interface of the client's host and has no meaning in a CONNECT authority",
+# A zone names an interface of the client's host and has no meaning in a CONNECT authority;
+# ipaddress accepts it ('fe80::1%eth0'), so it must be refused explicitly.
+@pytest.mark.parametrize(
+    "authority", ["[fe80::1%eth0]:80", "[fe80::1%25eth0]:80", "[::1%1]:80", "[2001:db8::1%x]:443"]
 )
-def test_authority_with_an_ipv6_zone_is_400() -> None:
-    assert _validate("[fe80::1%eth0]:80") == (400, "", 0)
+def test_authority_with_an_ipv6_zone_is_400(authority: str) -> None:
+    assert _validate(authority) == (400, "", 0)
+
+
+def test_ipv6_authority_without_a_zone_is_still_split() -> None:
+    assert _validate("[fe80::1]:80") == (None, "fe80::1", 80)
 
 
 # -- key usage of what the CA issues ------------------------------------------------------------
