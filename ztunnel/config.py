@@ -141,8 +141,6 @@ DEFAULT_ROOT_CA = "./var/run/secrets/istio/root-cert.pem"
 DEFAULT_AUTH_TOKEN = "./var/run/secrets/tokens/istio-token"
 DEFAULT_INPOD_UDS = "/var/run/ztunnel/ztunnel.sock"
 SYSTEM_ROOTS = "SYSTEM"  # XDS_ROOT_CA / CA_ROOT_CA value meaning "the OS trust store"
-# 128 (Python's and the kernel's old default) overflowed under a burst of 1,000 handshakes.
-DEFAULT_LISTEN_BACKLOG = 1024
 
 
 def termination_deadline(env: Mapping[str, str]) -> float:
