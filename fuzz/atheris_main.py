@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import atheris
+import atheris  # type: ignore[import-untyped]
 
 from fuzz.stats import open_fds, rss_kib
 

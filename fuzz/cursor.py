@@ -9,6 +9,7 @@ structured input, and the shortest inputs are the well-formed, common ones.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -16,21 +17,21 @@ T = TypeVar("T")
 
 
 class Cursor:
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: builtins.bytes) -> None:
         self.data = data
         self.pos = 0
 
     @property
-    def left(self) -> int:
+    def left(self) -> builtins.int:
         return len(self.data) - self.pos
 
-    def byte(self) -> int:
+    def byte(self) -> builtins.int:
         if self.pos >= len(self.data):
             return 0
         self.pos += 1
         return self.data[self.pos - 1]
 
-    def int(self, lo: int, hi: int) -> int:
+    def int(self, lo: builtins.int, hi: builtins.int) -> builtins.int:
         """An integer in [lo, hi] (inclusive), from as few bytes as the range needs."""
         span = hi - lo
         if span <= 0:
@@ -41,25 +42,25 @@ class Cursor:
             width += 8
         return lo + value % (span + 1)
 
-    def bool(self) -> bool:
+    def bool(self) -> builtins.bool:
         return self.byte() & 1 == 1
 
-    def chance(self, of: int) -> bool:
+    def chance(self, of: builtins.int) -> builtins.bool:
         """True about once in ``of`` draws; False once the bytes ran out (the usual path)."""
         return self.byte() % of == of - 1
 
-    def bytes(self, n: int) -> bytes:
+    def bytes(self, n: builtins.int) -> builtins.bytes:
         chunk = self.data[self.pos : self.pos + n]
         self.pos += len(chunk)
         return chunk
 
-    def blob(self, max_len: int) -> bytes:
+    def blob(self, max_len: builtins.int) -> builtins.bytes:
         return self.bytes(self.int(0, max_len))
 
     def pick(self, choices: Sequence[T]) -> T:
         return choices[self.int(0, len(choices) - 1)]
 
-    def rest(self) -> bytes:
+    def rest(self) -> builtins.bytes:
         chunk = self.data[self.pos :]
         self.pos = len(self.data)
         return chunk

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -70,7 +71,9 @@ def run_atheris(
         "target": target.name,
         "engine": "atheris",
         "exit": code,
-        "inputs": last.get("inputs", 0),
+        # libFuzzer's count when it printed one (a -max_total_time exit writes no final
+        # progress line), else the last progress line's (every REPORT_EVERY inputs).
+        "inputs": _executed_units(log) or last.get("inputs", 0),
         "reached": last.get("reached", 0),
         "seconds": round(elapsed, 1),
         "crashes": crashes,
@@ -93,6 +96,11 @@ def _last_line(path: Path) -> dict[str, object]:
     except OSError:
         return {}
     return json.loads(lines[-1]) if lines else {}
+
+
+def _executed_units(log: Path) -> int:
+    found = re.search(r"stat::number_of_executed_units: (\d+)", log.read_text(errors="replace"))
+    return int(found.group(1)) if found else 0
 
 
 def _crash_excerpt(log: Path) -> str:

@@ -13,7 +13,7 @@ import contextlib
 import ipaddress
 import logging
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,12 +252,12 @@ def hbone_connection(data: bytes) -> bool:
     return answered
 
 
-def _run_trio(fn: Callable[..., object], arg: object, clock: trio.abc.Clock) -> bool:
+def _run_trio(fn: Callable[..., Awaitable[object]], arg: object, clock: trio.abc.Clock) -> bool:
     try:
         return bool(trio.run(fn, arg, clock=clock))
     except BaseExceptionGroup as group:  # one exception inside: report it as itself
         while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
-            group = group.exceptions[0]  # type: ignore[assignment]
+            group = group.exceptions[0]
         raise group from None
 
 
@@ -567,6 +567,14 @@ def xds(data: bytes) -> bool:
     return outcome.applied > 0
 
 
+def _zds_del(uid: str) -> bytes:
+    from ztunnel.proto import zds_pb2
+
+    request = zds_pb2.WorkloadRequest()
+    getattr(request, "del").CopyFrom(zds_pb2.DelWorkload(uid=uid))  # `del` is a keyword
+    return request.SerializeToString()
+
+
 def _zds_seeds() -> list[bytes]:
     from ztunnel.proto import zds_pb2
 
@@ -576,7 +584,7 @@ def _zds_seeds() -> list[bytes]:
     messages = [
         zds_pb2.WorkloadRequest(add=add).SerializeToString(),
         zds_pb2.WorkloadRequest(keep=zds_pb2.KeepWorkload(uid="u1")).SerializeToString(),
-        zds_pb2.WorkloadRequest(**{"del": zds_pb2.DelWorkload(uid="u1")}).SerializeToString(),
+        _zds_del("u1"),
         zds_pb2.WorkloadRequest(snapshot_sent=zds_pb2.SnapshotSent()).SerializeToString(),
     ]
     framed = [bytes([len(m)]) + m for m in messages]
