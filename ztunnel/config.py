@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 from ztunnel.errors import ConfigError
 from ztunnel.model import ports
 from ztunnel.model.address import format_hostport
+from ztunnel.model.logfilter import LogFilter
 from ztunnel.model.ports import AgentPorts
-from ztunnel.telemetry.logging import LogFilter
 
 T = TypeVar("T")
 

@@ -15,11 +15,12 @@ import json
 import logging
 import sys
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
 from typing import TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from ztunnel.model.logfilter import LEVEL_NAMES, LogFilter
 
 ACCESS_LOGGER = "access"
 TRACE = 5  # tracing's TRACE; below stdlib DEBUG
@@ -34,48 +35,13 @@ LEVELS: Mapping[str, int] = {
     "error": logging.ERROR,
     "off": _OFF,
 }
+assert set(LEVELS) == set(LEVEL_NAMES)  # the filter's parser (model/) knows the same names
 
 
 class Bare(str):
     """A string rendered without quotes in the plain format (addresses, like ztunnel's ``%``)."""
 
     __slots__ = ()
-
-
-@dataclass(frozen=True, slots=True)
-class LogFilter:
-    """A parsed filter: a default level and per-target overrides (``(spec target, level)``)."""
-
-    default: str
-    targets: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def parse(cls, spec: str) -> LogFilter:
-        """Parse ``level`` / ``target=level,...,level``; raises ValueError on anything else."""
-        default: str | None = None
-        targets: list[tuple[str, str]] = []
-        for raw in spec.split(","):
-            directive = raw.strip()
-            if not directive:
-                continue
-            target, sep, level = directive.partition("=")
-            if not sep:
-                target, level = "", target
-            level = level.strip().lower()
-            if level not in LEVELS:
-                raise ValueError(f"invalid log level {level!r} in {directive!r}")
-            if not sep:
-                default = level
-            elif not target.strip():
-                raise ValueError(f"empty target in {directive!r}")
-            else:
-                targets.append((target.strip(), level))
-        if default is None and not targets:
-            raise ValueError(f"empty log filter {spec!r}")
-        return cls(default or "info", tuple(targets))
-
-    def __str__(self) -> str:
-        return ",".join([*(f"{t}={lvl}" for t, lvl in self.targets), self.default])
 
 
 def logger_name(target: str) -> str:
