@@ -236,18 +236,14 @@ def _log_format(value: str, name: str) -> str:
     return value
 
 
-_MAX_WINDOW = 2**31 - 1  # RFC 9113 §6.9.1
-# Field -> (minimum, maximum, why), checked after parsing (Config._validate_values).
+# Field -> (minimum, maximum, why), checked after parsing (Config._validate_values). The
+# HTTP/2 values (frame size, windows, streams, pool timeout) are HboneSettings' to check.
 _RANGES: dict[str, tuple[int, int, str]] = {
-    "http2_frame_size": (16_384, 16_777_215, "RFC 9113 SETTINGS_MAX_FRAME_SIZE"),
-    "http2_stream_window_size": (65_535, _MAX_WINDOW, "RFC 9113 flow-control window"),
-    "http2_connection_window_size": (65_535, _MAX_WINDOW, "RFC 9113 flow-control window"),
-    "pool_max_streams_per_connection": (1, _MAX_WINDOW, "streams per connection"),
     "packet_mark": (0, 2**32 - 1, "SO_MARK is 32 bits"),
     "listen_backlog": (1, 65_535, "listen() backlog"),
 }
-# A certificate that is never valid, or a pool that drops a connection before using it.
-_POSITIVE_DURATIONS = ("secret_ttl", "pool_unused_release_timeout")
+# A certificate that is never valid.
+_POSITIVE_DURATIONS = ("secret_ttl",)
 
 
 @dataclass(frozen=True, slots=True)
