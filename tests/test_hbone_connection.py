@@ -343,3 +343,14 @@ async def test_serve_hbone_settings_and_lifecycle_callbacks() -> None:
             server.drain()
             await wait_for(lambda: client.closed)
     assert seen == ["open", "close"]
+
+
+async def test_authority_with_an_ipv6_zone_is_400_on_the_wire() -> None:
+    # Unlike CR/LF, a zone passes h2's header checks: validate_connect is what refuses it.
+    echo = Echo()
+    with trio.fail_after(10):
+        async with hbone_env(echo) as env:
+            with pytest.raises(HboneStatusError) as info:
+                await env.client.open_stream("[fe80::1%eth0]:80")
+            assert info.value.status == 400
+            assert echo.requests == []

@@ -6,7 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import pytest
 import trio
+import trio.testing
 from hbone_certs import CLIENT_ID, SERVER_ID, client_ctx, connect_tcp, serve_loopback
 
 from ztunnel.hbone.connection import HboneServerConnection, HboneServerStream
@@ -123,11 +125,21 @@ async def test_different_keys_get_different_connections() -> None:
             assert env.pool.connection_count() == 2
 
 
-async def test_idle_connection_is_released() -> None:
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Real-time pace (timeouts behave), but the test can also jump time forward."""
+    return trio.testing.MockClock(rate=1.0)
+
+
+async def test_idle_connection_is_released(clock: trio.testing.MockClock) -> None:
     with trio.fail_after(10):
         async with pool_env(settings=HboneSettings(pool_idle_timeout=0.2)) as env:
             stream = await env.pool.open_stream(env.key, "10.0.0.2:80")
-            await trio.sleep(0.4)
+            # Twice the idle timeout in the watcher's steps, each step seen by every task,
+            # instead of a sleep that on a loaded machine may not let the watcher run.
+            for _ in range(8):
+                clock.jump(0.05)
+                await trio.testing.wait_all_tasks_blocked()
             assert env.pool.connection_count() == 1  # busy: a stream is open
             await stream.send_eof()
             assert await stream.receive_some() == b""

@@ -36,7 +36,7 @@ def test_mypy_strict_passes() -> None:
 
 def test_ruff_passes() -> None:
     result = subprocess.run(
-        [_tool("ruff"), "check", "ztunnel", "tests", "bench"],
+        [_tool("ruff"), "check", "ztunnel", "tests", "bench", "fuzz", "scripts"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -14,10 +14,11 @@ CONNECTION_TERMINATION_DEADLINE seconds, then the agent exits.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import signal
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from ztunnel.config import Config, ProxyMode, RedirectMode, WorkloadInfo
 from ztunnel.enroll.controller import EnrollmentController
 from ztunnel.errors import ConfigError
 from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA
+from ztunnel.identity.errors import CAError
 from ztunnel.identity.istio_ca import IstioCAClient, ca_config
 from ztunnel.identity.manager import SecretManager
 from ztunnel.model.address import format_hostport
@@ -78,7 +80,7 @@ def make_ca(config: Config) -> CertificateAuthority:
     if config.ca_dir:
         try:
             return FileCA.load(config.ca_dir)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, CAError) as exc:
             raise ConfigError("CA_DIR", config.ca_dir, f"cannot load the CA: {exc}") from exc
     if config.fake_ca:
         return FakeCA.ephemeral(config.trust_domain)
@@ -218,9 +220,16 @@ class Agent:
     # -- running ---------------------------------------------------------------
 
     def run_forever(self) -> int:
+        """Run until drained. Raises ConfigError when a listener cannot bind at start."""
         configure_logging(self.config.log_level, self.config.log_format)
         self.worker_count = workers_count.resolve(self.config.worker_threads)
-        trio.run(self._main)
+        try:
+            trio.run(self._main)
+        except BaseExceptionGroup as group:
+            startup = _startup_error(group)
+            if startup is None:
+                raise
+            raise startup from None
         return 0
 
     async def _main(self) -> None:
@@ -266,22 +275,22 @@ class Agent:
 
     async def _start_admin(self, nursery: trio.Nursery) -> None:
         cfg = self.config
-        port = await nursery.start(
-            partial(
-                serve_admin,
-                cfg.admin_addr,
-                dump_provider=self.config_dump,
-                tracker=self.tracker,
-                on_quit=self.request_shutdown,
-                explainer=self.explain,
-                on_log_filter=self._log_filter_changed,
-            )
+        admin = partial(
+            serve_admin,
+            dump_provider=self.config_dump,
+            tracker=self.tracker,
+            on_quit=self.request_shutdown,
+            explainer=self.explain,
+            on_log_filter=self._log_filter_changed,
         )
-        self.bound["admin"] = (cfg.admin_addr[0], port)
-        port = await nursery.start(serve_metrics, cfg.stats_addr, self.metrics)
-        self.bound["stats"] = (cfg.stats_addr[0], port)
-        port = await nursery.start(serve_readiness, cfg.readiness_addr, self.readiness)
-        self.bound["readiness"] = (cfg.readiness_addr[0], port)
+        for name, addr, serve in (
+            ("admin", cfg.admin_addr, admin),
+            ("stats", cfg.stats_addr, partial(serve_metrics, metrics=self.metrics)),
+            ("readiness", cfg.readiness_addr, partial(serve_readiness, readiness=self.readiness)),
+        ):
+            with _listener_setting(f"{name}_addr", addr):
+                port = await nursery.start(serve, addr)
+            self.bound[name] = (addr[0], port)
 
     def _log_filter_changed(self, spec: str) -> None:
         if self.workers is not None:
@@ -353,7 +362,16 @@ class Agent:
                 port for name in ("admin", "stats", "readiness") if (port := self.bound[name][1])
             ],
         )
-        await self.start_proxy(nursery, proxy)
+        listeners = ", ".join(
+            f"{Config.env_names()[f]}={format_hostport(*getattr(cfg, f))}"
+            for f in ("outbound_addr", "inbound_addr", "inbound_plaintext_addr")
+        )
+        try:
+            await self.start_proxy(nursery, proxy)
+        except OSError as exc:
+            # Which of the proxy's listeners failed is not known here (phase 2: the proxy
+            # names it); all of them are, so the line still says what to change.
+            raise ConfigError(listeners, "", f"cannot listen: {exc.strerror or exc}") from exc
 
     async def start_proxy(self, nursery: trio.Nursery, proxy: RunningProxy) -> None:
         """Start one workload proxy (raises OSError if a listener cannot bind)."""
@@ -509,6 +527,30 @@ class Agent:
             }
             for uid, proxy in self.proxies.items()
         }
+
+
+@contextlib.contextmanager
+def _listener_setting(field_name: str, addr: tuple[str, int]) -> Iterator[None]:
+    """A bind failure at start is a configuration error naming the setting and address."""
+    try:
+        yield
+    except OSError as exc:
+        env = Config.env_names()[field_name]
+        where = format_hostport(*addr)
+        raise ConfigError(env, where, f"cannot listen: {exc.strerror or exc}") from exc
+
+
+def _startup_error(group: BaseExceptionGroup[BaseException]) -> ConfigError | None:
+    """The ConfigError a failed start left in trio's exception groups, if that is all
+    there is (anything else is a bug and keeps its traceback)."""
+    matched, rest = group.split(ConfigError)
+    if matched is None or rest is not None:
+        return None
+    leaf: BaseException = matched
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, ConfigError)
+    return leaf
 
 
 def attach_cluster_source(

@@ -188,10 +188,15 @@ def run_command(args: argparse.Namespace) -> int:
             policy_dir=args.policies,
             env=os.environ,
         )
+        return agent.run_forever()  # a listener that cannot bind is a ConfigError too
     except ConfigError as exc:
-        print(f"ztunnel: configuration error: {exc}", file=sys.stderr)
+        print(f"ztunnel: configuration error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
-    return agent.run_forever()
+
+
+def _one_line(text: str) -> str:
+    """Errors quote file contents and OS messages: keep the promised single line."""
+    return " ".join(text.split())
 
 
 def add_waypoint_parser(sub: Any) -> None:

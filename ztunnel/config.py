@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import ipaddress
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 from ztunnel.errors import ConfigError
 from ztunnel.model import ports
 from ztunnel.model.address import format_hostport
+from ztunnel.model.logfilter import LogFilter
 from ztunnel.model.ports import AgentPorts
 
 T = TypeVar("T")
@@ -85,9 +87,13 @@ def parse_duration(value: str, name: str) -> float:
     """Go/humantime-style durations: ``24h``, ``5m``, ``1h30m``, ``500ms``, or bare seconds."""
     text = value.strip()
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ConfigError(name, "", f"expected a duration of 0 or more seconds, got {value!r}")
+        return _bounded_duration(seconds, value, name)
     total, pos = 0.0, 0
     for m in _DURATION.finditer(text):
         if m.start() != pos:
@@ -96,7 +102,17 @@ def parse_duration(value: str, name: str) -> float:
         pos = m.end()
     if pos != len(text) or not text:
         raise ConfigError(name, "", f"expected a duration like 30s, 5m or 24h, got {value!r}")
-    return total
+    return _bounded_duration(total, value, name)
+
+
+# Past this, datetime and certificate arithmetic overflow; no setting needs more.
+MAX_DURATION = 100 * 365 * 86400.0
+
+
+def _bounded_duration(seconds: float, value: str, name: str) -> float:
+    if seconds > MAX_DURATION:
+        raise ConfigError(name, "", f"{value!r} is longer than 100 years")
+    return seconds
 
 
 def parse_bool(value: str, name: str) -> bool:
@@ -238,6 +254,16 @@ def _log_format(value: str, name: str) -> str:
     if value not in ("plain", "json"):
         raise ConfigError(name, "", f"expected plain or json, got {value!r}")
     return value
+
+
+# Field -> (minimum, maximum, why), checked after parsing (Config._validate_values). The
+# HTTP/2 values (frame size, windows, streams, pool timeout) are HboneSettings' to check.
+_RANGES: dict[str, tuple[int, int, str]] = {
+    "packet_mark": (0, 2**32 - 1, "SO_MARK is 32 bits"),
+    "listen_backlog": (1, 65_535, "listen() backlog"),
+}
+# A certificate that is never valid.
+_POSITIVE_DURATIONS = ("secret_ttl",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,6 +503,7 @@ class Config:
         if self.fake_ca and self.ca_dir:
             raise ConfigError("CA_DIR", "", "FAKE_CA and CA_DIR are exclusive")
         self._validate_control_plane()
+        self._validate_values()
 
     def _validate_control_plane(self) -> None:
         """Combinations of the Istio control plane with the standalone sources."""
@@ -518,6 +545,21 @@ class Config:
         if self.xds_address and self.proxy_mode is ProxyMode.SHARED:
             return DEFAULT_INPOD_UDS
         return None
+
+    def _validate_values(self) -> None:
+        """Values that parse but cannot work: refused at start, not at the first connection."""
+        env = self.env_names()
+        for name, (lo, hi, why) in _RANGES.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise ConfigError(env[name], "", f"{value} is out of range {lo}..{hi} ({why})")
+        for name in _POSITIVE_DURATIONS:
+            if getattr(self, name) <= 0:
+                raise ConfigError(env[name], "", "must be longer than 0s")
+        try:
+            LogFilter.parse(self.log_level)
+        except ValueError as exc:
+            raise ConfigError("RUST_LOG", "", str(exc)) from exc
 
     def agent_ports(self) -> AgentPorts:
         """The agent's ports, as configured and by default, for the self-call checks."""

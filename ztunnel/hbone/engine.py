@@ -694,20 +694,23 @@ _HANDLERS: dict[type, Any] = {
 
 # -- CONNECT request validation (server side, reference §1.3) -------------------
 
-_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
-_PORT = re.compile(r"^[0-9]{1,5}$")
+# Used with fullmatch: ``$`` would also match before a final newline ("host\n:80").
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def parse_authority(authority: str) -> tuple[str, int] | None:
     """``ip:port``, ``[v6]:port`` or ``hostname:port`` -> (host, port); else None."""
     host, sep, port_text = authority.rpartition(":")
-    if not sep or not _PORT.match(port_text) or not 1 <= int(port_text) <= 65535:
+    if not sep or not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
         return None
     if host.startswith("[") and host.endswith("]"):
         try:
-            return str(ipaddress.IPv6Address(host[1:-1])), int(port_text)
+            ip = ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             return None
+        # A zone ("%eth0") names an interface of the client's host: meaningless here.
+        return (str(ip), int(port_text)) if ip.scope_id is None else None
     if _valid_host(host):
         return host, int(port_text)
     return None
@@ -720,7 +723,7 @@ def _valid_host(host: str) -> bool:
     except ValueError:
         pass
     labels = host.split(".")
-    return 0 < len(host) <= 253 and all(_LABEL.match(label) for label in labels)
+    return 0 < len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
 
 
 def validate_connect(req: ConnectRequest) -> tuple[int | None, str, int]:

@@ -117,6 +117,8 @@ def read_policy_dir(path: str | Path) -> list[PolicyDocuments]:
             docs = tuple(yaml.safe_load_all(file.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise PolicyTranslationError(str(file), "", f"cannot read policies: {exc}") from exc
+        except RecursionError as exc:  # PyYAML recurses once per nesting level
+            raise PolicyTranslationError(str(file), "", "YAML nested too deeply") from exc
         out.append(PolicyDocuments(str(file), docs))
     return out
 
@@ -156,7 +158,9 @@ def _translate(
         if not isinstance(doc, Mapping):
             raise where.fail("", "a policy document must be a mapping")
         kind, api = doc.get("kind"), doc.get("apiVersion")
-        if kind not in _KINDS or api not in _API_VERSIONS:
+        # Not str: a mapping or list would not even be hashable for the set lookups.
+        known = isinstance(kind, str) and isinstance(api, str)
+        if not known or kind not in _KINDS or api not in _API_VERSIONS:
             if str(api).startswith("security.istio.io/"):
                 # A security document we cannot read must not silently vanish: skipping a
                 # DENY (or a STRICT) would open what its author meant to close.

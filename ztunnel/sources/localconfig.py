@@ -111,7 +111,9 @@ class _Loader(yaml.SafeLoader):
         seen: set[object] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, str | int) and key in seen:
+            if not isinstance(key, str | int):
+                continue  # unhashable keys (a list, a mapping): SafeLoader refuses them below
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
@@ -134,6 +136,16 @@ def _construct_tag(kind: str) -> Callable[[yaml.SafeLoader, yaml.Node], dict[str
 
 for _kind in _MATCH_KINDS:
     _Loader.add_constructor(f"!{_kind}", _construct_tag(_kind))
+
+
+def parse_ip(text: str) -> IPAddress:
+    """An IP address; a zone (``fe80::1%eth0``) is a ValueError: zones name an interface
+    of one host, and an address that is only valid on one interface cannot identify a
+    workload (comparisons would also never match the zone-less address on the wire)."""
+    ip = ipaddress.ip_address(text)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        raise ValueError(f"{text!r} has a zone")
+    return ip
 
 
 # --- typed access to the parsed document, with paths for errors --------------------------
@@ -185,17 +197,23 @@ class _Node:
     def as_ip(self) -> IPAddress:
         text = self.as_str()
         try:
-            return ipaddress.ip_address(text)
+            ip = ipaddress.ip_address(text)
         except ValueError:
             raise self.error(f"expected an IP address, got {text!r}") from None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+            raise self.error(f"expected an IP address without a zone, got {text!r}")
+        return ip
 
     def as_cidr(self) -> IPNetwork:
         text = self.as_str()
         try:
             # strict=False: ztunnel's IpNet keeps "10.0.0.1/8" and matches on the network.
-            return ipaddress.ip_network(text, strict=False)
+            net = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise self.error(f"expected a CIDR like 10.0.0.0/8 or an IP, got {text!r}") from None
+        if getattr(net.network_address, "scope_id", None) is not None:
+            raise self.error(f"expected a CIDR without a zone, got {text!r}")
+        return net
 
     def as_enum(self, table: Mapping[str, T]) -> T:
         text = self.as_str()
@@ -280,7 +298,7 @@ def _network_address(node: _Node) -> NetworkAddress:
     if not sep:
         raise node.error(f"expected 'network/IP' (e.g. '/10.0.0.1'), got {text!r}")
     try:
-        return NetworkAddress(network, ipaddress.ip_address(ip))
+        return NetworkAddress(network, parse_ip(ip))
     except ValueError:
         raise node.error(f"expected 'network/IP' with a valid IP, got {text!r}") from None
 
@@ -293,8 +311,10 @@ def _gateway(node: _Node) -> GatewayAddress:
     if not sep or not rest:
         raise dest.error(f"expected 'network/IP' or 'namespace/hostname', got {text!r}")
     destination: NetworkAddress | NamespacedHostname
+    if "%" in rest:  # an IPv6 zone: not a hostname either (see parse_ip)
+        raise dest.error(f"expected an address without a zone, got {text!r}")
     try:
-        destination = NetworkAddress(namespace, ipaddress.ip_address(rest))
+        destination = NetworkAddress(namespace, parse_ip(rest))
     except ValueError:  # untagged enum in ztunnel: not an address, so a hostname
         destination = NamespacedHostname(namespace, rest)
     return GatewayAddress(destination, fields.get("hboneMtlsPort", _Node.as_port, HBONE_PORT))
@@ -524,6 +544,24 @@ def _parse_yaml(text: str, source: str) -> object:
         raise ConfigError(source, "", f"YAML syntax error{where}: {exc.problem}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(source, "", f"YAML error: {exc}") from exc
+    except RecursionError as exc:  # PyYAML recurses once per nesting level
+        raise ConfigError(source, "", "YAML error: nested too deeply") from exc
+
+
+def _check_unique_addresses(source: str, workloads: tuple[Workload, ...]) -> None:
+    """Two workloads with one IP (in one network): traffic to it would go to whichever
+    was indexed last, and policy would judge the wrong pod. ztunnel's store keeps one."""
+    owner: dict[tuple[str, IPAddress], int] = {}
+    for i, w in enumerate(workloads):
+        for j, ip in enumerate(w.workload_ips):
+            first = owner.setdefault((w.network, ip), i)
+            if first != i:
+                raise ConfigError(
+                    source,
+                    f"workloads[{i}].workloadIps[{j}]",
+                    f"{ip} is already the address of workloads[{first}] "
+                    f"({workloads[first].uid}) in network {w.network!r}",
+                )
 
 
 def load_local_config(text: str, source: str) -> LocalConfig:
@@ -537,6 +575,7 @@ def load_local_config(text: str, source: str) -> LocalConfig:
         return LocalConfig()
     top = _Node(source, "", doc).as_fields(("workloads", "policies", "services"))
     workloads = top.many("workloads", _workload)
+    _check_unique_addresses(source, workloads)
     services = top.many("services", _service)
     policies = top.many("policies", _policy)
     assert isinstance(doc, dict)  # as_fields checked it

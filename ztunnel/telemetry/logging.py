@@ -15,11 +15,12 @@ import json
 import logging
 import sys
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
 from typing import TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from ztunnel.model.logfilter import LEVEL_NAMES, LogFilter
 
 ACCESS_LOGGER = "access"
 TRACE = 5  # tracing's TRACE; below stdlib DEBUG
@@ -34,48 +35,13 @@ LEVELS: Mapping[str, int] = {
     "error": logging.ERROR,
     "off": _OFF,
 }
+assert set(LEVELS) == set(LEVEL_NAMES)  # the filter's parser (model/) knows the same names
 
 
 class Bare(str):
     """A string rendered without quotes in the plain format (addresses, like ztunnel's ``%``)."""
 
     __slots__ = ()
-
-
-@dataclass(frozen=True, slots=True)
-class LogFilter:
-    """A parsed filter: a default level and per-target overrides (``(spec target, level)``)."""
-
-    default: str
-    targets: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def parse(cls, spec: str) -> LogFilter:
-        """Parse ``level`` / ``target=level,...,level``; raises ValueError on anything else."""
-        default: str | None = None
-        targets: list[tuple[str, str]] = []
-        for raw in spec.split(","):
-            directive = raw.strip()
-            if not directive:
-                continue
-            target, sep, level = directive.partition("=")
-            if not sep:
-                target, level = "", target
-            level = level.strip().lower()
-            if level not in LEVELS:
-                raise ValueError(f"invalid log level {level!r} in {directive!r}")
-            if not sep:
-                default = level
-            elif not target.strip():
-                raise ValueError(f"empty target in {directive!r}")
-            else:
-                targets.append((target.strip(), level))
-        if default is None and not targets:
-            raise ValueError(f"empty log filter {spec!r}")
-        return cls(default or "info", tuple(targets))
-
-    def __str__(self) -> str:
-        return ",".join([*(f"{t}={lvl}" for t, lvl in self.targets), self.default])
 
 
 def logger_name(target: str) -> str:
@@ -188,26 +154,60 @@ def _level_name(event: EventDict) -> str:
     return "warn" if level == "warning" else level
 
 
+# Plain text is one record per line, fields separated by spaces and the head by tabs. Values
+# come from the network (headers, baggage, SNI-less authorities, peer errors), so nothing may
+# reach the line raw that could end it or fake a separator: control characters (CR, LF, TAB,
+# ESC...), DEL, and Unicode line/paragraph separators are written as escapes (backslash-n,
+# backslash-x1b, backslash-u2028), whatever the field (message, key, value, logger name).
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_BARE_UNSAFE = frozenset(' "=\\')
+
+
+def escape_text(text: str) -> str:
+    """``text`` with every non-printable character escaped (printable text unchanged, but
+    for backslashes, doubled so that an escape in the output is always ours)."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_ESCAPES.get(ch) or (ch if ch.isprintable() else _code(ch)) for ch in text)
+
+
+def _code(ch: str) -> str:
+    n = ord(ch)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
 def _plain_value(value: object) -> str:
-    if isinstance(value, Bare | int | float):
+    if isinstance(value, int | float):
         return str(value)
-    return json.dumps(str(value))
+    if isinstance(value, Bare) and value.isprintable() and _BARE_UNSAFE.isdisjoint(value):
+        return str(value)
+    # JSON quoting escapes control characters and (ensure_ascii) all non-ASCII; DEL is the
+    # one non-printable ASCII character it leaves raw.
+    return json.dumps(str(value)).replace("\x7f", "\\u007f")
 
 
 def render_plain(_logger: WrappedLogger, _name: str, event: EventDict) -> str:
-    """``<time>\\t<level>\\t<logger>\\t<message> k=v ...``, like ztunnel's text logs."""
+    """``<time>\\t<level>\\t<logger>\\t<message> k=v ...``, like ztunnel's text logs.
+
+    Always exactly one line per record, whatever the values; a traceback follows on
+    lines that start with two spaces, so no line of it can pass for a record.
+    """
     head = "\t".join(
         (
-            str(event.pop("timestamp", "")),
+            escape_text(str(event.pop("timestamp", ""))),
             _level_name(event),
-            str(event.pop("logger", "")),
-            str(event.pop("event", "")),
+            escape_text(str(event.pop("logger", ""))),
+            escape_text(str(event.pop("event", ""))),
         )
     )
     exc = event.pop("exception", None)
-    fields = " ".join(f"{k}={_plain_value(v)}" for k, v in event.items() if v is not None)
+    fields = " ".join(
+        f"{escape_text(str(k))}={_plain_value(v)}" for k, v in event.items() if v is not None
+    )
     line = f"{head} {fields}" if fields else head
-    return f"{line}\n{exc}" if exc else line
+    if not exc:
+        return line
+    return "\n".join([line, *(f"  {escape_text(ln)}" for ln in str(exc).splitlines())])
 
 
 def render_json(_logger: WrappedLogger, _name: str, event: EventDict) -> str:

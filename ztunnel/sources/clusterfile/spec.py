@@ -161,9 +161,12 @@ class _Parser:
 
     def ip(self, value: object, path: str) -> IPAddress:
         try:
-            return ipaddress.ip_address(self.text(value, path))
+            ip = ipaddress.ip_address(self.text(value, path))
         except ValueError as exc:
             raise self.fail(path, f"{value!r} is not an IP address") from exc
+        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+            raise self.fail(path, f"{value!r} has a zone; cluster addresses take none")
+        return ip
 
 
 _TOP = ("namespaces", "nodes", "pods", "services", "policies", "istiod")

@@ -1,0 +1,139 @@
+"""Every bad setting or file stops `ztunnel run` with one line naming the setting and exit
+status 2, never a traceback (issue 14): bad log filters, a missing CA directory, deeply
+nested YAML, a listener address already in use, values that cannot work."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ztunnel import cli
+from ztunnel.telemetry import logging as zlog
+
+ROOT = Path(__file__).resolve().parent.parent
+# Free ports everywhere, so only the setting under test can fail.
+DEDICATED = {
+    "PROXY_MODE": "dedicated",
+    "PROXY_WORKLOAD_INFO": "ns/a/sa",
+    "FAKE_CA": "true",
+    **{
+        f"ZTUNNEL_{name}_ADDR": "127.0.0.1:0"
+        for name in ("ADMIN", "STATS", "READINESS", "OUTBOUND", "INBOUND", "INBOUND_PLAINTEXT")
+    },
+}
+RunAgent = Callable[..., tuple[int, str]]  # (env, *args) -> (exit status, stderr)
+DEEP = "workloads: " + "[" * 50_000 + "]" * 50_000
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port that is bound and listening (a second bind fails with EADDRINUSE)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def run_agent(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[RunAgent]:
+    def run(env: dict[str, str], *args: str) -> tuple[int, str]:
+        for key in list(os.environ):
+            if key in DEDICATED or key.startswith(("ZTUNNEL_", "LOCAL_XDS", "CA_DIR")):
+                monkeypatch.delenv(key)
+        for key, value in {**DEDICATED, **env}.items():
+            monkeypatch.setenv(key, value)
+        code = cli.main(["run", *args])
+        return code, capsys.readouterr().err
+
+    yield run
+    zlog.unconfigure_logging()
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("ztunnel: configuration error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"RUST_LOG": "ztunnel=verbose"}, "RUST_LOG: invalid log level 'verbose'"),
+        ({"HTTP2_FRAME_SIZE": "99999999999"}, "HTTP2_FRAME_SIZE: must be an integer in 16384.."),
+        ({"SECRET_TTL": "0s"}, "SECRET_TTL: must be longer than 0s"),
+        ({"SECRET_TTL": "nan"}, "SECRET_TTL"),
+        ({"FAKE_CA": "false", "CA_DIR": "/nonexistent-ca-dir"}, "CA_DIR: /nonexistent-ca-dir:"),
+        ({"LOCAL_XDS": DEEP}, "LOCAL_XDS: YAML error: nested too deeply"),
+        (
+            {"LOCAL_XDS": "workloads: [{uid: a, namespace: n, workloadIps: ['fe80::1%eth0']}]"},
+            "LOCAL_XDS: workloads[0].workloadIps[0]",
+        ),
+        (
+            {"LOCAL_XDS": "workloads: [{uid: a, namespace: n, workloadIps: [10.0.0.1]},"
+             " {uid: b, namespace: n, workloadIps: [10.0.0.1]}]"},
+            "LOCAL_XDS: workloads[1].workloadIps[0]: 10.0.0.1 is already the address",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_setting_is_one_line_and_exit_2(
+    env: dict[str, str], needle: str, run_agent: RunAgent
+) -> None:
+    code, err = run_agent(env)
+    assert code == 2
+    assert needle in _one_line(err)
+
+
+def test_ca_dir_that_is_not_a_ca_is_one_line(tmp_path: Path, run_agent: RunAgent) -> None:
+    (tmp_path / "ca-cert.pem").write_text("not a certificate")
+    code, err = run_agent({"FAKE_CA": "false", "CA_DIR": str(tmp_path)})
+    assert code == 2 and f"CA_DIR: {tmp_path}" in _one_line(err)
+
+
+@pytest.mark.parametrize("listener", ["ADMIN", "STATS", "READINESS"])
+def test_admin_listener_in_use_names_the_setting(
+    listener: str,
+    busy_port: int,
+    run_agent: RunAgent,
+) -> None:
+    code, err = run_agent({f"ZTUNNEL_{listener}_ADDR": f"127.0.0.1:{busy_port}"})
+    assert code == 2
+    line = _one_line(err)
+    assert f"ZTUNNEL_{listener}_ADDR: 127.0.0.1:{busy_port}: cannot listen:" in line
+    assert "in use" in line
+
+
+def test_proxy_listener_in_use_names_the_proxy_settings(
+    busy_port: int, run_agent: RunAgent
+) -> None:
+    code, err = run_agent({"ZTUNNEL_INBOUND_ADDR": f"127.0.0.1:{busy_port}"})
+    assert code == 2
+    line = _one_line(err)
+    assert f"ZTUNNEL_INBOUND_ADDR=127.0.0.1:{busy_port}" in line and "cannot listen" in line
+
+
+def test_deep_policy_file_is_one_line(tmp_path: Path, run_agent: RunAgent) -> None:
+    (tmp_path / "deep.yaml").write_text(DEEP)
+    code, err = run_agent({}, "--policies", str(tmp_path))
+    assert code == 2 and "deep.yaml: YAML nested too deeply" in _one_line(err)
+
+
+def test_a_real_process_prints_one_line_and_exits_2(busy_port: int) -> None:
+    """The same through a real process: nothing else on stderr, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ZTUNNEL_", "PROXY_"))}
+    env.update(DEDICATED, ZTUNNEL_ADMIN_ADDR=f"127.0.0.1:{busy_port}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ztunnel.cli", "run"],
+        capture_output=True, text=True, env=env, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "ZTUNNEL_ADMIN_ADDR" in _one_line(proc.stderr)

@@ -1,0 +1,52 @@
+"""The fuzz harnesses (fuzz/) stay runnable: a short coverage-guided run of every target
+in CI, the seeds of each replayed in-process, and the structured HTTP/2 inputs still
+reaching a CONNECT answer most of the time (the issue's random inputs reached ~1%).
+The 1M-input runs are `fuzz/run.py --all`; figures in docs/reliability.md."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fuzz.targets import TARGETS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_seeds_run_clean(name: str) -> None:
+    target = TARGETS[name]
+    seeds = target.seeds()
+    assert seeds
+    reached = [target.run(seed) for seed in seeds]
+    assert any(reached), f"no seed of {name} reaches the target's deep end"
+
+
+@pytest.mark.parametrize("name", ["hbone-frames", "hbone-connection", "waypoint-h2", "grpc-engine"])
+def test_structured_inputs_reach_deep(name: str) -> None:
+    """Random bytes through the structured generator: most become answered requests."""
+    rng = random.Random(14)
+    n = 200
+    reached = sum(TARGETS[name].run(rng.randbytes(rng.randint(0, 300))) for _ in range(n))
+    assert reached / n >= 0.2, f"{name}: {reached}/{n} reached"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_short_atheris_run(name: str, tmp_path: Path) -> None:
+    pytest.importorskip("atheris", reason="atheris (libFuzzer) is not installed")
+    results = tmp_path / "results.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "fuzz/run.py", "--target", name, "--inputs", "300", "--max-time", "20",
+         "--workdir", str(tmp_path), "--results", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [result] = [json.loads(line) for line in results.read_text().splitlines()]
+    assert result["crashes"] == [] and result["inputs"] > 0
+    assert result["fds_after"] == result["fds_before"]
