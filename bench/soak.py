@@ -341,7 +341,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="agents' POOL_UNUSED_RELEASE_TIMEOUT in s (10; ztunnel's default 300 would "
         "keep the HBONE pool's fds open 5 min after the last stream)",
     )
-    p.add_argument("--settle", type=float, help="max seconds for fds to come back (pool-idle + 60)")
+    p.add_argument(
+        "--settle", type=float, help="max seconds for fds to come back (pool-idle + 120)"
+    )
     p.add_argument(
         "--max-rss-growth",
         type=float,
@@ -351,7 +353,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=BENCH / "out", help="where the JSON/PNG go")
     args = p.parse_args(argv)
     if args.settle is None:
-        args.settle = args.pool_idle + 60
+        args.settle = args.pool_idle + 120
     return args
 
 
