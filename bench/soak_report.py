@@ -119,11 +119,12 @@ def table(doc: Mapping[str, Any]) -> str:
         f"{meta['duration_s']:g} s, through agents A -> B (loopback, dedicated mode)",
         f"  idle connections opened in {idle['open_s']:.1f} s, {idle['errors']} failed",
         f"  requests: {load.get('sent', 0)} sent, {load.get('done', 0)} answered, "
-        f"{load.get('lost', 0)} lost, achieved {load.get('achieved', 0):.1f} req/s",
+        f"{load.get('lost', 0)} lost, achieved {load.get('achieved', 0):.1f} req/s "
+        f"(load generator send lag p99 {_lag_ms(load)} ms)",
         f"  latency ms over the whole run: p50 {ms('p50')}  p90 {ms('p90')}  p99 {ms('p99')}  "
         f"p99.9 {ms('p99.9')}  max {ms('max')}",
         f"  load average: start {_load(meta['loadavg_start'])}, end {_load(meta['loadavg_end'])}"
-        f" ({meta['cpus']} CPUs)",
+        f", 1-min average during the load {_load_during(doc['samples'])} ({meta['cpus']} CPUs)",
         "",
         f"{'agent':6} {'RSS MiB: base':>14} {'idle open':>10} {'load end':>9} {'peak':>7} "
         f"{'after':>7} {'growth':>7} | {'fds: base':>9} {'open':>6} {'peak':>6} {'after':>6}"
@@ -145,6 +146,16 @@ def table(doc: Mapping[str, Any]) -> str:
     v = doc["verdict"]
     lines.append("PASS" if v["ok"] else "FAIL: " + "; ".join(v["reasons"]))
     return "\n".join(lines)
+
+
+def _load_during(samples: Sequence[Sample]) -> str:
+    ones = [s["loadavg"][0] for s in phase_samples(samples, "load")]
+    return f"mean {sum(ones) / len(ones):.1f}, max {max(ones):.1f}" if ones else "-"
+
+
+def _lag_ms(load: Mapping[str, Any]) -> str:
+    lag = (load.get("send_lag_us") or {}).get("p99")
+    return "-" if lag is None else f"{lag / 1000:.2f}"
 
 
 def _n(v: float | int | None) -> str:
