@@ -56,13 +56,34 @@ from loadgen import APP_PORT, BenchError  # noqa: E402
 from ztunnel.testing.loopback import random_base  # noqa: E402
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants: an agent's data-plane worker processes
+    (``ZTUNNEL_WORKER_THREADS``) hold the connections, so they are part of its figures."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        with contextlib.suppress(OSError):  # a child that just exited has no task dir
+            for task in os.listdir(f"/proc/{tree[i]}/task"):
+                with open(f"/proc/{tree[i]}/task/{task}/children") as f:
+                    tree += [int(c) for c in f.read().split()]
+        i += 1
+    return tree
+
+
 def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open fds of an agent: the process and its worker processes."""
+    return sum(len(os.listdir(f"/proc/{p}/fd")) for p in process_tree(pid))
 
 
 def agent_reading(pid: int) -> dict[str, Any]:
-    sample = proc_sample(pid)
-    return {"rss_kib": sample.rss_kib, "fds": fd_count(pid), "cpu_s": round(cpu_seconds(pid), 3)}
+    """RSS (summed over the process and its workers; shared pages count once per
+    process), fds and CPU seconds of an agent."""
+    tree = process_tree(pid)
+    return {
+        "rss_kib": sum(proc_sample(p).rss_kib for p in tree),
+        "fds": sum(len(os.listdir(f"/proc/{p}/fd")) for p in tree),
+        "cpu_s": round(sum(cpu_seconds(p) for p in tree), 3),
+        "processes": len(tree),
+    }
 
 
 @dataclass
