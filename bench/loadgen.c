@@ -8,7 +8,9 @@
  *   loadgen serve HOST PORT [THREADS]       app: a 1-byte preamble picks S(ink) or E(cho);
  *                                           epoll, SO_REUSEPORT listener per thread
  *   loadgen tput OPTS --mode sink|echo --conns N --seconds T
- *   loadgen rr   OPTS --rate R --conns N --seconds T [--size B] [--warm K]
+ *   loadgen rr   OPTS --rate R --conns N --seconds T [--size B] [--warm K] [--report S]
+ *                                           (--report: also one JSON line per S seconds with
+ *                                           that interval's latencies, for bench/soak.py)
  *   loadgen conn OPTS --workers W --seconds T [--size B]
  *   loadgen hold OPTS --count N --workers W  (prints a line when all are open, closes on stdin EOF)
  *
@@ -74,7 +76,7 @@ struct opts {
     char src[32], src_rotate[32];
     const char *mode;
     int conns, workers, count, size, warm;
-    double seconds, rate;
+    double seconds, rate, report;
 };
 
 static struct opts O = {.conns = 1, .workers = 1, .count = 1000, .size = 1024, .warm = 20,
@@ -97,6 +99,7 @@ static void parse_opts(int argc, char **argv) {
         else if (!strcmp(k, "--warm")) O.warm = atoi(v);
         else if (!strcmp(k, "--seconds")) O.seconds = atof(v);
         else if (!strcmp(k, "--rate")) O.rate = atof(v);
+        else if (!strcmp(k, "--report")) O.report = atof(v);
         else goto bad;
         continue;
     bad:
@@ -284,6 +287,22 @@ static int cmd_tput(void) {
 
 /* -- rr: open-loop 1 KiB request/response ---------------------------------------------- */
 
+/* One interval of an rr run (--report): the responses that arrived in it (lat[from..to)),
+   how far sending and receiving got, the worst send lag in it. A copy is sorted so the
+   whole run's array stays in arrival order for the next interval. */
+static void report_interval(double t, const double *lat, long from, long to, long sent,
+                            double max_lag) {
+    size_t k = (size_t)(to - from);
+    double *v = malloc((k ? k : 1) * sizeof *v);
+    memcpy(v, lat + from, k * sizeof *v);
+    printf("{\"interval\": true, \"t\": %.3f, \"sent\": %ld, \"done\": %ld, "
+           "\"max_send_lag_us\": %.1f, ", t, sent, to, max_lag * 1e6);
+    print_pcts("latency_us", v, k);
+    printf("}\n");
+    fflush(stdout);
+    free(v);
+}
+
 /* Request i is due at t0 + i/rate on connection i % conns and is sent at its due time (at
    once if the loop is late); its latency runs from the due time, not the actual send, so a
    stall is charged to every request it delays (no coordinated omission). Responses on one
@@ -311,16 +330,23 @@ static int cmd_rr(void) {
     }
     double cpu0 = self_cpu_s();
     double t0 = now_s() + 0.01, interval = 1.0 / O.rate, deadline = t0 + (n - 1) * interval + 10;
-    long sent = 0, done = 0;
-    double early = 50e-6;
+    long sent = 0, done = 0, reported = 0;
+    double early = 50e-6, next_report = O.report > 0 ? t0 + O.report : 1e300, lag_max = 0;
     while (done < n) {
         double now = now_s();
         if (now > deadline) break;
+        if (now >= next_report) {
+            report_interval(now - t0, lat, reported, done, sent, lag_max);
+            reported = done;
+            lag_max = 0;
+            next_report += O.report;
+        }
         while (sent < n && t0 + sent * interval <= now) {
             int c = (int)(sent % C);
             /* 1 KiB into an idle socket buffer: a blocking send returns at once */
             if (io_all(fd[c], req, size, 1)) die("send");
             lag[sent] = now_s() - (t0 + sent * interval);
+            if (lag[sent] > lag_max) lag_max = lag[sent];
             sent++;
         }
         /* Wake-ups overshoot by tens of µs in this VM: sleep until `early` before the next
@@ -355,6 +381,7 @@ static int cmd_rr(void) {
     }
     double end = now_s();
     double cpu = self_cpu_s() - cpu0;
+    if (O.report > 0 && done > reported) report_interval(end - t0, lat, reported, done, sent, lag_max);
     for (long i = 0; i < sent; i++) lag[i] *= 1e6;
     printf("{\"rate\": %.1f, \"conns\": %d, \"size\": %d, \"sent\": %ld, \"done\": %ld, \"lost\": %ld, "
            "\"achieved\": %.2f, \"loadgen_cpu_s\": %.4f, \"wall_s\": %.4f, ",

@@ -66,7 +66,9 @@ class Procs:
         return [self.app, *self.agents.values()]
 
 
-def _agent_env(base: str, who: str, workdir: Path, log_level: str) -> dict[str, str]:
+def _agent_env(
+    base: str, who: str, workdir: Path, log_level: str, extra_env: dict[str, str] | None = None
+) -> dict[str, str]:
     ip = f"{base}.1" if who == "A" else f"{base}.2"
     workload = "default/client/client" if who == "A" else "default/server/server"
     env = dict(os.environ)
@@ -75,6 +77,7 @@ def _agent_env(base: str, who: str, workdir: Path, log_level: str) -> dict[str, 
         "CA_DIR": str(workdir / "ca"),
         "LOG_FORMAT": "json",
         "RUST_LOG": log_level,
+        **(extra_env or {}),
     }
     env.update(agent_env(ip, workload, extra=extra))
     return env
@@ -106,9 +109,11 @@ def loopback_pair(
     log_level: str,
     profile_dir: str | None = None,
     app_argv: list[str] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[tuple[Procs, Path]]:
     """CA, agents A and B and the app (``app_argv``, default ``bench/common.py serve``;
-    it must print a line starting with ``listening`` once it accepts)."""
+    it must print a line starting with ``listening`` once it accepts). ``extra_env`` is
+    added to both agents' environment (e.g. a shorter ``POOL_UNUSED_RELEASE_TIMEOUT``)."""
     with tempfile.TemporaryDirectory(prefix="zt-bench-") as tmp:
         workdir = Path(tmp)
         subprocess.run(
@@ -137,7 +142,7 @@ def loopback_pair(
                     )
                     procs.agents[who] = subprocess.Popen(
                         [PY, *prof, "-m", "ztunnel.cli", "run"],
-                        env=_agent_env(base, who, workdir, log_level),
+                        env=_agent_env(base, who, workdir, log_level, extra_env),
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         cwd=ROOT,

@@ -194,7 +194,6 @@ def _after_a_marker_connection(mesh: Mesh, before: dict[str, int]) -> list[dict[
     return [r for r in new() if r not in _marker_records(mesh, new())]
 
 
-HEAD
 def test_installed_redirection_is_exactly_the_expected_one(mesh: Mesh) -> None:
     got = assert_captured_once(mesh, "a")  # the ip rule and local route in both modes
     dump = config_dump(mesh.agents["n1"])
