@@ -339,7 +339,8 @@ class WorkloadProxy:
                     "pod connection limit reached, refusing connections",
                     pod=self.uid,
                     direction=direction,
-                    limit=self.pod_connections.maximum(direction),
+                    limit=refusal.limit,
+                    maximum=self.pod_connections.maximum(direction),
                 )
             return
         handlers.start_soon(self._run_handler, name, handler, conn, peer, direction)
