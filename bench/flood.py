@@ -325,6 +325,19 @@ def describe(lat: list[float]) -> str:
     )
 
 
+def run_delay(pid: int) -> float:
+    """Seconds the threads of ``pid`` spent runnable but waiting for a CPU
+    (``/proc/<pid>/task/*/schedstat``, second field): on a loaded machine this is where
+    a request's time goes when the agents themselves are idle."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended meanwhile
+    return total / 1e9
+
+
 def flood_main(args: argparse.Namespace) -> int:
     common.tighten_timer_slack()
     base = args.base or random_base()
@@ -336,6 +349,7 @@ def flood_main(args: argparse.Namespace) -> int:
         time.sleep(args.warmup)
         a_pid = procs.agents["A"].pid
         before, a_before = common.proc_sample(b_pid), common.proc_sample(a_pid)
+        waits_before = [run_delay(pid) for pid in (a_pid, b_pid, os.getpid())]
         children_before = os.times()
         t_start = time.perf_counter()
         flooder = subprocess.run(
@@ -365,6 +379,10 @@ def flood_main(args: argparse.Namespace) -> int:
         )
         t_end = time.perf_counter()
         after, a_after = common.proc_sample(b_pid), common.proc_sample(a_pid)
+        waits = [
+            run_delay(pid) - w
+            for pid, w in zip((a_pid, b_pid, os.getpid()), waits_before, strict=True)
+        ]
         children_after = os.times()
         time.sleep(args.warmup)
         others.stop(threads)
@@ -407,6 +425,10 @@ def flood_main(args: argparse.Namespace) -> int:
         f"CPU during the flood: agent B {cpu:.1f} s ({cpu / wall:.2f} vCPU), agent A"
         f" {a_cpu:.1f} s, flooder {flooder_cpu:.1f} s (nice {args.nice}) in {wall:.1f} s;"
         f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    print(
+        f"waiting for a CPU while runnable: agent A {waits[0]:.1f} s, agent B {waits[1]:.1f} s,"
+        f" the others' client threads {waits[2]:.1f} s in {wall:.1f} s"
     )
     print(f"agent B RSS {before.rss_kib / 1024:.0f} -> {peak_rss / 1024:.0f} MiB")
     return 0

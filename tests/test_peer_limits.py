@@ -26,6 +26,7 @@ from raw_hbone import HandshakeRejected, connect_headers, request
 from ztunnel.config import Config
 from ztunnel.errors import ConfigError
 from ztunnel.hbone.limits import Limit
+from ztunnel.hbone.settings import HboneSettings
 from ztunnel.identity.ca import FakeCA
 from ztunnel.identity.tls import client_context
 from ztunnel.model.identity import Identity
@@ -435,3 +436,10 @@ async def test_outbound_connections_per_pod() -> None:
             await again.aclose()
             nursery.cancel_scope.cancel()
     assert len(warnings(logs, PeerLimit.POD_OUTBOUND_CONNECTIONS)) == 1
+
+
+def test_unsent_bytes_per_connection_is_a_setting() -> None:
+    config = Config.from_sources({"HBONE_MAX_UNSENT_BYTES": "65536"})
+    assert HboneSettings.from_config(config).max_unsent_bytes == 65536
+    with pytest.raises(ConfigError, match="HBONE_MAX_UNSENT_BYTES"):
+        Config.from_sources({"HBONE_MAX_UNSENT_BYTES": "100"})
