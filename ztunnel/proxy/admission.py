@@ -20,6 +20,7 @@ penalties are pruned, so the memory is bounded by what is open now.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -205,7 +206,9 @@ class PeerAdmission:
     """The agent-wide counters of peers: handshakes per source IP, connections and
     streams per identity, and the flood penalty. One per agent (``ProxyContext``)."""
 
-    def __init__(self, limits: PeerLimits | None = None, clock: Callable[[], float] = lambda: 0.0):
+    def __init__(
+        self, limits: PeerLimits | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.limits = limits = limits or PeerLimits()
         self.handshakes = Counted(PeerLimit.HANDSHAKES_PER_IP, limits.handshakes_per_ip)
         self.connections = Counted(

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -46,4 +45,4 @@ class ProxyContext:
     def __post_init__(self) -> None:
         self.hbone = HboneSettings.from_config(self.config)
         self.peer_limits = PeerLimits.from_config(self.config)
-        self.peers = PeerAdmission(self.peer_limits, time.monotonic)
+        self.peers = PeerAdmission(self.peer_limits)
