@@ -370,7 +370,7 @@ class Config:
     hbone_max_streams_per_peer: int = _env_field(
         "HBONE_MAX_STREAMS_PER_PEER",
         lambda v, n: parse_int(v, n, 1),
-        10_000,
+        20_000,
         "open inbound CONNECT streams of one peer identity (agent-wide)",
     )
     hbone_flood_penalty: float = _env_field(
@@ -382,13 +382,13 @@ class Config:
     pod_max_inbound_connections: int = _env_field(
         "POD_MAX_INBOUND_CONNECTIONS",
         lambda v, n: parse_int(v, n, 1),
-        8192,
+        16_384,
         "open inbound connections (HBONE and plaintext) of one proxied pod",
     )
     pod_max_outbound_connections: int = _env_field(
         "POD_MAX_OUTBOUND_CONNECTIONS",
         lambda v, n: parse_int(v, n, 1),
-        8192,
+        16_384,
         "open outbound connections (captured and SOCKS5) of one proxied pod",
     )
     log_format: str = _env_field("LOG_FORMAT", _log_format, "plain", "plain or json")

@@ -69,12 +69,12 @@ class PeerLimits:
     (``HBONE_MAX_HANDSHAKES_PER_IP``)."""
     connections_per_identity: int = 1024
     """Open HBONE connections of one peer identity (``HBONE_MAX_CONNECTIONS_PER_PEER``)."""
-    streams_per_identity: int = 10_000
+    streams_per_identity: int = 20_000
     """Open CONNECT streams of one peer identity (``HBONE_MAX_STREAMS_PER_PEER``)."""
-    pod_inbound_connections: int = 8192
+    pod_inbound_connections: int = 16_384
     """Open inbound connections (HBONE and plaintext) of one pod
     (``POD_MAX_INBOUND_CONNECTIONS``)."""
-    pod_outbound_connections: int = 8192
+    pod_outbound_connections: int = 16_384
     """Open outbound connections (captured and SOCKS5) of one pod
     (``POD_MAX_OUTBOUND_CONNECTIONS``)."""
     penalty: float = 10.0
