@@ -40,8 +40,10 @@ class PeerLimit:
     PENALTY = "penalty"
 
 
-# The limits after which the HBONE server sends GOAWAY(ENHANCE_YOUR_CALM): the peer
-# flooded on purpose (a ztunnel peer stays far below them), so it earns the penalty.
+# The flood budgets after which the HBONE server sends GOAWAY(ENHANCE_YOUR_CALM): the
+# peer flooded on purpose (a ztunnel peer stays far below them), so it earns the penalty.
+# Not the header-block cap: one oversized block is not a flood (its memory is capped per
+# connection already), and it would lock out every client behind the same address.
 PENALIZED = frozenset(
     {
         Limit.RESETS,
@@ -51,7 +53,6 @@ PENALIZED = frozenset(
         Limit.EMPTY_FRAMES,
         Limit.REFUSED_STREAMS,
         Limit.STREAM_ERRORS,
-        Limit.HEADER_LIST_SIZE,
     }
 )
 
