@@ -53,7 +53,17 @@ from ztunnel.testing.loopback import APP_PORT, random_base
 
 PY = sys.executable
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-ATTACKS = ("rapid-reset", "ping", "settings", "window-update", "empty-data", "continuation")
+# "idle" is the control: one connection that sends nothing, so the "during" window shows
+# what the machine's load alone does to the others.
+ATTACKS = (
+    "rapid-reset",
+    "ping",
+    "settings",
+    "window-update",
+    "empty-data",
+    "continuation",
+    "idle",
+)
 ERROR_NAMES = {0: "NO_ERROR", 1: "PROTOCOL_ERROR", 2: "INTERNAL_ERROR", 11: "ENHANCE_YOUR_CALM"}
 
 # HTTP/2 frame types and flags (RFC 9113 §6).
@@ -99,6 +109,7 @@ class ConnOutcome:
     goaway: int | None = None  # error code of the server's GOAWAY
     seconds: float = 0.0  # from the handshake to the server's close (or the end of the run)
     closed_by_server: bool = False
+    refused: bool = False  # the connect or handshake failed (the agent's penalty, a limit)
 
 
 class Attack:
@@ -116,7 +127,7 @@ class Attack:
             self.opening = frame(HEADERS, 0, 1, self.block)
 
     def unit_size(self) -> int:
-        return len(self.batch(1, probe=True))
+        return max(1, len(self.batch(1, probe=True)))
 
     def batch(self, n: int, *, probe: bool = False) -> bytes:
         if self.kind == "rapid-reset":
@@ -138,6 +149,8 @@ class Attack:
             return frame(DATA, 0, 1) * n
         if self.kind == "continuation":
             return frame(CONTINUATION, 0, 1, b"\x00" * (1024 * 1024 - 9)) * n
+        if self.kind == "idle":
+            return b""
         raise ValueError(self.kind)
 
 
@@ -231,8 +244,8 @@ def flooder_main(args: argparse.Namespace) -> int:
             outcomes.append(
                 flood_one(ctx, target, Attack(args.attack, args.authority), stop, args.max_units)
             )
-        except OSError as exc:
-            print(f"connect failed: {exc}", file=sys.stderr)
+        except OSError:
+            outcomes.append(ConnOutcome(refused=True))
             time.sleep(0.05)
 
     while time.monotonic() < stop:
@@ -312,6 +325,19 @@ def describe(lat: list[float]) -> str:
     )
 
 
+def run_delay(pid: int) -> float:
+    """Seconds the threads of ``pid`` spent runnable but waiting for a CPU
+    (``/proc/<pid>/task/*/schedstat``, second field): on a loaded machine this is where
+    a request's time goes when the agents themselves are idle."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended meanwhile
+    return total / 1e9
+
+
 def flood_main(args: argparse.Namespace) -> int:
     common.tighten_timer_slack()
     base = args.base or random_base()
@@ -323,6 +349,7 @@ def flood_main(args: argparse.Namespace) -> int:
         time.sleep(args.warmup)
         a_pid = procs.agents["A"].pid
         before, a_before = common.proc_sample(b_pid), common.proc_sample(a_pid)
+        waits_before = [run_delay(pid) for pid in (a_pid, b_pid, os.getpid())]
         children_before = os.times()
         t_start = time.perf_counter()
         flooder = subprocess.run(
@@ -352,11 +379,16 @@ def flood_main(args: argparse.Namespace) -> int:
         )
         t_end = time.perf_counter()
         after, a_after = common.proc_sample(b_pid), common.proc_sample(a_pid)
+        waits = [
+            run_delay(pid) - w
+            for pid, w in zip((a_pid, b_pid, os.getpid()), waits_before, strict=True)
+        ]
         children_after = os.times()
         time.sleep(args.warmup)
         others.stop(threads)
         peak_rss = after.rss_kib
-    outcomes = [ConnOutcome(**o) for o in json.loads(flooder.stdout or "[]")]
+    every = [ConnOutcome(**o) for o in json.loads(flooder.stdout or "[]")]
+    outcomes = [o for o in every if not o.refused]
     print()
     print(f"others through agent A at {args.rate:g} req/s (new connection + 1 KiB echo each):")
     print(f"  before the flood  {describe(others.window(t_start - args.warmup, t_start))}")
@@ -366,6 +398,7 @@ def flood_main(args: argparse.Namespace) -> int:
     print(f"  errors during: {len(during_errors)} {Counter(during_errors).most_common(3)}")
     print()
     print(f"flooder ({args.attack}): {len(outcomes)} connection(s) in {t_end - t_start:.1f} s")
+    print(f"  reconnects refused at connect/handshake: {len(every) - len(outcomes)}")
     codes = Counter(
         ERROR_NAMES.get(o.goaway, str(o.goaway)) if o.goaway is not None else "none"
         for o in outcomes
@@ -392,6 +425,10 @@ def flood_main(args: argparse.Namespace) -> int:
         f"CPU during the flood: agent B {cpu:.1f} s ({cpu / wall:.2f} vCPU), agent A"
         f" {a_cpu:.1f} s, flooder {flooder_cpu:.1f} s (nice {args.nice}) in {wall:.1f} s;"
         f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    print(
+        f"waiting for a CPU while runnable: agent A {waits[0]:.1f} s, agent B {waits[1]:.1f} s,"
+        f" the others' client threads {waits[2]:.1f} s in {wall:.1f} s"
     )
     print(f"agent B RSS {before.rss_kib / 1024:.0f} -> {peak_rss / 1024:.0f} MiB")
     return 0

@@ -23,7 +23,7 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from ztunnel.config import WorkloadInfo
-from ztunnel.hbone.connection import Handler
+from ztunnel.hbone.connection import Handler, OnLimit
 from ztunnel.hbone.events import ConnectRequest
 from ztunnel.hbone.pool import PoolKey
 from ztunnel.identity.certificate import WorkloadCertificate
@@ -223,7 +223,9 @@ async def no_certificate(identity: Identity) -> WorkloadCertificate:
     raise AssertionError("the flows under test never fetch certificates")
 
 
-async def no_hbone_server(tls: trio.abc.Stream, handler: Handler) -> None:
+async def no_hbone_server(
+    tls: trio.abc.Stream, handler: Handler, *, on_limit: OnLimit | None = None
+) -> None:
     raise AssertionError("the flows under test never serve HBONE connections")
 
 

@@ -242,6 +242,22 @@ async def test_relayed_connection_events_keep_the_control_books_whole() -> None:
     assert batches == []  # nothing new, nothing posted
 
 
+def test_limit_hits_of_a_worker_reach_the_control_metrics() -> None:
+    """The flows count limit hits on ``tracker.metrics`` themselves: in a worker process
+    they must reach the control process's ``ztunnel_limit_hits_total``, not stay behind."""
+    batches: list[Telemetry] = []
+    relay = RelayTracker(batches.append)
+    metrics = Metrics(process_metrics=False)
+    mirror = TelemetryMirror(ConnectionTracker(metrics))
+    relay.metrics.limit_hit("ping")
+    relay.metrics.limit_hit("penalty")
+    relay.metrics.limit_hit("ping")
+    relay.flush()
+    mirror.apply(1, batches.pop())
+    assert _sample(metrics, "ztunnel_limit_hits_total", limit="ping") == 2
+    assert _sample(metrics, "ztunnel_limit_hits_total", limit="penalty") == 1
+
+
 def test_connections_of_an_exited_worker_are_closed_in_the_books() -> None:
     batches: list[Telemetry] = []
     relay = RelayTracker(batches.append)

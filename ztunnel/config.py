@@ -349,6 +349,48 @@ class Config:
         100,
         "CONNECTs one inbound HBONE connection may have unanswered; more are refused",
     )
+    hbone_max_unsent_bytes: int = _env_field(
+        "HBONE_MAX_UNSENT_BYTES",
+        lambda v, n: parse_int(v, n, 16384),
+        1024 * 1024,
+        "replies queued for a peer that does not read, per connection; past it it is dropped",
+    )
+    hbone_max_handshakes_per_ip: int = _env_field(
+        "HBONE_MAX_HANDSHAKES_PER_IP",
+        lambda v, n: parse_int(v, n, 1),
+        256,
+        "inbound HBONE connections from one source IP still in their TLS handshake",
+    )
+    hbone_max_connections_per_peer: int = _env_field(
+        "HBONE_MAX_CONNECTIONS_PER_PEER",
+        lambda v, n: parse_int(v, n, 1),
+        1024,
+        "open inbound HBONE connections of one peer identity (agent-wide)",
+    )
+    hbone_max_streams_per_peer: int = _env_field(
+        "HBONE_MAX_STREAMS_PER_PEER",
+        lambda v, n: parse_int(v, n, 1),
+        20_000,
+        "open inbound CONNECT streams of one peer identity (agent-wide)",
+    )
+    hbone_flood_penalty: float = _env_field(
+        "HBONE_FLOOD_PENALTY",
+        parse_duration,
+        10.0,
+        "a peer closed with GOAWAY(ENHANCE_YOUR_CALM) is refused this long (0: never)",
+    )
+    pod_max_inbound_connections: int = _env_field(
+        "POD_MAX_INBOUND_CONNECTIONS",
+        lambda v, n: parse_int(v, n, 1),
+        16_384,
+        "open inbound connections (HBONE and plaintext) of one proxied pod",
+    )
+    pod_max_outbound_connections: int = _env_field(
+        "POD_MAX_OUTBOUND_CONNECTIONS",
+        lambda v, n: parse_int(v, n, 1),
+        16_384,
+        "open outbound connections (captured and SOCKS5) of one proxied pod",
+    )
     log_format: str = _env_field("LOG_FORMAT", _log_format, "plain", "plain or json")
     log_level: str = _env_field("RUST_LOG", _str, "info", "log filter, e.g. info or access=debug")
     socks5_enabled: bool = _env_field(

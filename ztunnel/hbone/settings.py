@@ -111,6 +111,7 @@ class HboneSettings:
             pool_idle_timeout=config.pool_unused_release_timeout,
             idle_timeout=config.hbone_idle_timeout or None,
             max_pending_connects=config.hbone_max_pending_connects,
+            max_unsent_bytes=config.hbone_max_unsent_bytes,
         )
 
 
@@ -123,6 +124,7 @@ _SETTING_NAMES = {
     "pool_idle_timeout": "POOL_UNUSED_RELEASE_TIMEOUT",
     "idle_timeout": "HBONE_IDLE_TIMEOUT",
     "max_pending_connects": "HBONE_MAX_PENDING_CONNECTS",
+    "max_unsent_bytes": "HBONE_MAX_UNSENT_BYTES",
 }
 
 

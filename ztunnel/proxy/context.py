@@ -15,6 +15,7 @@ from ztunnel.hbone.settings import HboneSettings
 from ztunnel.identity.certificate import WorkloadCertificate
 from ztunnel.identity.manager import CertCallback
 from ztunnel.model.identity import Identity
+from ztunnel.proxy.admission import PeerAdmission, PeerLimits
 from ztunnel.state.store import StateStore
 from ztunnel.telemetry.connections import ConnectionTracker
 
@@ -37,6 +38,11 @@ class ProxyContext:
     rng: random.Random = field(default_factory=random.Random)
     # Built once from the config (raises ConfigError for values that cannot work).
     hbone: HboneSettings = field(init=False)
+    peer_limits: PeerLimits = field(init=False)
+    # Agent-wide: a peer's connections to every pod of the node count together.
+    peers: PeerAdmission = field(init=False)
 
     def __post_init__(self) -> None:
         self.hbone = HboneSettings.from_config(self.config)
+        self.peer_limits = PeerLimits.from_config(self.config)
+        self.peers = PeerAdmission(self.peer_limits)

@@ -20,13 +20,14 @@ import trio
 
 from ztunnel.config import WorkloadInfo
 from ztunnel.errors import ZtunnelError
-from ztunnel.hbone.connection import Handler
+from ztunnel.hbone.connection import Handler, OnLimit
 from ztunnel.hbone.pool import PoolKey
 from ztunnel.identity.certificate import WorkloadCertificate
 from ztunnel.model.address import IPAddress, SocketAddr
 from ztunnel.model.identity import Identity
 from ztunnel.model.ports import AgentPorts
 from ztunnel.model.workload import Workload
+from ztunnel.proxy.admission import PeerAdmission
 from ztunnel.state.store import StateStore
 from ztunnel.telemetry.connections import ConnectionTracker
 
@@ -60,9 +61,16 @@ class OpenHbone(Protocol):
     ) -> trio.abc.HalfCloseableStream: ...
 
 
-# Serve HBONE on an accepted, verified TLS connection until it ends (hbone.serve_hbone
-# with the proxy's HTTP/2 settings and drain bookkeeping).
-ServeHbone = Callable[[trio.abc.Stream, Handler], Awaitable[None]]
+class ServeHbone(Protocol):
+    """Serve HBONE on an accepted, verified TLS connection until it ends (hbone.serve_hbone
+    with the proxy's HTTP/2 settings and drain bookkeeping); ``on_limit(name)`` hears each
+    limit this connection's peer hits (the proxy counts them in the metrics already)."""
+
+    async def __call__(
+        self, tls: trio.abc.Stream, handler: Handler, *, on_limit: OnLimit | None = None
+    ) -> None: ...
+
+
 FetchCertificate = Callable[[Identity], Awaitable[WorkloadCertificate]]
 # The proxied workload, waiting briefly for the state to name it; raises UnknownSourceWorkload.
 LocalWorkload = Callable[[], Awaitable[Workload]]
@@ -98,6 +106,8 @@ class FlowDeps:
     # Whether an IP is an address of the netns the proxy dials from (the self-call check);
     # loopback and unspecified addresses always are.
     is_local: Callable[[IPAddress], bool] = _nothing_local
+    # The agent-wide per-peer limits and flood penalty (admission.py).
+    peers: PeerAdmission = field(default_factory=PeerAdmission)
 
 
 async def wait_for_workload(

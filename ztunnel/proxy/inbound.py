@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import socket
 
+import structlog
 import trio
 
 from ztunnel.hbone.connection import HboneServerStream
@@ -27,12 +28,15 @@ from ztunnel.model.identity import Identity
 from ztunnel.model.outcome import Failure, FailureKind
 from ztunnel.model.workload import Service, Workload
 from ztunnel.proxy import headers
+from ztunnel.proxy.admission import Refusal
 from ztunnel.proxy.authorize import serve_inbound
 from ztunnel.proxy.deps import FlowDeps
 from ztunnel.proxy.outcome import NETWORK_ERRORS, describe
-from ztunnel.proxy.sockets import sockname
+from ztunnel.proxy.sockets import abort_socket, sockname
 from ztunnel.state.resolve import ResolveError, SelfCall, resolve_inbound
 from ztunnel.telemetry.connections import ConnectionInfo
+
+log = structlog.get_logger("ztunnel.proxy")
 
 # Errors of answering a client that went away.
 _ANSWER_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, HboneError)
@@ -40,6 +44,46 @@ _ANSWER_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, HboneError
 
 async def serve_inbound_connection(deps: FlowDeps, conn: socket.socket, peer: SocketAddr) -> None:
     local_addr = sockname(conn)
+    peers = deps.peers
+    # Before any TLS work: a penalised source, or one with too many handshakes running.
+    if (refusal := peers.begin_handshake(peer.ip)) is not None:
+        abort_socket(conn)
+        _refused(deps, refusal, "refusing connection before its handshake", peer=str(peer.ip))
+        return
+    try:
+        accepted = await _handshake(deps, conn, peer, local_addr)
+    finally:
+        peers.end_handshake(peer.ip)
+    if accepted is None:
+        return
+    tls, local, src_identity = accepted
+    if (refusal := peers.admit_connection(src_identity)) is not None:
+        _refused(deps, refusal, "refusing peer connection", identity=str(src_identity))
+        await trio.aclose_forcefully(tls)
+        return
+    streams = InboundConnection(deps, local, src_identity, peer, local_addr)
+
+    def on_limit(limit: str) -> None:
+        if peers.limit_hit(limit, src_identity, peer.ip):
+            log.warning(
+                "peer flooded, refusing its new connections for a while",
+                identity=str(src_identity),
+                ip=str(peer.ip),
+                seconds=peers.limits.penalty,
+                limit=limit,
+            )
+
+    try:
+        await deps.serve_hbone(tls, streams.handle_stream, on_limit=on_limit)
+    finally:
+        peers.release_connection(src_identity)
+        await trio.aclose_forcefully(tls)
+
+
+async def _handshake(
+    deps: FlowDeps, conn: socket.socket, peer: SocketAddr, local_addr: SocketAddr
+) -> tuple[trio.abc.Stream, Workload, Identity] | None:
+    """TLS accept and the client's identity; None when refused (tracked)."""
     tracker = deps.tracker
     try:
         local = await deps.local_workload()
@@ -55,7 +99,7 @@ async def serve_inbound_connection(deps: FlowDeps, conn: socket.socket, peer: So
             tracker.metrics.limit_hit(Limit.HANDSHAKE_TIMEOUT)
         failure = Failure(FailureKind.TLS_HANDSHAKE, f"tls handshake failed: {describe(exc)}")
         tracker.connection_failed(peer, local_addr, "inbound", failure)
-        return
+        return None
     try:
         der = tls.peer_certificate_der() or b""
         verify_client_trust_domain(der, local.identity.trust_domain)
@@ -65,12 +109,15 @@ async def serve_inbound_connection(deps: FlowDeps, conn: socket.socket, peer: So
         failure = Failure(FailureKind.IDENTITY_REJECTED, f"client identity rejected: {exc}")
         tracker.connection_failed(peer, local_addr, "inbound", failure)
         await trio.aclose_forcefully(tls)
-        return
-    streams = InboundConnection(deps, local, src_identity, peer, local_addr)
-    try:
-        await deps.serve_hbone(tls, streams.handle_stream)
-    finally:
-        await trio.aclose_forcefully(tls)
+        return None
+    return tls, local, src_identity
+
+
+def _refused(deps: FlowDeps, refusal: Refusal, message: str, **fields: str) -> None:
+    """Count every refusal; log the first of a key (admission.py decides which)."""
+    deps.tracker.metrics.limit_hit(refusal.limit)
+    if refusal.log:
+        log.warning(f"peer limit reached, {message}", limit=refusal.limit, **fields)
 
 
 class InboundConnection:
@@ -113,6 +160,19 @@ class InboundConnection:
         return service
 
     async def handle_stream(self, request: ConnectRequest, stream: HboneServerStream) -> None:
+        peers = self.deps.peers
+        if (refusal := peers.admit_stream(self.src_identity)) is not None:
+            # 503 like ztunnel's other refusals; the client may retry elsewhere or later.
+            _refused(self.deps, refusal, "refusing stream", identity=str(self.src_identity))
+            with contextlib.suppress(*_ANSWER_ERRORS):
+                await stream.respond(503, [])
+            return
+        try:
+            await self._handle_stream(request, stream)
+        finally:
+            peers.release_stream(self.src_identity)
+
+    async def _handle_stream(self, request: ConnectRequest, stream: HboneServerStream) -> None:
         deps = self.deps
         try:
             # serve_hbone answered malformed authorities with 400 already.

@@ -36,7 +36,7 @@ import trio
 from ztunnel.config import Address, WorkloadInfo
 from ztunnel.errors import ZtunnelError
 from ztunnel.hbone.connection import Handler as StreamHandler
-from ztunnel.hbone.connection import serve_hbone
+from ztunnel.hbone.connection import OnLimit, serve_hbone
 from ztunnel.hbone.pool import HbonePool, PoolKey
 from ztunnel.hbone.tlsstream import TLSStream, tls_handshake
 from ztunnel.identity.certificate import WorkloadCertificate
@@ -45,6 +45,7 @@ from ztunnel.model.address import IPAddress, SocketAddr
 from ztunnel.model.identity import Identity
 from ztunnel.model.outcome import DRAINED, Failure, FailureKind
 from ztunnel.model.workload import Workload
+from ztunnel.proxy.admission import PodConnections
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.deps import FlowDeps, FlowSettings, wait_for_workload
 from ztunnel.proxy.inbound import serve_inbound_connection
@@ -109,6 +110,7 @@ class WorkloadProxy:
         self.bound: dict[str, Address] = {}
         self.pool = HbonePool(self._dial, settings=ctx.hbone, on_limit=self._limit_hit)
         self.server_connections: set[object] = set()
+        self.pod_connections = PodConnections(ctx.peer_limits)
         self._accept_scope = trio.CancelScope()
         self._scope: trio.CancelScope | None = None
         self._active = 0
@@ -155,6 +157,7 @@ class WorkloadProxy:
             serve_hbone=self._serve_hbone,
             rng=self.ctx.rng,
             is_local=partial(is_local_address, self.factory),
+            peers=self.ctx.peers,
         )
 
     async def _dial_tcp(
@@ -168,14 +171,21 @@ class WorkloadProxy:
             self._own_dials[sockname(sock)] = sock
         return socket_stream(sock)
 
-    async def _serve_hbone(self, tls: trio.abc.Stream, handler: StreamHandler) -> None:
+    async def _serve_hbone(
+        self, tls: trio.abc.Stream, handler: StreamHandler, *, on_limit: OnLimit | None = None
+    ) -> None:
+        def limit_hit(limit: str) -> None:
+            self._limit_hit(limit)
+            if on_limit is not None:
+                on_limit(limit)
+
         await serve_hbone(
             tls,
             handler,
             settings=self.ctx.hbone,
             on_connection=self.server_connections.add,
             on_close=self.server_connections.discard,
-            on_limit=self._limit_hit,
+            on_limit=limit_hit,
         )
 
     def _limit_hit(self, limit: str) -> None:
@@ -319,7 +329,21 @@ class WorkloadProxy:
         if self._is_own_dial(conn, peer):
             self._refuse_loop(name, conn, peer)
             return
-        handlers.start_soon(self._run_handler, name, handler, conn, peer)
+        direction: Direction = "outbound" if name in _OUTBOUND_LISTENERS else "inbound"
+        if (refusal := self.pod_connections.acquire(direction)) is not None:
+            # Over the pod's share of the agent: refuse (RST) before any work is done.
+            abort_socket(conn)
+            self._limit_hit(refusal.limit)
+            if refusal.log:
+                log.warning(
+                    "pod connection limit reached, refusing connections",
+                    pod=self.uid,
+                    direction=direction,
+                    limit=refusal.limit,
+                    maximum=self.pod_connections.maximum(direction),
+                )
+            return
+        handlers.start_soon(self._run_handler, name, handler, conn, peer, direction)
 
     def _is_own_dial(self, conn: socket.socket, peer: SocketAddr) -> bool:
         """Whether ``conn`` is the far end of a connection we dialled: same source, and the
@@ -346,7 +370,12 @@ class WorkloadProxy:
         self.ctx.tracker.connection_failed(peer, local, direction, failure)
 
     async def _run_handler(
-        self, name: str, handler: Handler, conn: socket.socket, peer: SocketAddr
+        self,
+        name: str,
+        handler: Handler,
+        conn: socket.socket,
+        peer: SocketAddr,
+        direction: Direction,
     ) -> None:
         self._active += 1
         self._idle = trio.Event() if self._active == 1 else self._idle
@@ -354,6 +383,7 @@ class WorkloadProxy:
             await run_handler(name, handler, conn, peer)
         finally:
             conn.close()
+            self.pod_connections.release(direction)
             self._active -= 1
             if self._active == 0:
                 self._idle.set()

@@ -185,7 +185,13 @@ class Refused(NamedTuple):
     failure: Failure
 
 
-Event = Opened | Moved | Closed | Refused
+class LimitHit(NamedTuple):
+    """``Metrics.limit_hit``: a peer or pod hit one of the agent's protective limits."""
+
+    limit: str
+
+
+Event = Opened | Moved | Closed | Refused | LimitHit
 
 
 @dataclass(frozen=True, slots=True)

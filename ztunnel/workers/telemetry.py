@@ -31,7 +31,7 @@ from ztunnel.telemetry.connections import (
 )
 from ztunnel.telemetry.history import ConnectionHistory
 from ztunnel.telemetry.metrics import Metrics
-from ztunnel.workers.protocol import Closed, Event, Moved, Opened, Refused, Telemetry
+from ztunnel.workers.protocol import Closed, Event, LimitHit, Moved, Opened, Refused, Telemetry
 
 FLUSH_INTERVAL = 0.02  # seconds: events wait at most this long before they are posted
 
@@ -62,6 +62,18 @@ class RelayedConnection(TrackedConnection):
         self._relay.moved(self)
 
 
+class _RelayMetrics(Metrics):
+    """A worker's metrics: limit hits go to the control process's ``ztunnel_limit_hits_total``
+    (the only metric the flows count themselves rather than through the tracker)."""
+
+    def __init__(self, report: Callable[[Event], None]) -> None:
+        super().__init__(process_metrics=False)
+        self._report = report
+
+    def limit_hit(self, limit: str) -> None:
+        self._report(LimitHit(limit))
+
+
 class RelayTracker(ConnectionTracker):
     """The tracker of a worker process: its connections, reported to the control process."""
 
@@ -69,7 +81,7 @@ class RelayTracker(ConnectionTracker):
         self, post: Callable[[Telemetry], None], *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         super().__init__(
-            Metrics(process_metrics=False), clock=clock, history=ConnectionHistory(capacity=1)
+            _RelayMetrics(self._event), clock=clock, history=ConnectionHistory(capacity=1)
         )
         self._post = post
         self._numbers = itertools.count(1)
@@ -147,6 +159,8 @@ class TelemetryMirror:
                 if ending is not None:
                     _catch_up(ending, event.sent, event.received)
                     ending.close(event.failure)
+            elif isinstance(event, LimitHit):
+                self.tracker.metrics.limit_hit(event.limit)
             else:
                 self.tracker.connection_failed(event.src, event.dst, event.direction, event.failure)
 
