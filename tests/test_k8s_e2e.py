@@ -87,6 +87,9 @@ def _relisted_all(mesh: KubeMesh, node: str) -> bool:
 def _hbone_to_echo(mesh: KubeMesh) -> None:
     """client → the echo service's VIP: carried over HBONE (node2's inbound side saw the
     client's SPIFFE identity, which only mTLS can tell it)."""
+    # Enrolled on node2 is not yet known on node1: until node1's view says HBONE it would
+    # (rightly) send plaintext.
+    until(lambda: _protocol(mesh, "node1", "shop/echo") == "HBONE", "echo is HBONE on node1")
     before = len(mesh.records("node2"))
     result = mesh.send("client", "10.96.0.20:80")
     assert result["ok"], result
@@ -131,7 +134,6 @@ def test_labelling_a_namespace_enrolls_its_running_pods_and_unlabelling_unenroll
     ]
     assert int(enrolled[0]["netns"].split("/")[2]) in mesh.kubelet.pids("shop/client")
     # The annotation makes the workloads HBONE for every agent: traffic is tunnelled.
-    until(lambda: _protocol(mesh, "node1", "shop/echo") == "HBONE", "echo is HBONE on node1")
     _hbone_to_echo(mesh)
 
     # The label goes: rules removed, listeners closed, annotation removed.
