@@ -319,7 +319,8 @@ class WorkloadProxy:
         if self._is_own_dial(conn, peer):
             self._refuse_loop(name, conn, peer)
             return
-        handlers.start_soon(self._run_handler, name, handler, conn, peer)
+        # A constant task name: trio would format one string per connection.
+        handlers.start_soon(self._run_handler, name, handler, conn, peer, name=name)
 
     def _is_own_dial(self, conn: socket.socket, peer: SocketAddr) -> bool:
         """Whether ``conn`` is the far end of a connection we dialled: same source, and the
