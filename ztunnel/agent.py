@@ -18,10 +18,11 @@ import contextlib
 import datetime
 import enum
 import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -29,32 +30,23 @@ import trio
 from ztunnel import __version__
 from ztunnel.admin.server import serve_admin, serve_metrics, serve_readiness
 from ztunnel.config import Config, ProxyMode, RedirectMode, WorkloadInfo
-from ztunnel.enroll.controller import EnrollmentController
 from ztunnel.errors import ConfigError
 from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA
 from ztunnel.identity.errors import CAError
-from ztunnel.identity.istio_ca import IstioCAClient, ca_config
 from ztunnel.identity.manager import SecretManager
 from ztunnel.model.address import format_hostport
 from ztunnel.model.identity import Identity
 from ztunnel.model.pod import MeshState, Pod
-from ztunnel.policy.istio import load_policy_dir
 from ztunnel.policy.query import explain_connection
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.policy_watch import watch_policies
 from ztunnel.proxy.sockets import LocalSocketFactory, NetnsSocketFactory, SocketFactory
 from ztunnel.proxy.workload_proxy import ProxyAddresses, WorkloadProxy
 from ztunnel.redirect.base import NoRedirector, Redirector, RedirectPorts
-from ztunnel.redirect.modes import make_redirector
 from ztunnel.redirect.netns import NetNamespace
-from ztunnel.sources import kubernetes as k8s
-from ztunnel.sources.clusterfile.source import ClusterFileSource
 from ztunnel.sources.dump import policy_to_dump, service_to_dump, workload_to_dump
-from ztunnel.sources.kubernetes.annotate import Annotator
-from ztunnel.sources.kubernetes.source import KubernetesPodSource
+from ztunnel.sources.kubernetes import access_configured as k8s_access_configured
 from ztunnel.sources.localconfig import LocalConfig, load_local_config, load_local_config_file
-from ztunnel.sources.xds import XdsClient, xds_config, xds_node
-from ztunnel.sources.zds import ZdsClient
 from ztunnel.state.store import StateStore
 from ztunnel.telemetry.connections import ConnectionTracker
 from ztunnel.telemetry.logging import configure_logging
@@ -62,6 +54,16 @@ from ztunnel.telemetry.metrics import Metrics
 from ztunnel.workers import count as workers_count
 from ztunnel.workers.group import ProxyGroup, RunningProxy
 from ztunnel.workers.pool import WorkerPool
+
+if TYPE_CHECKING:
+    # Each mode's modules are imported where the configuration selects the mode, so an
+    # agent that does not use them never loads them (nor lightkube, httpx, protobuf, the
+    # gRPC engine, iptables/eBPF code): ~10 MiB RSS and ~0.3 s of start-up.
+    from ztunnel.enroll.controller import EnrollmentController
+    from ztunnel.sources.kubernetes.annotate import Annotator
+    from ztunnel.sources.kubernetes.source import KubernetesPodSource
+    from ztunnel.sources.xds import XdsClient
+    from ztunnel.sources.zds import ZdsClient
 
 log = structlog.get_logger("ztunnel.agent")
 
@@ -75,6 +77,8 @@ def make_ca(config: Config) -> CertificateAuthority:
     XDS_ADDRESS), else a CA key held here (CA_DIR, FAKE_CA: standalone)."""
     target = config.ca_target
     if target is not None:
+        from ztunnel.identity.istio_ca import IstioCAClient, ca_config
+
         shared = config.proxy_mode is ProxyMode.SHARED  # pods' identities: impersonated
         return IstioCAClient(ca_config(config, target, shared=shared))
     if config.ca_dir:
@@ -171,7 +175,9 @@ class Agent:
         self.readiness_checks: list[Callable[[], str | None]] = []
         # config_dump's "controlPlane" object: each client's state by name.
         self.dump_sections: dict[str, Callable[[], Any]] = {}
-        if isinstance(ca, IstioCAClient):
+        # An IstioCAClient can exist only once its module is loaded: no import for the others.
+        istio_ca = sys.modules.get("ztunnel.identity.istio_ca")
+        if istio_ca is not None and isinstance(ca, istio_ca.IstioCAClient):
             self.dump_sections["ca"] = ca.dump
         # Shared mode: the enrollment controller's view of the pods' redirection.
         self.redirection: Callable[[], dict[str, Any]] | None = None
@@ -199,6 +205,8 @@ class Agent:
         """
         static = load_static_config(config)
         if config.xds_address:
+            from ztunnel.sources.xds import xds_config
+
             xds_config(config).target()  # a bad XDS_ADDRESS is named as such (CA defaults to it)
             if policy_dir is not None:
                 raise ConfigError(
@@ -210,6 +218,8 @@ class Agent:
         if config.proxy_mode is ProxyMode.SHARED:
             attach_pod_source(agent, cluster_file, cluster_prefix, policy_dir, env or {})
         elif policy_dir is not None:
+            from ztunnel.policy.istio import load_policy_dir
+
             result = load_policy_dir(policy_dir)
             for warning in result.warnings:
                 log.warning("policy", message=warning)
@@ -567,6 +577,9 @@ def attach_cluster_source(
     Raises ConfigError before anything starts: an invalid file (naming the field), no
     prefix, a NODE_NAME that is not a node of the file, or a bad policy.
     """
+    from ztunnel.enroll.controller import EnrollmentController
+    from ztunnel.sources.clusterfile.source import ClusterFileSource
+
     cfg = agent.config
     if cfg.xds_address or cfg.inpod_uds:
         used = "XDS_ADDRESS" if cfg.xds_address else "INPOD_UDS"
@@ -594,6 +607,8 @@ def attach_cluster_source(
 def agent_redirector(config: Config) -> Redirector:
     """The configured redirector (iptables unless set), prepared: raises ConfigError when
     eBPF mode cannot run."""
+    from ztunnel.redirect.modes import make_redirector
+
     mode = config.redirect_mode or RedirectMode.IPTABLES
     return make_redirector(mode, redirect_ports(config), pin_dir=Path(config.bpf_pin_dir))
 
@@ -620,7 +635,7 @@ def pod_source_kind(
         return PodSourceKind.CLUSTER_FILE
     if config.zds_path is not None:
         return PodSourceKind.ISTIO_CNI
-    if k8s.access_configured(env):
+    if k8s_access_configured(env):
         return PodSourceKind.KUBERNETES
     return None
 
@@ -664,6 +679,10 @@ def attach_kubernetes_source(
     """Pods, workloads, services and policies from the Kubernetes API (docs/kubernetes.md):
     the agent installs the redirection and marks each pod it enrolled with the
     redirection annotation. Raises ConfigError for unusable cluster access."""
+    from ztunnel.enroll.controller import EnrollmentController
+    from ztunnel.sources import kubernetes as k8s
+    from ztunnel.sources.kubernetes.annotate import Annotator
+
     cfg = agent.config
     if cfg.local_xds_path or cfg.local_xds:
         local = "LOCAL_XDS_PATH" if cfg.local_xds_path else "LOCAL_XDS"
@@ -713,6 +732,9 @@ def attach_zds_source(
 ) -> tuple[ZdsClient, EnrollmentController]:
     """Pods from istio-cni: it decides enrollment and installs the redirection (so no
     redirector here), we acknowledge each Add once the pod's proxy started or failed."""
+    from ztunnel.enroll.controller import EnrollmentController
+    from ztunnel.sources.zds import ZdsClient
+
     cfg = agent.config
     zds = ZdsClient(
         path, cluster_id=cfg.cluster_id, node=cfg.node_name, report_starts=True, **client_options
@@ -735,6 +757,8 @@ def attach_zds_source(
 def attach_xds(agent: Agent) -> XdsClient:
     """Workloads, services and policies from istiod into the agent's store; readiness
     waits for the first sync (ztunnel's "state manager")."""
+    from ztunnel.sources.xds import XdsClient, xds_config, xds_node
+
     client = XdsClient(xds_config(agent.config), agent.store, xds_node(agent.config))
     agent.extra_services.insert(0, client.run)  # before the pod source: state first
     agent.readiness_checks.append(client.not_ready_reason)

@@ -9,6 +9,7 @@ and a slow or idle client is dropped after a timeout.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import socket
 from collections.abc import Callable, Mapping
@@ -220,3 +221,18 @@ async def _linger(stream: trio.abc.Stream) -> None:
     with trio.move_on_after(LINGER_TIMEOUT):
         while drained < LINGER_BYTES and (chunk := await stream.receive_some(_RECV_SIZE)):
             drained += len(chunk)
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost``, ``127.x.y.z`` or ``[::1]``, with or without a port."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

@@ -9,9 +9,10 @@ answers 503 (not ztunnel's 500) while anything is pending.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 import trio
@@ -19,13 +20,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import ztunnel
 from ztunnel.admin import debug
-from ztunnel.admin.http import ListenTarget, Request, Response, serve_http
-from ztunnel.admin.ui import UiRoutes, is_loopback_host
+from ztunnel.admin.http import ListenTarget, Request, Response, is_loopback_host, serve_http
 from ztunnel.model import ports
 from ztunnel.model.address import canonical_ip
 from ztunnel.telemetry import logging as zlog
 from ztunnel.telemetry.connections import ConnectionTracker, TrackedConnection
 from ztunnel.telemetry.metrics import CONTENT_TYPE, Metrics
+
+if TYPE_CHECKING:
+    from ztunnel.admin.ui import UiRoutes
 
 DumpProvider = Callable[[], Mapping[str, object]]
 # (from, to) -> JSON result; raises ValueError (answered 400) for queries it cannot resolve.
@@ -98,9 +101,7 @@ class AdminHandler:
         self._explainer = explainer
         self._tracker = tracker
         self._on_quit = on_quit
-        self.ui = UiRoutes(self.config_dump, tracker, ENDPOINTS)
         self._routes: dict[str, Callable[[Request], Response]] = {
-            **self.ui.routes,
             "/config_dump": self._config_dump,
             "/logging": self._logging,
             "/quitquitquit": self._quit,
@@ -109,8 +110,16 @@ class AdminHandler:
             "/debug/memory": self._memory,
         }
 
+    @functools.cached_property
+    def ui(self) -> UiRoutes:
+        """The UI's routes, built (and its modules imported: pages, assets, the ctl
+        formatters) on the first request that is not one of the admin's own."""
+        from ztunnel.admin.ui import UiRoutes
+
+        return UiRoutes(self.config_dump, self._tracker, ENDPOINTS)
+
     def __call__(self, request: Request) -> Response:
-        route = self._routes.get(request.path)
+        route = self._routes.get(request.path) or self.ui.routes.get(request.path)
         if route is None:
             return Response.text(404, "Not Found\n")
         if request.method not in READ_ONLY_METHODS and not _from_loopback(request):

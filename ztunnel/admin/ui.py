@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import ipaddress
 import json
 from collections.abc import Callable, Mapping, Sequence
 from html import escape
 from importlib import resources
 
 from ztunnel.admin import ui_graph, ui_pages
-from ztunnel.admin.http import Request, Response
+from ztunnel.admin.http import Request, Response, is_loopback_host
 from ztunnel.telemetry.connections import ConnectionTracker
 from ztunnel.telemetry.history import ConnectionHistory
 
@@ -78,21 +77,6 @@ def json_response(obj: object, status: int = 200) -> Response:
 
 def html_response(text: str, status: int = 200) -> Response:
     return Response(status, text.encode(), "text/html; charset=utf-8")
-
-
-def is_loopback_host(host: str) -> bool:
-    """``localhost``, ``127.x.y.z`` or ``[::1]``, with or without a port."""
-    name = host.strip().lower()
-    if name.startswith("["):
-        name = name[1:].partition("]")[0]
-    elif name.count(":") == 1:
-        name = name.partition(":")[0]
-    if name in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def _header(request: Request, name: str) -> str | None:

@@ -583,7 +583,8 @@ class HboneServerConnection(_Connection):
                 stream.connection_lost(self.close_reason)
                 self.stream_finished(stream)
             else:
-                self._nursery.start_soon(self._run_handler, request, stream)
+                # A constant name: trio would format one string per stream.
+                self._nursery.start_soon(self._run_handler, request, stream, name="hbone stream")
 
     def _refuse(self, request: ConnectRequest, limit: str, message: str) -> None:
         self._limit_hit(limit, f"{message}, refusing streams", stream_id=request.stream_id)

@@ -1,6 +1,8 @@
 """Bidirectional copy between two half-closeable streams.
 
-Theory of operation: one task per direction. EOF on one side becomes
+Theory of operation: one coroutine per direction (a -> b in the caller's task,
+b -> a in one child task: a task and its frames are most of what an idle
+connection holds). EOF on one side becomes
 ``send_eof`` on the other (TCP FIN <-> HTTP/2 END_STREAM) and that direction
 ends; the relay ends when both have. A failure in either direction is not a
 half-close: it cancels the other direction and is reported as the error, with
@@ -57,7 +59,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-@dataclass
+@dataclass(slots=True)
 class RelayResult:
     a_to_b: int = 0
     b_to_a: int = 0
@@ -88,6 +90,27 @@ def abort(stream: trio.abc.AsyncResource) -> None:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
+class _Direction:
+    """One direction's counters: ``wrote`` is both the copy loop's and the direct sink's
+    byte callback (one small object per direction instead of closures and cells)."""
+
+    __slots__ = ("forward", "on_count", "result", "total")
+
+    def __init__(self, result: RelayResult, forward: bool, on_count: Callable[[int], None]):
+        self.result = result
+        self.forward = forward
+        self.on_count = on_count
+        self.total = 0
+
+    def wrote(self, n: int) -> None:
+        self.total += n
+        if self.forward:
+            self.result.a_to_b += n
+        else:
+            self.result.b_to_a += n
+        self.on_count(n)
+
+
 async def copy_one_way(
     src: trio.abc.ReceiveStream,
     dst: trio.abc.HalfCloseableStream,
@@ -97,39 +120,85 @@ async def copy_one_way(
 
     Raises StreamFailed naming the stream (``src`` or ``dst``) whose operation failed.
     """
-    total = 0
+    direction = _Direction(RelayResult(), True, count)
+    await _copy(src, dst, direction, None)
+    return direction.total
 
-    def wrote(n: int) -> None:
-        nonlocal total
-        total += n
-        count(n)
 
+async def _copy(
+    src: trio.abc.ReceiveStream,
+    dst: trio.abc.HalfCloseableStream,
+    direction: _Direction,
+    cancel: trio.CancelScope | None,
+) -> None:
+    """Copy until EOF, then half-close ``dst``. Without ``cancel``, a failure raises
+    StreamFailed; with it, the failure is recorded in the result (the first one wins)
+    and cancels the relay.
+
+    A plain socket is read here directly (os.read, wait_readable only when it would
+    block) rather than through SocketStream.receive_some, its socket's recv and
+    _nonblocking_helper: an idle direction waits in one ztunnel frame instead of four,
+    and each read makes fewer calls. Same checkpoints as trio's: one wait, or one yield
+    after a read that did not wait. The last chunk is dropped before the next wait.
+    """
     direct = isinstance(src, HboneStream) and isinstance(dst, trio.SocketStream)
     if direct:
         assert isinstance(src, HboneStream) and isinstance(dst, trio.SocketStream)
-        src.direct_sink = _socket_sink(dst, wrote)
+        src.direct_sink = _socket_sink(dst, direction.wrote)
+    sock = src.socket if type(src) is trio.SocketStream else None
     try:
-        while True:
-            try:
-                data = await src.receive_some(read_size(total))
-            except STREAM_ERRORS as exc:
-                raise StreamFailed(src, exc) from exc
-            if not data:
-                break
-            try:
-                await dst.send_all(data)
-            except STREAM_ERRORS as exc:
-                raise StreamFailed(dst, exc) from exc
-            wrote(len(data))
-    finally:
-        if direct:
-            assert isinstance(src, HboneStream)
-            src.direct_sink = None
+        try:
+            while True:
+                size = read_size(direction.total)
+                try:
+                    if sock is None:
+                        data = await src.receive_some(size)
+                    elif (now := _read_now(sock, size)) is not None:
+                        data = now
+                        await trio.lowlevel.checkpoint()
+                    else:
+                        while True:
+                            await trio.lowlevel.wait_readable(sock)
+                            if (now := _read_now(sock, size)) is not None:
+                                data = now
+                                break
+                except STREAM_ERRORS as exc:
+                    raise StreamFailed(src, exc) from exc
+                if not data:
+                    break
+                try:
+                    await dst.send_all(data)
+                except STREAM_ERRORS as exc:
+                    raise StreamFailed(dst, exc) from exc
+                direction.wrote(len(data))
+                del data  # an idle direction holds no buffer
+                now = None
+        finally:
+            if direct:
+                assert isinstance(src, HboneStream)
+                src.direct_sink = None
+        try:
+            await dst.send_eof()
+        except STREAM_ERRORS as exc:
+            raise StreamFailed(dst, exc) from exc
+    except StreamFailed as exc:
+        if cancel is None:
+            raise
+        result = direction.result
+        if result.error is None:
+            result.error = str(exc)
+            # forward: src is a; backward: src is b
+            result.failed = "a" if (exc.stream is src) == direction.forward else "b"
+        cancel.cancel()
+
+
+def _read_now(sock: trio.socket.SocketType, size: int) -> bytes | None:
+    """One non-blocking read (None: nothing yet). The descriptor is looked up each time:
+    -1 once closed, so a reused descriptor is never read."""
     try:
-        await dst.send_eof()
-    except STREAM_ERRORS as exc:
-        raise StreamFailed(dst, exc) from exc
-    return total
+        return os.read(sock.fileno(), size)
+    except BlockingIOError:
+        return None
 
 
 def _socket_sink(dst: trio.SocketStream, wrote: Callable[[int], None]) -> Callable[[bytes], int]:
@@ -159,34 +228,14 @@ async def relay(
     """Relay until both directions reach EOF or one fails. Does not close a or b, but
     aborts both (``abort``) unless the relay ended cleanly, also when cancelled."""
     result = RelayResult()
-
-    async def direction(
-        src: trio.abc.HalfCloseableStream,
-        dst: trio.abc.HalfCloseableStream,
-        forward: bool,
-        cancel: trio.CancelScope,
-    ) -> None:
-        def count(n: int) -> None:
-            if forward:
-                result.a_to_b += n
-                on_a_to_b(n)
-            else:
-                result.b_to_a += n
-                on_b_to_a(n)
-
-        try:
-            await copy_one_way(src, dst, count)
-        except StreamFailed as exc:
-            if result.error is None:
-                result.error = str(exc)
-                result.failed = "a" if exc.stream is a else "b"
-            cancel.cancel()
-
     try:
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(direction, a, b, True, scope)
-                nursery.start_soon(direction, b, a, False, scope)
+        # A failure cancels the nursery's own scope (no second scope): the nursery
+        # absorbs that Cancelled; one from outside propagates.
+        async with trio.open_nursery() as nursery:
+            cancel = nursery.cancel_scope
+            backward = _Direction(result, False, on_b_to_a)
+            nursery.start_soon(_copy, b, a, backward, cancel, name=_TASK_NAME)
+            await _copy(a, b, _Direction(result, True, on_a_to_b), cancel)
     except BaseException:  # cancelled from outside (drain deadline, policy cut) or a bug
         abort(a)
         abort(b)
@@ -195,3 +244,6 @@ async def relay(
         abort(a)
         abort(b)
     return result
+
+
+_TASK_NAME = "relay"  # a constant: trio would otherwise format a name string per task

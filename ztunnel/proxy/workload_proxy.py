@@ -343,7 +343,8 @@ class WorkloadProxy:
                     maximum=self.pod_connections.maximum(direction),
                 )
             return
-        handlers.start_soon(self._run_handler, name, handler, conn, peer, direction)
+        # A constant task name: trio would format one string per connection.
+        handlers.start_soon(self._run_handler, name, handler, conn, peer, direction, name=name)
 
     def _is_own_dial(self, conn: socket.socket, peer: SocketAddr) -> bool:
         """Whether ``conn`` is the far end of a connection we dialled: same source, and the

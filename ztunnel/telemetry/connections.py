@@ -117,6 +117,21 @@ def traffic_labels(
 class TrackedConnection:
     """One open connection: live byte counters, totals, and an idempotent close."""
 
+    # One per open connection (10,000s held open): no per-instance __dict__.
+    __slots__ = (
+        "_labels",
+        "_received",
+        "_sent",
+        "_start",
+        "_tracker",
+        "bytes_received",
+        "bytes_sent",
+        "cancel",
+        "closed",
+        "info",
+        "started_at",
+    )
+
     def __init__(self, tracker: ConnectionTracker, info: ConnectionInfo, labels: tuple[str, ...]):
         self.info = info
         self.bytes_sent = 0
@@ -225,9 +240,12 @@ class ConnectionTracker:
         # prometheus-client's labels() validates all 27 values on every call; connections
         # between the same workloads share label sets, so resolve each child once.
         self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
+        self._labels: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     def open(self, info: ConnectionInfo) -> TrackedConnection:
         labels = traffic_labels(info)
+        # Connections between the same workloads share one label tuple (27 strings).
+        labels = self._labels.setdefault(labels, labels)
         conn = TrackedConnection(self, info, labels)
         self._open[id(conn)] = conn
         self._counter(self.metrics.connections_opened, labels).inc()

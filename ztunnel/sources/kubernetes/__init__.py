@@ -8,16 +8,41 @@ enrollment annotation), ``source`` (the ``PodSource``). See docs/kubernetes.md.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ztunnel.config import Config
-from ztunnel.sources.kubernetes.access import ClusterAccess, load_access, open_http
-from ztunnel.sources.kubernetes.annotate import annotate_enrolled, annotate_unenrolled
-from ztunnel.sources.kubernetes.client import ApiClient
-from ztunnel.sources.kubernetes.derive import Settings
-from ztunnel.sources.kubernetes.procfs import ProcNetnsFinder
-from ztunnel.sources.kubernetes.source import KubernetesPodSource
+
+if TYPE_CHECKING:
+    from ztunnel.sources.kubernetes.access import ClusterAccess, load_access, open_http
+    from ztunnel.sources.kubernetes.annotate import annotate_enrolled, annotate_unenrolled
+    from ztunnel.sources.kubernetes.client import ApiClient
+    from ztunnel.sources.kubernetes.derive import Settings
+    from ztunnel.sources.kubernetes.procfs import ProcNetnsFinder
+    from ztunnel.sources.kubernetes.source import KubernetesPodSource
+
+# The client modules (lightkube, httpx: ~10 MiB and 0.1-0.2 s to import) load on first
+# use, so an agent asking only ``access_configured`` (every agent, at start) never pays.
+_LAZY = {
+    "ClusterAccess": "access",
+    "load_access": "access",
+    "open_http": "access",
+    "annotate_enrolled": "annotate",
+    "annotate_unenrolled": "annotate",
+    "ApiClient": "client",
+    "ProcNetnsFinder": "procfs",
+    "Settings": "derive",
+    "KubernetesPodSource": "source",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "ENV_NAMES",
@@ -48,6 +73,8 @@ def access_configured(env: Mapping[str, str]) -> bool:
 
 
 def settings_from_config(config: Config) -> Settings:
+    from ztunnel.sources.kubernetes.derive import Settings
+
     self_pod = (
         (config.pod_namespace, config.pod_name)
         if config.pod_namespace and config.pod_name
@@ -68,6 +95,11 @@ def from_config(config: Config, env: Mapping[str, str], **options: Any) -> Kuber
     (``NODE_NAME``), netns discovery in ``HOST_PROC``; ``options`` go to the source (tests
     shorten its timings). Raises ``ConfigError`` when the cluster access is unusable
     (naming the file and what is wrong)."""
+    from ztunnel.sources.kubernetes.access import load_access, open_http
+    from ztunnel.sources.kubernetes.client import ApiClient
+    from ztunnel.sources.kubernetes.procfs import ProcNetnsFinder
+    from ztunnel.sources.kubernetes.source import KubernetesPodSource
+
     access = load_access(env)
     return KubernetesPodSource(
         ApiClient(open_http(access)),
