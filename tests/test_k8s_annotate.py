@@ -41,8 +41,14 @@ class View:
 async def annotator_for(
     server: FakeApiServer, retry: float = 0.05
 ) -> AsyncIterator[tuple[Annotator, View]]:
-    async with running(server), trio.open_nursery() as nursery:
-        client = ApiClient(httpx2.AsyncClient(base_url=server.url))
+    # The client closes after the nursery exits: closed inside it, an already runnable
+    # task could send on a closed client before its cancellation is delivered.
+    async with (
+        running(server),
+        httpx2.AsyncClient(base_url=server.url) as http,
+        trio.open_nursery() as nursery,
+    ):
+        client = ApiClient(http)
         view = View(server)
         backoff = Backoff(initial=retry, cap=4 * retry, rng=random.Random(3))
         annotator = Annotator(client, view.lookup, backoff=backoff)
@@ -51,7 +57,6 @@ async def annotator_for(
             yield annotator, view
         finally:
             nursery.cancel_scope.cancel()
-            await client.aclose()
 
 
 def mesh_pod(**fields: Any) -> Pod:

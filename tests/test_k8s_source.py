@@ -71,8 +71,15 @@ async def source_for(
     server: FakeApiServer, **kw: Any
 ) -> AsyncIterator[tuple[KubernetesPodSource, Follower]]:
     options = {**FAST, **kw.pop("reflector_options", {})}
-    async with running(server), trio.open_nursery() as nursery:
-        client = ApiClient(httpx2.AsyncClient(base_url=server.url))
+    # The HTTP client closes only once the nursery has exited (as the agent does): closed
+    # inside the cancelled nursery, a reflector that was already runnable (say mid-relist)
+    # would reach its next request before any checkpoint and fail "client has been closed".
+    async with (
+        running(server),
+        httpx2.AsyncClient(base_url=server.url) as http,
+        trio.open_nursery() as nursery,
+    ):
+        client = ApiClient(http)
         src = KubernetesPodSource(
             client, kw.pop("settings", Settings(node_name="node1")), reflector_options=options, **kw
         )
@@ -83,7 +90,6 @@ async def source_for(
             yield src, follower
         finally:
             nursery.cancel_scope.cancel()
-            await client.aclose()
 
 
 def base_cluster(server: FakeApiServer) -> None:
