@@ -140,10 +140,11 @@ def test_a_killed_worker_comes_back_and_sigterm_leaves_none(mesh: Mesh) -> None:
     assert workers(mesh, "n2")[1]["pid"] != victim["pid"]
     assert connect_many(mesh, "a", 16) == 16
 
-    # Readiness turns 200 once the new worker has its state; its pod listeners can join the
-    # SO_REUSEPORT group a moment later, so keep connecting until one lands on it.
+    # New connections into b's netns spread over the SO_REUSEPORT group, the new worker's
+    # listener included. q's (not in the mesh: one TCP connection each, to 15006) show it;
+    # a's ride n1's pooled HBONE connections, which may all sit on worker 0.
     def worker_1_serves() -> bool:
-        assert connect_many(mesh, "a", 4) == 4
+        assert connect_many(mesh, "q", 4) == 4
         return int(str(workers(mesh, "n2")[1]["connectionsOpened"])) > 0
 
     until(worker_1_serves, "worker 1 serves", timeout=30)
