@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import tracemalloc
+from collections import Counter
 
 import trio
 
@@ -38,6 +39,7 @@ def memory_report(top: int = 20) -> dict[str, object]:
         "gcObjects": len(gc.get_objects()),
         "openFds": _open_fds(),
         "tracemalloc": tracemalloc.is_tracing(),
+        "topTypes": _top_types(top),
     }
     if tracemalloc.is_tracing():
         stats = tracemalloc.take_snapshot().statistics("lineno")[:top]
@@ -45,6 +47,15 @@ def memory_report(top: int = 20) -> dict[str, object]:
             {"where": str(s.traceback), "sizeBytes": s.size, "count": s.count} for s in stats
         ]
     return report
+
+
+def _top_types(top: int) -> list[dict[str, object]]:
+    """The most numerous types among the objects the collector tracks (what a leak of
+    per-connection state shows up as: thousands of one class)."""
+    counts = Counter(type(o) for o in gc.get_objects())
+    return [
+        {"type": f"{t.__module__}.{t.__qualname__}", "count": n} for t, n in counts.most_common(top)
+    ]
 
 
 def _rss_bytes() -> int:
