@@ -504,7 +504,16 @@ def print_memory_report(log: Path) -> None:
     )
     with urllib.request.urlopen(f"http://{admin}/debug/memory", timeout=60) as resp:
         report = json.load(resp)
-    print(f"    gc objects {report['gcObjects']}")
+    print(
+        f"    gc objects {report['gcObjects']},"
+        f" traced {report.get('tracedBytes', 0) / 2**20:.1f} MiB"
+    )
+    if report.get("malloc"):
+        m = {k: v / 2**20 for k, v in report["malloc"].items()}
+        print(
+            f"    glibc heap {m['heapBytes']:.1f} MiB: in use {m['inUseBytes']:.1f},"
+            f" free {m['freeBytes']:.1f}; mmapped {m['mmappedBytes']:.1f} MiB"
+        )
     types = ", ".join(f"{t['type']} {t['count']}" for t in report.get("topTypes", [])[:12])
     print(f"    most numerous: {types}")
     for site in report.get("topAllocations", [])[:15]:
