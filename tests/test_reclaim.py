@@ -1,7 +1,7 @@
 """Memory after connections end (docs/reliability.md, "Memory after a burst").
 
 An ended HBONE connection's objects (h2 state, streams, the SSL socket) are freed as
-soon as the driver lets go, not at the next full collection; ``ztunnel.reclaim``
+soon as the driver lets go, not at the next full collection; ``ztunnel.hbone.reclaim``
 collects and trims the C heap once a burst of connections is over. Counted with
 ``gc`` and weak references, never with timings.
 """
@@ -17,7 +17,7 @@ import trio
 import trio.testing
 from hbone_certs import tls_pair
 
-from ztunnel import reclaim
+from ztunnel.hbone import reclaim
 from ztunnel.hbone.connection import (
     ConnectRequest,
     HboneClientConnection,
@@ -26,8 +26,8 @@ from ztunnel.hbone.connection import (
     ended_connections,
     serve_hbone,
 )
+from ztunnel.hbone.reclaim import Reclaimer
 from ztunnel.hbone.settings import HboneSettings
-from ztunnel.reclaim import Reclaimer
 
 SETTINGS = HboneSettings(ping_interval=None)
 

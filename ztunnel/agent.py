@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from ztunnel import __version__, reclaim
+from ztunnel import __version__
 from ztunnel.admin.server import serve_admin, serve_metrics, serve_readiness
 from ztunnel.config import Config, ProxyMode, RedirectMode, WorkloadInfo
 from ztunnel.errors import ConfigError
+from ztunnel.hbone import reclaim
 from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA
 from ztunnel.identity.errors import CAError
 from ztunnel.identity.manager import SecretManager

@@ -83,7 +83,7 @@ _ended = 0  # HBONE connections of this process that ended (see ended_connection
 def ended_connections() -> int:
     """How many HBONE connections (client and server) of this process have ended.
 
-    The memory reclaimer (``ztunnel/reclaim.py``) watches it: a connection's h2 state
+    The memory reclaimer (``ztunnel/hbone/reclaim.py``) watches it: a connection's h2 state
     sits in reference cycles that only a full garbage collection frees.
     """
     return _ended

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 import structlog
 import trio
 
-from ztunnel import reclaim
 from ztunnel.errors import ZtunnelError
+from ztunnel.hbone import reclaim
 from ztunnel.identity.errors import CertificateError
 from ztunnel.model.identity import Identity
 from ztunnel.proxy.context import ProxyContext

@@ -30,7 +30,7 @@ import trio
 
 from ztunnel.hbone.connection import ended_connections
 
-log = structlog.get_logger("ztunnel.reclaim")
+log = structlog.get_logger("ztunnel.hbone.reclaim")
 
 
 @dataclass
