@@ -27,6 +27,7 @@ open fds at baseline, at the peak, and 1, 5 and 10 s after the close.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -438,19 +439,33 @@ def flood_main(args: argparse.Namespace) -> int:
 
 
 def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open fds of ``pid`` and its worker processes."""
+    total = 0
+    for member in common.process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{member}/fd"))
+    return total
+
+
+def tree_sample(pid: int) -> common.ProcSample:
+    """B's RSS summed over its process tree (worker processes, ZTUNNEL_WORKER_THREADS)."""
+    s = common.proc_sample(pid)
+    return common.ProcSample(s.cpu_s, common.tree_rss_kib(pid), s.at)
 
 
 def burst_main(args: argparse.Namespace) -> int:
     base = args.base or random_base()
     print(
         f"loopback mesh on {base}.x; {args.connections} HBONE connections x {args.streams}"
-        f" streams to agent B, {args.rounds} round(s)"
+        f" streams to agent B ({args.workers} data-plane process(es)), {args.rounds} round(s);"
+        f" load average {os.getloadavg()[0]:.1f}"
     )
-    with loopback_pair(base, QUIET_LOG) as (procs, workdir):
+    env = {"ZTUNNEL_WORKER_THREADS": str(args.workers)}
+    env.update(item.split("=", 1) for item in args.agent_env)
+    with loopback_pair(base, QUIET_LOG, extra_env=env) as (procs, workdir):
         pid = procs.agents["B"].pid
         time.sleep(1.0)
-        base_sample, base_fds = common.proc_sample(pid), open_fds(pid)
+        base_sample, base_fds = tree_sample(pid), open_fds(pid)
         print(f"  baseline          RSS {base_sample.rss_kib / 1024:7.1f} MiB  fds {base_fds}")
         for r in range(args.rounds):
             peak = run_burst(
@@ -460,7 +475,7 @@ def burst_main(args: argparse.Namespace) -> int:
             closed_at = time.monotonic()
             for wait in args.samples:
                 time.sleep(max(0.0, closed_at + wait - time.monotonic()))
-                s = common.proc_sample(pid)
+                s = tree_sample(pid)
                 print(
                     f"    +{wait:3g} s after close RSS {s.rss_kib / 1024:7.1f} MiB"
                     f" (+{(s.rss_kib - base_sample.rss_kib) / 1024:.1f})  fds {open_fds(pid)}"
@@ -468,8 +483,9 @@ def burst_main(args: argparse.Namespace) -> int:
             if args.memory_report:
                 print_memory_report(workdir / "agent-B.log")
             if args.gdb_trim:
-                gdb_malloc_trim(pid)
-                s = common.proc_sample(pid)
+                for member in common.process_tree(pid):
+                    gdb_malloc_trim(member)
+                s = tree_sample(pid)
                 print(
                     f"    after malloc_trim(0) by gdb RSS {s.rss_kib / 1024:7.1f} MiB"
                     f" (+{(s.rss_kib - base_sample.rss_kib) / 1024:.1f})"
@@ -488,7 +504,18 @@ def print_memory_report(log: Path) -> None:
     )
     with urllib.request.urlopen(f"http://{admin}/debug/memory", timeout=60) as resp:
         report = json.load(resp)
-    print(f"    gc objects {report['gcObjects']}")
+    print(
+        f"    gc objects {report['gcObjects']},"
+        f" traced {report.get('tracedBytes', 0) / 2**20:.1f} MiB"
+    )
+    if report.get("malloc"):
+        m = {k: v / 2**20 for k, v in report["malloc"].items()}
+        print(
+            f"    glibc heap {m['heapBytes']:.1f} MiB: in use {m['inUseBytes']:.1f},"
+            f" free {m['freeBytes']:.1f}; mmapped {m['mmappedBytes']:.1f} MiB"
+        )
+    types = ", ".join(f"{t['type']} {t['count']}" for t in report.get("topTypes", [])[:12])
+    print(f"    most numerous: {types}")
     for site in report.get("topAllocations", [])[:15]:
         print(f"    {site['sizeBytes'] / 1024:9.0f} KiB {site['count']:7d}  {site['where']}")
 
@@ -560,7 +587,7 @@ def run_burst(
             with trio.fail_after(600):
                 await all_echoed.wait()
             await trio.sleep(0.5)
-            s = common.proc_sample(pid)
+            s = tree_sample(pid)
             peak.append((s.rss_kib, open_fds(pid)))
             release.set()
 
@@ -594,6 +621,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     b.add_argument("--connections", type=int, default=500)
     b.add_argument("--streams", type=int, default=10)
     b.add_argument("--rounds", type=int, default=1)
+    b.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="agent B's ZTUNNEL_WORKER_THREADS (RSS and fds are summed over its processes)",
+    )
+    b.add_argument(
+        "--agent-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment of the agents, e.g. PYTHONMALLOC=malloc (repeatable)",
+    )
     b.add_argument(
         "--samples",
         type=lambda v: [float(x) for x in v.split(",")],

@@ -170,6 +170,10 @@ async def test_debug_endpoints(admin: Admin) -> None:
         status, body, _ = await request(admin.port, "GET", "/debug/memory")
     report = json.loads(body)
     assert status == 200 and report["rssBytes"] > 0 and report["openFds"] > 0
+    types = {t["type"]: t["count"] for t in report["topTypes"]}
+    assert types["builtins.function"] > 1000  # the most numerous live objects, by type
+    if report["malloc"] is not None:  # glibc 2.33+
+        assert report["malloc"]["inUseBytes"] > 0
 
 
 async def test_keep_alive_and_bad_requests(admin: Admin) -> None:

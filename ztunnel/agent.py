@@ -31,6 +31,7 @@ from ztunnel import __version__
 from ztunnel.admin.server import serve_admin, serve_metrics, serve_readiness
 from ztunnel.config import Config, ProxyMode, RedirectMode, WorkloadInfo
 from ztunnel.errors import ConfigError
+from ztunnel.hbone import reclaim
 from ztunnel.identity.ca import CertificateAuthority, FakeCA, FileCA
 from ztunnel.identity.errors import CAError
 from ztunnel.identity.manager import SecretManager
@@ -263,6 +264,7 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 await nursery.start(self.secrets.run)
+                nursery.start_soon(reclaim.run)  # this process's HBONE connections, if any
                 if self.worker_count > 1:
                     self.workers = self._worker_pool()
                 # Admin first: while workers start (each imports the agent anew), readiness

@@ -6,9 +6,12 @@ exist (stuck connections show up as tasks) and where memory goes.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import os
 import tracemalloc
+from collections import Counter
 
 import trio
 
@@ -38,13 +41,62 @@ def memory_report(top: int = 20) -> dict[str, object]:
         "gcObjects": len(gc.get_objects()),
         "openFds": _open_fds(),
         "tracemalloc": tracemalloc.is_tracing(),
+        "topTypes": _top_types(top),
+        "malloc": malloc_stats(),
     }
     if tracemalloc.is_tracing():
+        report["tracedBytes"] = tracemalloc.get_traced_memory()[0]
         stats = tracemalloc.take_snapshot().statistics("lineno")[:top]
         report["topAllocations"] = [
             {"where": str(s.traceback), "sizeBytes": s.size, "count": s.count} for s in stats
         ]
     return report
+
+
+def _top_types(top: int) -> list[dict[str, object]]:
+    """The most numerous types among the objects the collector tracks (what a leak of
+    per-connection state shows up as: thousands of one class)."""
+    counts = Counter(type(o) for o in gc.get_objects())
+    return [
+        {"type": f"{t.__module__}.{t.__qualname__}", "count": n} for t, n in counts.most_common(top)
+    ]
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def malloc_stats() -> dict[str, int] | None:
+    """glibc's ``mallinfo2()`` (2.33+): heap in use and free, mmapped chunks; else None."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        fn = ctypes.CDLL(name).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    info = fn()
+    return {
+        "heapBytes": info.arena,
+        "inUseBytes": info.uordblks,
+        "freeBytes": info.fordblks,
+        "mmappedBytes": info.hblkhd,
+    }
 
 
 def _rss_bytes() -> int:

@@ -77,6 +77,17 @@ DIRECT_WRITE_MAX = 64 * 1024
 
 OnLimit = Callable[[str], object]
 
+_ended = 0  # HBONE connections of this process that ended (see ended_connections)
+
+
+def ended_connections() -> int:
+    """How many HBONE connections (client and server) of this process have ended.
+
+    The memory reclaimer (``ztunnel/hbone/reclaim.py``) watches it: a connection's h2 state
+    sits in reference cycles that only a full garbage collection frees.
+    """
+    return _ended
+
 
 class _Connection:
     """Shared machinery of client and server connections."""
@@ -215,6 +226,9 @@ class _Connection:
             self._mark_closed(self.close_reason or "connection closed")
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._tls)
+            self.engine.release()  # the reader is gone: no frame can arrive now
+            global _ended
+            _ended += 1
         if not started:
             raise ConnectionGoneError(f"HTTP/2 handshake failed: {self.close_reason}") from failure
 
@@ -648,5 +662,6 @@ __all__ = [
     "HboneStatusError",
     "Headers",
     "OnLimit",
+    "ended_connections",
     "serve_hbone",
 ]

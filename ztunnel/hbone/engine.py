@@ -231,6 +231,13 @@ class _H2Connection(h2.connection.H2Connection):
         super().__init__(config=config)
         self.guard = guard
 
+    def release(self) -> None:
+        """No frame will be received any more: drop h2's frame dispatch table. Its bound
+        methods make every h2 connection a reference cycle, which kept the connection,
+        its streams and HPACK tables alive until the next full collection (minutes on
+        a large heap; docs/reliability.md "Memory after a burst")."""
+        self._frame_dispatch_table = {}
+
     def _receive_frame(self, frame: Frame) -> list[Any]:
         try:
             self._account(frame)
@@ -545,6 +552,13 @@ class HboneEngine:
         self.closed = True
         if self._h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
             self._h2.close_connection(error_code=code)
+
+    def release(self) -> None:
+        """The transport is gone: no input any more, and nothing left to send. Lets the
+        h2 state be freed as soon as the last reference goes (without waiting for the
+        garbage collector); stream operations keep working on what is left."""
+        self.closed = True
+        self._h2.release()
 
     # -- input ----------------------------------------------------------------
 

@@ -28,6 +28,7 @@ import structlog
 import trio
 
 from ztunnel.errors import ZtunnelError
+from ztunnel.hbone import reclaim
 from ztunnel.identity.errors import CertificateError
 from ztunnel.model.identity import Identity
 from ztunnel.proxy.context import ProxyContext
@@ -94,6 +95,7 @@ class Worker:
             self.nursery = nursery
             nursery.start_soon(self._write)
             nursery.start_soon(self.tracker.run)
+            nursery.start_soon(reclaim.run)
             await nursery.start(self._host_proxies)
             self.channel.post(Ready(os.getpid()))
             if await self._serve():
