@@ -10,11 +10,9 @@ a cycle hidden behind a lazy import is still a cycle in the design.
 
 from __future__ import annotations
 
-import ast
-from functools import cache
-from pathlib import Path
-
-PACKAGE = Path(__file__).resolve().parents[1] / "ztunnel"
+from import_graph import imports as _imports
+from import_graph import modules as _modules
+from import_graph import under as _under
 
 # Top to bottom; a module may import only from its own row or the rows above it.
 LAYERS: tuple[tuple[str, ...], ...] = (
@@ -57,46 +55,6 @@ SANS_IO = (
     "ztunnel.waypoint.routes",
     "ztunnel.waypoint.sniff",
 )
-
-
-def _module(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-@cache
-def _modules() -> dict[str, Path]:
-    return {_module(p): p for p in sorted(PACKAGE.rglob("*.py"))}
-
-
-def _under(module: str, prefix: str) -> bool:
-    return module == prefix or module.startswith(prefix + ".")
-
-
-@cache
-def _imports(module: str, *, external: bool = False) -> frozenset[str]:
-    """The package modules ``module`` imports (or, with ``external``, the top-level names of
-    everything it imports), wherever the statement is."""
-    path = _modules()[module]
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                anchor = parts[: len(parts) - node.level + 1]
-                base = ".".join([*anchor, base] if base else anchor)
-            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
-        else:
-            continue
-        if external:
-            found.update(n.split(".")[0] for n in names if n)
-        else:
-            found.update(n for n in names if n in _modules() and n != module)
-    return frozenset(found)
 
 
 def _layer(module: str) -> int:
