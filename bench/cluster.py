@@ -26,7 +26,6 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
 import textwrap
@@ -34,14 +33,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from common import cpu_seconds  # noqa: E402
+from common import cpu_seconds, run_interruptible  # noqa: E402
 
 from ztunnel.cluster import apps  # noqa: E402
 from ztunnel.cluster.net import ClusterNet, cleanup_stale, running_cluster  # noqa: E402
@@ -300,10 +298,6 @@ def print_report(net: ClusterNet, r: Results, args: Any) -> None:
 # -- setup and teardown ----------------------------------------------------------------
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def start_servers(net: ClusterNet) -> dict[str, Any]:
     """iperf3 -s and the echo server in every server pod; blocks until all listen."""
     procs: dict[str, Any] = {}
@@ -386,14 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench/cluster.py needs root (network namespaces, iptables)", file=sys.stderr)
         return 2
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; torn down", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_interruptible(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import os
 import select
+import signal
 import socket
 import struct
 import sys
@@ -26,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import FrameType
 
 MODE_SINK = b"S"
 MODE_ECHO = b"E"
@@ -288,3 +290,20 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_interruptible(run: Callable[[], int]) -> int:
+    """Run a benchmark that builds namespaces: SIGTERM acts like Ctrl-C, so its context
+    managers tear everything down; exit 130 when interrupted."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("\ninterrupted; torn down", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import functools
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -44,7 +43,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-import cluster as cb  # noqa: E402  (bench/cluster.py: iperf, paced latency, servers)
+import cluster as cb  # noqa: E402
+from common import run_interruptible  # noqa: E402  (bench/cluster.py: iperf, paced latency, servers)
 
 from ztunnel.cluster import apps  # noqa: E402
 from ztunnel.cluster.net import ClusterNet, cleanup_stale, running_cluster  # noqa: E402
@@ -320,14 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EbpfUnavailable as exc:
         print(f"bench/redirect_modes.py: {exc}", file=sys.stderr)
         return 2
-    previous = signal.signal(signal.SIGTERM, cb._raise_interrupt)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; torn down", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_interruptible(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,14 +32,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from common import cpu_seconds, percentile  # noqa: E402
+from common import cpu_seconds, percentile, run_interruptible  # noqa: E402
 
 from ztunnel.cluster import apps  # noqa: E402
 from ztunnel.cluster.net import ClusterNet, cleanup_stale, running_cluster  # noqa: E402
@@ -289,10 +287,6 @@ class Run:
                 print(f"  {f}")
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: Any) -> int:
     for tool in ("wrk", "h2load", "nginx"):
         if shutil.which(tool) is None:
@@ -369,14 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench/waypoint_cluster.py needs root (network namespaces)", file=sys.stderr)
         return 2
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; torn down", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_interruptible(lambda: run(args))
 
 
 if __name__ == "__main__":
