@@ -134,6 +134,11 @@ def parse_int(value: str, name: str, minimum: int = 0) -> int:
     return number
 
 
+def _int_at_least(minimum: int) -> Callable[[str, str], int]:
+    """A field parser: an integer no smaller than ``minimum``, errors naming the setting."""
+    return lambda value, name: parse_int(value, name, minimum)
+
+
 DEFAULT_DRAIN_DEADLINE = 5.0
 # 128 (Python's and the kernel's old default) overflowed under a burst of 1,000 handshakes.
 DEFAULT_LISTEN_BACKLOG = 1024
@@ -312,7 +317,7 @@ class Config:
     )
     pool_max_streams_per_connection: int = _env_field(
         "POOL_MAX_STREAMS_PER_CONNECTION",
-        lambda v, n: parse_int(v, n, 1),
+        _int_at_least(1),
         100,
         "HBONE streams per pooled connection before another is opened",
     )
@@ -321,19 +326,19 @@ class Config:
     )
     http2_stream_window_size: int = _env_field(
         "HTTP2_STREAM_WINDOW_SIZE",
-        lambda v, n: parse_int(v, n, 65535),
+        _int_at_least(65535),
         4 * 1024 * 1024,
         "HTTP/2 per-stream flow-control window (bytes)",
     )
     http2_connection_window_size: int = _env_field(
         "HTTP2_CONNECTION_WINDOW_SIZE",
-        lambda v, n: parse_int(v, n, 65535),
+        _int_at_least(65535),
         16 * 1024 * 1024,
         "HTTP/2 connection flow-control window (bytes)",
     )
     http2_frame_size: int = _env_field(
         "HTTP2_FRAME_SIZE",
-        lambda v, n: parse_int(v, n, 16384),
+        _int_at_least(16384),
         1024 * 1024,
         "HTTP/2 SETTINGS_MAX_FRAME_SIZE (bytes)",
     )
@@ -345,31 +350,31 @@ class Config:
     )
     hbone_max_pending_connects: int = _env_field(
         "HBONE_MAX_PENDING_CONNECTS",
-        lambda v, n: parse_int(v, n, 1),
+        _int_at_least(1),
         100,
         "CONNECTs one inbound HBONE connection may have unanswered; more are refused",
     )
     hbone_max_unsent_bytes: int = _env_field(
         "HBONE_MAX_UNSENT_BYTES",
-        lambda v, n: parse_int(v, n, 16384),
+        _int_at_least(16384),
         1024 * 1024,
         "replies queued for a peer that does not read, per connection; past it it is dropped",
     )
     hbone_max_handshakes_per_ip: int = _env_field(
         "HBONE_MAX_HANDSHAKES_PER_IP",
-        lambda v, n: parse_int(v, n, 1),
+        _int_at_least(1),
         256,
         "inbound HBONE connections from one source IP still in their TLS handshake",
     )
     hbone_max_connections_per_peer: int = _env_field(
         "HBONE_MAX_CONNECTIONS_PER_PEER",
-        lambda v, n: parse_int(v, n, 1),
+        _int_at_least(1),
         1024,
         "open inbound HBONE connections of one peer identity (agent-wide)",
     )
     hbone_max_streams_per_peer: int = _env_field(
         "HBONE_MAX_STREAMS_PER_PEER",
-        lambda v, n: parse_int(v, n, 1),
+        _int_at_least(1),
         20_000,
         "open inbound CONNECT streams of one peer identity (agent-wide)",
     )
@@ -381,13 +386,13 @@ class Config:
     )
     pod_max_inbound_connections: int = _env_field(
         "POD_MAX_INBOUND_CONNECTIONS",
-        lambda v, n: parse_int(v, n, 1),
+        _int_at_least(1),
         16_384,
         "open inbound connections (HBONE and plaintext) of one proxied pod",
     )
     pod_max_outbound_connections: int = _env_field(
         "POD_MAX_OUTBOUND_CONNECTIONS",
-        lambda v, n: parse_int(v, n, 1),
+        _int_at_least(1),
         16_384,
         "open outbound connections (captured and SOCKS5) of one proxied pod",
     )
@@ -396,12 +401,10 @@ class Config:
     socks5_enabled: bool = _env_field(
         "UNSTABLE_ENABLE_SOCKS5", parse_bool, False, "enable the SOCKS5 outbound listener"
     )
-    packet_mark: int = _env_field(
-        "PACKET_MARK", lambda v, n: parse_int(v, n, 0), 0x539, "SO_MARK of every agent socket"
-    )
+    packet_mark: int = _env_field("PACKET_MARK", parse_int, 0x539, "SO_MARK of every agent socket")
     listen_backlog: int = _env_field(
         "ZTUNNEL_LISTEN_BACKLOG",
-        lambda v, n: parse_int(v, n, 1),
+        _int_at_least(1),
         DEFAULT_LISTEN_BACKLOG,
         "listen() backlog of the proxy listeners (the kernel caps it at net.core.somaxconn)",
     )
