@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from ztunnel.cluster.net import ClusterNet
 from ztunnel.redirect.netns import NetNamespace, create_named, delete_named
 from ztunnel.sources.clusterfile.layout import GATEWAY, POD_CIDR, NodeNet
+from ztunnel.testing import http as testing_http
 from ztunnel.testing.process import LoggedProcess, project_pythonpath
 
 READINESS_PORT = 15021
@@ -107,17 +108,7 @@ def http_get(
     node: NodeNet, port: int, path: str, *, timeout: float = 2.0, host: str = "127.0.0.1"
 ) -> tuple[int, bytes]:
     """A tiny HTTP/1.1 GET to a port inside the node netns: (status, body)."""
-    with NetNamespace.named(node.netns) as ns, ns.socket() as sock:
-        sock.settimeout(timeout)
-        sock.connect((host, port))
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        chunks = []
-        while data := sock.recv(65536):
-            chunks.append(data)
-    raw = b"".join(chunks)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    return status, body
+    return testing_http.get_in(node.netns, port, path, timeout=timeout, host=host)
 
 
 def readiness(agent: AgentProcess) -> tuple[int, str]:

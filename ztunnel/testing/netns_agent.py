@@ -25,6 +25,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from ztunnel.redirect.netns import NetNamespace, create_named, delete_named
+from ztunnel.testing import http as testing_http
 from ztunnel.testing import process
 from ztunnel.testing.process import LoggedProcess
 
@@ -162,18 +163,9 @@ def http(
     headers: Mapping[str, str] | None = None,
 ) -> tuple[int, str]:
     """A tiny HTTP/1.1 request to a port inside ``ns``: (status, body)."""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    if method == "POST":
-        lines.append("Content-Length: 0")
     with connect(ns, host, port, timeout=timeout) as sock:
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        chunks = []
-        while data := sock.recv(65536):
-            chunks.append(data)
-    raw = b"".join(chunks)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+        sock.sendall(testing_http.request(path, host, method=method, headers=headers))
+        status, body = testing_http.read_response(sock)
     return status, body.decode(errors="replace")
 
 

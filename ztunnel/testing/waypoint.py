@@ -32,10 +32,10 @@ import yaml
 
 from ztunnel.cluster.net import ClusterNet
 from ztunnel.model.identity import Identity
-from ztunnel.redirect.netns import NetNamespace
 from ztunnel.sources.clusterfile.layout import PodNet
 from ztunnel.sources.clusterfile.spec import ClusterSpec, PodSpec
 from ztunnel.sources.waypoints import GATEWAY_NAME_LABEL, is_waypoint_gateway
+from ztunnel.testing import http as testing_http
 from ztunnel.testing.ca_service import CAService
 from ztunnel.testing.process import LoggedProcess, project_pythonpath
 
@@ -81,16 +81,7 @@ def pod_http_get(
     pod: PodNet, port: int, path: str, *, timeout: float = 2.0, host: str = "127.0.0.1"
 ) -> tuple[int, bytes]:
     """A tiny HTTP/1.1 GET to a port inside the pod netns: (status, body)."""
-    with NetNamespace.named(pod.netns) as ns, ns.socket() as sock:
-        sock.settimeout(timeout)
-        sock.connect((host, port))
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        chunks = []
-        while data := sock.recv(65536):
-            chunks.append(data)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    return status, body
+    return testing_http.get_in(pod.netns, port, path, timeout=timeout, host=host)
 
 
 def waypoint_token(ca: CAService, pod: PodSpec, trust_domain: str = "cluster.local") -> Path:
