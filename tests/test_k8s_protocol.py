@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
+from typing import Any, cast
 
 import pytest
+import trio
+import trio.testing
 
+from ztunnel.sources.kubernetes.client import ApiClient
 from ztunnel.sources.kubernetes.errors import (
     KubeApiError,
     KubeGone,
     KubeNotFound,
     KubeProtocolError,
+    KubeUnavailable,
 )
 from ztunnel.sources.kubernetes.protocol import (
     AUTHORIZATION_POLICIES,
@@ -18,6 +25,7 @@ from ztunnel.sources.kubernetes.protocol import (
     NAMESPACES,
     PODS,
     LineSplitter,
+    ListPage,
     error_response,
     list_params,
     object_key,
@@ -25,7 +33,7 @@ from ztunnel.sources.kubernetes.protocol import (
     parse_watch_line,
     watch_params,
 )
-from ztunnel.sources.kubernetes.reflector import Backoff, Store
+from ztunnel.sources.kubernetes.reflector import Backoff, Reflector, Store
 from ztunnel.testing.k8s_fake import status
 
 
@@ -167,3 +175,52 @@ def test_backoff_grows_with_jitter_and_resets() -> None:
     assert len(set(delays)) == len(delays)  # jittered
     b.reset()
     assert b.next() <= 1.0
+
+
+class _FlakyServer:
+    """An API client that refuses ``down`` lists, then lists fine; its first watch breaks
+    before the stream is established, later ones stay open and empty."""
+
+    def __init__(self, down: int) -> None:
+        self.down = down
+        self.watch_calls = 0
+
+    async def list_page(self, kind: object, params: object) -> ListPage:
+        if self.down:
+            self.down -= 1
+            raise KubeUnavailable("connection refused")
+        return ListPage((), "1", "")
+
+    @contextlib.asynccontextmanager
+    async def watch(self, kind: object, params: object, *, read_timeout: float) -> Any:
+        self.watch_calls += 1
+        if self.watch_calls == 1:
+            raise KubeUnavailable("connection reset")
+        await trio.sleep_forever()
+        yield
+
+
+class _RecordingBackoff(Backoff):
+    def __init__(self) -> None:
+        super().__init__(initial=1.0, cap=32.0, factor=2.0, rng=random.Random(1))
+        self.delays: list[float] = []
+
+    def next(self) -> float:
+        delay = super().next()
+        self.delays.append(delay)
+        return delay
+
+
+async def test_a_failure_after_the_server_answered_again_waits_the_first_delay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After an outage at start-up grew the backoff, the first failure once the server is
+    back must not wait the grown delay (the agent would miss changes for up to 30 s)."""
+    backoff = _RecordingBackoff()
+    server = _FlakyServer(down=5)
+    reflector = Reflector(cast(ApiClient, server), [PODS], lambda: None, backoff=backoff)
+    with trio.move_on_after(200):
+        await reflector.run()
+    assert len(backoff.delays) == 6 and server.watch_calls == 2
+    assert backoff.delays[4] > 8  # grown during the outage
+    assert backoff.delays[5] <= 1.0  # the watch failure after a good list: the first delay

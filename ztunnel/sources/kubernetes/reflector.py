@@ -164,6 +164,9 @@ class Reflector:
                 if relist:
                     await self._relist()
                     relist = False
+                    # The server answered: a later failure starts from the first delay, not
+                    # from where an outage at start-up left it (up to the 30 s cap).
+                    self.backoff.reset()
                     if self.absent:
                         await trio.sleep(self.absent_recheck)
                         relist = True
@@ -248,6 +251,7 @@ class Reflector:
         async with self.client.watch(
             self.kind, params, read_timeout=timeout + self.read_slack
         ) as events:
+            self.backoff.reset()  # the watch is established: the server is back
             async for event in events:
                 if self.store.apply(event):
                     self.on_change()
