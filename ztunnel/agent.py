@@ -55,6 +55,7 @@ from ztunnel.telemetry.metrics import Metrics
 from ztunnel.workers import count as workers_count
 from ztunnel.workers.group import ProxyGroup, RunningProxy
 from ztunnel.workers.pool import WorkerPool
+from ztunnel.workers.zygote import Zygote
 
 if TYPE_CHECKING:
     # Each mode's modules are imported where the configuration selects the mode, so an
@@ -188,6 +189,7 @@ class Agent:
             config.worker_threads, lambda: workers_count.EMBEDDED_DEFAULT
         )
         self.workers: WorkerPool | None = None
+        self._zygote: Zygote | None = None  # run_forever forks it; embedded: the pool starts one
 
     @classmethod
     def from_config(
@@ -234,6 +236,10 @@ class Agent:
         """Run until drained. Raises ConfigError when a listener cannot bind at start."""
         configure_logging(self.config.log_level, self.config.log_format)
         self.worker_count = workers_count.resolve(self.config.worker_threads)
+        if self.worker_count > 1:
+            # Before trio (no thread, no loop yet), after the imports: workers forked by
+            # it share this process's modules (docs/architecture.md "Worker processes").
+            self._zygote = Zygote.fork()
         try:
             trio.run(self._main)
         except BaseExceptionGroup as group:
@@ -241,6 +247,9 @@ class Agent:
             if startup is None:
                 raise
             raise startup from None
+        finally:
+            if self._zygote is not None:  # the pool closes it; not if it never ran
+                self._zygote.close()
         return 0
 
     async def _main(self) -> None:
@@ -267,8 +276,8 @@ class Agent:
                 nursery.start_soon(reclaim.run)  # this process's HBONE connections, if any
                 if self.worker_count > 1:
                     self.workers = self._worker_pool()
-                # Admin first: while workers start (each imports the agent anew), readiness
-                # answers 503 with "worker N: starting" instead of refusing connections.
+                # Admin first: while workers start, readiness answers 503 with "worker N:
+                # starting" instead of refusing connections.
                 await self._start_admin(nursery)
                 if self.workers is not None:
                     await nursery.start(self.workers.run)
@@ -316,6 +325,7 @@ class Agent:
             secrets=self.secrets,
             tracker=self.tracker,
             metrics=self.metrics,
+            zygote=self._zygote,
         )
         self.readiness_checks.append(pool.not_ready_reason)
         return pool
