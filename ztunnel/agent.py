@@ -19,6 +19,7 @@ import datetime
 import enum
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
@@ -235,9 +236,10 @@ class Agent:
         """Run until drained. Raises ConfigError when a listener cannot bind at start."""
         configure_logging(self.config.log_level, self.config.log_format)
         self.worker_count = workers_count.resolve(self.config.worker_threads)
-        if self.worker_count > 1:
-            # Before trio (no thread, no loop yet), after the imports: workers forked by
-            # it share this process's modules (docs/architecture.md "Worker processes").
+        if self.worker_count > 1 and threading.active_count() == 1:
+            # Before trio (no loop yet), after the imports: workers forked by it share this
+            # process's modules (docs/architecture.md "Worker processes"). Never with a
+            # thread running (a fork copies the locks it holds): the pool execs one then.
             self._zygote = Zygote.fork()
         try:
             trio.run(self._main)

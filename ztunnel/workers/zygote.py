@@ -38,6 +38,7 @@ import struct
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 
 import trio
@@ -249,6 +250,9 @@ def _become_worker(channel_fd: int, sock: socket.socket, control: int, middle: i
             time.sleep(0.001)
         worker.run(channel_fd, control)
         code = 0
+    except BaseException:  # what the interpreter would print, had it been a fresh one
+        traceback.print_exc()
+        raise
     finally:
         with contextlib.suppress(OSError, ValueError):
             sys.stdout.flush()
