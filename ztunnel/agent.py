@@ -19,12 +19,12 @@ import datetime
 import enum
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
 import trio
 
 from ztunnel import __version__
@@ -50,11 +50,12 @@ from ztunnel.sources.kubernetes import access_configured as k8s_access_configure
 from ztunnel.sources.localconfig import LocalConfig, load_local_config, load_local_config_file
 from ztunnel.state.store import StateStore
 from ztunnel.telemetry.connections import ConnectionTracker
-from ztunnel.telemetry.logging import configure_logging
+from ztunnel.telemetry.logging import configure_logging, get_logger
 from ztunnel.telemetry.metrics import Metrics
 from ztunnel.workers import count as workers_count
 from ztunnel.workers.group import ProxyGroup, RunningProxy
 from ztunnel.workers.pool import WorkerPool
+from ztunnel.workers.zygote import Zygote
 
 if TYPE_CHECKING:
     # Each mode's modules are imported where the configuration selects the mode, so an
@@ -66,7 +67,7 @@ if TYPE_CHECKING:
     from ztunnel.sources.xds import XdsClient
     from ztunnel.sources.zds import ZdsClient
 
-log = structlog.get_logger("ztunnel.agent")
+log = get_logger("ztunnel.agent")
 
 STARTUP_PENDING = "proxy"  # readiness waits for the first proxy / the first enrollment pass
 # Makes the sockets of a pod's proxy: (pod netns, SO_MARK). Tests use local sockets.
@@ -188,6 +189,7 @@ class Agent:
             config.worker_threads, lambda: workers_count.EMBEDDED_DEFAULT
         )
         self.workers: WorkerPool | None = None
+        self._zygote: Zygote | None = None  # run_forever forks it; embedded: the pool starts one
 
     @classmethod
     def from_config(
@@ -234,6 +236,11 @@ class Agent:
         """Run until drained. Raises ConfigError when a listener cannot bind at start."""
         configure_logging(self.config.log_level, self.config.log_format)
         self.worker_count = workers_count.resolve(self.config.worker_threads)
+        if self.worker_count > 1 and threading.active_count() == 1:
+            # Before trio (no loop yet), after the imports: workers forked by it share this
+            # process's modules (docs/architecture.md "Worker processes"). Never with a
+            # thread running (a fork copies the locks it holds): the pool execs one then.
+            self._zygote = Zygote.fork()
         try:
             trio.run(self._main)
         except BaseExceptionGroup as group:
@@ -241,6 +248,9 @@ class Agent:
             if startup is None:
                 raise
             raise startup from None
+        finally:
+            if self._zygote is not None:  # the pool closes it; not if it never ran
+                self._zygote.close()
         return 0
 
     async def _main(self) -> None:
@@ -267,8 +277,8 @@ class Agent:
                 nursery.start_soon(reclaim.run)  # this process's HBONE connections, if any
                 if self.worker_count > 1:
                     self.workers = self._worker_pool()
-                # Admin first: while workers start (each imports the agent anew), readiness
-                # answers 503 with "worker N: starting" instead of refusing connections.
+                # Admin first: while workers start, readiness answers 503 with "worker N:
+                # starting" instead of refusing connections.
                 await self._start_admin(nursery)
                 if self.workers is not None:
                     await nursery.start(self.workers.run)
@@ -316,6 +326,7 @@ class Agent:
             secrets=self.secrets,
             tracker=self.tracker,
             metrics=self.metrics,
+            zygote=self._zygote,
         )
         self.readiness_checks.append(pool.not_ready_reason)
         return pool

@@ -31,7 +31,6 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-import structlog
 import trio
 import yaml
 from prometheus_client import CollectorRegistry
@@ -47,9 +46,9 @@ from ztunnel.identity.ca_server import (
     serving_certificate,
 )
 from ztunnel.model.identity import Identity
-from ztunnel.telemetry.logging import configure_logging
+from ztunnel.telemetry.logging import configure_logging, get_logger
 
-LOGGER = structlog.get_logger("ztunnel.ca")
+LOGGER = get_logger("ztunnel.ca")
 EXIT_CONFIG = 2
 METRICS_PORT = 15014  # istiod's monitoring port
 

@@ -1,30 +1,44 @@
 """One worker process as the control process sees it: spawn, requests and replies, reaping.
 
-The worker is spawned from the calling thread (the trio thread, which lives as long as
-the agent: PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so
-never from a worker thread). Its exit is watched through a pidfd.
+The worker is forked by the zygote (``workers/zygote.py``) and reparented to the control
+process, whose main thread (the trio thread, which lives as long as the agent:
+PR_SET_PDEATHSIG fires when the parent *thread* exits) reaps it. Its exit is watched
+through a pidfd.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from ztunnel.config import Config
 from ztunnel.model.identity import Identity
 from ztunnel.workers.channel import Channel
+from ztunnel.workers.process import WorkerProcess
 from ztunnel.workers.protocol import Hello
 
-WORKER_MODULE = "ztunnel.workers.worker"
 _keys = itertools.count(1)
+
+
+async def spawn_link(
+    slot: int, config: Config, fork: Callable[[int], Awaitable[WorkerProcess]]
+) -> WorkerLink:
+    """A new worker: ``fork(fd)`` starts the process that serves ``fd``, the far end of
+    its channel."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = await fork(theirs.fileno())
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return WorkerLink(slot, config, proc, ours)
 
 
 class WorkerGone(Exception):
@@ -40,24 +54,16 @@ class _Pending:
 class WorkerLink:
     """A spawned worker: its process, channel, the proxies and certificates it holds."""
 
-    def __init__(self, slot: int, config: Config) -> None:
+    def __init__(
+        self, slot: int, config: Config, proc: WorkerProcess, channel: socket.socket
+    ) -> None:
+        """``proc`` serves the other end of ``channel``."""
         self.slot = slot
         self.key = next(_keys)  # unique per process, across restarts of a slot
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", WORKER_MODULE, str(theirs.fileno()), str(os.getpid())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        self.pid = self.proc.pid
+        self.proc = proc
+        self.pid = proc.pid
         self.started = time.monotonic()
-        self.channel = Channel(ours)
+        self.channel = Channel(channel)
         self.channel.post(Hello(config, slot))
         self.ready = False  # Ready received and state snapshot sent
         self.proxies: set[str] = set()  # group uids running in this worker
@@ -101,8 +107,9 @@ class WorkerLink:
 
     async def wait_exit(self) -> int:
         """Wait until the process exits; its return code."""
-        if self.proc.poll() is not None:
-            return self.proc.returncode
+        code = self.proc.poll()
+        if code is not None:
+            return code
         try:
             pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
@@ -119,6 +126,5 @@ class WorkerLink:
         self.channel.close()
         with trio.move_on_after(grace):
             return await self.wait_exit()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+        self.proc.kill()  # unless it exited meanwhile (a reaped pid may be reused)
         return self.proc.wait()

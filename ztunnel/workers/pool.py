@@ -24,7 +24,6 @@ import signal
 import time
 from typing import Any
 
-import structlog
 import trio
 from prometheus_client import Counter, Gauge
 
@@ -36,11 +35,13 @@ from ztunnel.model.identity import Identity
 from ztunnel.proxy.workload_proxy import ProxyAddresses
 from ztunnel.state.store import Kind, StateStore
 from ztunnel.telemetry.connections import ConnectionTracker
+from ztunnel.telemetry.logging import get_logger
 from ztunnel.telemetry.metrics import Metrics
 from ztunnel.workers.certs import material_of
 from ztunnel.workers.channel import ChannelClosed
 from ztunnel.workers.group import ProxyGroup
-from ztunnel.workers.link import WorkerGone, WorkerLink
+from ztunnel.workers.link import WorkerGone, WorkerLink, spawn_link
+from ztunnel.workers.process import WorkerProcess
 from ztunnel.workers.protocol import (
     CertificateReply,
     CertificateRequest,
@@ -58,8 +59,9 @@ from ztunnel.workers.protocol import (
 )
 from ztunnel.workers.replica import StateMirror
 from ztunnel.workers.telemetry import TelemetryMirror
+from ztunnel.workers.zygote import Zygote, ZygoteGone
 
-log = structlog.get_logger("ztunnel.workers")
+log = get_logger("ztunnel.workers")
 
 READY_TIMEOUT = 60.0  # a worker that has not said Ready by then is killed and respawned
 REAP_GRACE = 3.0  # after its channel closes, a worker gets this long to exit
@@ -78,9 +80,13 @@ class WorkerPool:
         secrets: SecretManager,
         tracker: ConnectionTracker,
         metrics: Metrics,
+        zygote: Zygote | None = None,
     ) -> None:
+        """``zygote``: forked before trio started (``Zygote.fork``), so that the workers
+        share the control process's imported modules; None: one is started when needed."""
         self.config = config
         self.count = count
+        self.zygote = zygote
         self.secrets = secrets
         self.state = StateMirror(store)
         self.telemetry = TelemetryMirror(tracker)
@@ -125,6 +131,8 @@ class WorkerPool:
             self._stopping = True
             for unsubscribe in self._unsubscribe:
                 unsubscribe()
+            if self.zygote is not None:
+                self.zygote.close()
 
     def pids(self) -> list[int]:
         return [link.pid for _, link in sorted(self.links.items())]
@@ -132,7 +140,7 @@ class WorkerPool:
     async def _supervise(self, slot: int) -> None:
         backoff = BACKOFF_FIRST
         while True:
-            link = WorkerLink(slot, self.config)
+            link = await spawn_link(slot, self.config, self._fork)
             self.links[slot] = link
             try:
                 await self._serve_link(link)
@@ -151,6 +159,20 @@ class WorkerPool:
                 continue
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_CAP)
+
+    async def _fork(self, channel_fd: int) -> WorkerProcess:
+        """A worker forked by the zygote; a zygote that is gone is replaced, once."""
+        try:
+            return await self._zygote().spawn(channel_fd)
+        except ZygoteGone as exc:
+            log.warning("worker zygote gone, starting a new one", reason=str(exc))
+            self._zygote().close()
+        return await self._zygote().spawn(channel_fd)
+
+    def _zygote(self) -> Zygote:
+        if self.zygote is None or self.zygote.closed:
+            self.zygote = Zygote.exec()
+        return self.zygote
 
     async def _serve_link(self, link: WorkerLink) -> None:
         """Run one worker until it exits or its channel fails (then the reap in

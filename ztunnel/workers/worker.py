@@ -1,6 +1,7 @@
-"""A data-plane worker process: ``python -m ztunnel.workers.worker CHANNEL_FD PARENT_PID``.
+"""A data-plane worker process: ``run(CHANNEL_FD, PARENT_PID)`` in a forked process.
 
-Spawned by the control process (``workers/pool.py``) with one end of a socketpair. It
+Forked by the zygote (``workers/zygote.py``) for the control process (``workers/pool.py``),
+with one end of a socketpair, out of the modules the control process imported. It
 runs the same ``WorkloadProxy`` as a single-process agent, one per proxied workload, each
 with its own SO_REUSEPORT listeners (made in the pod's netns from the fd the control
 process passed) and its own HBONE pool, on its own trio loop and core. What it does not
@@ -8,7 +9,8 @@ own it gets from the control process: the mesh state (a replica, kept current by
 its policy watcher cuts its own connections when a policy change denies them),
 certificates (``workers/certs.py``) and where its telemetry goes (``workers/telemetry.py``).
 
-It never outlives the control process: PR_SET_PDEATHSIG kills it when the parent dies,
+It never outlives the control process: PR_SET_PDEATHSIG kills it when the parent dies
+(set once the zygote's double fork made it the control process's child),
 and the channel's EOF ends it when the parent closes it. SIGINT and SIGTERM are the
 control process's to handle (a terminal's Ctrl-C reaches the whole process group):
 draining is decided there and arrives as ``DrainProxy``.
@@ -16,15 +18,11 @@ draining is decided there and arrives as ``DrainProxy``.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import signal
 import socket
-import sys
-from collections.abc import Sequence
 
-import structlog
 import trio
 
 from ztunnel.errors import ZtunnelError
@@ -38,9 +36,11 @@ from ztunnel.proxy.workload_proxy import WorkloadProxy
 from ztunnel.redirect.netns import NetNamespace
 from ztunnel.state.store import StateStore
 from ztunnel.telemetry import logging as zlog
+from ztunnel.telemetry.logging import get_logger
 from ztunnel.workers import replica
 from ztunnel.workers.certs import RemoteCertificates, ask_error
 from ztunnel.workers.channel import Channel, ChannelClosed
+from ztunnel.workers.process import die_with_parent
 from ztunnel.workers.protocol import (
     CertificateMaterial,
     CertificateReply,
@@ -61,9 +61,7 @@ from ztunnel.workers.protocol import (
 )
 from ztunnel.workers.telemetry import RelayTracker
 
-log = structlog.get_logger("ztunnel.workers")
-
-PR_SET_PDEATHSIG = 1
+log = get_logger("ztunnel.workers")
 
 
 class _Reply:
@@ -233,14 +231,6 @@ class Worker:
             log.error("unusable certificate from the control process", error=str(exc))
 
 
-def die_with_parent(parent: int) -> None:
-    """SIGKILL when the parent dies; exit now if it already has (the spawn race)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(0)
-
-
 async def serve(sock: socket.socket) -> None:
     channel = Channel(sock)
     try:
@@ -257,18 +247,10 @@ async def serve(sock: socket.socket) -> None:
         channel.close()
 
 
-def main(argv: Sequence[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m ztunnel.workers.worker CHANNEL_FD PARENT_PID", file=sys.stderr)
-        return 2
-    fd, parent = int(argv[0]), int(argv[1])
+def run(fd: int, parent: int) -> None:
+    """Serve the control process ``parent`` on the channel ``fd`` until it closes."""
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
     trio.run(serve, sock)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-import structlog
 import trio
 
 from ztunnel.sources.kubernetes.client import ApiClient
@@ -36,8 +35,9 @@ from ztunnel.sources.kubernetes.protocol import (
     object_key,
     watch_params,
 )
+from ztunnel.telemetry.logging import get_logger
 
-log = structlog.get_logger("ztunnel.sources.kubernetes")
+log = get_logger("ztunnel.sources.kubernetes")
 
 Trim = Callable[[ResourceKind, JSON], JSON]
 

@@ -19,7 +19,6 @@ import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-import structlog
 import trio
 
 from ztunnel.errors import ConfigError
@@ -52,8 +51,9 @@ from ztunnel.sources.kubernetes.protocol import (
     ResourceKind,
 )
 from ztunnel.sources.kubernetes.reflector import Reflector, keep_all
+from ztunnel.telemetry.logging import get_logger
 
-log = structlog.get_logger("ztunnel.sources.kubernetes")
+log = get_logger("ztunnel.sources.kubernetes")
 
 _DROPPED_ANNOTATIONS = frozenset({"kubectl.kubernetes.io/last-applied-configuration"})
 
