@@ -49,9 +49,6 @@ OPTIONAL = (
     "ztunnel.sources.xds",
     "ztunnel.sources.zds",
     "ztunnel.admin.ui",
-    "structlog",  # and what it imported: asyncio, rich and pygments where installed
-    "asyncio",
-    "rich",
 )
 PROBE = """
 import json, os, sys, time

@@ -1,9 +1,7 @@
 """An agent loads the code of a mode (Kubernetes client, Istio CA and xDS over gRPC,
 istio-cni, eBPF, the admin UI) only when its configuration selects it: a dedicated-mode
 agent with a local config and a file CA must not pay their memory and start-up time
-(docs/benchmarks.md, bench/startup.py). And none loads what no mode needs: structlog
-(logging is telemetry/logging.py over stdlib logging) and what it dragged in: asyncio,
-rich and pygments (installed here by the test extras), greenlet, uuid."""
+(docs/benchmarks.md, bench/startup.py)."""
 
 from __future__ import annotations
 
@@ -30,13 +28,6 @@ OPTIONAL = (
     "ztunnel.redirect.ebpf",
     "ztunnel.enroll.controller",
     "ztunnel.admin.ui",
-    # Never needed (docs/benchmarks.md "Phase 3: memory"): 3-8 MiB of every agent process.
-    "structlog",
-    "asyncio",
-    "rich",
-    "pygments",
-    "greenlet",
-    "uuid",
 )
 
 # What `ztunnel run` does (cli.run_command), up to "agent ready", then which of the
