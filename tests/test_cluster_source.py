@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from ztunnel.agent import Agent, attach_cluster_source
 from ztunnel.config import Config, ProxyMode, RedirectMode, WorkloadInfo
@@ -21,7 +22,6 @@ from ztunnel.redirect.base import NoRedirector
 from ztunnel.redirect.iptables import IptablesRedirector
 from ztunnel.redirect.modes import ModeSwitch
 from ztunnel.sources.clusterfile.source import ClusterFileSource
-from ztunnel.telemetry.logging import capture_logs
 
 SMALL = textwrap.dedent(
     """\

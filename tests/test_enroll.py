@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from ztunnel.agent import Agent, attach_cluster_source
 from ztunnel.cluster.net import ClusterNet, running_cluster
@@ -24,7 +25,6 @@ from ztunnel.redirect import iptables
 from ztunnel.redirect.base import RedirectPorts
 from ztunnel.redirect.iptables import IptablesRedirector
 from ztunnel.sources.clusterfile.spec import loads_spec
-from ztunnel.telemetry.logging import capture_logs
 from ztunnel.testing.harness import recreate_pod_netns
 
 pytestmark = pytest.mark.root

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
 from ztunnel.agent import Agent
 from ztunnel.config import Config
@@ -38,7 +39,6 @@ from ztunnel.redirect.iptables import IptablesError
 from ztunnel.redirect.netns import NetNamespace, NetnsError
 from ztunnel.sources.clusterfile.mesh import snapshot
 from ztunnel.sources.clusterfile.spec import loads_spec
-from ztunnel.telemetry.logging import capture_logs
 
 T = TypeVar("T")
 DRAIN = 3.0

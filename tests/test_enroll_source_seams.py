@@ -12,11 +12,11 @@ from pathlib import Path
 
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
 from tests.test_enroll_controller import POLL, STATE, FakeHost, Redirector, ScriptedSource, inline
 from ztunnel.enroll.controller import RETRY_INTERVAL, EnrollmentController
 from ztunnel.model.pod import NetnsRef, Pod, PodSnapshot
-from ztunnel.telemetry.logging import capture_logs
 
 Reports = list[tuple[str, str | None]]
 

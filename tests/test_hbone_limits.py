@@ -16,6 +16,7 @@ import h2.errors
 import h2.events
 import h2.settings
 import pytest
+import structlog
 import trio
 from hbone_certs import tls_pair
 from hyperframe.frame import (
@@ -35,7 +36,6 @@ from ztunnel.hbone.engine import HboneEngine
 from ztunnel.hbone.events import ConnectionClosed, ConnectRequest, ErrorCode, Event, StreamReset
 from ztunnel.hbone.limits import Budget, FloodLimits, Limit, TokenBucket
 from ztunnel.hbone.settings import HboneSettings
-from ztunnel.telemetry.logging import capture_logs
 from ztunnel.telemetry.metrics import Metrics
 
 AUTHORITY = "10.0.0.2:80"
@@ -300,7 +300,7 @@ async def _flood_and_watch(
 ) -> tuple[int, list[dict[str, object]]]:
     """Serve one connection, let ``send(peer)`` flood it; the GOAWAY code and the logs."""
     client_tls, server_tls = await tls_pair()
-    with capture_logs() as logs, trio.fail_after(15):
+    with structlog.testing.capture_logs() as logs, trio.fail_after(15):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 lambda: serve_hbone(
@@ -355,7 +355,7 @@ async def test_pending_connect_limit_refuses_streams_counts_and_logs() -> None:
     hbone = HboneSettings(ping_interval=None, max_pending_connects=3)
     client_tls, server_tls = await tls_pair()
     refused: list[int] = []
-    with capture_logs() as logs, trio.fail_after(15):
+    with structlog.testing.capture_logs() as logs, trio.fail_after(15):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 lambda: serve_hbone(

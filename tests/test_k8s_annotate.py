@@ -11,13 +11,13 @@ from typing import Any
 
 import httpx2
 import trio
+from structlog.testing import capture_logs
 
 from ztunnel.model.pod import REDIRECTION_ANNOTATION, Pod
 from ztunnel.sources.kubernetes.annotate import Annotator
 from ztunnel.sources.kubernetes.client import ApiClient
 from ztunnel.sources.kubernetes.protocol import JSON, PODS
 from ztunnel.sources.kubernetes.reflector import Backoff
-from ztunnel.telemetry.logging import capture_logs
 from ztunnel.testing.k8s_fake import FakeApiServer, pod, running
 
 UID = "0a0a0a0a-0000-4000-8000-00000000000a"

@@ -18,6 +18,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+import structlog
 import trio
 from mesh_apps import serve_echo
 from raw_hbone import HandshakeRejected, connect_headers, request
@@ -38,7 +39,6 @@ from ztunnel.proxy.admission import (
     PodConnections,
     Refusal,
 )
-from ztunnel.telemetry.logging import capture_logs
 from ztunnel.testing.loopback import APP_PORT, LoopbackMesh, loopback_mesh, socks5_connect
 
 ATTACKER = Identity("cluster.local", "default", "attacker")
@@ -268,7 +268,7 @@ def hits(mesh: LoopbackMesh, limit: str) -> float:
 
 
 async def run_mesh(env: dict[str, str], check: object) -> list[MutableMapping[str, Any]]:
-    with capture_logs() as logs, trio.fail_after(40):
+    with structlog.testing.capture_logs() as logs, trio.fail_after(40):
         async with loopback_mesh(extra_env=env) as mesh, trio.open_nursery() as nursery:
             await nursery.start(serve_echo, mesh.server_ip, APP_PORT)
             await trio.to_thread.run_sync(check, mesh)  # type: ignore[arg-type]
@@ -405,7 +405,7 @@ async def test_inbound_connections_per_pod() -> None:
 
 
 async def test_outbound_connections_per_pod() -> None:
-    with capture_logs() as logs, trio.fail_after(40):
+    with structlog.testing.capture_logs() as logs, trio.fail_after(40):
         async with (
             loopback_mesh(extra_env={"POD_MAX_OUTBOUND_CONNECTIONS": "1"}) as mesh,
             trio.open_nursery() as nursery,

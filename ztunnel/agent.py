@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
 import trio
 
 from ztunnel import __version__
@@ -50,7 +51,7 @@ from ztunnel.sources.kubernetes import access_configured as k8s_access_configure
 from ztunnel.sources.localconfig import LocalConfig, load_local_config, load_local_config_file
 from ztunnel.state.store import StateStore
 from ztunnel.telemetry.connections import ConnectionTracker
-from ztunnel.telemetry.logging import configure_logging, get_logger
+from ztunnel.telemetry.logging import configure_logging
 from ztunnel.telemetry.metrics import Metrics
 from ztunnel.workers import count as workers_count
 from ztunnel.workers.group import ProxyGroup, RunningProxy
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
     from ztunnel.sources.xds import XdsClient
     from ztunnel.sources.zds import ZdsClient
 
-log = get_logger("ztunnel.agent")
+log = structlog.get_logger("ztunnel.agent")
 
 STARTUP_PENDING = "proxy"  # readiness waits for the first proxy / the first enrollment pass
 # Makes the sockets of a pod's proxy: (pod netns, SO_MARK). Tests use local sockets.

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import structlog
 import trio
 
 from ztunnel.admin.http import Request, Response, serve_http
@@ -49,14 +50,13 @@ from ztunnel.sources.clusterfile.spec import load_spec
 from ztunnel.sources.dump import service_to_dump, workload_to_dump
 from ztunnel.sources.localconfig import load_local_config_file
 from ztunnel.state.store import StateStore
-from ztunnel.telemetry.logging import get_logger
 from ztunnel.telemetry.metrics import CONTENT_TYPE
 from ztunnel.waypoint.explain import ExplainError, config_dump, explain_request
 from ztunnel.waypoint.server import Waypoint, WaypointConfig
 from ztunnel.waypoint.state import L7Config, WaypointState, read_documents
 from ztunnel.waypoint.telemetry import WaypointMetrics
 
-log = get_logger("ztunnel.waypoint")
+log = structlog.get_logger("ztunnel.waypoint")
 
 Address = tuple[str, int]
 FileStamp = tuple[int, int, int]

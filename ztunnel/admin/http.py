@@ -18,9 +18,8 @@ from typing import TypeAlias
 from urllib.parse import parse_qs, urlsplit
 
 import h11
+import structlog
 import trio
-
-from ztunnel.telemetry.logging import get_logger
 
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
@@ -29,7 +28,7 @@ _RECV_SIZE = 16 * 1024
 LINGER_TIMEOUT = 1.0
 LINGER_BYTES = 256 * 1024
 
-_log = get_logger("ztunnel.admin")
+_log = structlog.stdlib.get_logger("ztunnel.admin")
 
 
 @dataclass(frozen=True, slots=True)

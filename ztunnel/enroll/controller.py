@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+import structlog
 import trio
 
 from ztunnel.enroll.host import (
@@ -56,9 +57,8 @@ from ztunnel.errors import ZtunnelError
 from ztunnel.model.pod import NetnsRef, Pod, PodPhase, PodSnapshot
 from ztunnel.redirect.base import Redirector
 from ztunnel.redirect.netns import NetNamespace
-from ztunnel.telemetry.logging import get_logger
 
-log = get_logger("ztunnel.enroll")
+log = structlog.get_logger("ztunnel.enroll")
 
 RETRY_INTERVAL = 5.0  # ztunnel retries a pod whose proxy failed to start every 5 s
 Ident = tuple[int, int]

@@ -16,6 +16,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+import structlog
 import trio
 
 from ztunnel.grpc.engine import (
@@ -31,9 +32,8 @@ from ztunnel.grpc.engine import (
 )
 from ztunnel.grpc.framing import DEFAULT_MAX_MESSAGE
 from ztunnel.grpc.status import GrpcError, StatusCode
-from ztunnel.telemetry.logging import get_logger
 
-LOGGER = get_logger("ztunnel.grpc")
+LOGGER = structlog.get_logger("ztunnel.grpc")
 
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
 _READ_SIZE = 65536

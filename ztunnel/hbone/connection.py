@@ -36,6 +36,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import structlog
 import trio
 
 from ztunnel.hbone.engine import HboneEngine, StreamState, validate_connect
@@ -59,9 +60,8 @@ from ztunnel.hbone.limits import Limit
 from ztunnel.hbone.settings import HboneSettings
 from ztunnel.hbone.stream import HboneServerStream, HboneStream, StreamEvents
 from ztunnel.hbone.tlsstream import TLSStream
-from ztunnel.telemetry.logging import get_logger
 
-log = get_logger("ztunnel.hbone")
+log = structlog.get_logger("ztunnel.hbone")
 
 RECEIVE_SIZE = 256 * 1024
 CLOSE_FLUSH_TIMEOUT = 1.0

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 import trio
 
 from ztunnel.hbone.connection import HboneClientConnection, OnLimit
@@ -26,9 +27,8 @@ from ztunnel.hbone.settings import HboneSettings
 from ztunnel.hbone.stream import HboneStream
 from ztunnel.model.address import IPAddress, SocketAddr
 from ztunnel.model.identity import Identity
-from ztunnel.telemetry.logging import get_logger
 
-log = get_logger("ztunnel.hbone.pool")
+log = structlog.get_logger("ztunnel.hbone.pool")
 
 
 @dataclass(frozen=True, slots=True)

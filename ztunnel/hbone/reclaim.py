@@ -25,12 +25,12 @@ import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
 import trio
 
 from ztunnel.hbone.connection import ended_connections
-from ztunnel.telemetry.logging import get_logger
 
-log = get_logger("ztunnel.hbone.reclaim")
+log = structlog.get_logger("ztunnel.hbone.reclaim")
 
 
 @dataclass

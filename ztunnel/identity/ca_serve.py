@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
+import structlog
 import trio
 import yaml
 from prometheus_client import CollectorRegistry
@@ -46,9 +47,9 @@ from ztunnel.identity.ca_server import (
     serving_certificate,
 )
 from ztunnel.model.identity import Identity
-from ztunnel.telemetry.logging import configure_logging, get_logger
+from ztunnel.telemetry.logging import configure_logging
 
-LOGGER = get_logger("ztunnel.ca")
+LOGGER = structlog.get_logger("ztunnel.ca")
 EXIT_CONFIG = 2
 METRICS_PORT = 15014  # istiod's monitoring port
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import structlog
 import trio
 import yaml
 from cryptography import x509
@@ -48,9 +49,8 @@ from ztunnel.identity.errors import CAError
 from ztunnel.identity.istio_ca import CREATE_CERTIFICATE, IMPERSONATED_IDENTITY
 from ztunnel.model.identity import Identity
 from ztunnel.proto import citadel_pb2
-from ztunnel.telemetry.logging import get_logger
 
-LOGGER = get_logger("ztunnel.ca")
+LOGGER = structlog.get_logger("ztunnel.ca")
 
 DEFAULT_MAX_TTL = datetime.timedelta(hours=24)
 DEFAULT_TTL = datetime.timedelta(hours=24)

@@ -22,6 +22,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import structlog
 import trio
 from cryptography import x509
 
@@ -30,9 +31,8 @@ from ztunnel.identity.ca import CertificateAuthority
 from ztunnel.identity.certificate import WorkloadCertificate, new_csr
 from ztunnel.identity.errors import CAError, CertificateError
 from ztunnel.model.identity import Identity
-from ztunnel.telemetry.logging import get_logger
 
-log = get_logger("ztunnel.identity")
+log = structlog.get_logger("ztunnel.identity")
 
 DEFAULT_TTL = datetime.timedelta(hours=24)
 MAX_IN_FLIGHT = 8

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import socket
 
+import structlog
 import trio
 
 from ztunnel.hbone.connection import HboneServerStream
@@ -34,9 +35,8 @@ from ztunnel.proxy.outcome import NETWORK_ERRORS, describe
 from ztunnel.proxy.sockets import abort_socket, sockname
 from ztunnel.state.resolve import ResolveError, SelfCall, resolve_inbound
 from ztunnel.telemetry.connections import ConnectionInfo
-from ztunnel.telemetry.logging import get_logger
 
-log = get_logger("ztunnel.proxy")
+log = structlog.get_logger("ztunnel.proxy")
 
 # Errors of answering a client that went away.
 _ANSWER_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, HboneError)

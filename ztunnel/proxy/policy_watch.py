@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import structlog
+
 from ztunnel.proxy.authorize import authorize
 from ztunnel.state.store import Kind, StateStore
 from ztunnel.telemetry.connections import ConnectionTracker, TrackedConnection
-from ztunnel.telemetry.logging import get_logger
 
-log = get_logger("ztunnel.proxy.policy")
+log = structlog.get_logger("ztunnel.proxy.policy")
 
 
 def recheck_connections(store: StateStore, conns: Iterable[TrackedConnection]) -> int:

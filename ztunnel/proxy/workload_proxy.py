@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
+import structlog
 import trio
 
 from ztunnel.config import Address, WorkloadInfo
@@ -64,9 +65,8 @@ from ztunnel.proxy.sockets import (
 )
 from ztunnel.proxy.socks5 import serve_socks5_connection
 from ztunnel.telemetry.connections import Direction
-from ztunnel.telemetry.logging import get_logger
 
-log = get_logger("ztunnel.proxy")
+log = structlog.get_logger("ztunnel.proxy")
 
 # A listener's per-connection entry point, before and after binding it to the FlowDeps.
 Flow = Callable[[FlowDeps, socket.socket, SocketAddr], Awaitable[None]]

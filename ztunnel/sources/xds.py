@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
 import trio
 from google.protobuf.message import DecodeError
 
@@ -28,9 +29,8 @@ from ztunnel.grpc.status import GrpcError, StatusCode
 from ztunnel.model.identity import DEFAULT_CLUSTER_ID
 from ztunnel.proto import xds_pb2
 from ztunnel.sources.xds_protocol import DeltaXds, XdsState, build_node
-from ztunnel.telemetry.logging import get_logger
 
-LOGGER = get_logger("ztunnel.xds")
+LOGGER = structlog.get_logger("ztunnel.xds")
 
 DELTA_ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 INITIAL_BACKOFF = 0.01

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import structlog
 from google.protobuf import struct_pb2
 
 from ztunnel.grpc.status import StatusCode
@@ -32,9 +33,8 @@ from ztunnel.sources.xds_convert import (
     ResourceError,
     decode_resource,
 )
-from ztunnel.telemetry.logging import get_logger
 
-LOGGER = get_logger("ztunnel.xds")
+LOGGER = structlog.get_logger("ztunnel.xds")
 
 TYPE_URLS = (ADDRESS_TYPE, AUTHORIZATION_TYPE)
 

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
 import trio
 
 from ztunnel.model.identity import DEFAULT_CLUSTER_ID
@@ -45,9 +46,8 @@ from ztunnel.sources.zds_protocol import (
     decode_request,
     hello,
 )
-from ztunnel.telemetry.logging import get_logger
 
-LOGGER = get_logger("ztunnel.zds")
+LOGGER = structlog.get_logger("ztunnel.zds")
 
 DEFAULT_UDS = "/var/run/ztunnel/ztunnel.sock"
 MAX_MESSAGE = 1024

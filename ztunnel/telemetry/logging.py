@@ -1,10 +1,4 @@
-"""Logging: key=value records on top of stdlib ``logging``, with ztunnel's filter syntax.
-
-``get_logger(name).info("event", key=value, ...)`` is structlog's calling style; the
-records go through stdlib ``logging`` and one formatter renders them (plain or JSON).
-structlog itself is not used: importing it loads asyncio (structlog.stdlib), and rich
-and pygments when they are installed (structlog.dev): 3 to 8 MiB of every agent
-process's idle memory for what is here a thin wrapper (docs/benchmarks.md, Phase 3).
+"""Logging: structlog on top of stdlib ``logging``, with ztunnel's filter syntax.
 
 Why stdlib underneath: its logger hierarchy gives per-module levels that change
 at runtime without reconfiguring anything, and third-party stdlib loggers end up
@@ -17,13 +11,14 @@ the ``ztunnel.proxy`` logger; access logs use the ``access`` logger.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import json
 import logging
 import sys
-from collections.abc import Iterator, Mapping, MutableMapping
-from typing import Any, TextIO
+from collections.abc import Mapping, MutableMapping
+from typing import TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 from ztunnel.model.logfilter import LEVEL_NAMES, LogFilter
 
@@ -66,104 +61,10 @@ class _LogState:
 _state = _LogState()
 
 
-EventDict = MutableMapping[str, Any]
-_FIELDS = "ztunnel_fields"  # the LogRecord attribute that carries a record's key=value fields
-
-
-class Logger:
-    """structlog's calling style over a stdlib logger: ``log.info("event", key=value)``."""
-
-    __slots__ = ("_logger",)
-
-    def __init__(self, name: str) -> None:
-        self._logger = logging.getLogger(name)
-
-    def debug(self, event: str, **fields: Any) -> None:
-        self._log(logging.DEBUG, "debug", event, fields)
-
-    def info(self, event: str, **fields: Any) -> None:
-        self._log(logging.INFO, "info", event, fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._log(logging.WARNING, "warning", event, fields)
-
-    def error(self, event: str, **fields: Any) -> None:
-        self._log(logging.ERROR, "error", event, fields)
-
-    def exception(self, event: str, **fields: Any) -> None:
-        """``error`` with the exception being handled (its traceback, unless exc_info=False)."""
-        fields.setdefault("exc_info", True)
-        self._log(logging.ERROR, "error", event, fields)
-
-    def _log(self, level: int, method: str, event: str, fields: dict[str, Any]) -> None:
-        if _captures:
-            _captures[-1].append({"event": event, "log_level": method, **fields})
-            return
-        if self._logger.isEnabledFor(level):
-            exc_info = fields.pop("exc_info", None)
-            self._logger.log(level, event, exc_info=exc_info, extra={_FIELDS: fields})
-
-
-_RECORD_LEVELS = {TRACE: "trace", logging.DEBUG: "debug", logging.INFO: "info"}
-_loggers: dict[str, Logger] = {}
-_captures: list[list[EventDict]] = []
-
-
-def get_logger(name: str) -> Logger:
-    """The logger of the stdlib logger ``name`` (a module path, ``ztunnel::proxy`` or
-    ``access``)."""
-    key = logger_name(name)
-    logger = _loggers.get(key)
-    if logger is None:
-        logger = _loggers[key] = Logger(key)
-    return logger
-
-
-@contextlib.contextmanager
-def capture_logs() -> Iterator[list[EventDict]]:
-    """Tests: every record logged meanwhile through ``get_logger``, whatever the levels, as
-    ``{"event": ..., "log_level": ..., **fields}`` (structlog.testing.capture_logs' shape)."""
-    captured: list[EventDict] = []
-    _captures.append(captured)
-    try:
-        yield captured
-    finally:
-        _captures.remove(captured)
-
-
-class _Formatter(logging.Formatter):
-    """A stdlib record, ours or a library's, as one rendered line (and its traceback)."""
-
-    def __init__(self, renderer: Any) -> None:
-        super().__init__()
-        self._render = renderer
-
-    def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, _FIELDS, None)
-        event: EventDict = {
-            "event": record.msg if fields is not None else record.getMessage(),
-            "level": _RECORD_LEVELS.get(record.levelno) or record.levelname.lower(),
-            "logger": record.name,
-            "timestamp": _timestamp(record.created),
-        }
-        if fields:
-            event.update(fields)
-        if record.exc_info:
-            event["exception"] = self.formatException(record.exc_info)
-        rendered: str = self._render(None, "", event)
-        return rendered
-
-
-def _timestamp(created: float) -> str:
-    """ISO 8601 in UTC with microseconds, as ztunnel's (``2026-11-29T12:24:10.139176Z``)."""
-    when = datetime.datetime.fromtimestamp(created, datetime.UTC)
-    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def configure_logging(
     level: str = "info", fmt: str = "plain", stream: TextIO | None = None
 ) -> None:
-    """Route our loggers and stdlib logging to ``stream`` in ``fmt`` ("plain" or "json").
+    """Route structlog and stdlib logging to ``stream`` in ``fmt`` ("plain" or "json").
 
     ``level`` is a filter spec (see module docstring); it is also what ``reset`` restores.
     Calling again replaces the previous configuration.
@@ -171,9 +72,32 @@ def configure_logging(
     if fmt not in ("plain", "json"):
         raise ValueError(f"log format must be 'plain' or 'json', not {fmt!r}")
     initial = LogFilter.parse(level)
+    shared: list[Processor] = [
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+    ]
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
     renderer = render_json if fmt == "json" else render_plain
+    formatter = structlog.stdlib.ProcessorFormatter(
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        foreign_pre_chain=shared,
+    )
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(_Formatter(renderer))
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     if _state.handler is not None:
         root.removeHandler(_state.handler)
@@ -197,6 +121,12 @@ def reset() -> str:
 
 def current_filter() -> str:
     return str(_state.current)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """A structlog logger bound to the stdlib logger ``name`` (a module path or ``access``)."""
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(logger_name(name))
+    return logger
 
 
 # Libraries that log every request at info (httpx2: each Kubernetes watch and patch): kept at
@@ -256,7 +186,7 @@ def _plain_value(value: object) -> str:
     return json.dumps(str(value)).replace("\x7f", "\\u007f")
 
 
-def render_plain(_logger: object, _name: str, event: EventDict) -> str:
+def render_plain(_logger: WrappedLogger, _name: str, event: EventDict) -> str:
     """``<time>\\t<level>\\t<logger>\\t<message> k=v ...``, like ztunnel's text logs.
 
     Always exactly one line per record, whatever the values; a traceback follows on
@@ -280,7 +210,7 @@ def render_plain(_logger: object, _name: str, event: EventDict) -> str:
     return "\n".join([line, *(f"  {escape_text(ln)}" for ln in str(exc).splitlines())])
 
 
-def render_json(_logger: object, _name: str, event: EventDict) -> str:
+def render_json(_logger: WrappedLogger, _name: str, event: EventDict) -> str:
     """One JSON object per line: level, time, scope, message, then the fields."""
     out: MutableMapping[str, object] = {
         "level": _level_name(event),
@@ -300,3 +230,4 @@ def unconfigure_logging() -> None:
         _state.handler = None
     _apply(LogFilter("warn"))  # stdlib's own default
     _state.initial = _state.current
+    structlog.reset_defaults()

@@ -27,10 +27,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 import trio
 
 from ztunnel.hbone.events import ErrorCode
-from ztunnel.telemetry.logging import get_logger
 from ztunnel.waypoint.errors import WaypointError
 from ztunnel.waypoint.h2proto import (
     BadRequest,
@@ -51,7 +51,7 @@ from ztunnel.waypoint.h2proto import (
 )
 from ztunnel.waypoint.messages import Headers, RequestHead, ResponseHead
 
-log = get_logger("ztunnel.waypoint.h2")
+log = structlog.get_logger("ztunnel.waypoint.h2")
 
 RECEIVE_SIZE = 64 * 1024
 MAX_UNSENT_REPLIES = 1024 * 1024

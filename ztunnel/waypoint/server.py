@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
 
+import structlog
 import trio
 
 from ztunnel.errors import ZtunnelError
@@ -70,7 +71,7 @@ from ztunnel.waypoint.state import WaypointState
 from ztunnel.waypoint.telemetry import WaypointMetrics
 from ztunnel.waypoint.upstream import Connector, Endpoint, UpstreamPool, hbone_connector
 
-log = get_logger("ztunnel.waypoint")
+log = structlog.get_logger("ztunnel.waypoint")
 
 
 class CertSource(TypingProtocol):

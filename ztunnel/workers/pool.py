@@ -24,6 +24,7 @@ import signal
 import time
 from typing import Any
 
+import structlog
 import trio
 from prometheus_client import Counter, Gauge
 
@@ -35,7 +36,6 @@ from ztunnel.model.identity import Identity
 from ztunnel.proxy.workload_proxy import ProxyAddresses
 from ztunnel.state.store import Kind, StateStore
 from ztunnel.telemetry.connections import ConnectionTracker
-from ztunnel.telemetry.logging import get_logger
 from ztunnel.telemetry.metrics import Metrics
 from ztunnel.workers.certs import material_of
 from ztunnel.workers.channel import ChannelClosed
@@ -61,7 +61,7 @@ from ztunnel.workers.replica import StateMirror
 from ztunnel.workers.telemetry import TelemetryMirror
 from ztunnel.workers.zygote import Zygote, ZygoteGone
 
-log = get_logger("ztunnel.workers")
+log = structlog.get_logger("ztunnel.workers")
 
 READY_TIMEOUT = 60.0  # a worker that has not said Ready by then is killed and respawned
 REAP_GRACE = 3.0  # after its channel closes, a worker gets this long to exit

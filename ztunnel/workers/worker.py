@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 
+import structlog
 import trio
 
 from ztunnel.errors import ZtunnelError
@@ -36,7 +37,6 @@ from ztunnel.proxy.workload_proxy import WorkloadProxy
 from ztunnel.redirect.netns import NetNamespace
 from ztunnel.state.store import StateStore
 from ztunnel.telemetry import logging as zlog
-from ztunnel.telemetry.logging import get_logger
 from ztunnel.workers import replica
 from ztunnel.workers.certs import RemoteCertificates, ask_error
 from ztunnel.workers.channel import Channel, ChannelClosed
@@ -61,7 +61,7 @@ from ztunnel.workers.protocol import (
 )
 from ztunnel.workers.telemetry import RelayTracker
 
-log = get_logger("ztunnel.workers")
+log = structlog.get_logger("ztunnel.workers")
 
 
 class _Reply:

@@ -17,6 +17,7 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import structlog
 import trio
 
 from ztunnel.errors import ConfigError
@@ -24,9 +25,8 @@ from ztunnel.model.pod import PodSnapshot
 from ztunnel.policy.istio import PolicyDocuments, read_policy_dir
 from ztunnel.sources.clusterfile.mesh import snapshot
 from ztunnel.sources.clusterfile.spec import load_spec
-from ztunnel.telemetry.logging import get_logger
 
-log = get_logger("ztunnel.sources.clusterfile")
+log = structlog.get_logger("ztunnel.sources.clusterfile")
 
 # (mtime_ns, size, inode, dev): an editor's atomic rename changes the inode even when
 # the mtime lands in the same timestamp tick, so all four are compared.

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 import trio
 
 from ztunnel.model.pod import REDIRECTION_ANNOTATION, Pod
@@ -26,9 +27,8 @@ from ztunnel.sources.kubernetes.derive import REDIRECTION_ENABLED
 from ztunnel.sources.kubernetes.errors import KubeError, KubeNotFound
 from ztunnel.sources.kubernetes.protocol import JSON, MERGE_PATCH, PODS
 from ztunnel.sources.kubernetes.reflector import Backoff
-from ztunnel.telemetry.logging import get_logger
 
-log = get_logger("ztunnel.sources.kubernetes")
+log = structlog.get_logger("ztunnel.sources.kubernetes")
 
 ENROLLED_PATCH = {"metadata": {"annotations": {REDIRECTION_ANNOTATION: REDIRECTION_ENABLED}}}
 UNENROLLED_PATCH = {"metadata": {"annotations": {REDIRECTION_ANNOTATION: None}}}

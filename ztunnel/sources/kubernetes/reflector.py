@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
+import structlog
 import trio
 
 from ztunnel.sources.kubernetes.client import ApiClient
@@ -35,9 +36,8 @@ from ztunnel.sources.kubernetes.protocol import (
     object_key,
     watch_params,
 )
-from ztunnel.telemetry.logging import get_logger
 
-log = get_logger("ztunnel.sources.kubernetes")
+log = structlog.get_logger("ztunnel.sources.kubernetes")
 
 Trim = Callable[[ResourceKind, JSON], JSON]
 

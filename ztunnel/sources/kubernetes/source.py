@@ -19,6 +19,7 @@ import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+import structlog
 import trio
 
 from ztunnel.errors import ConfigError
@@ -51,9 +52,8 @@ from ztunnel.sources.kubernetes.protocol import (
     ResourceKind,
 )
 from ztunnel.sources.kubernetes.reflector import Reflector, keep_all
-from ztunnel.telemetry.logging import get_logger
 
-log = get_logger("ztunnel.sources.kubernetes")
+log = structlog.get_logger("ztunnel.sources.kubernetes")
 
 _DROPPED_ANNOTATIONS = frozenset({"kubectl.kubernetes.io/last-applied-configuration"})
 
