@@ -40,7 +40,7 @@ class _Pending:
 class WorkerLink:
     """A spawned worker: its process, channel, the proxies and certificates it holds."""
 
-    def __init__(self, slot: int, config: Config) -> None:
+    def __init__(self, slot: int, config: Config, workers: int = 1) -> None:
         self.slot = slot
         self.key = next(_keys)  # unique per process, across restarts of a slot
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -58,7 +58,7 @@ class WorkerLink:
         self.pid = self.proc.pid
         self.started = time.monotonic()
         self.channel = Channel(ours)
-        self.channel.post(Hello(config, slot))
+        self.channel.post(Hello(config, slot, workers))
         self.ready = False  # Ready received and state snapshot sent
         self.proxies: set[str] = set()  # group uids running in this worker
         self.identities: set[Identity] = set()  # certificates it asked for
