@@ -12,7 +12,6 @@ get a fresh budget).
 from __future__ import annotations
 
 import socket
-from collections.abc import Hashable
 from contextlib import ExitStack
 
 import h2.config
@@ -23,7 +22,6 @@ from test_peer_limits import (
     ATTACKER,
     CALM,
     CLIENT,
-    Clock,
     context,
     hits,
     ping_flood_until_goaway,
@@ -33,67 +31,13 @@ from test_peer_limits import (
     wait,
 )
 
-from ztunnel.config import Config
-from ztunnel.hbone.limits import Limit
-from ztunnel.proxy.admission import PeerAdmission, PeerLimit, PeerLimits
-from ztunnel.proxy.context import ProxyContext
-from ztunnel.state.store import StateStore
-from ztunnel.telemetry.connections import ConnectionTracker
-from ztunnel.telemetry.metrics import Metrics
+from ztunnel.proxy.admission import PeerLimit
 from ztunnel.testing.loopback import LoopbackMesh
 
 TWO = {"ZTUNNEL_WORKER_THREADS": "2"}
 ATTEMPTS = 16  # connections of one peer: both workers get some (all in one: 2 in 65,536)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-# -- the share, pure -----------------------------------------------------------------------
-
-
-def test_each_worker_admits_its_share_of_every_count_and_the_whole_penalty() -> None:
-    limits = PeerLimits(256, 1024, 20_000, 16_384, 16_383, 10.0)
-    assert limits.share(1) == limits
-    assert limits.share(2) == PeerLimits(128, 512, 10_000, 8192, 8191, 10.0)
-    assert limits.share(3) == PeerLimits(85, 341, 6666, 5461, 5461, 10.0)
-    # Never 0 (nothing could connect): a limit below the worker count admits one each.
-    assert PeerLimits(1, 1, 1, 1, 1, 0.0).share(4) == PeerLimits(1, 1, 1, 1, 1, 0.0)
-
-
-def test_the_proxy_context_of_a_worker_uses_its_share() -> None:
-    config = Config.from_sources({"HBONE_MAX_CONNECTIONS_PER_PEER": "10"})
-
-    def ctx(**kw: int) -> ProxyContext:
-        tracker = ConnectionTracker(Metrics(process_metrics=False))
-        return ProxyContext(config, StateStore(), None, tracker, **kw)  # type: ignore[arg-type]
-
-    assert ctx(workers=2).peer_limits.connections_per_identity == 5
-    assert ctx(workers=2).peers.limits.connections_per_identity == 5
-    assert ctx().peers.limits == PeerLimits.from_config(config)
-
-
-def test_a_penalty_is_reported_once_and_one_from_elsewhere_applies_here() -> None:
-    clock = Clock()
-    told: list[tuple[Hashable, ...]] = []
-    here = PeerAdmission(PeerLimits(penalty=10.0), clock)
-    here.on_penalty = told.append
-    assert not here.limit_hit(Limit.IDLE_TIMEOUT, ATTACKER, "10.0.0.9")  # not a flood
-    assert here.limit_hit(Limit.PINGS, ATTACKER, "10.0.0.9")
-    assert told == [(("id", ATTACKER), ("ip", "10.0.0.9"))]
-
-    there = PeerAdmission(PeerLimits(penalty=10.0), clock)
-    there.on_penalty = lambda keys: pytest.fail("a received penalty is not passed on again")
-    there.penalize(told[0])
-    assert there.admit_connection(ATTACKER) is not None
-    assert there.begin_handshake("10.0.0.9") is not None
-    assert there.admit_connection(CLIENT) is None
-    clock.now += 10.0
-    assert there.admit_connection(ATTACKER) is None
-
-    off = PeerAdmission(PeerLimits(penalty=0.0), clock)
-    off.on_penalty = told.append
-    assert not off.limit_hit(Limit.PINGS, ATTACKER, "10.0.0.9")
-    assert len(told) == 1  # no penalty, nothing to tell
 
 
 # -- end to end: agent B with two worker processes -------------------------------------------
