@@ -28,7 +28,7 @@ MUTMUT = Path(sys.executable).parent / "mutmut"
 
 # The checks an attacker would like gone: TLS contexts and peer identity checks, the CA's
 # CSR checks, the HBONE CONNECT/authority validation, inbound resolution and the self-call
-# check, policy evaluation.
+# check, policy evaluation, the limits per peer and per pod.
 MODULES = (
     "ztunnel/identity/tls.py",
     "ztunnel/identity/ca.py",
@@ -36,6 +36,7 @@ MODULES = (
     "ztunnel/state/resolve.py",
     "ztunnel/policy/rbac.py",
     "ztunnel/policy/match.py",
+    "ztunnel/proxy/admission.py",
 )
 # Unit and transcript tests of those modules (the loopback/e2e tests are too slow to run
 # once per mutant; what they add is not counted in this score).
@@ -50,6 +51,7 @@ TESTS = (
     "tests/test_state_resolve.py",
     "tests/test_policy_rbac.py",
     "tests/test_reliability_policy.py",
+    "tests/test_peer_limits.py",
 )
 QUICK_MODULES = ("ztunnel/hbone/engine.py", "ztunnel/identity/ca.py")
 QUICK_TESTS = (
@@ -148,7 +150,8 @@ def explain_survivor(name: str, diff: str) -> tuple[str, str] | None:
 def _module_of(prefix: str) -> str:
     head = prefix.split(".", 1)[0]
     return {"rbac": "policy.rbac", "match": "policy.match", "resolve": "state.resolve",
-            "ca": "identity.ca", "engine": "hbone.engine", "tls": "identity.tls"}[head]  # fmt: skip
+            "ca": "identity.ca", "engine": "hbone.engine", "tls": "identity.tls",
+            "admission": "proxy.admission"}[head]  # fmt: skip
 
 
 def survivor_report(repo: Path, names: list[str]) -> tuple[str, list[str]]:
