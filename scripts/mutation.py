@@ -115,6 +115,16 @@ EQUIVALENT: tuple[tuple[str, str, str], ...] = (
     ("check_hostname = False", "check_hostname = None", "None is falsy like False"),
     ("num_tickets = 0", "num_tickets = 1",
      "session tickets: our clients never resume, so a ticket is only wasted bytes"),
+    ("if workers <= 1:", "if workers < 1:", "limits divided by 1 worker are the same limits"),
+    ("self._counts.get(key, 0) - 1", "self._counts.get(key, 1) - 1",
+     "releasing an uncounted key: a count of 0 or -1 both leave it uncounted"),
+    ("if count < self.maximum:", "if count <= self.maximum:",
+     "after a release the count is below the maximum (acquire stops at it)"),
+    ("if len(self._until) > _MAX_PENALTIES:", "if len(self._until) >= _MAX_PENALTIES:",
+     "prunes expired keys one add earlier; how many running ones go has its own bound"),
+    ("if until <= now]", "if until < now]",
+     "a key expiring this instant is expired for check(), and with one penalty length the "
+     "oldest key, which expires first, is the one forgotten either way"),
 )  # fmt: skip
 # Lines that only build the text of an error message (the raise is on another line).
 MESSAGE_LINES = ("want = ",)

@@ -36,6 +36,7 @@ from ztunnel.proxy.admission import (
     PeerAdmission,
     PeerLimit,
     PeerLimits,
+    Penalties,
     PodConnections,
     Refusal,
 )
@@ -67,7 +68,9 @@ def test_counted_refuses_past_its_maximum_logs_once_and_rearms_below_it() -> Non
     assert counted.acquire("a") == Refusal("x", log=True)
     assert counted.acquire("a") == Refusal("x", log=False)  # one log line per episode
     assert counted.acquire("b") is None  # per key
+    assert (counted.count("a"), counted.count("b"), counted.count("c")) == (2, 1, 0)
     counted.release("a")
+    assert counted.count("a") == 1
     assert counted.acquire("a") is None
     assert counted.acquire("a") == Refusal("x", log=True)  # a new episode logs again
 
@@ -78,6 +81,15 @@ def test_counted_forgets_keys_at_zero() -> None:
         counted.acquire(key)
         counted.release(key)
     assert len(counted) == 0
+
+
+def test_releasing_a_key_never_counted_changes_nothing() -> None:
+    # e.g. a release after a refusal: it must neither raise nor count below zero
+    counted = Counted("x", 1)
+    counted.release("a")
+    assert counted.count("a") == 0 and len(counted) == 0
+    assert counted.acquire("a") is None
+    assert counted.acquire("a") == Refusal("x", log=True)
 
 
 def test_handshakes_per_ip() -> None:
@@ -151,6 +163,48 @@ def test_penalties_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert peers.admit_connection("id49") is not None  # the newest are kept
 
 
+def test_a_full_penalty_list_forgets_expired_then_oldest_keys_and_their_log_marks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("ztunnel.proxy.admission._MAX_PENALTIES", 4)
+    clock = Clock()
+    penalties = Penalties(10.0, clock)
+    penalties.add("expired")
+    assert penalties.check("expired") is not None  # logged
+    clock.now += 10.0
+    penalties.add("a", "b", "c", "d")  # 5 > 4: the expired one goes first
+    assert len(penalties) == 4 and penalties.check("a") is not None
+    penalties.add("a")  # penalised again: now the newest
+    for key in ("b", "c", "d"):
+        assert penalties.check(key) is not None  # each logged once
+    penalties.add("e")  # 5 > 4, none expired: the oldest ("b") goes, exactly one
+    assert len(penalties) == 4
+    assert penalties.check("b") is None
+    assert all(penalties.check(k) is not None for k in ("a", "c", "d", "e"))
+    # What is forgotten is forgotten whole: no log mark stays behind for it.
+    assert penalties._logged <= set(penalties._until)
+
+
+def test_a_penalty_logs_once_per_episode_and_forgets_its_mark_when_it_ends() -> None:
+    clock = Clock()
+    penalties = Penalties(10.0, clock)
+    penalties.add("k")
+    assert penalties.check("k") == Refusal(PeerLimit.PENALTY, log=True)
+    assert penalties.check("k") == Refusal(PeerLimit.PENALTY, log=False)
+    penalties.add("k")  # flooded again: a new episode logs again
+    assert penalties.check("k") == Refusal(PeerLimit.PENALTY, log=True)
+    clock.now += 10.0
+    assert penalties.check("k") is None
+    assert len(penalties) == 0 and not penalties._logged  # nothing kept for an ended key
+
+
+def test_a_zero_penalty_remembers_nothing() -> None:
+    peers = PeerAdmission(PeerLimits(penalty=0), Clock())
+    peers.penalize((("id", ATTACKER), ("ip", "10.0.0.9")))
+    assert len(peers.penalties) == 0
+    assert peers.admit_connection(ATTACKER) is None
+
+
 def test_pod_connections_per_direction() -> None:
     pod = PodConnections(PeerLimits(pod_inbound_connections=1, pod_outbound_connections=2))
     assert pod.acquire("inbound") is None
@@ -159,7 +213,9 @@ def test_pod_connections_per_direction() -> None:
     assert pod.acquire("outbound") is None and pod.acquire("outbound") is None
     refusal = pod.acquire("outbound")
     assert refusal is not None and refusal.limit == PeerLimit.POD_OUTBOUND_CONNECTIONS
+    assert (pod.count("inbound"), pod.count("outbound")) == (1, 2)
     pod.release("inbound")
+    assert pod.count("inbound") == 0
     assert pod.acquire("inbound") is None
 
 
@@ -187,6 +243,14 @@ def test_settings_from_config_and_refused_values() -> None:
             Config.from_sources({name: "0"})
     with pytest.raises(ConfigError):
         PeerLimits(penalty=-1)
+    # Not numbers of the right kind (a bool is an int to Python, never a limit here).
+    for bad in (True, 1.5, "3", None):
+        with pytest.raises(ConfigError, match="handshakes_per_ip"):
+            PeerLimits(handshakes_per_ip=bad)  # type: ignore[arg-type]
+    for bad in (True, "10", None):
+        with pytest.raises(ConfigError, match="penalty"):
+            PeerLimits(penalty=bad)  # type: ignore[arg-type]
+    assert PeerLimits(penalty=0).penalty == 0 and PeerLimits(penalty=2).penalty == 2
 
 
 # -- with worker processes: each admits a share, the penalty is passed on ------------------
