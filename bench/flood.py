@@ -326,31 +326,47 @@ def describe(lat: list[float]) -> str:
     )
 
 
-def run_delay(pid: int) -> float:
-    """Seconds the threads of ``pid`` spent runnable but waiting for a CPU
-    (``/proc/<pid>/task/*/schedstat``, second field): on a loaded machine this is where
-    a request's time goes when the agents themselves are idle."""
+def run_delay(pid: int, tree: bool = True) -> float:
+    """Seconds the threads of ``pid`` (and of its worker processes) spent runnable but
+    waiting for a CPU (``/proc/<pid>/task/*/schedstat``, second field): on a loaded
+    machine this is where a request's time goes when the agents themselves are idle."""
     total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # the thread ended meanwhile
+    for member in common.process_tree(pid) if tree else [pid]:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{member}/task").iterdir():
+                try:
+                    total += int((task / "schedstat").read_text().split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue  # the thread ended meanwhile
     return total / 1e9
+
+
+def tree_cpu_sample(pid: int) -> common.ProcSample:
+    """CPU and RSS of an agent summed over its process tree (worker processes)."""
+    cpu = 0.0
+    for member in common.process_tree(pid):
+        with contextlib.suppress(OSError):
+            cpu += common.cpu_seconds(member)
+    return common.ProcSample(cpu, common.tree_rss_kib(pid), time.monotonic())
 
 
 def flood_main(args: argparse.Namespace) -> int:
     common.tighten_timer_slack()
     base = args.base or random_base()
-    print(f"loopback mesh on {base}.x; attack {args.attack} for {args.seconds:g} s on agent B")
-    with loopback_pair(base, QUIET_LOG) as (procs, workdir):
+    print(
+        f"loopback mesh on {base}.x; attack {args.attack} for {args.seconds:g} s on agent B;"
+        f" ZTUNNEL_WORKER_THREADS={args.workers or 'unset'}"
+    )
+    env = {"ZTUNNEL_WORKER_THREADS": str(args.workers)} if args.workers else {}
+    with loopback_pair(base, QUIET_LOG, extra_env=env) as (procs, workdir):
         b_pid = procs.agents["B"].pid
         others = Others((f"{base}.1", 15080), (f"{base}.2", APP_PORT), f"{base}.1", args.rate)
         threads = others.run()
         time.sleep(args.warmup)
         a_pid = procs.agents["A"].pid
-        before, a_before = common.proc_sample(b_pid), common.proc_sample(a_pid)
-        waits_before = [run_delay(pid) for pid in (a_pid, b_pid, os.getpid())]
+        before, a_before = tree_cpu_sample(b_pid), tree_cpu_sample(a_pid)
+        pids = ((a_pid, True), (b_pid, True), (os.getpid(), False))  # not the flooder
+        waits_before = [run_delay(pid, tree) for pid, tree in pids]
         children_before = os.times()
         t_start = time.perf_counter()
         flooder = subprocess.run(
@@ -379,10 +395,9 @@ def flood_main(args: argparse.Namespace) -> int:
             check=False,
         )
         t_end = time.perf_counter()
-        after, a_after = common.proc_sample(b_pid), common.proc_sample(a_pid)
+        after, a_after = tree_cpu_sample(b_pid), tree_cpu_sample(a_pid)
         waits = [
-            run_delay(pid) - w
-            for pid, w in zip((a_pid, b_pid, os.getpid()), waits_before, strict=True)
+            run_delay(pid, tree) - w for (pid, tree), w in zip(pids, waits_before, strict=True)
         ]
         children_after = os.times()
         time.sleep(args.warmup)
@@ -615,6 +630,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="run the flooder at this nice level: its own CPU then does not compete with"
         " the agents (on a real node the attacker's CPU is elsewhere)",
+    )
+    f.add_argument(
+        "--workers",
+        type=int,
+        help="the agents' ZTUNNEL_WORKER_THREADS (default: unset, i.e. the CPU quota);"
+        " CPU, RSS and CPU waits are summed over each agent's processes",
     )
     f.add_argument("--base")
     b = sub.add_parser("burst", help="many connections and streams, then RSS after close")

@@ -28,7 +28,7 @@ MUTMUT = Path(sys.executable).parent / "mutmut"
 
 # The checks an attacker would like gone: TLS contexts and peer identity checks, the CA's
 # CSR checks, the HBONE CONNECT/authority validation, inbound resolution and the self-call
-# check, policy evaluation.
+# check, policy evaluation, the limits per peer and per pod.
 MODULES = (
     "ztunnel/identity/tls.py",
     "ztunnel/identity/ca.py",
@@ -36,6 +36,7 @@ MODULES = (
     "ztunnel/state/resolve.py",
     "ztunnel/policy/rbac.py",
     "ztunnel/policy/match.py",
+    "ztunnel/proxy/admission.py",
 )
 # Unit and transcript tests of those modules (the loopback/e2e tests are too slow to run
 # once per mutant; what they add is not counted in this score).
@@ -50,6 +51,7 @@ TESTS = (
     "tests/test_state_resolve.py",
     "tests/test_policy_rbac.py",
     "tests/test_reliability_policy.py",
+    "tests/test_peer_limits.py",
 )
 QUICK_MODULES = ("ztunnel/hbone/engine.py", "ztunnel/identity/ca.py")
 QUICK_TESTS = (
@@ -113,6 +115,16 @@ EQUIVALENT: tuple[tuple[str, str, str], ...] = (
     ("check_hostname = False", "check_hostname = None", "None is falsy like False"),
     ("num_tickets = 0", "num_tickets = 1",
      "session tickets: our clients never resume, so a ticket is only wasted bytes"),
+    ("if workers <= 1:", "if workers < 1:", "limits divided by 1 worker are the same limits"),
+    ("self._counts.get(key, 0) - 1", "self._counts.get(key, 1) - 1",
+     "releasing an uncounted key: a count of 0 or -1 both leave it uncounted"),
+    ("if count < self.maximum:", "if count <= self.maximum:",
+     "after a release the count is below the maximum (acquire stops at it)"),
+    ("if len(self._until) > _MAX_PENALTIES:", "if len(self._until) >= _MAX_PENALTIES:",
+     "prunes expired keys one add earlier; how many running ones go has its own bound"),
+    ("if until <= now]", "if until < now]",
+     "a key expiring this instant is expired for check(), and with one penalty length the "
+     "oldest key, which expires first, is the one forgotten either way"),
 )  # fmt: skip
 # Lines that only build the text of an error message (the raise is on another line).
 MESSAGE_LINES = ("want = ",)
@@ -148,7 +160,8 @@ def explain_survivor(name: str, diff: str) -> tuple[str, str] | None:
 def _module_of(prefix: str) -> str:
     head = prefix.split(".", 1)[0]
     return {"rbac": "policy.rbac", "match": "policy.match", "resolve": "state.resolve",
-            "ca": "identity.ca", "engine": "hbone.engine", "tls": "identity.tls"}[head]  # fmt: skip
+            "ca": "identity.ca", "engine": "hbone.engine", "tls": "identity.tls",
+            "admission": "proxy.admission"}[head]  # fmt: skip
 
 
 def survivor_report(repo: Path, names: list[str]) -> tuple[str, list[str]]:

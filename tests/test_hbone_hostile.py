@@ -13,6 +13,7 @@ import h2.errors
 import h2.events
 import pytest
 import trio
+import trio.testing
 from hbone_certs import CLIENT_ID, SERVER_ID, client_ctx, connect_tcp, tcp_socketpair, tls_pair
 
 from ztunnel.hbone.connection import (
@@ -219,7 +220,10 @@ async def test_headers_and_reset_in_one_read_run_no_handler() -> None:
             # The ACK means the server read and dispatched every frame before it.
             while not any(isinstance(e, h2.events.PingAckReceived) for e in await peer.events()):
                 pass
-            await trio.sleep(0.2)  # time for any spawned handler to run
+            # Handlers of the turn that answered the PING were spawned before the ACK
+            # was written; once every task is blocked, each spawned one has run its
+            # first step (SlowSetup counts there).
+            await trio.testing.wait_all_tasks_blocked()
             assert handler.started == 0
             assert server.active_streams == 0 and not server.is_closed
             await client_tls.aclose()

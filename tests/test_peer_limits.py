@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Hashable, Iterator, MutableMapping
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -36,9 +36,14 @@ from ztunnel.proxy.admission import (
     PeerAdmission,
     PeerLimit,
     PeerLimits,
+    Penalties,
     PodConnections,
     Refusal,
 )
+from ztunnel.proxy.context import ProxyContext
+from ztunnel.state.store import StateStore
+from ztunnel.telemetry.connections import ConnectionTracker
+from ztunnel.telemetry.metrics import Metrics
 from ztunnel.testing.loopback import APP_PORT, LoopbackMesh, loopback_mesh, socks5_connect
 
 ATTACKER = Identity("cluster.local", "default", "attacker")
@@ -63,7 +68,9 @@ def test_counted_refuses_past_its_maximum_logs_once_and_rearms_below_it() -> Non
     assert counted.acquire("a") == Refusal("x", log=True)
     assert counted.acquire("a") == Refusal("x", log=False)  # one log line per episode
     assert counted.acquire("b") is None  # per key
+    assert (counted.count("a"), counted.count("b"), counted.count("c")) == (2, 1, 0)
     counted.release("a")
+    assert counted.count("a") == 1
     assert counted.acquire("a") is None
     assert counted.acquire("a") == Refusal("x", log=True)  # a new episode logs again
 
@@ -74,6 +81,15 @@ def test_counted_forgets_keys_at_zero() -> None:
         counted.acquire(key)
         counted.release(key)
     assert len(counted) == 0
+
+
+def test_releasing_a_key_never_counted_changes_nothing() -> None:
+    # e.g. a release after a refusal: it must neither raise nor count below zero
+    counted = Counted("x", 1)
+    counted.release("a")
+    assert counted.count("a") == 0 and len(counted) == 0
+    assert counted.acquire("a") is None
+    assert counted.acquire("a") == Refusal("x", log=True)
 
 
 def test_handshakes_per_ip() -> None:
@@ -147,6 +163,48 @@ def test_penalties_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert peers.admit_connection("id49") is not None  # the newest are kept
 
 
+def test_a_full_penalty_list_forgets_expired_then_oldest_keys_and_their_log_marks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("ztunnel.proxy.admission._MAX_PENALTIES", 4)
+    clock = Clock()
+    penalties = Penalties(10.0, clock)
+    penalties.add("expired")
+    assert penalties.check("expired") is not None  # logged
+    clock.now += 10.0
+    penalties.add("a", "b", "c", "d")  # 5 > 4: the expired one goes first
+    assert len(penalties) == 4 and penalties.check("a") is not None
+    penalties.add("a")  # penalised again: now the newest
+    for key in ("b", "c", "d"):
+        assert penalties.check(key) is not None  # each logged once
+    penalties.add("e")  # 5 > 4, none expired: the oldest ("b") goes, exactly one
+    assert len(penalties) == 4
+    assert penalties.check("b") is None
+    assert all(penalties.check(k) is not None for k in ("a", "c", "d", "e"))
+    # What is forgotten is forgotten whole: no log mark stays behind for it.
+    assert penalties._logged <= set(penalties._until)
+
+
+def test_a_penalty_logs_once_per_episode_and_forgets_its_mark_when_it_ends() -> None:
+    clock = Clock()
+    penalties = Penalties(10.0, clock)
+    penalties.add("k")
+    assert penalties.check("k") == Refusal(PeerLimit.PENALTY, log=True)
+    assert penalties.check("k") == Refusal(PeerLimit.PENALTY, log=False)
+    penalties.add("k")  # flooded again: a new episode logs again
+    assert penalties.check("k") == Refusal(PeerLimit.PENALTY, log=True)
+    clock.now += 10.0
+    assert penalties.check("k") is None
+    assert len(penalties) == 0 and not penalties._logged  # nothing kept for an ended key
+
+
+def test_a_zero_penalty_remembers_nothing() -> None:
+    peers = PeerAdmission(PeerLimits(penalty=0), Clock())
+    peers.penalize((("id", ATTACKER), ("ip", "10.0.0.9")))
+    assert len(peers.penalties) == 0
+    assert peers.admit_connection(ATTACKER) is None
+
+
 def test_pod_connections_per_direction() -> None:
     pod = PodConnections(PeerLimits(pod_inbound_connections=1, pod_outbound_connections=2))
     assert pod.acquire("inbound") is None
@@ -155,7 +213,9 @@ def test_pod_connections_per_direction() -> None:
     assert pod.acquire("outbound") is None and pod.acquire("outbound") is None
     refusal = pod.acquire("outbound")
     assert refusal is not None and refusal.limit == PeerLimit.POD_OUTBOUND_CONNECTIONS
+    assert (pod.count("inbound"), pod.count("outbound")) == (1, 2)
     pod.release("inbound")
+    assert pod.count("inbound") == 0
     assert pod.acquire("inbound") is None
 
 
@@ -183,6 +243,62 @@ def test_settings_from_config_and_refused_values() -> None:
             Config.from_sources({name: "0"})
     with pytest.raises(ConfigError):
         PeerLimits(penalty=-1)
+    # Not numbers of the right kind (a bool is an int to Python, never a limit here).
+    for bad in (True, 1.5, "3", None):
+        with pytest.raises(ConfigError, match="handshakes_per_ip"):
+            PeerLimits(handshakes_per_ip=bad)  # type: ignore[arg-type]
+    for bad in (True, "10", None):
+        with pytest.raises(ConfigError, match="penalty"):
+            PeerLimits(penalty=bad)  # type: ignore[arg-type]
+    assert PeerLimits(penalty=0).penalty == 0 and PeerLimits(penalty=2).penalty == 2
+
+
+# -- with worker processes: each admits a share, the penalty is passed on ------------------
+
+
+def test_each_worker_admits_its_share_of_every_count_and_the_whole_penalty() -> None:
+    limits = PeerLimits(256, 1024, 20_000, 16_384, 16_383, 10.0)
+    assert limits.share(1) == limits
+    assert limits.share(2) == PeerLimits(128, 512, 10_000, 8192, 8191, 10.0)
+    assert limits.share(3) == PeerLimits(85, 341, 6666, 5461, 5461, 10.0)
+    # Never 0 (nothing could connect): a limit below the worker count admits one each.
+    assert PeerLimits(1, 1, 1, 1, 1, 0.0).share(4) == PeerLimits(1, 1, 1, 1, 1, 0.0)
+
+
+def test_the_proxy_context_of_a_worker_uses_its_share() -> None:
+    config = Config.from_sources({"HBONE_MAX_CONNECTIONS_PER_PEER": "10"})
+
+    def ctx(**kw: int) -> ProxyContext:
+        tracker = ConnectionTracker(Metrics(process_metrics=False))
+        return ProxyContext(config, StateStore(), None, tracker, **kw)  # type: ignore[arg-type]
+
+    assert ctx(workers=2).peer_limits.connections_per_identity == 5
+    assert ctx(workers=2).peers.limits.connections_per_identity == 5
+    assert ctx().peers.limits == PeerLimits.from_config(config)
+
+
+def test_a_penalty_is_reported_once_and_one_from_elsewhere_applies_here() -> None:
+    clock = Clock()
+    told: list[tuple[Hashable, ...]] = []
+    here = PeerAdmission(PeerLimits(penalty=10.0), clock)
+    here.on_penalty = told.append
+    assert not here.limit_hit(Limit.IDLE_TIMEOUT, ATTACKER, "10.0.0.9")  # not a flood
+    assert here.limit_hit(Limit.PINGS, ATTACKER, "10.0.0.9")
+    assert told == [(("id", ATTACKER), ("ip", "10.0.0.9"))]
+
+    there = PeerAdmission(PeerLimits(penalty=10.0), clock)
+    there.on_penalty = lambda keys: pytest.fail("a received penalty is not passed on again")
+    there.penalize(told[0])
+    assert there.admit_connection(ATTACKER) is not None
+    assert there.begin_handshake("10.0.0.9") is not None
+    assert there.admit_connection(CLIENT) is None
+    clock.now += 10.0
+    assert there.admit_connection(ATTACKER) is None
+
+    off = PeerAdmission(PeerLimits(penalty=0.0), clock)
+    off.on_penalty = told.append
+    assert not off.limit_hit(Limit.PINGS, ATTACKER, "10.0.0.9")
+    assert len(told) == 1  # no penalty, nothing to tell
 
 
 # -- end to end on a loopback mesh ---------------------------------------------------------

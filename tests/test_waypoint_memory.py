@@ -511,7 +511,10 @@ async def test_rapid_reset_cannot_run_more_handlers_than_the_stream_limit() -> N
             conn.send_headers(sid, hs, end_stream=True)
             conn.reset_stream(sid)
         await stream.send_all(conn.data_to_send())
-        await trio.sleep(0.5)
+        # Everything is in memory: once every task is blocked, the waypoint has read the
+        # whole write and every handler it started has run until it waits (an app
+        # counts a request when it arrives, before /slow's delay).
+        await trio.testing.wait_all_tasks_blocked()
     assert len(w.records) <= 2  # the others were refused before any work
     assert w.apps.requests["echo-1"] + w.apps.requests["echo-2"] == 0
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ztunnel.config import Config
 from ztunnel.errors import ConfigError
@@ -57,6 +57,14 @@ PENALIZED = frozenset(
 )
 
 _MAX_PENALTIES = 65_536  # penalised keys remembered at once; the oldest go first
+
+_COUNTED = (  # the PeerLimits fields that count open things (a worker gets a share)
+    "handshakes_per_ip",
+    "connections_per_identity",
+    "streams_per_identity",
+    "pod_inbound_connections",
+    "pod_outbound_connections",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,14 +101,27 @@ class PeerLimits:
             penalty=config.hbone_flood_penalty,
         )
 
+    def share(self, workers: int) -> PeerLimits:
+        """What one of ``workers`` data-plane processes may admit: each count divided
+        by the worker count (at least 1), so the processes together never admit more
+        than the limit. The penalty is not divided: it is broadcast to every worker.
+
+        Why a share and not one count in the control process: asking it costs a round
+        trip per handshake, connection, stream and pod connection (measured in
+        ``bench/admission_micro.py``), on the accept path, and stalls every worker while
+        the control process is busy. The price of a share: the kernel spreads a peer's
+        connections over the workers by 4-tuple hash, so a peer can be refused a little
+        before the whole limit (when its share in one worker is used up first), never
+        after it (unless the limit is below the worker count: each admits at least one)."""
+        if workers <= 1:
+            return self
+        return replace(
+            self,
+            **{name: max(1, getattr(self, name) // workers) for name in _COUNTED},
+        )
+
     def __post_init__(self) -> None:
-        for name in (
-            "handshakes_per_ip",
-            "connections_per_identity",
-            "streams_per_identity",
-            "pod_inbound_connections",
-            "pod_outbound_connections",
-        ):
+        for name in _COUNTED:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError("peer limits", name, f"must be an integer >= 1, got {value!r}")
@@ -217,6 +238,10 @@ class PeerAdmission:
         )
         self.streams = Counted(PeerLimit.STREAMS_PER_IDENTITY, limits.streams_per_identity)
         self.penalties = Penalties(limits.penalty, clock)
+        # Called with the keys of each new penalty: a worker process tells the others
+        # (through the control process), so a flooder's reconnects that the kernel
+        # hands to another worker are refused as well.
+        self.on_penalty: Callable[[tuple[Hashable, ...]], None] | None = None
 
     def begin_handshake(self, ip: Hashable) -> Refusal | None:
         """A connection from ``ip`` arrived: refused while ``ip`` is penalised or has
@@ -243,10 +268,17 @@ class PeerAdmission:
     def limit_hit(self, limit: str, identity: Hashable, ip: Hashable) -> bool:
         """A connection of ``identity`` from ``ip`` hit ``limit``; True when that earns the
         penalty (a flood the server answered with ENHANCE_YOUR_CALM)."""
-        if limit not in PENALIZED:
+        if limit not in PENALIZED or self.penalties.seconds <= 0:
             return False
-        self.penalties.add(("id", identity), ("ip", ip))
-        return self.penalties.seconds > 0
+        keys = (("id", identity), ("ip", ip))
+        self.penalties.add(*keys)
+        if self.on_penalty is not None:
+            self.on_penalty(keys)
+        return True
+
+    def penalize(self, keys: tuple[Hashable, ...]) -> None:
+        """A penalty another worker process gave (``on_penalty`` there): from now on."""
+        self.penalties.add(*keys)
 
 
 class PodConnections:

@@ -36,6 +36,9 @@ class ProxyContext:
     secrets: CertificateSource
     tracker: ConnectionTracker
     rng: random.Random = field(default_factory=random.Random)
+    # Data-plane processes sharing the limits per peer and per pod (ZTUNNEL_WORKER_THREADS):
+    # each admits its share (``PeerLimits.share``).
+    workers: int = 1
     # Built once from the config (raises ConfigError for values that cannot work).
     hbone: HboneSettings = field(init=False)
     peer_limits: PeerLimits = field(init=False)
@@ -44,5 +47,5 @@ class ProxyContext:
 
     def __post_init__(self) -> None:
         self.hbone = HboneSettings.from_config(self.config)
-        self.peer_limits = PeerLimits.from_config(self.config)
+        self.peer_limits = PeerLimits.from_config(self.config).share(self.workers)
         self.peers = PeerAdmission(self.peer_limits)

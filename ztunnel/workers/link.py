@@ -26,7 +26,10 @@ _keys = itertools.count(1)
 
 
 async def spawn_link(
-    slot: int, config: Config, fork: Callable[[int], Awaitable[WorkerProcess]]
+    slot: int,
+    config: Config,
+    fork: Callable[[int], Awaitable[WorkerProcess]],
+    workers: int = 1,
 ) -> WorkerLink:
     """A new worker: ``fork(fd)`` starts the process that serves ``fd``, the far end of
     its channel."""
@@ -38,7 +41,7 @@ async def spawn_link(
         raise
     finally:
         theirs.close()
-    return WorkerLink(slot, config, proc, ours)
+    return WorkerLink(slot, config, proc, ours, workers)
 
 
 class WorkerGone(Exception):
@@ -55,16 +58,21 @@ class WorkerLink:
     """A spawned worker: its process, channel, the proxies and certificates it holds."""
 
     def __init__(
-        self, slot: int, config: Config, proc: WorkerProcess, channel: socket.socket
+        self,
+        slot: int,
+        config: Config,
+        proc: WorkerProcess,
+        channel: socket.socket,
+        workers: int = 1,
     ) -> None:
-        """``proc`` serves the other end of ``channel``."""
+        """``proc`` serves the other end of ``channel``; ``workers`` is the pool's size."""
         self.slot = slot
         self.key = next(_keys)  # unique per process, across restarts of a slot
         self.proc = proc
         self.pid = proc.pid
         self.started = time.monotonic()
         self.channel = Channel(channel)
-        self.channel.post(Hello(config, slot))
+        self.channel.post(Hello(config, slot, workers))
         self.ready = False  # Ready received and state snapshot sent
         self.proxies: set[str] = set()  # group uids running in this worker
         self.identities: set[Identity] = set()  # certificates it asked for

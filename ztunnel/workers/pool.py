@@ -8,7 +8,8 @@ said Ready. From then on it keeps them in step with the control process:
   starts in a worker ahead of its workload); a new worker starts from a snapshot;
 - proxies: ``ProxyGroup`` starts and drains a workload's proxy in every worker;
 - certificates: workers ask for them, every later one is pushed (rotation);
-- telemetry: workers' connection events are replayed into the agent's tracker.
+- telemetry: workers' connection events are replayed into the agent's tracker;
+- flood penalties: one worker's is passed to the others (``proxy/admission.py``).
 
 A worker that exits unexpectedly is reported (log, ``ztunnel_worker_restarts_total``,
 readiness until it is back), its connections are closed in the books, and it is spawned
@@ -49,6 +50,7 @@ from ztunnel.workers.protocol import (
     Drained,
     DrainProxy,
     ForgetCertificate,
+    Penalty,
     ProtocolError,
     Ready,
     SetLogFilter,
@@ -140,7 +142,7 @@ class WorkerPool:
     async def _supervise(self, slot: int) -> None:
         backoff = BACKOFF_FIRST
         while True:
-            link = await spawn_link(slot, self.config, self._fork)
+            link = await spawn_link(slot, self.config, self._fork, self.count)
             self.links[slot] = link
             try:
                 await self._serve_link(link)
@@ -235,6 +237,10 @@ class WorkerPool:
             link.nursery.start_soon(self._serve_certificate, link, message)
         elif isinstance(message, Ready):
             self._attach(link)
+        elif isinstance(message, Penalty):
+            for other in self.links.values():
+                if other is not link and other.ready:
+                    other.channel.post(message)
         else:
             log.error(
                 "unexpected message from a worker", worker=link.slot, type=type(message).__name__

@@ -8,9 +8,9 @@ private socketpair between a parent and the child it spawned, never a listener.
 
 Control -> worker: ``Hello`` (once), ``StateSnapshot`` then ``StateDelta``s, ``StartProxy``,
 ``DrainProxy``, ``CertificateUpdate``, ``CertificateReply``, ``ForgetCertificate``,
-``SetLogFilter``, ``Shutdown`` (last).
+``SetLogFilter``, ``Penalty`` (another worker's), ``Shutdown`` (last).
 Worker -> control: ``Ready`` (once), ``Started``, ``Drained``, ``CertificateRequest``,
-``Telemetry`` (a batch of connection events, see ``workers/telemetry.py``).
+``Telemetry`` (a batch of connection events, see ``workers/telemetry.py``), ``Penalty``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 import pickle
 import struct
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -49,6 +49,7 @@ class ProtocolError(Exception):
 class Hello:
     config: Config
     index: int
+    workers: int = 1  # how many there are: each admits its share of the per-peer limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,15 @@ class ForgetCertificate:
 @dataclass(frozen=True, slots=True)
 class SetLogFilter:
     spec: str
+
+
+@dataclass(frozen=True, slots=True)
+class Penalty:
+    """A flooder's identity and source IP, refused for the flood penalty
+    (``PeerAdmission.limit_hit``): from the worker that closed its connection to the
+    control process, which passes it to every other worker."""
+
+    keys: tuple[Hashable, ...]
 
 
 @dataclass(frozen=True, slots=True)

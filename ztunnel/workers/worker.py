@@ -50,6 +50,7 @@ from ztunnel.workers.protocol import (
     DrainProxy,
     ForgetCertificate,
     Hello,
+    Penalty,
     ProtocolError,
     Ready,
     SetLogFilter,
@@ -78,7 +79,10 @@ class Worker:
         self.store = StateStore()
         self.tracker = RelayTracker(channel.post)
         self.certs = RemoteCertificates(self._ask_certificate)
-        self.ctx = ProxyContext(self.config, self.store, self.certs, self.tracker)
+        self.ctx = ProxyContext(
+            self.config, self.store, self.certs, self.tracker, workers=hello.workers
+        )
+        self.ctx.peers.on_penalty = lambda keys: channel.post(Penalty(keys))
         self.proxies: dict[str, WorkloadProxy] = {}
         self._requests = itertools.count(1)
         self._replies: dict[int, _Reply] = {}
@@ -155,6 +159,8 @@ class Worker:
             self.certs.forget(message.identity)
         elif isinstance(message, SetLogFilter):
             zlog.set_filter(message.spec)
+        elif isinstance(message, Penalty):
+            self.ctx.peers.penalize(message.keys)
         else:
             log.error("unexpected message from the control process", type=type(message).__name__)
         for fd in fds:
