@@ -255,7 +255,10 @@ def _profiled_pair(
     else:
         opts += ["--workers", "1", "--seconds", f"{seconds:g}"]
     profile_dir.mkdir(parents=True, exist_ok=True)
-    with loopback_pair(base, QUIET_LOG, str(profile_dir), app_argv=app):
+    # One process per agent: cProfile sees only the process it runs, and with worker
+    # processes the connections would be served (and counted) elsewhere.
+    one = {"ZTUNNEL_WORKER_THREADS": "1"}
+    with loopback_pair(base, QUIET_LOG, str(profile_dir), app_argv=app, extra_env=one):
         result = loadgen.run(binary, command, opts, timeout=seconds + 60)
     stats = {}
     for who in ("A", "B"):

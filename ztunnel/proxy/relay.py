@@ -90,6 +90,18 @@ def abort(stream: trio.abc.AsyncResource) -> None:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
+async def close_now(stream: trio.abc.AsyncResource) -> None:
+    """Close ``stream`` without blocking, like ``trio.aclose_forcefully``, but without its
+    cancel scope and Cancelled for the two kinds a flow holds (a TCP socket, an HBONE
+    stream): their close is synchronous (~100 fewer calls per connection end)."""
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()
+    elif isinstance(stream, HboneStream):
+        stream.close()
+    else:
+        await trio.aclose_forcefully(stream)
+
+
 class _Direction:
     """One direction's counters: ``wrote`` is both the copy loop's and the direct sink's
     byte callback (one small object per direction instead of closures and cells)."""

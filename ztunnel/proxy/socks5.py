@@ -21,7 +21,7 @@ from ztunnel.model.address import Authority, SocketAddr
 from ztunnel.model.outcome import Failure, FailureKind
 from ztunnel.proxy.deps import FlowDeps
 from ztunnel.proxy.outbound import proxy_outbound
-from ztunnel.proxy.relay import abort
+from ztunnel.proxy.relay import abort, close_now
 from ztunnel.proxy.sockets import socket_stream
 from ztunnel.proxy.socks5_proto import (
     Reply,
@@ -66,7 +66,7 @@ async def serve_socks5_connection(deps: FlowDeps, conn: socket.socket, peer: Soc
         abort(stream)
         raise
     finally:
-        await trio.aclose_forcefully(stream)
+        await close_now(stream)
 
 
 async def proxy_socks5(
