@@ -132,9 +132,8 @@ async def _handshake(stream: trio.abc.Stream) -> tuple[Socks5Request | None, byt
 
 
 async def _more(stream: trio.abc.Stream, buf: bytes) -> bytes:
-    data = _read_now(stream)
-    if data is None:
-        data = await stream.receive_some(MAX_HANDSHAKE)
+    now = _read_now(stream)
+    data = now if now is not None else await stream.receive_some(MAX_HANDSHAKE)
     if not data or len(buf) + len(data) > MAX_HANDSHAKE:
         raise EOFError
     return buf + data
