@@ -302,11 +302,11 @@ class ConnectionTracker:
         # asking it first spares building the fields of a line it would drop.
         self._stdlib = logging.getLogger(logger_name(ACCESS_LOGGER)) if logger is None else None
 
-    def _keeps_debug(self) -> bool:
-        """Whether a DEBUG access line would be written (asked per connection: the filter
-        changes at runtime); a given logger (tests, workers) always gets the line."""
+    def _keeps(self, level: int) -> bool:
+        """Whether an access line at ``level`` would be written (asked per connection: the
+        filter changes at runtime); a given logger (tests, workers) always gets the line."""
         stdlib = self._stdlib
-        return stdlib is None or not structlog.is_configured() or stdlib.isEnabledFor(logging.DEBUG)
+        return stdlib is None or not structlog.is_configured() or stdlib.isEnabledFor(level)
 
     def pair(self, info: ConnectionInfo) -> _Pair:
         """The labels and metric children of ``info``'s (source, destination) pair."""
@@ -329,7 +329,7 @@ class ConnectionTracker:
         self._open[id(conn)] = conn
         pair.opened.inc()
         self._sockets(info.reporter).inc()
-        if self._keeps_debug():  # the fields are built only for a logger that keeps them
+        if self._keeps(logging.DEBUG):  # the fields are built only for a logger that keeps them
             self._log.debug("connection opened", **conn.log_fields())
         return conn
 
@@ -386,6 +386,9 @@ class ConnectionTracker:
             duration=f"{round(conn.duration() * 1000)}ms",
             error=failure.message if failure is not None else None,
         )
-        emit = self._log.error if failure is not None else self._log.info
-        emit("connection complete", **fields)
+        if failure is not None:
+            if self._keeps(logging.ERROR):
+                self._log.error("connection complete", **fields)
+        elif self._keeps(logging.INFO):  # access logs off: no trip through structlog
+            self._log.info("connection complete", **fields)
         self.history.closed(conn.dump(), fields, failure)
