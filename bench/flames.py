@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import loadgen
@@ -327,10 +328,14 @@ def _top_calls(
     return lines
 
 
-def call_counts(binary: Path, out: Path, short: float, long: float) -> list[str]:
+def call_counts(
+    binary: Path, out: Path, short: float, long: float, commands: Sequence[str] = ("rr", "conn")
+) -> list[str]:
     lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="zt-cprofile-") as tmp:
         for command, what in (("rr", "request"), ("conn", "connection")):
+            if command not in commands:
+                continue
             runs = []
             for seconds in (short, long):
                 units, stats = _profiled_pair(
