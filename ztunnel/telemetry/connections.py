@@ -11,13 +11,11 @@ formatted here, at the edge, for the logs, the metrics and the config dump.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import structlog
 from prometheus_client import Counter, Gauge
 
 from ztunnel.model.address import Authority, SocketAddr
@@ -25,7 +23,7 @@ from ztunnel.model.identity import Identity
 from ztunnel.model.outcome import Failure, ResponseFlag
 from ztunnel.model.workload import Service, Workload
 from ztunnel.telemetry.history import ConnectionHistory
-from ztunnel.telemetry.logging import ACCESS_LOGGER, Bare, get_logger, logger_name
+from ztunnel.telemetry.logging import ACCESS_LOGGER, Bare, get_logger, level_check
 from ztunnel.telemetry.metrics import FAILURE_FLAGS, TRAFFIC_LABELS, UNKNOWN, Metrics
 
 Direction = Literal["inbound", "outbound"]
@@ -298,15 +296,14 @@ class ConnectionTracker:
         self._generation = generation
         self._seen_generation = generation() if generation is not None else 0
         self._sockets_open: dict[str, Gauge] = {}
-        # The default access logger filters through stdlib's "access" logger (configure_logging):
-        # asking it first spares building the fields of a line it would drop.
-        self._stdlib = logging.getLogger(logger_name(ACCESS_LOGGER)) if logger is None else None
+        # Asking the filter first spares building the fields of a line it would drop.
+        self._level_check = level_check(ACCESS_LOGGER) if logger is None else None
 
-    def _keeps(self, level: int) -> bool:
-        """Whether an access line at ``level`` would be written (asked per connection: the
-        filter changes at runtime); a given logger (tests, workers) always gets the line."""
-        stdlib = self._stdlib
-        return stdlib is None or not structlog.is_configured() or stdlib.isEnabledFor(level)
+    def _keeps(self, level: str) -> bool:
+        """Whether an access line at ``level`` would be written; a given logger (tests,
+        workers) always gets the line."""
+        check = self._level_check
+        return check is None or check(level)
 
     def pair(self, info: ConnectionInfo) -> _Pair:
         """The labels and metric children of ``info``'s (source, destination) pair."""
@@ -329,7 +326,7 @@ class ConnectionTracker:
         self._open[id(conn)] = conn
         pair.opened.inc()
         self._sockets(info.reporter).inc()
-        if self._keeps(logging.DEBUG):  # the fields are built only for a logger that keeps them
+        if self._keeps("debug"):  # the fields are built only for a logger that keeps them
             self._log.debug("connection opened", **conn.log_fields())
         return conn
 
@@ -387,8 +384,8 @@ class ConnectionTracker:
             error=failure.message if failure is not None else None,
         )
         if failure is not None:
-            if self._keeps(logging.ERROR):
+            if self._keeps("error"):
                 self._log.error("connection complete", **fields)
-        elif self._keeps(logging.INFO):  # access logs off: no trip through structlog
+        elif self._keeps("info"):  # access logs off: no trip through structlog
             self._log.info("connection complete", **fields)
         self.history.closed(conn.dump(), fields, failure)
