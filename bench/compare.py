@@ -565,6 +565,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile-only", action="store_true", help="with --profile: skip the measured figures"
     )
+    p.add_argument(
+        "--profile-calls",
+        metavar="SCENARIOS",
+        help="with --profile: only the cProfile call counts (DIR/calls.txt) of these scenarios"
+        " (comma list of rr, conn), no flame graphs",
+    )
     p.add_argument("--open-conns", type=int, help="open connections for the RSS figure")
     p.add_argument(
         "--quiet",
@@ -615,7 +621,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.profile:
                     import flames
 
-                    flames.profile_loopback(binary, paths[-1], args.profile, args.profile_seconds)
+                    if args.profile_calls:
+                        args.profile.mkdir(parents=True, exist_ok=True)
+                        seconds = args.profile_seconds
+                        wanted = [c.strip() for c in args.profile_calls.split(",")]
+                        print(
+                            "\n".join(
+                                flames.call_counts(
+                                    binary, args.profile, max(1.0, seconds / 4), seconds, wanted
+                                )
+                            )
+                        )
+                    else:
+                        flames.profile_loopback(
+                            binary, paths[-1], args.profile, args.profile_seconds
+                        )
         if "cluster" in groups:
             import compare_cluster
 

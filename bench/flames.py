@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import loadgen
@@ -255,7 +256,10 @@ def _profiled_pair(
     else:
         opts += ["--workers", "1", "--seconds", f"{seconds:g}"]
     profile_dir.mkdir(parents=True, exist_ok=True)
-    with loopback_pair(base, QUIET_LOG, str(profile_dir), app_argv=app):
+    # One process per agent: cProfile sees only the process it runs, and with worker
+    # processes the connections would be served (and counted) elsewhere.
+    one = {"ZTUNNEL_WORKER_THREADS": "1"}
+    with loopback_pair(base, QUIET_LOG, str(profile_dir), app_argv=app, extra_env=one):
         result = loadgen.run(binary, command, opts, timeout=seconds + 60)
     stats = {}
     for who in ("A", "B"):
@@ -324,10 +328,14 @@ def _top_calls(
     return lines
 
 
-def call_counts(binary: Path, out: Path, short: float, long: float) -> list[str]:
+def call_counts(
+    binary: Path, out: Path, short: float, long: float, commands: Sequence[str] = ("rr", "conn")
+) -> list[str]:
     lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="zt-cprofile-") as tmp:
         for command, what in (("rr", "request"), ("conn", "connection")):
+            if command not in commands:
+                continue
             runs = []
             for seconds in (short, long):
                 units, stats = _profiled_pair(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import socket
 import struct
 
 import pytest
@@ -14,6 +15,7 @@ from proxy_fakes import Bench, bounded, fail, hang, read_until_eof, sa
 
 from ztunnel.hbone.errors import HboneStatusError
 from ztunnel.model.outcome import Failure, FailureKind
+from ztunnel.proxy.sockets import socket_stream
 from ztunnel.proxy.socks5 import REPLIES, proxy_socks5, reply_for
 from ztunnel.proxy.socks5_proto import Reply
 
@@ -158,3 +160,42 @@ def test_every_pre_relay_failure_has_a_deliberate_reply() -> None:
     }
     others = set(FailureKind) - set(REPLIES)
     assert {reply_for(Failure(kind, "")) for kind in others} == {Reply.GENERAL_FAILURE}
+
+
+async def test_handshake_over_a_real_socket_in_pieces_and_at_once() -> None:
+    """The handshake reads and writes a TCP-like socket directly when it is ready: the
+    same answers whether the client sends byte by byte or everything in one write."""
+    bench = Bench()
+    payload = GREETING + request("echo.ns.svc.cluster.local", 80, as_domain=True) + b"early"
+    for pieces in ([payload], [bytes([b]) for b in payload]):
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        client, server = socket_stream(b), socket_stream(a)
+        async with bounded() as nursery:
+            nursery.start_soon(proxy_socks5, bench.deps, server, CLIENT_ADDR)
+            for piece in pieces:
+                await client.send_all(piece)
+                await trio.lowlevel.checkpoint()
+            head = b""
+            while len(head) < 12:
+                head += await client.receive_some(12 - len(head))
+            assert head[:2] == b"\x05\x00" and head[3] == Reply.SUCCEEDED
+            remote = bench.pool.peers[-1]
+            assert await remote.receive_some(100) == b"early"
+            nursery.cancel_scope.cancel()
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_a_client_gone_before_the_answer_ends_quietly() -> None:
+    bench = Bench()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.sendall(GREETING)
+    b.close()  # gone: the method choice write fails (EPIPE), then the read sees EOF
+    server = socket_stream(a)
+    with trio.fail_after(5):
+        await proxy_socks5(bench.deps, server, CLIENT_ADDR)
+    await server.aclose()
+    assert bench.tracker.open_connections() == []

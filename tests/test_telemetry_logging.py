@@ -172,3 +172,18 @@ def test_filter_parse_roundtrip() -> None:
     assert str(f) == "ztunnel::proxy=debug,access=warn,error"
     assert zlog.LogFilter.parse("trace").default == "trace"
     assert zlog.logger_name("ztunnel::proxy::inbound") == "ztunnel.proxy.inbound"
+
+
+def test_access_lines_follow_the_filter_as_it_changes(stream: io.StringIO) -> None:
+    """The tracker asks the filter before it renders a line: off, nothing is written (the
+    history still records the connection); back on, the next connection is logged."""
+    zlog.configure_logging("access=warn,info", "plain", stream)
+    tracker = ConnectionTracker(Metrics())
+    tracker.open(outbound()).close()
+    assert lines(stream) == []
+    assert len(tracker.history) == 1
+    tracker.open(outbound()).close(Failure(FailureKind.CLIENT_ABORTED, "reset"))
+    assert [ln.split("\t")[1:3] for ln in lines(stream)] == [["error", "access"]]
+    zlog.set_filter("access=debug")
+    tracker.open(outbound()).close()
+    assert [ln.split("\t")[1] for ln in lines(stream)[1:]] == ["debug", "info"]

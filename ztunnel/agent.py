@@ -160,7 +160,9 @@ class Agent:
         if static is not None:
             self.store.replace_all(static.workloads, static.services, static.policies)
         self.metrics = metrics if metrics is not None else Metrics()
-        self.tracker = ConnectionTracker(self.metrics)
+        store_ = self.store
+        # The label cache starts over with every state change (workloads, services, policies).
+        self.tracker = ConnectionTracker(self.metrics, generation=lambda: store_.version)
         self.ca = ca
         self.secrets = SecretManager(ca, ttl=datetime.timedelta(seconds=config.secret_ttl))
         self.ctx = ProxyContext(config, self.store, self.secrets, self.tracker)

@@ -85,7 +85,13 @@ class HbonePool:
         ConnectionGoneError if the chosen connection went away meanwhile,
         trio.TooSlowError if the peer did not answer within ``connect_response_timeout``.
         """
-        state = self._keys.setdefault(key, _KeyState())
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _KeyState()
+        elif not state.lock.locked() and (ready := self._pick(state)) is not None:
+            # Nobody is dialing and a connection has room: what taking the free lock would
+            # pick anyway, without its schedule point (one task step per stream).
+            return await ready.open_stream(authority, headers)
         try:
             async with state.lock:
                 conn = self._pick(state) or await self._connect(key, state)

@@ -398,6 +398,12 @@ class HboneStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         """RST_STREAM(CANCEL) unless finished; releases any unconsumed window."""
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        """``aclose`` without its checkpoint (never blocks): for a flow's final cleanup,
+        which would otherwise pay a cancel scope and a Cancelled per stream."""
         if self._fault is not _CLOSED:
             if not self._state.finished and self._fault is None:
                 self._reset_locally(ErrorCode.CANCEL)
@@ -410,7 +416,6 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._host.kick()
             self._host.stream_finished(self)
             self._wake()
-        await trio.lowlevel.checkpoint()
 
 
 class HboneServerStream(HboneStream):

@@ -14,16 +14,39 @@ HBONE ``:authority``); ``Authority`` is either.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_V = TypeVar("_V")
+
+
+# Parsed texts (the kernel's peer and local addresses, HBONE authorities): each address is
+# parsed once, not per connection. Values are immutable; the bound caps what a stream of
+# peer-chosen texts can hold (the cache starts over when full).
+MAX_PARSED = 4096
+_parsed_ips: dict[str, IPAddress] = {}
+_parsed_authorities: dict[str, Authority] = {}
 
 
 def canonical_ip(ip: IPAddress | str) -> IPAddress:
     """Parse ``ip`` (a zone is dropped) and unmap IPv4-mapped IPv6. Raises ValueError."""
     if isinstance(ip, str):
-        ip = ipaddress.ip_address(ip.split("%", 1)[0].strip("[]"))
+        parsed = _parsed_ips.get(ip)
+        if parsed is None:
+            parsed = _canonical(ipaddress.ip_address(ip.split("%", 1)[0].strip("[]")))
+            _remember(_parsed_ips, ip, parsed)
+        return parsed
+    return _canonical(ip)
+
+
+def _remember(cache: dict[str, _V], key: str, value: _V) -> None:
+    if len(cache) >= MAX_PARSED:
+        cache.clear()
+    cache[key] = value
+
+
+def _canonical(ip: IPAddress) -> IPAddress:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return ip.ipv4_mapped
@@ -43,13 +66,16 @@ class SocketAddr:
 
     ip: IPAddress
     port: int
+    # str() of this address, made on first use (logs, config dump, headers format it often).
+    _text: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} out of range 0..65535")
-        canonical = canonical_ip(self.ip)
-        if canonical != self.ip or type(canonical) is not type(self.ip):
-            object.__setattr__(self, "ip", canonical)
+        if type(self.ip) is not ipaddress.IPv4Address:  # an IPv4Address is canonical as is
+            canonical = canonical_ip(self.ip)
+            if canonical != self.ip or type(canonical) is not type(self.ip):
+                object.__setattr__(self, "ip", canonical)
 
     @classmethod
     def of(cls, ip: IPAddress | str, port: int) -> SocketAddr:
@@ -80,7 +106,11 @@ class SocketAddr:
         return str(self.ip), self.port
 
     def __str__(self) -> str:
-        return format_hostport(str(self.ip), self.port)
+        text = self._text
+        if text is None:
+            text = format_hostport(str(self.ip), self.port)
+            object.__setattr__(self, "_text", text)
+        return text
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -99,6 +129,14 @@ Authority = SocketAddr | HostPort
 
 def parse_authority(text: str) -> Authority:
     """An HBONE ``:authority``: ``ip:port``, ``[v6]:port`` or ``host:port``. Raises ValueError."""
+    parsed = _parsed_authorities.get(text)
+    if parsed is None:
+        parsed = _parse_authority(text)
+        _remember(_parsed_authorities, text, parsed)
+    return parsed
+
+
+def _parse_authority(text: str) -> Authority:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"authority {text!r} is not host:port")

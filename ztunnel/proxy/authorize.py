@@ -36,7 +36,7 @@ from ztunnel.proxy.outcome import (
     describe,
     relay_failure,
 )
-from ztunnel.proxy.relay import abort, relay
+from ztunnel.proxy.relay import abort, close_now, relay
 from ztunnel.state.store import StateStore
 from ztunnel.telemetry.connections import TrackedConnection
 
@@ -129,4 +129,4 @@ async def _authorize_and_relay(
         )
         outcome.failure = relay_failure(result.error, client_failed=result.failed == "a")
     finally:
-        await trio.aclose_forcefully(app)
+        await close_now(app)

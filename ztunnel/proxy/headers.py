@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
-import secrets
+import os
 
 from ztunnel.model.address import SocketAddr
 from ztunnel.model.workload import Workload
+
+# The last baggage built per workload uid: every connection of a pod sends the same one. A hit
+# must be the same workload object (a changed workload is a new object: never stale).
+_baggage: dict[tuple[str, str], tuple[Workload, str]] = {}
+MAX_BAGGAGE = 4096
 
 
 def baggage(workload: Workload | None, cluster_id: str = "Kubernetes") -> str:
     """ztunnel's baggage: workload attribution for the peer's telemetry; empty values omitted."""
     if workload is None:
         return ""
+    key = (workload.uid, cluster_id)
+    cached = _baggage.get(key)
+    if cached is not None and cached[0] is workload:
+        return cached[1]
+    value = _build_baggage(workload, cluster_id)
+    if len(_baggage) >= MAX_BAGGAGE:
+        _baggage.clear()
+    _baggage[key] = (workload, value)
+    return value
+
+
+def _build_baggage(workload: Workload, cluster_id: str) -> str:
     items = [
         ("k8s.cluster.name", workload.cluster_id or cluster_id),
         ("k8s.namespace.name", workload.namespace),
@@ -40,7 +57,8 @@ def forwarded(client: SocketAddr, service_host: str | None) -> str:
 
 def traceparent() -> str:
     """A fresh W3C trace context per outbound connection."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+    ids = os.urandom(24).hex()  # trace id (16 bytes) and span id (8): one getrandom call
+    return f"00-{ids[:32]}-{ids[32:]}-00"
 
 
 def forwarded_host(value: str | None) -> str | None:

@@ -16,7 +16,7 @@ from ztunnel.model.address import SocketAddr
 from ztunnel.model.outcome import Failure, FailureKind
 from ztunnel.proxy.authorize import serve_inbound
 from ztunnel.proxy.deps import FlowDeps, UnknownSourceWorkload
-from ztunnel.proxy.relay import abort
+from ztunnel.proxy.relay import abort, close_now
 from ztunnel.proxy.sockets import original_dst, socket_stream
 from ztunnel.telemetry.connections import ConnectionInfo
 
@@ -30,7 +30,7 @@ async def serve_plaintext_connection(deps: FlowDeps, conn: socket.socket, peer: 
         abort(client)
         raise
     finally:
-        await trio.aclose_forcefully(client)
+        await close_now(client)
 
 
 async def proxy_plaintext(

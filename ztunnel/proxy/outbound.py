@@ -30,7 +30,7 @@ from ztunnel.proxy.outcome import (
     relay_failure,
     upstream_failure,
 )
-from ztunnel.proxy.relay import abort, relay
+from ztunnel.proxy.relay import abort, close_now, relay
 from ztunnel.proxy.sockets import original_dst, socket_stream
 from ztunnel.state.resolve import (
     HboneUpstream,
@@ -54,7 +54,7 @@ async def serve_outbound_connection(deps: FlowDeps, conn: socket.socket, peer: S
         abort(stream)
         raise
     finally:
-        await trio.aclose_forcefully(stream)
+        await close_now(stream)
 
 
 async def proxy_outbound(
@@ -131,7 +131,7 @@ async def _carry(
         )
         outcome.failure = relay_failure(result.error, client_failed=result.failed == "a")
     finally:
-        await trio.aclose_forcefully(upstream_stream)
+        await close_now(upstream_stream)
 
 
 def connection_info(

@@ -90,6 +90,18 @@ def abort(stream: trio.abc.AsyncResource) -> None:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
+async def close_now(stream: trio.abc.AsyncResource) -> None:
+    """Close ``stream`` without blocking, like ``trio.aclose_forcefully``, but without its
+    cancel scope and Cancelled for the two kinds a flow holds (a TCP socket, an HBONE
+    stream): their close is synchronous (~100 fewer calls per connection end)."""
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()
+    elif isinstance(stream, HboneStream):
+        stream.close()
+    else:
+        await trio.aclose_forcefully(stream)
+
+
 class _Direction:
     """One direction's counters: ``wrote`` is both the copy loop's and the direct sink's
     byte callback (one small object per direction instead of closures and cells)."""
@@ -146,6 +158,7 @@ async def _copy(
         assert isinstance(src, HboneStream) and isinstance(dst, trio.SocketStream)
         src.direct_sink = _socket_sink(dst, direction.wrote)
     sock = src.socket if type(src) is trio.SocketStream else None
+    out = dst.socket if type(dst) is trio.SocketStream else None
     try:
         try:
             while True:
@@ -167,7 +180,10 @@ async def _copy(
                 if not data:
                     break
                 try:
-                    await dst.send_all(data)
+                    if out is None or (rest := _write_now(out, data)) is None:
+                        await dst.send_all(data)
+                    elif rest:  # the socket took part of it: trio waits for room
+                        await dst.send_all(rest)
                 except STREAM_ERRORS as exc:
                     raise StreamFailed(dst, exc) from exc
                 direction.wrote(len(data))
@@ -178,7 +194,10 @@ async def _copy(
                 assert isinstance(src, HboneStream)
                 src.direct_sink = None
         try:
-            await dst.send_eof()
+            if out is None:
+                await dst.send_eof()
+            elif not out.did_shutdown_SHUT_WR:  # trio's send_eof, without its task switch
+                out.shutdown(socket.SHUT_WR)
         except STREAM_ERRORS as exc:
             raise StreamFailed(dst, exc) from exc
     except StreamFailed as exc:
@@ -199,6 +218,21 @@ def _read_now(sock: trio.socket.SocketType, size: int) -> bytes | None:
         return os.read(sock.fileno(), size)
     except BlockingIOError:
         return None
+
+
+def _write_now(sock: trio.socket.SocketType, data: bytes | bytearray) -> bytes | bytearray | None:
+    """One non-blocking write: what is left of ``data`` (b"": all written), or None when
+    the socket is closed (trio's send_all then raises the right error). Raises OSError.
+    A ready socket takes the chunk without the task switch trio's send makes; the copy
+    loop's read has checkpointed already."""
+    fd = sock.fileno()  # -1 once closed: never write to a reused descriptor
+    if fd < 0:
+        return None
+    try:
+        n = os.write(fd, data)
+    except BlockingIOError:
+        return data
+    return data[n:] if n < len(data) else b""
 
 
 def _socket_sink(dst: trio.SocketStream, wrote: Callable[[int], None]) -> Callable[[bytes], int]:

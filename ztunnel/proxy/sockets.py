@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
-import math
 import socket
 import struct
 from typing import TYPE_CHECKING, Protocol
@@ -231,11 +230,13 @@ async def connect_socket(
         set_nodelay(sock)
         if src_ip is not None and family_of(src_ip) == sock.family:
             _bind_source(sock, src_ip, transparent)
-        limit = math.inf if connect_timeout is None else connect_timeout
-        with trio.move_on_after(limit) as scope:
+        if connect_timeout is None:  # the caller's scope bounds it: no second scope
             await _connect(sock, dst)
-        if scope.cancelled_caught:
-            raise TimeoutError(errno.ETIMEDOUT, f"connect to {dst} timed out")
+        else:
+            with trio.move_on_after(connect_timeout) as scope:
+                await _connect(sock, dst)
+            if scope.cancelled_caught:
+                raise TimeoutError(errno.ETIMEDOUT, f"connect to {dst} timed out")
     except BaseException:
         sock.close()
         raise

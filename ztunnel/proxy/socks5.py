@@ -13,6 +13,7 @@ failure".
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 
 import trio
@@ -21,7 +22,7 @@ from ztunnel.model.address import Authority, SocketAddr
 from ztunnel.model.outcome import Failure, FailureKind
 from ztunnel.proxy.deps import FlowDeps
 from ztunnel.proxy.outbound import proxy_outbound
-from ztunnel.proxy.relay import abort
+from ztunnel.proxy.relay import abort, close_now
 from ztunnel.proxy.sockets import socket_stream
 from ztunnel.proxy.socks5_proto import (
     Reply,
@@ -66,7 +67,7 @@ async def serve_socks5_connection(deps: FlowDeps, conn: socket.socket, peer: Soc
         abort(stream)
         raise
     finally:
-        await trio.aclose_forcefully(stream)
+        await close_now(stream)
 
 
 async def proxy_socks5(
@@ -85,7 +86,7 @@ async def proxy_socks5(
 
     async def answer(failure: Failure | None) -> None:
         with contextlib.suppress(*_CLIENT_GONE):
-            await stream.send_all(encode_reply(reply_for(failure)))
+            await _send(stream, encode_reply(reply_for(failure)))
 
     dst = resolve_target(deps.store, request.target)
     if dst is None:
@@ -115,14 +116,14 @@ async def _handshake(stream: trio.abc.Stream) -> tuple[Socks5Request | None, byt
         while (greeting := parse_greeting(buf)) is None:
             buf = await _more(stream, buf)
         no_auth, used = greeting
-        await stream.send_all(encode_method_choice(no_auth))
+        await _send(stream, encode_method_choice(no_auth))
         if not no_auth:
             return None, b""
         buf = buf[used:]
         while (parsed := parse_request(buf)) is None:
             buf = await _more(stream, buf)
     except Socks5Error as exc:
-        await stream.send_all(encode_reply(exc.reply))
+        await _send(stream, encode_reply(exc.reply))
         return None, b""
     except EOFError:
         return None, b""
@@ -131,7 +132,42 @@ async def _handshake(stream: trio.abc.Stream) -> tuple[Socks5Request | None, byt
 
 
 async def _more(stream: trio.abc.Stream, buf: bytes) -> bytes:
-    data = await stream.receive_some(MAX_HANDSHAKE)
+    now = _read_now(stream)
+    data = now if now is not None else await stream.receive_some(MAX_HANDSHAKE)
     if not data or len(buf) + len(data) > MAX_HANDSHAKE:
         raise EOFError
     return buf + data
+
+
+# The handshake's few small reads and writes go straight to a TCP socket when it is ready
+# (the usual case), without the task switch trio's socket calls make per operation; the
+# handshake ends within a few of them, so it cannot starve other tasks.
+
+
+def _read_now(stream: trio.abc.Stream) -> bytes | None:
+    """What a TCP client already sent (None: nothing yet, or not a TCP socket)."""
+    if type(stream) is not trio.SocketStream:
+        return None
+    fd = stream.socket.fileno()  # -1 once closed: never read a reused descriptor
+    if fd < 0:
+        raise trio.ClosedResourceError("SOCKS5 client socket is closed")
+    try:
+        return os.read(fd, MAX_HANDSHAKE)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"SOCKS5 client read failed: {exc}") from exc
+
+
+async def _send(stream: trio.abc.Stream, data: bytes) -> None:
+    """``send_all``, one non-blocking write first (a SOCKS5 answer is 2 or 10 bytes)."""
+    if type(stream) is trio.SocketStream and (fd := stream.socket.fileno()) >= 0:
+        try:
+            data = data[os.write(fd, data) :]
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"SOCKS5 client write failed: {exc}") from exc
+        if not data:
+            return
+    await stream.send_all(data)

@@ -381,7 +381,11 @@ class WorkloadProxy:
         self._active += 1
         self._idle = trio.Event() if self._active == 1 else self._idle
         try:
-            await run_handler(name, handler, conn, peer)
+            # run_handler's body, inlined: one coroutine frame less to resume per task
+            # step of every connection.
+            await handler(conn, peer)
+        except Exception:
+            handler_failed(name, peer)
         finally:
             conn.close()
             self.pod_connections.release(direction)
@@ -441,4 +445,9 @@ async def run_handler(name: str, handler: Handler, conn: socket.socket, peer: So
     try:
         await handler(conn, peer)
     except Exception:
-        log.exception("connection handler failed", listener=name, peer=str(peer))
+        handler_failed(name, peer)
+
+
+def handler_failed(name: str, peer: SocketAddr) -> None:
+    """Log the bug that escaped a flow, with its traceback (call from an except block)."""
+    log.exception("connection handler failed", listener=name, peer=str(peer))

@@ -16,14 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from ztunnel.model.address import Authority, SocketAddr
 from ztunnel.model.identity import Identity
 from ztunnel.model.outcome import Failure, ResponseFlag
 from ztunnel.model.workload import Service, Workload
 from ztunnel.telemetry.history import ConnectionHistory
-from ztunnel.telemetry.logging import ACCESS_LOGGER, Bare, get_logger
+from ztunnel.telemetry.logging import ACCESS_LOGGER, Bare, get_logger, level_check
 from ztunnel.telemetry.metrics import FAILURE_FLAGS, TRAFFIC_LABELS, UNKNOWN, Metrics
 
 Direction = Literal["inbound", "outbound"]
@@ -114,6 +114,52 @@ def traffic_labels(
     return tuple(_or_unknown(v) for v in values)
 
 
+# Label sets cached per (source, destination) pair before the cache starts over (a bound on
+# memory when workloads churn without the store's generation being known).
+MAX_PAIRS = 4096
+
+
+class _Pair:
+    """What every connection between one source and one destination shares: the label
+    tuple and its metric children, resolved once. The workloads and service they were
+    built from are kept to check a hit against (a stale copy never gets new labels)."""
+
+    __slots__ = ("dst", "labels", "opened", "received", "sent", "src", "svc")
+
+    def __init__(self, tracker: ConnectionTracker, info: ConnectionInfo) -> None:
+        self.src, self.dst, self.svc = info.src_workload, info.dst_workload, info.dst_service
+        labels = traffic_labels(info)
+        # Pairs with the same labels (e.g. several service keys) share one tuple.
+        self.labels = labels = tracker._labels.setdefault(labels, labels)
+        m = tracker.metrics
+        self.opened = tracker._counter(m.connections_opened, labels)
+        self.sent = tracker._counter(m.sent_bytes, labels)
+        self.received = tracker._counter(m.received_bytes, labels)
+
+    def serves(self, info: ConnectionInfo) -> bool:
+        # Equal workloads give equal labels; ``is`` makes the common case one comparison.
+        return (
+            (self.src is info.src_workload or self.src == info.src_workload)
+            and (self.dst is info.dst_workload or self.dst == info.dst_workload)
+            and (self.svc is info.dst_service or self.svc == info.dst_service)
+        )
+
+
+def _pair_key(info: ConnectionInfo) -> tuple[object, ...]:
+    """Everything ``traffic_labels`` reads except the workloads' and service's contents
+    (``_Pair.serves`` checks those): identities by value, so a new identity is a new key."""
+    src, dst, svc = info.src_workload, info.dst_workload, info.dst_service
+    return (
+        info.reporter,
+        info.security_policy,
+        info.src_identity,
+        info.dst_identity,
+        src.uid if src is not None else None,
+        dst.uid if dst is not None else None,
+        svc.key if svc is not None else None,
+    )
+
+
 class TrackedConnection:
     """One open connection: live byte counters, totals, and an idempotent close."""
 
@@ -132,7 +178,7 @@ class TrackedConnection:
         "started_at",
     )
 
-    def __init__(self, tracker: ConnectionTracker, info: ConnectionInfo, labels: tuple[str, ...]):
+    def __init__(self, tracker: ConnectionTracker, info: ConnectionInfo, pair: _Pair):
         self.info = info
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -141,11 +187,11 @@ class TrackedConnection:
         # Set by the proxy so a policy watcher can tear the connection down.
         self.cancel: Callable[[], None] | None = None
         self._tracker = tracker
-        self._labels = labels
+        self._labels = pair.labels
         self._start = tracker.clock()
-        # Resolved once: add_sent/add_received are on the data path.
-        self._sent = tracker._counter(tracker.metrics.sent_bytes, labels)
-        self._received = tracker._counter(tracker.metrics.received_bytes, labels)
+        # Resolved once per pair: add_sent/add_received are on the data path.
+        self._sent = pair.sent
+        self._received = pair.received
 
     def add_sent(self, n: int) -> None:
         """Bytes written towards the destination (app -> remote for outbound)."""
@@ -230,7 +276,10 @@ class ConnectionTracker:
         *,
         clock: Callable[[], float] = time.monotonic,
         history: ConnectionHistory | None = None,
+        generation: Callable[[], int] | None = None,
     ) -> None:
+        """``generation``: the state store's version; the per-pair label cache starts
+        over whenever it changes (workloads, services or policies were updated)."""
         self.metrics = metrics
         self.clock = clock
         # Ended connections and their access-log lines, for the admin UI (bounded).
@@ -241,17 +290,51 @@ class ConnectionTracker:
         # between the same workloads share label sets, so resolve each child once.
         self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         self._labels: dict[tuple[str, ...], tuple[str, ...]] = {}
+        # Connections between the same workloads share their labels and metric children
+        # (building the 27 labels and resolving 4 children is ~150 calls per connection).
+        self._pairs: dict[tuple[object, ...], _Pair] = {}
+        self._generation = generation
+        self._seen_generation = generation() if generation is not None else 0
+        self._sockets_open: dict[str, Gauge] = {}
+        # Asking the filter first spares building the fields of a line it would drop.
+        self._level_check = level_check(ACCESS_LOGGER) if logger is None else None
+
+    def _keeps(self, level: str) -> bool:
+        """Whether an access line at ``level`` would be written; a given logger (tests,
+        workers) always gets the line."""
+        check = self._level_check
+        return check is None or check(level)
+
+    def pair(self, info: ConnectionInfo) -> _Pair:
+        """The labels and metric children of ``info``'s (source, destination) pair."""
+        if self._generation is not None:
+            generation = self._generation()
+            if generation != self._seen_generation:
+                self._pairs.clear()
+                self._seen_generation = generation
+        key = _pair_key(info)
+        pair = self._pairs.get(key)
+        if pair is None or not pair.serves(info):
+            if len(self._pairs) >= MAX_PAIRS:
+                self._pairs.clear()
+            pair = self._pairs[key] = _Pair(self, info)
+        return pair
 
     def open(self, info: ConnectionInfo) -> TrackedConnection:
-        labels = traffic_labels(info)
-        # Connections between the same workloads share one label tuple (27 strings).
-        labels = self._labels.setdefault(labels, labels)
-        conn = TrackedConnection(self, info, labels)
+        pair = self.pair(info)
+        conn = TrackedConnection(self, info, pair)
         self._open[id(conn)] = conn
-        self._counter(self.metrics.connections_opened, labels).inc()
-        self.metrics.sockets_open.labels(info.reporter).inc()
-        self._log.debug("connection opened", **conn.log_fields())
+        pair.opened.inc()
+        self._sockets(info.reporter).inc()
+        if self._keeps("debug"):  # the fields are built only for a logger that keeps them
+            self._log.debug("connection opened", **conn.log_fields())
         return conn
+
+    def _sockets(self, reporter: str) -> Gauge:
+        gauge = self._sockets_open.get(reporter)
+        if gauge is None:
+            gauge = self._sockets_open[reporter] = self.metrics.sockets_open.labels(reporter)
+        return gauge
 
     def open_connections(self) -> list[TrackedConnection]:
         return list(self._open.values())
@@ -292,7 +375,7 @@ class ConnectionTracker:
         self._counter(m.connections_closed, labels).inc()
         if flag in FAILURE_FLAGS:
             self._counter(m.connections_failed, labels).inc()
-        m.sockets_open.labels(conn.info.reporter).dec()
+        self._sockets(conn.info.reporter).dec()
         fields = conn.log_fields()
         fields.update(
             bytes_sent=conn.bytes_sent,
@@ -300,6 +383,9 @@ class ConnectionTracker:
             duration=f"{round(conn.duration() * 1000)}ms",
             error=failure.message if failure is not None else None,
         )
-        emit = self._log.error if failure is not None else self._log.info
-        emit("connection complete", **fields)
+        if failure is not None:
+            if self._keeps("error"):
+                self._log.error("connection complete", **fields)
+        elif self._keeps("info"):  # access logs off: no trip through structlog
+            self._log.info("connection complete", **fields)
         self.history.closed(conn.dump(), fields, failure)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import TextIO
 
 import structlog
@@ -127,6 +127,19 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """A structlog logger bound to the stdlib logger ``name`` (a module path or ``access``)."""
     logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(logger_name(name))
     return logger
+
+
+def level_check(name: str) -> Callable[[str], bool]:
+    """``keeps(level)`` for the logger ``name``: whether the current filter writes a line at
+    ``level`` ("debug", "info", ...). Asked per line (the filter changes at runtime), it lets
+    a caller skip building fields for a line that would be dropped; before
+    ``configure_logging`` (structlog's own defaults) every line is kept."""
+    stdlib = logging.getLogger(logger_name(name))
+
+    def keeps(level: str) -> bool:
+        return not structlog.is_configured() or stdlib.isEnabledFor(LEVELS[level])
+
+    return keeps
 
 
 # Libraries that log every request at info (httpx2: each Kubernetes watch and patch): kept at
