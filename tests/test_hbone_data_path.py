@@ -13,7 +13,6 @@ import h2.events
 import h2.settings
 import pytest
 from hyperframe.frame import (
-    DataFrame,
     Frame,
     HeadersFrame,
     WindowUpdateFrame,

@@ -163,6 +163,9 @@ class _Connection:
         self._written_seq = max(self._written_seq, seq)
         self._flushed.unpark_all()
 
+    def flushed(self, seq: int) -> bool:
+        return self._written_seq >= seq
+
     async def wait_flushed(self, seq: int) -> None:
         """Wait until everything queued before ``kick()`` returned ``seq`` is written."""
         if self._written_seq >= seq:

@@ -103,6 +103,10 @@ class TLSStream(trio.abc.Stream):
         self._receiving = False
         self._sending = False
         self._waiting_writable = False
+        # The last read ended in SSLWantReadError: the socket is drained, so the next
+        # read waits for readiness first instead of failing once more (one SSL_read and
+        # one exception per wake-up saved on request/response traffic).
+        self._drained = False
         self._closed = False
         self._broken = False
         # What send_nowait could not write: sent first by the next send_all, since
@@ -133,9 +137,12 @@ class TLSStream(trio.abc.Stream):
             raise ValueError("max_bytes must be >= 1")
         with self._guard("_receiving", "receive_some"):
             self._check_open()
-            await trio.lowlevel.checkpoint_if_cancelled()
-            waited = False
+            waited = self._drained
             with self._translate_errors():
+                if waited:
+                    await trio.lowlevel.wait_readable(self._sock)
+                else:
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 while True:
                     buf = _receive_buffer(size)  # after an await another stream may have grown it
                     try:
@@ -149,6 +156,7 @@ class TLSStream(trio.abc.Stream):
                     else:
                         break
                     waited = True
+                self._drained = False
                 if n:
                     n += self._read_more(buf, n, size)
             data = bytes(memoryview(buf)[:n])  # copied before any await: buf is shared
@@ -164,7 +172,10 @@ class TLSStream(trio.abc.Stream):
             while have + extra < size:
                 try:
                     got = self._sock.recv_into(view[have + extra :], size - have - extra)
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError):
+                except ssl.SSLWantReadError:
+                    self._drained = True
+                    break
+                except (ssl.SSLWantWriteError, ssl.SSLZeroReturnError):
                     break
                 if not got:
                     break
