@@ -589,6 +589,8 @@ class HboneServerConnection(_Connection):
         self._deferring_handlers.append((request, stream))
 
     def _after_turn(self) -> None:
+        if not self._deferred and not self._deferring_handlers:
+            return  # the steady state: no CONNECT arrived
         # Start what the previous turn received (this turn delivered its resets), and
         # this turn's too when no further turn is due.
         ready, self._deferred = self._deferred, self._deferring_handlers

@@ -135,10 +135,15 @@ class TLSStream(trio.abc.Stream):
         size = DEFAULT_RECEIVE_SIZE if max_bytes is None else operator.index(max_bytes)
         if size < 1:
             raise ValueError("max_bytes must be >= 1")
-        with self._guard("_receiving", "receive_some"):
+        # The busy flag and error translation inline, not as context managers: this runs
+        # once per wake-up of every connection's reader.
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already in receive_some")
+        self._receiving = True
+        try:
             self._check_open()
             waited = self._drained
-            with self._translate_errors():
+            try:
                 if waited:
                     await trio.lowlevel.wait_readable(self._sock)
                 else:
@@ -159,10 +164,16 @@ class TLSStream(trio.abc.Stream):
                 self._drained = False
                 if n:
                     n += self._read_more(buf, n, size)
+            except trio.ClosedResourceError:
+                raise  # notify_closing from aclose() in another task
+            except OSError as exc:  # includes ssl.SSLError
+                raise self._translated(exc) from exc
             data = bytes(memoryview(buf)[:n])  # copied before any await: buf is shared
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
+        finally:
+            self._receiving = False
 
     def _read_more(self, buf: bytearray, have: int, size: int) -> int:
         # SSL_read returns one 16 KiB record per call; take what is already there
@@ -206,7 +217,7 @@ class TLSStream(trio.abc.Stream):
         if not self.can_send_nowait:
             raise trio.BusyResourceError("send in progress or unsent data left")
         view = memoryview(data).cast("B")
-        with self._translate_errors():
+        try:
             for start in range(0, len(view), _SEND_CHUNK):
                 chunk = view[start : start + _SEND_CHUNK]
                 try:
@@ -217,6 +228,10 @@ class TLSStream(trio.abc.Stream):
                     rest = range(start + _SEND_CHUNK, len(view), _SEND_CHUNK)
                     self._unsent = [chunk[sent:], *(view[i : i + _SEND_CHUNK] for i in rest)]
                     return False
+        except trio.ClosedResourceError:
+            raise
+        except OSError as exc:
+            raise self._translated(exc) from exc
         return True
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -313,7 +328,11 @@ class TLSStream(trio.abc.Stream):
         except trio.ClosedResourceError:
             raise  # notify_closing from aclose() in another task
         except OSError as exc:  # includes ssl.SSLError
-            if self._closed or exc.errno == errno.EBADF:
-                raise trio.ClosedResourceError("TLS stream was closed") from exc
-            self._broken = True
-            raise trio.BrokenResourceError(f"TLS stream broken: {exc}") from exc
+            raise self._translated(exc) from exc
+
+    def _translated(self, exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+        """The one translation of a socket or TLS error: closed by us, else broken."""
+        if self._closed or exc.errno == errno.EBADF:
+            return trio.ClosedResourceError("TLS stream was closed")
+        self._broken = True
+        return trio.BrokenResourceError(f"TLS stream broken: {exc}")
