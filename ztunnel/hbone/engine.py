@@ -238,6 +238,8 @@ class _FrameBuffer(FrameBuffer):
             raise StopIteration
         self.frames_left -= 1
         data = self._data
+        if len(data) < 9:
+            raise StopIteration  # the common end of a call: no frame header left
         # The fast path: a whole DATA frame (type 0) without flags and not empty, no
         # header block in progress. Anything else (padding, END_STREAM, oversize,
         # stream 0) goes through hyperframe and h2 as before.
