@@ -37,6 +37,7 @@ from ztunnel.hbone.errors import TLSHandshakeError, TLSHandshakeTimeout
 DEFAULT_RECEIVE_SIZE = 64 * 1024
 _SEND_CHUNK = 256 * 1024  # bounds one SSL_write; records are 16 KiB anyway
 _CROSS_WAIT_POLL = 0.001
+_STREAMING = 16 * 1024  # a read of a full TLS record or more: see receive_some
 _scratch = threading.local()
 
 
@@ -103,9 +104,10 @@ class TLSStream(trio.abc.Stream):
         self._receiving = False
         self._sending = False
         self._waiting_writable = False
-        # The last read ended in SSLWantReadError: the socket is drained, so the next
-        # read waits for readiness first instead of failing once more (one SSL_read and
-        # one exception per wake-up saved on request/response traffic).
+        # The last read ended in SSLWantReadError with less than a record's worth: the
+        # socket is drained and the sender not streaming, so the next read waits for
+        # readiness first instead of failing once more (one SSL_read and one exception
+        # per wake-up saved on request/response traffic).
         self._drained = False
         self._closed = False
         self._broken = False
@@ -164,6 +166,10 @@ class TLSStream(trio.abc.Stream):
                 self._drained = False
                 if n:
                     n += self._read_more(buf, n, size)
+                    if n >= _STREAMING:
+                        # A bulk sender: more is likely to arrive while this is handled,
+                        # and an immediate read is cheaper than a wait that finds it.
+                        self._drained = False
             except trio.ClosedResourceError:
                 raise  # notify_closing from aclose() in another task
             except OSError as exc:  # includes ssl.SSLError
