@@ -4,10 +4,17 @@ Moves bulk data through a client and a server ``HboneEngine`` in 256 KiB writes,
 acknowledging as a relay would, both directions, and prints MB/s with h2's eager
 ``repr(frame)`` of DATA frames (stock hyperframe) and with our cheap repr
 (what ``ztunnel.hbone.engine`` installs). Run: ``.venv/bin/python bench/h2_micro.py [MiB]``.
+
+``--calls [N]``: Python function calls (cProfile, exact and load-independent) per 1 KiB
+request/response through the two engines as the agents drive them: client send_data,
+server receive_data + acknowledge, server send_data, client receive_data + acknowledge,
+output collected once per side and step.
 """
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import sys
 import time
 
@@ -54,7 +61,37 @@ def run(mib: int) -> dict[str, float]:
     }
 
 
+def _exchange(sender: HboneEngine, receiver: HboneEngine, sid: int, payload: bytes) -> None:
+    sender.send_data(sid, payload)
+    for event in receiver.receive_data(sender.data_to_send()):
+        if isinstance(event, Data):
+            receiver.acknowledge(event.stream_id, len(event.data))
+    _ = receiver.pending_output  # the driver's backlog check
+    sender.receive_data(receiver.data_to_send())  # window updates, if any
+
+
+def calls_per_request(n: int) -> float:
+    client, server, sid = _open()
+    payload = b"q" * 1024
+    for _ in range(100):  # warm up: lazily made objects, window updates settle
+        _exchange(client, server, sid, payload)
+        _exchange(server, client, sid, payload)
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(n):
+        _exchange(client, server, sid, payload)
+        _exchange(server, client, sid, payload)
+    profile.disable()
+    stats = pstats.Stats(profile)
+    total: int = stats.total_calls  # type: ignore[attr-defined]
+    return total / n
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--calls"]:
+        n = int(sys.argv[2]) if len(sys.argv) > 2 else 10_000
+        print(f"engine calls per 1 KiB request/response (both engines): {calls_per_request(n):.1f}")
+        return
     mib = int(sys.argv[1]) if len(sys.argv) > 1 else 256
     cheap = DataFrame.__dict__["_body_repr"]
     delattr(DataFrame, "_body_repr")  # stock: Frame._body_repr hexlifies the payload

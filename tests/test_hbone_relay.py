@@ -112,3 +112,42 @@ async def test_app_not_reading_stops_the_sender_at_the_window() -> None:
             nursery.cancel_scope.cancel()
         await handler.close()
     assert handler.counted == len(payload)
+
+
+async def test_after_a_short_read_the_copy_loop_waits_instead_of_reading_again(
+    monkeypatch: object,
+) -> None:
+    # Request/response traffic: each message is shorter than the read size, so the
+    # socket is empty after it; reading again would only fail with EAGAIN.
+    import ztunnel.proxy.relay as relay_mod
+    from ztunnel.proxy.relay import copy_one_way
+
+    near, far = tcp_socketpair()
+    src = trio.SocketStream(trio.socket.from_stdlib_socket(near))
+    app = trio.SocketStream(trio.socket.from_stdlib_socket(far))
+    sink, out = trio.testing.memory_stream_pair()
+    reads = [0]
+    real_read = os.read
+
+    def counting_read(fd: int, n: int) -> bytes:
+        reads[0] += 1
+        return real_read(fd, n)
+
+    monkeypatch.setattr(relay_mod.os, "read", counting_read)  # type: ignore[attr-defined]
+    messages = 10
+    got = bytearray()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(copy_one_way, src, sink, lambda n: None)
+            for i in range(messages):
+                await trio.sleep(0.002)  # the copy loop waits by now
+                await app.send_all(bytes([i]) * 100)
+            await app.send_eof()
+            while len(got) < 100 * messages:
+                got += await out.receive_some()
+    assert bytes(got) == b"".join(bytes([i]) * 100 for i in range(messages))
+    # one read per message and one for EOF (twice that before: each message was
+    # followed by a read that found nothing)
+    assert reads[0] <= messages + 2
+    await src.aclose()
+    await app.aclose()

@@ -32,6 +32,7 @@ class FakeHost:
         self.engine = HboneEngine(client=True)
         self.peer = HboneEngine(client=False)
         self.kicks = 0
+        self.written = 0  # the highest seq waited for: "written" once someone waits
         self.finished: list[StreamEvents] = []
         self.peer_events: list[Event] = []
         self.exchange()
@@ -42,7 +43,11 @@ class FakeHost:
         self.kicks += 1
         return self.kicks
 
+    def flushed(self, seq: int) -> bool:
+        return seq <= self.written
+
     async def wait_flushed(self, seq: int) -> None:
+        self.written = max(self.written, seq)
         await trio.lowlevel.checkpoint()
 
     def stream_finished(self, stream: StreamEvents) -> None:
@@ -257,3 +262,42 @@ def test_hbone_and_its_users_touch_no_private_members_of_other_objects() -> None
     paths = sorted((ROOT / "ztunnel" / "hbone").glob("*.py"))
     paths += [ROOT / "ztunnel" / "proxy" / "relay.py"]
     assert [hit for path in paths for hit in _private_reach_through(path)] == []
+
+
+async def test_send_nowait_takes_what_the_window_allows_one_unwritten_chunk_at_a_time() -> None:
+    host = FakeHost()
+    stream = host.open()
+    host.exchange(stream)
+    assert stream.send_nowait(b"first") == 5
+    # Not written yet (nobody waited): a second chunk is refused, send_all must wait.
+    assert stream.send_nowait(b"second") == 0
+    await stream.send_all(b"second")
+    assert stream.send_nowait(b"third") == 5
+    host.exchange(stream)
+    assert [e.data for e in host.peer_events if isinstance(e, Data)] == [
+        b"first",
+        b"second",
+        b"third",
+    ]
+    # The window bounds it: 4 MiB of 5 taken, the rest is for send_all.
+    await host.wait_flushed(host.kicks)
+    big = b"w" * (5 * 1024 * 1024)
+    taken = stream.send_nowait(big)
+    assert taken == 4 * 1024 * 1024 - 16  # the peer's stream window less what it holds
+    assert stream.send_nowait(big[taken:]) == 0
+
+
+async def test_send_nowait_leaves_errors_to_send_all() -> None:
+    host = FakeHost()
+    stream = host.open()
+    host.exchange(stream)
+    await stream.send_eof()
+    assert stream.send_nowait(b"x") == 0
+    with pytest.raises(trio.ClosedResourceError, match="EOF was already sent"):
+        await stream.send_all(b"x")
+    other = host.open()
+    host.exchange(other)
+    other.reset()
+    assert other.send_nowait(b"x") == 0
+    with pytest.raises(trio.BrokenResourceError):
+        await other.send_all(b"x")

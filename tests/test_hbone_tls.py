@@ -195,3 +195,33 @@ async def test_two_way_stream_conformance() -> None:
 
     with trio.fail_after(30):
         await trio.testing.check_two_way_stream(make_pair, None)
+
+
+async def test_a_drained_socket_is_waited_on_not_read_again() -> None:
+    # Request/response traffic: each record finds the reader parked. Once a read ended
+    # in SSLWantReadError the next receive_some waits for readiness first: one SSL read
+    # returns the record, one finds the socket empty (three before: the first failed).
+    rounds = 20
+    with trio.fail_after(10):
+        client, server = await tls_pair()
+        sock = server.socket
+        real, calls = sock.recv_into, [0]
+
+        def counting(*args: object) -> int:
+            calls[0] += 1
+            return real(*args)  # type: ignore[arg-type]
+
+        sock.recv_into = counting  # type: ignore[method-assign,assignment]
+
+        async def reader() -> None:
+            for i in range(rounds):
+                assert await _drain(server, 1024) == bytes([i]) * 1024
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            for i in range(rounds):
+                await trio.sleep(0.002)  # the reader is parked in receive_some by now
+                await client.send_all(bytes([i]) * 1024)
+        await client.aclose()
+        await server.aclose()
+    assert calls[0] <= 2 * rounds + 1

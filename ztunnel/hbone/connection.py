@@ -137,20 +137,21 @@ class _Connection:
 
     def _flush(self) -> None:
         tls = self._direct
+        pending = self.engine.pending_output
         if (
             tls is None
             or self.closed
             or self._stalled
+            or pending > DIRECT_WRITE_MAX
             or not tls.can_send_nowait
-            or self.engine.pending_output > DIRECT_WRITE_MAX
         ):
             self._wake_writer.set()
             return
-        seq, data = self._queued_seq, self.engine.data_to_send()
+        seq = self._queued_seq
         self._reply_backlog = 0
-        if data:
+        if pending:  # (a kick with nothing queued, e.g. an acknowledge below the threshold)
             try:
-                done = tls.send_nowait(data)
+                done = tls.send_nowait(self.engine.data_to_send())
             except trio.BrokenResourceError as exc:
                 self._write_error, done = str(exc), False
             if not done:
@@ -160,8 +161,13 @@ class _Connection:
         self._mark_written(seq)
 
     def _mark_written(self, seq: int) -> None:
-        self._written_seq = max(self._written_seq, seq)
-        self._flushed.unpark_all()
+        if seq > self._written_seq:
+            self._written_seq = seq
+        if self._flushed:  # anyone parked (unpark_all costs calls even for nobody)
+            self._flushed.unpark_all()
+
+    def flushed(self, seq: int) -> bool:
+        return self._written_seq >= seq
 
     async def wait_flushed(self, seq: int) -> None:
         """Wait until everything queued before ``kick()`` returned ``seq`` is written."""
@@ -583,6 +589,8 @@ class HboneServerConnection(_Connection):
         self._deferring_handlers.append((request, stream))
 
     def _after_turn(self) -> None:
+        if not self._deferred and not self._deferring_handlers:
+            return  # the steady state: no CONNECT arrived
         # Start what the previous turn received (this turn delivered its resets), and
         # this turn's too when no further turn is due.
         ready, self._deferred = self._deferred, self._deferring_handlers

@@ -41,6 +41,7 @@ import enum
 import ipaddress
 import itertools
 import re
+import struct
 import sys
 import time
 from collections import OrderedDict
@@ -52,6 +53,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 from h2.frame_buffer import FrameBuffer
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import (
@@ -167,6 +169,59 @@ class _FloodError(h2.exceptions.DenialOfServiceError):
         self.limit = limit
 
 
+class _PlainData:
+    """A DATA frame without flags (no padding, no END_STREAM) and with a payload: the
+    steady state of a relay, handled by ``_H2Connection._receive_plain_data`` without
+    hyperframe's frame object, flag set and h2's per-frame logging and state walk."""
+
+    __slots__ = ("data", "stream_id")
+
+    def __init__(self, stream_id: int, data: bytes) -> None:
+        self.stream_id = stream_id
+        self.data = data
+
+    def as_frame(self) -> DataFrame:
+        """The same frame as hyperframe's object, for h2's own (rare-case) handling."""
+        return DataFrame(self.stream_id, self.data)
+
+
+# h2 stream states in which a DATA frame without END_STREAM is accepted as is.
+_RECEIVING = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL)
+# ... and in which we may send DATA.
+_SENDING = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE)
+# h2 connection states in which DATA may be sent and received.
+_CONN_DATA = (h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN)
+# 9-byte frame headers: length (24 bits as 8 + 16), type, flags, stream id; + increment.
+_DATA_HEADER = struct.Struct(">BHBBL")
+_WINDOW_UPDATE = struct.Struct(">BHBBLL")
+
+
+def _window_update(stream_id: int, increment: int) -> bytes:
+    return _WINDOW_UPDATE.pack(0, 4, 0x8, 0, stream_id, increment)
+
+
+class _H2Stream(h2.stream.H2Stream):
+    """h2's stream with the few checks and window operations the DATA fast path needs."""
+
+    @property
+    def receives_plain_data(self) -> bool:
+        """A DATA frame without END_STREAM is accepted with no state change (and no
+        content-length to track: CONNECT streams have none)."""
+        return self.state_machine.state in _RECEIVING and self._expected_content_length is None
+
+    @property
+    def sends_plain_data(self) -> bool:
+        return self.state_machine.state in _SENDING
+
+    def consume_inbound(self, n: int) -> None:
+        """``n`` flow-controlled bytes arrived; FlowControlError past the window."""
+        self._inbound_window_manager.window_consumed(n)
+
+    def acknowledge_inbound(self, n: int) -> int | None:
+        """``n`` bytes were consumed: the WINDOW_UPDATE increment now due, if any."""
+        return self._inbound_window_manager.process_bytes(n) if self.open else None
+
+
 class _FrameBuffer(FrameBuffer):
     """h2's frame buffer with two bounds: frames per ``receive_data`` call, and the
     encoded size of a header block while its CONTINUATION frames arrive."""
@@ -177,11 +232,24 @@ class _FrameBuffer(FrameBuffer):
         self.frames_left = sys.maxsize  # this call's frame budget (set by the engine)
         self._block_bytes = 0
 
-    def __next__(self) -> Frame:
+    def __next__(self) -> Frame | _PlainData:  # type: ignore[override]
         # h2 recurses into __next__ for frames it absorbs (CONTINUATION): they count too.
         if self.frames_left <= 0:
             raise StopIteration
         self.frames_left -= 1
+        data = self._data
+        if len(data) < 9:
+            raise StopIteration  # the common end of a call: no frame header left
+        # The fast path: a whole DATA frame (type 0) without flags and not empty, no
+        # header block in progress. Anything else (padding, END_STREAM, oversize,
+        # stream 0) goes through hyperframe and h2 as before.
+        if len(data) > 9 and not data[3] and not data[4] and not self._headers_buffer:
+            length = (data[0] << 16) | (data[1] << 8) | data[2]
+            sid = int.from_bytes(data[5:9], "big") & 0x7FFFFFFF
+            if 0 < length <= self.max_frame_size and len(data) >= 9 + length and sid:
+                payload = bytes(data[9 : 9 + length])
+                del data[: 9 + length]
+                return _PlainData(sid, payload)
         return super().__next__()
 
     def _update_header_buffer(self, f: Frame | None) -> Frame | None:
@@ -238,12 +306,86 @@ class _H2Connection(h2.connection.H2Connection):
         a large heap; docs/reliability.md "Memory after a burst")."""
         self._frame_dispatch_table = {}
 
-    def _receive_frame(self, frame: Frame) -> list[Any]:
+    def _receive_frame(self, frame: Frame | _PlainData) -> list[Any]:
+        if type(frame) is _PlainData:
+            return self._receive_plain_data(frame)
+        assert not isinstance(frame, _PlainData)
         try:
             self._account(frame)
         except LimitExceeded as exc:
             raise _FloodError(exc.limit, str(exc)) from exc
         return super()._receive_frame(frame)
+
+    def _receive_plain_data(self, frame: _PlainData) -> list[Any]:
+        """What h2's ``_receive_data_frame`` does for such a frame on an open stream: both
+        inbound windows consumed (FlowControlError, a connection error, past either),
+        and our Data event straight away. Unknown, closed or half-closed (remote)
+        streams and streams with a content-length go to h2, which answers them."""
+        sid = frame.stream_id
+        stream = self._stream(sid)
+        if (
+            stream is None
+            or not stream.receives_plain_data
+            or self.state_machine.state not in _CONN_DATA
+        ):
+            return self._receive_frame(frame.as_frame())
+        n = len(frame.data)
+        self._inbound_flow_control_window_manager.window_consumed(n)
+        stream.consume_inbound(n)
+        return [Data(sid, frame.data, n)]
+
+    def _stream(self, stream_id: int) -> _H2Stream | None:
+        return self.streams.get(stream_id)  # type: ignore[return-value]  # ours: see below
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        # h2 builds H2Stream itself; ours only adds methods (no state), so the class of
+        # the new object is switched rather than h2's constructor code copied.
+        stream.__class__ = _H2Stream
+        return stream
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued in h2's output buffer."""
+        return len(self._data_to_send)
+
+    def send_plain_data(self, stream_id: int, data: bytes | memoryview) -> int | None:
+        """What ``send_data`` does for unpadded DATA without END_STREAM (no state change:
+        only the two send windows shrink), as many frames as the windows allow, written
+        into the output buffer directly: no DataFrame, flag set or debug-log calls per
+        frame. Returns the bytes taken, or None where h2's own API must decide (a stream
+        not open for sending, a closed connection)."""
+        stream = self._stream(stream_id)
+        if (
+            stream is None
+            or not stream.sends_plain_data
+            or self.state_machine.state not in _CONN_DATA
+        ):
+            return None
+        # A window the peer's SETTINGS made negative takes nothing.
+        window = min(self.outbound_flow_control_window, stream.outbound_flow_control_window)
+        total = min(len(data), window) if window > 0 else 0
+        frame = self.max_outbound_frame_size
+        out = self._data_to_send
+        header = _DATA_HEADER.pack
+        for start in range(0, total, frame):
+            end = min(start + frame, total)
+            n = end - start
+            out += header(n >> 16, n & 0xFFFF, 0, 0, stream_id)
+            out += data[start:end] if start or end < len(data) else data
+        self.outbound_flow_control_window -= total
+        stream.outbound_flow_control_window -= total
+        return total
+
+    def acknowledge(self, n: int, stream_id: int) -> None:
+        """``acknowledge_received_data`` without its debug-log calls and frame objects:
+        the same window managers decide when a WINDOW_UPDATE is due."""
+        increment = self._inbound_flow_control_window_manager.process_bytes(n)
+        if increment:
+            self._data_to_send += _window_update(0, increment)
+        stream = self._stream(stream_id)
+        if stream is not None and (increment := stream.acknowledge_inbound(n)):
+            self._data_to_send += _window_update(stream_id, increment)
 
     def _account(self, frame: Frame) -> None:
         kind = type(frame)
@@ -351,6 +493,10 @@ class HboneEngine:
 
     # -- output ---------------------------------------------------------------
 
+    # Output: h2's own buffer (``_data_to_send``), where the DATA fast path and the
+    # window updates write their frames too, so frame order is simply append order;
+    # ``_out`` holds what was collected from it before (the graceful GOAWAY's order).
+
     def _pull(self) -> None:
         chunk = self._h2.data_to_send()
         if chunk:
@@ -359,6 +505,8 @@ class HboneEngine:
 
     def data_to_send(self) -> bytes:
         """All bytes queued for the peer, in order; empties the queue."""
+        if not self._out:
+            return self._h2.data_to_send()
         self._pull()
         out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out = []
@@ -368,8 +516,7 @@ class HboneEngine:
     @property
     def pending_output(self) -> int:
         """Bytes queued for the peer and not yet collected by ``data_to_send``."""
-        self._pull()
-        return self._out_bytes
+        return self._out_bytes + self._h2.pending_bytes
 
     # -- state ----------------------------------------------------------------
 
@@ -440,14 +587,23 @@ class HboneEngine:
         state = self._streams.get(stream_id)
         if state is None or not state.can_send or self.closed:
             self._sendable(stream_id)  # raises the precise StreamClosedError
+        total = self._h2.send_plain_data(stream_id, data)
+        if total is None:
+            return self._send_data_h2(stream_id, data)
+        if total:
+            # The peer's WINDOW_UPDATEs for this data are useful work: budget for them.
+            frames = -(-total // self._h2.max_outbound_frame_size)
+            self._guard.credit(Limit.WINDOW_UPDATES, frames)
+        return total
+
+    def _send_data_h2(self, stream_id: int, data: bytes | memoryview) -> int:
+        """send_data through h2's API (which raises what a stream's state forbids)."""
         with self._stream_op(stream_id):
-            # max(0, ...): a window the peer's SETTINGS made negative takes nothing.
             total = min(len(data), max(0, int(self._h2.local_flow_control_window(stream_id))))
             frame = self._h2.max_outbound_frame_size
             view = memoryview(data)
             for start in range(0, total, frame):
                 self._h2.send_data(stream_id, view[start : min(start + frame, total)])
-                # The peer's WINDOW_UPDATEs for this data are useful work: budget for them.
                 self._guard.credit(Limit.WINDOW_UPDATES)
             return total
 
@@ -500,7 +656,7 @@ class HboneEngine:
         Still credits the connection window when the stream is already gone."""
         if n <= 0 or self.closed:
             return
-        self._h2.acknowledge_received_data(n, stream_id)
+        self._h2.acknowledge(n, stream_id)
 
     def _sendable(self, stream_id: int) -> StreamState:
         """The state of a stream we may still send on; StreamClosedError otherwise."""
@@ -572,14 +728,17 @@ class HboneEngine:
         """
         if self.closed:
             return []
-        self._pull()  # h2 may clear its buffer on errors; keep what was queued
         self._input.frames_left = sys.maxsize if max_frames is None else max_frames
         try:
-            h2_events = self._h2.receive_data(data)
+            # h2's events, and the DATA fast path's own Data events among them.
+            h2_events: list[Any] = self._h2.receive_data(data)
         except (h2.exceptions.H2Error, HyperframeError) as exc:
             return [self._fail(exc)]
         events: list[Event] = []
         for h2_event in h2_events:
+            if type(h2_event) is Data:  # the DATA fast path's own event
+                events.append(h2_event)
+                continue
             self._translate(h2_event, events)
             if self.closed:  # a budget ran out while translating
                 break

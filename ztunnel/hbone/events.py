@@ -59,10 +59,14 @@ class Response:
     headers: Headers = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Data:
     """Stream payload. The driver must ``acknowledge(stream_id, len(data))`` once
-    the bytes are written onward; padding is acknowledged by the engine itself."""
+    the bytes are written onward; padding is acknowledged by the engine itself.
+
+    Not frozen, unlike the other events: one is made per DATA frame, and a frozen
+    dataclass's ``__init__`` pays an ``object.__setattr__`` call per field. Treat it
+    as read-only all the same."""
 
     stream_id: int
     data: bytes = field(repr=False)  # may be megabytes; keep logs readable

@@ -59,6 +59,10 @@ class StreamHost(Protocol):
 
     def kick(self) -> int: ...
 
+    def flushed(self, seq: int) -> bool:
+        """Everything queued before ``kick()`` returned ``seq`` is written."""
+        ...
+
     async def wait_flushed(self, seq: int) -> None: ...
 
     def stream_finished(self, stream: StreamEvents) -> None: ...
@@ -124,6 +128,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
         "_sink_limit",
         "_state",
         "_unacked",
+        "_unflushed",
         "direct_sink",
         "response_headers",
         "response_status",
@@ -142,6 +147,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
         # first block), and the queue is short (a few frames while the reader is behind).
         self._inbound: list[bytes] = []
         self._unacked = 0
+        self._unflushed = 0  # the kick() sequence number of the last send_nowait
         self._changed = trio.Event()  # data, EOF, reset, window or response arrived
         self._receiving = False
         self._sending = False
@@ -335,6 +341,28 @@ class HboneStream(trio.abc.HalfCloseableStream):
                 self._check_usable()
         finally:
             self._sending = False
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """Queue what the flow-control window takes of ``data`` now and ask the
+        connection to write it, without waiting; returns the bytes taken (0 when the
+        stream cannot send, a send is in progress, or the previous ``send_nowait`` is
+        not written yet: the caller then uses ``send_all``, which raises or waits).
+
+        For a copy loop whose reads checkpoint: saves ``send_all``'s checkpoint, a
+        task step per chunk. Backpressure holds: at most one chunk is queued unwritten.
+        """
+        if self._sending or self._fault is not None or not self._state.can_send:
+            return 0
+        host = self._host
+        if self._unflushed and not host.flushed(self._unflushed):
+            return 0
+        try:
+            taken = host.engine.send_data(self.stream_id, data)
+        except StreamClosedError:
+            return 0
+        if taken > 0:
+            self._unflushed = host.kick()
+        return taken
 
     def _check_send(self) -> None:
         self._check_usable()

@@ -37,6 +37,7 @@ from ztunnel.hbone.errors import TLSHandshakeError, TLSHandshakeTimeout
 DEFAULT_RECEIVE_SIZE = 64 * 1024
 _SEND_CHUNK = 256 * 1024  # bounds one SSL_write; records are 16 KiB anyway
 _CROSS_WAIT_POLL = 0.001
+_STREAMING = 16 * 1024  # a read of a full TLS record or more: see receive_some
 _scratch = threading.local()
 
 
@@ -103,6 +104,11 @@ class TLSStream(trio.abc.Stream):
         self._receiving = False
         self._sending = False
         self._waiting_writable = False
+        # The last read ended in SSLWantReadError with less than a record's worth: the
+        # socket is drained and the sender not streaming, so the next read waits for
+        # readiness first instead of failing once more (one SSL_read and one exception
+        # per wake-up saved on request/response traffic).
+        self._drained = False
         self._closed = False
         self._broken = False
         # What send_nowait could not write: sent first by the next send_all, since
@@ -131,11 +137,19 @@ class TLSStream(trio.abc.Stream):
         size = DEFAULT_RECEIVE_SIZE if max_bytes is None else operator.index(max_bytes)
         if size < 1:
             raise ValueError("max_bytes must be >= 1")
-        with self._guard("_receiving", "receive_some"):
+        # The busy flag and error translation inline, not as context managers: this runs
+        # once per wake-up of every connection's reader.
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already in receive_some")
+        self._receiving = True
+        try:
             self._check_open()
-            await trio.lowlevel.checkpoint_if_cancelled()
-            waited = False
-            with self._translate_errors():
+            waited = self._drained
+            try:
+                if waited:
+                    await trio.lowlevel.wait_readable(self._sock)
+                else:
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 while True:
                     buf = _receive_buffer(size)  # after an await another stream may have grown it
                     try:
@@ -149,12 +163,23 @@ class TLSStream(trio.abc.Stream):
                     else:
                         break
                     waited = True
+                self._drained = False
                 if n:
                     n += self._read_more(buf, n, size)
+                    if n >= _STREAMING:
+                        # A bulk sender: more is likely to arrive while this is handled,
+                        # and an immediate read is cheaper than a wait that finds it.
+                        self._drained = False
+            except trio.ClosedResourceError:
+                raise  # notify_closing from aclose() in another task
+            except OSError as exc:  # includes ssl.SSLError
+                raise self._translated(exc) from exc
             data = bytes(memoryview(buf)[:n])  # copied before any await: buf is shared
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
+        finally:
+            self._receiving = False
 
     def _read_more(self, buf: bytearray, have: int, size: int) -> int:
         # SSL_read returns one 16 KiB record per call; take what is already there
@@ -164,7 +189,10 @@ class TLSStream(trio.abc.Stream):
             while have + extra < size:
                 try:
                     got = self._sock.recv_into(view[have + extra :], size - have - extra)
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError):
+                except ssl.SSLWantReadError:
+                    self._drained = True
+                    break
+                except (ssl.SSLWantWriteError, ssl.SSLZeroReturnError):
                     break
                 if not got:
                     break
@@ -195,7 +223,7 @@ class TLSStream(trio.abc.Stream):
         if not self.can_send_nowait:
             raise trio.BusyResourceError("send in progress or unsent data left")
         view = memoryview(data).cast("B")
-        with self._translate_errors():
+        try:
             for start in range(0, len(view), _SEND_CHUNK):
                 chunk = view[start : start + _SEND_CHUNK]
                 try:
@@ -206,6 +234,10 @@ class TLSStream(trio.abc.Stream):
                     rest = range(start + _SEND_CHUNK, len(view), _SEND_CHUNK)
                     self._unsent = [chunk[sent:], *(view[i : i + _SEND_CHUNK] for i in rest)]
                     return False
+        except trio.ClosedResourceError:
+            raise
+        except OSError as exc:
+            raise self._translated(exc) from exc
         return True
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -302,7 +334,11 @@ class TLSStream(trio.abc.Stream):
         except trio.ClosedResourceError:
             raise  # notify_closing from aclose() in another task
         except OSError as exc:  # includes ssl.SSLError
-            if self._closed or exc.errno == errno.EBADF:
-                raise trio.ClosedResourceError("TLS stream was closed") from exc
-            self._broken = True
-            raise trio.BrokenResourceError(f"TLS stream broken: {exc}") from exc
+            raise self._translated(exc) from exc
+
+    def _translated(self, exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+        """The one translation of a socket or TLS error: closed by us, else broken."""
+        if self._closed or exc.errno == errno.EBADF:
+            return trio.ClosedResourceError("TLS stream was closed")
+        self._broken = True
+        return trio.BrokenResourceError(f"TLS stream broken: {exc}")

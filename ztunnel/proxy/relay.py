@@ -159,6 +159,9 @@ async def _copy(
         src.direct_sink = _socket_sink(dst, direction.wrote)
     sock = src.socket if type(src) is trio.SocketStream else None
     out = dst.socket if type(dst) is trio.SocketStream else None
+    # Our reads checkpoint: an HBONE destination takes each chunk without send_all's own.
+    hbone_dst = dst if isinstance(dst, HboneStream) else None
+    drained = False  # the last read was short: the socket had nothing more then
     try:
         try:
             while True:
@@ -166,24 +169,34 @@ async def _copy(
                 try:
                     if sock is None:
                         data = await src.receive_some(size)
-                    elif (now := _read_now(sock, size)) is not None:
+                    elif not drained and (now := _read_now(sock, size)) is not None:
                         data = now
                         await trio.lowlevel.checkpoint()
                     else:
+                        # Wait first after a short read: reading again would only
+                        # fail with EAGAIN (one syscall per request saved).
                         while True:
                             await trio.lowlevel.wait_readable(sock)
                             if (now := _read_now(sock, size)) is not None:
                                 data = now
                                 break
+                    drained = len(data) < size
                 except STREAM_ERRORS as exc:
                     raise StreamFailed(src, exc) from exc
                 if not data:
                     break
                 try:
-                    if out is None or (rest := _write_now(out, data)) is None:
-                        await dst.send_all(data)
-                    elif rest:  # the socket took part of it: trio waits for room
-                        await dst.send_all(rest)
+                    if out is not None:
+                        if (rest := _write_now(out, data)) is None:
+                            await dst.send_all(data)
+                        elif rest:  # the socket took part of it: trio waits for room
+                            await dst.send_all(rest)
+                    else:
+                        taken = 0
+                        if hbone_dst is not None and type(data) is bytes:
+                            taken = hbone_dst.send_nowait(data)
+                        if taken < len(data):
+                            await dst.send_all(data[taken:] if taken else data)
                 except STREAM_ERRORS as exc:
                     raise StreamFailed(dst, exc) from exc
                 direction.wrote(len(data))
