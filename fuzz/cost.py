@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             profile.runcall(measure, name, args.inputs, args.seed)
             pstats.Stats(profile).sort_stats("tottime").print_stats(args.cprofile)
         us, reach = measure(name, args.inputs, args.seed)
-        print(f"{name:<17} cpu={us:>9.1f} us/input ({1e6 / us:>7.0f}/s of CPU) "
-              f"reached={reach:6.1%} inputs={args.inputs}", flush=True)
+        print(
+            f"{name:<17} cpu={us:>9.1f} us/input ({1e6 / us:>7.0f}/s of CPU) "
+            f"reached={reach:6.1%} inputs={args.inputs}",
+            flush=True,
+        )
     return 0
 
 

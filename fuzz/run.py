@@ -208,7 +208,8 @@ def summary(result: dict[str, object]) -> str:
     assert isinstance(crashes, list)
     return (
         f"{result['target']:<17} {result['engine']:<8} inputs={inputs:>9} "
-        f"rate={inputs / seconds:>8.0f}/s ({inputs / cpu:.0f}/CPU s) reached={reached / max(inputs, 1):>6.1%} "
+        f"rate={inputs / seconds:>8.0f}/s ({inputs / cpu:.0f}/CPU s) "
+        f"reached={reached / max(inputs, 1):>6.1%} "
         f"crashes={len(crashes)} rss_kib={result['rss_kib_before']}->{result['rss_kib_after']} "
         f"fds={result['fds_before']}->{result['fds_after']}"
     )

@@ -50,3 +50,19 @@ def test_short_atheris_run(name: str, tmp_path: Path) -> None:
     [result] = [json.loads(line) for line in results.read_text().splitlines()]
     assert result["crashes"] == [] and result["inputs"] > 0
     assert result["fds_after"] == result["fds_before"]
+
+
+def test_connection_target_sees_driver_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug the driver's catch-all only logs (here the stream handler raising) is a
+    finding: the driver logs with structlog, which an unconfigured process prints and
+    never hands to stdlib logging, so the target must capture structlog's entries."""
+    import fuzz.targets as fuzz_targets
+
+    async def broken(request: object, stream: object) -> None:
+        raise ValueError("a bug in the handler")
+
+    monkeypatch.setattr(fuzz_targets, "_echo", broken)
+    with pytest.raises(fuzz_targets.Finding, match="stream handler failed"):
+        TARGETS["hbone-connection"].run(bytes(64))
+    monkeypatch.undo()
+    assert TARGETS["hbone-connection"].run(bytes(64))  # the same input, no bug: no finding
