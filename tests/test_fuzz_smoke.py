@@ -66,3 +66,17 @@ def test_connection_target_sees_driver_errors(monkeypatch: pytest.MonkeyPatch) -
         TARGETS["hbone-connection"].run(bytes(64))
     monkeypatch.undo()
     assert TARGETS["hbone-connection"].run(bytes(64))  # the same input, no bug: no finding
+
+
+def test_instrumented_modules_are_not_imported_early() -> None:
+    """atheris instruments only modules first imported inside its block (after
+    fuzz.targets is imported): a listed module fuzz.targets imports itself would get no
+    coverage feedback, silently (as yaml, h11 and hpack once did)."""
+    code = (
+        "import json; from fuzz.targets import TARGETS, imported;"
+        "print(json.dumps({n: imported(t.instrument) for n, t in TARGETS.items()}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout) == {name: [] for name in TARGETS}
