@@ -408,6 +408,11 @@ _POLICIES = (
 )
 
 
+# The translator's input is the documents, not their text: libyaml's parser (when built)
+# gives the same safe types as PyYAML's pure-Python one, several times faster.
+_SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _policy_seeds() -> list[bytes]:
     return [*_files("tests/**/policies/*.yaml", "deploy/**/*policy*.yaml"), *_POLICIES]
 
@@ -419,7 +424,7 @@ def istio_policy(data: bytes) -> bool:
     from ztunnel.policy.istio import translate_documents
 
     try:
-        docs = list(yaml.safe_load_all(data.decode("utf-8", "replace")))
+        docs = list(yaml.load_all(data.decode("utf-8", "replace"), Loader=_SAFE_LOADER))
     except (yaml.YAMLError, RecursionError):
         return False  # not the translator's input; the YAML layer is the parsers' target
     for strict in (False, True):
