@@ -491,15 +491,12 @@ _H1_SEEDS = [
 
 @target("waypoint-sniff", lambda: [*_H1_SEEDS, PREFACE, b"\x16\x03\x01"])
 def waypoint_sniff(data: bytes) -> bool:
-    """Protocol sniffing of a connection's first bytes (waypoint/sniff.py): every prefix
-    up to the decision, with and without EOF; once decided, more bytes never change it."""
+    """Protocol sniffing of a connection's first bytes (waypoint/sniff.py): every prefix,
+    with and without EOF; once decided, more bytes never change the decision."""
     from ztunnel.waypoint.messages import Protocol
     from ztunnel.waypoint.sniff import sniff
 
-    # The waypoint sniffs as bytes arrive and stops at the first decision, so the
-    # prefixes after it matter only through that stability check (checking each of them,
-    # as this target did, was O(n^2) in the input: most of its CPU on long inputs).
-    decision: Protocol | None = None
+    decision: tuple[bytes, Protocol] | None = None
     for cut in range(len(data) + 1):
         for eof in (False, True):
             got = sniff(data[:cut], eof=eof)
@@ -507,17 +504,15 @@ def waypoint_sniff(data: bytes) -> bool:
                 raise Finding(f"sniff({data[:cut]!r}, eof=True) is undecided")
             if got is not None and not isinstance(got, Protocol):
                 raise Finding(f"sniff returned {got!r}")
-        decision = sniff(data[:cut])
-        if decision is not None:
-            break
-    if decision is not None:
-        for later in sorted({cut + 1, len(data)}):
-            for eof in (False, True):
-                if (got := sniff(data[:later], eof=eof)) is not decision:
-                    raise Finding(
-                        f"sniff decided {decision} at {data[:cut]!r}, "
-                        f"{got} at {data[:later]!r} (eof={eof})"
-                    )
+            # The waypoint acts on the first decision: a later prefix deciding otherwise
+            # would mean the protocol depends on how the bytes were split into reads.
+            if decision is not None and got is not decision[1]:
+                raise Finding(
+                    f"sniff decided {decision[1]} at {decision[0]!r}, "
+                    f"{got} at {data[:cut]!r} (eof={eof})"
+                )
+            if decision is None and got is not None and not eof:
+                decision = (data[:cut], got)
     return sniff(data, eof=True) is not Protocol.TCP
 
 

@@ -80,3 +80,22 @@ def test_instrumented_modules_are_not_imported_early() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert json.loads(out.stdout) == {name: [] for name in TARGETS}
+
+
+def test_sniff_target_flags_a_decision_that_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The waypoint acts on the first decision; a sniffer that decides HTTP/1.1 on the
+    request line and TCP once more bytes arrive is a finding."""
+    import fuzz.targets as fuzz_targets
+    import ztunnel.waypoint.sniff as sniff_module
+    from ztunnel.waypoint.messages import Protocol
+
+    real = sniff_module.sniff
+
+    def unstable(data: bytes, *, eof: bool = False) -> Protocol | None:
+        return Protocol.TCP if data.count(b"\n") > 1 else real(data, eof=eof)
+
+    request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert TARGETS["waypoint-sniff"].run(request)
+    monkeypatch.setattr(sniff_module, "sniff", unstable)
+    with pytest.raises(fuzz_targets.Finding, match="sniff decided"):
+        TARGETS["waypoint-sniff"].run(request)
