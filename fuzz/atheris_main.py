@@ -26,10 +26,6 @@ WARMUP = 2000  # inputs before the baseline is taken (imports, caches, first all
 
 def main() -> None:
     name, stats_path, *libfuzzer_args = sys.argv[1:]
-    # Imported first, so not instrumented: the cursor's branches (bytes left or not) say
-    # nothing about the code under test, and it runs ~100 times per structured input.
-    import fuzz.cursor  # noqa: F401
-
     with atheris.instrument_imports(include=["fuzz"]):
         from fuzz.targets import TARGETS, imported
     target = TARGETS[name]
