@@ -99,3 +99,10 @@ def test_sniff_target_flags_a_decision_that_changes(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(sniff_module, "sniff", unstable)
     with pytest.raises(fuzz_targets.Finding, match="sniff decided"):
         TARGETS["waypoint-sniff"].run(request)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "fuzz" / "findings").glob("*.bin")), ids=str)
+def test_findings_replay_clean(path: Path) -> None:
+    """Every saved finding (named after its target) runs clean on the fixed code."""
+    name = max((n for n in TARGETS if path.name.startswith(n + "-")), key=len)
+    TARGETS[name].run(path.read_bytes())
