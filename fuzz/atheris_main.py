@@ -27,8 +27,10 @@ WARMUP = 2000  # inputs before the baseline is taken (imports, caches, first all
 def main() -> None:
     name, stats_path, *libfuzzer_args = sys.argv[1:]
     with atheris.instrument_imports(include=["fuzz"]):
-        from fuzz.targets import TARGETS
+        from fuzz.targets import TARGETS, imported
     target = TARGETS[name]
+    if early := imported(target.instrument):
+        sys.exit(f"{name}: listed for instrumentation but already imported: {early}")
     with atheris.instrument_imports(include=list(target.instrument)):
         for seed in target.seeds():  # imports the target's modules under instrumentation
             target.run(seed)

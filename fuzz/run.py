@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -60,11 +61,13 @@ def run_atheris(
         args.insert(-1, f"-max_total_time={max_time}")
     env = {**os.environ, "ZTUNNEL_FUZZ_RUNS": str(inputs), "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
+    cpu_before = _children_cpu()
     with log.open("wb") as out:
         code = subprocess.run(
             args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
         ).returncode
     elapsed = time.monotonic() - started
+    cpu = _children_cpu() - cpu_before
     last = _last_line(stats)
     crashes = sorted(str(p) for p in artifacts.iterdir())
     result: dict[str, object] = {
@@ -76,6 +79,7 @@ def run_atheris(
         "inputs": _executed_units(log) or last.get("inputs", 0),
         "reached": last.get("reached", 0),
         "seconds": round(elapsed, 1),
+        "cpu_seconds": round(cpu, 1),
         "crashes": crashes,
         "rss_kib_before": last.get("baseline_rss_kib"),
         "rss_kib_after": last.get("rss_kib"),
@@ -88,6 +92,13 @@ def run_atheris(
     if code != 0:
         result["error"] = _crash_excerpt(log)
     return result
+
+
+def _children_cpu() -> float:
+    """User+system CPU seconds of this process's finished children (the fuzzer): unlike
+    wall time, it moves little with the load of a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _last_line(path: Path) -> dict[str, object]:
@@ -155,6 +166,7 @@ def run_random(
     errors: list[str] = []
     baseline = {"rss_kib": rss_kib(), "fds": open_fds()}
     started = time.monotonic()
+    cpu_started = time.process_time()
     for data in random_inputs(target, inputs, seed):
         done += 1
         try:
@@ -175,6 +187,7 @@ def run_random(
         "inputs": done,
         "reached": reached,
         "seconds": round(time.monotonic() - started, 1),
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
         "crashes": crashes[:20],
         "rss_kib_before": baseline["rss_kib"],
         "rss_kib_after": rss_kib(),
@@ -189,12 +202,14 @@ def run_random(
 def summary(result: dict[str, object]) -> str:
     inputs = int(str(result["inputs"]))
     seconds = float(str(result["seconds"])) or 1e-9
+    cpu = float(str(result.get("cpu_seconds", 0))) or 1e-9
     reached = int(str(result["reached"]))
     crashes = result["crashes"]
     assert isinstance(crashes, list)
     return (
         f"{result['target']:<17} {result['engine']:<8} inputs={inputs:>9} "
-        f"rate={inputs / seconds:>8.0f}/s reached={reached / max(inputs, 1):>6.1%} "
+        f"rate={inputs / seconds:>8.0f}/s ({inputs / cpu:.0f}/CPU s) "
+        f"reached={reached / max(inputs, 1):>6.1%} "
         f"crashes={len(crashes)} rss_kib={result['rss_kib_before']}->{result['rss_kib_after']} "
         f"fds={result['fds_before']}->{result['fds_after']}"
     )

@@ -91,6 +91,17 @@ def test_request_head_views() -> None:
     assert head.host == "echo.default"
     assert split_authority("[fd00::1]:443") == ("fd00::1", 443)
     assert split_authority("host") == ("host", None)
+
+
+@pytest.mark.parametrize(
+    "authority", ["c:8\u00b2", "[fd00::1]:8\u00b2", "c:\uff18\uff10", "c:\u0668"]
+)
+def test_split_authority_takes_only_ascii_digits_as_a_port(authority: str) -> None:
+    """A Host header "c:8²" (found by fuzz/ waypoint-h1: str.isdigit() accepts "²", int()
+    refuses it) raised ValueError out of request routing; any non-ASCII digit is no port."""
+    host, port = split_authority(authority)
+    assert port is None
+    assert host == authority.lower() or authority.startswith("[")
     assert is_grpc((("content-type", "application/grpc+proto"),))
 
 

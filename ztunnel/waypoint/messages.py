@@ -131,7 +131,13 @@ def split_authority(authority: str) -> tuple[str, int | None]:
         port_text = rest[1:] if rest.startswith(":") else ""
     else:
         host, sep, port_text = text.rpartition(":")
-        if not sep or not port_text.isdigit():
+        if not sep or not _is_port(port_text):
             host, port_text = text, ""
-    port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else None
+    port = int(port_text) if _is_port(port_text) and 0 < int(port_text) < 65536 else None
     return host.lower(), port
+
+
+def _is_port(text: str) -> bool:
+    # ASCII digits only: str.isdigit() also accepts "²" (which int() refuses, so a Host
+    # header "c:8²" raised ValueError out of routing) and other scripts' digits.
+    return text.isascii() and text.isdigit()
