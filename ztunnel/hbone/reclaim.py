@@ -33,9 +33,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+
+# Documented in ``sys`` (CPython-specific, hence the underscore).
+from sys import _clear_type_cache
 
 import structlog
 import trio
@@ -95,7 +97,7 @@ _trim = _malloc_trim()
 def reclaim() -> int:
     """Drop the type cache's names, collect every generation and trim the C heap;
     returns the objects collected."""
-    sys._clear_type_cache()
+    _clear_type_cache()
     collected = gc.collect()
     if _trim is not None:
         _trim(0)
