@@ -481,8 +481,10 @@ def burst_main(args: argparse.Namespace) -> int:
         pid = procs.agents["B"].pid
         time.sleep(1.0)
         base_sample, base_fds = tree_sample(pid), open_fds(pid)
+        cpu_s = base_sample.cpu_s
         print(f"  baseline          RSS {base_sample.rss_kib / 1024:7.1f} MiB  fds {base_fds}")
         for r in range(args.rounds):
+            round_start = cpu_s
             peak = run_burst(
                 workdir / "ca", (f"{base}.2", 15008), f"{base}.2:{APP_PORT}", args, pid
             )
@@ -495,6 +497,13 @@ def burst_main(args: argparse.Namespace) -> int:
                     f"    +{wait:3g} s after close RSS {s.rss_kib / 1024:7.1f} MiB"
                     f" (+{(s.rss_kib - base_sample.rss_kib) / 1024:.1f})  fds {open_fds(pid)}"
                 )
+            cpu_s = tree_sample(pid).cpu_s
+            streams = args.connections * args.streams
+            print(
+                f"    B's CPU for the round (open, echo, close, reclaim):"
+                f" {cpu_s - round_start:.2f} s, {(cpu_s - round_start) / streams * 1000:.2f} s"
+                f" per 1000 streams (main process); load average {os.getloadavg()[0]:.1f}"
+            )
             if args.memory_report:
                 print_memory_report(workdir / "agent-B.log")
             if args.gdb_trim:

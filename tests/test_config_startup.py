@@ -139,3 +139,46 @@ def test_a_real_process_prints_one_line_and_exits_2(busy_port: int) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "ZTUNNEL_ADMIN_ADDR" in _one_line(proc.stderr)
+
+
+class _Exec(Exception):
+    pass
+
+
+def _capture_exec(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str], dict[str, str]]]:
+    calls: list[tuple[str, list[str], dict[str, str]]] = []
+
+    def execve(path: str, argv: list[str], env: dict[str, str]) -> None:
+        calls.append((path, argv, env))
+        raise _Exec
+
+    monkeypatch.setattr(os, "execve", execve)
+    return calls
+
+
+def test_run_restarts_itself_with_the_malloc_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ztunnel run`` re-executes itself (same pid, same arguments) with
+    PYTHONMALLOC=malloc: memory comes back after a burst (docs/reliability.md)."""
+    calls = _capture_exec(monkeypatch)
+    monkeypatch.delenv("PYTHONMALLOC", raising=False)
+    # Without the restart this would end at once with a configuration error.
+    monkeypatch.setattr(sys, "argv", ["ztunnel", "run", "--secret-ttl", "0s"])
+    with pytest.raises(_Exec):
+        cli.main()
+    [(path, argv, env)] = calls
+    assert path == sys.executable and argv == [sys.executable, *sys.orig_argv[1:]]
+    assert env["PYTHONMALLOC"] == "malloc"
+
+
+@pytest.mark.parametrize("argv", [["ztunnel", "ca", "--help"], ["ztunnel", "ctl", "--help"]])
+def test_only_run_restarts_and_an_operators_allocator_is_kept(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    calls = _capture_exec(monkeypatch)
+    monkeypatch.setenv("PYTHONMALLOC", "pymalloc")
+    cli._use_malloc(os.environ)  # the operator's choice stands
+    monkeypatch.delenv("PYTHONMALLOC")
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        cli.main()  # other commands run in this process
+    assert calls == []

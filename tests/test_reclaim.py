@@ -9,6 +9,7 @@ collects and trims the C heap once a burst of connections is over. Counted with
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 from collections.abc import Iterator
 
@@ -182,3 +183,20 @@ def test_malloc_trim_is_found_on_glibc() -> None:
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")
     assert reclaim._trim is not None
+
+
+def test_reclaim_drops_attribute_names_the_type_cache_keeps() -> None:
+    """CPython's type attribute cache keeps a strong reference to each looked-up name; a
+    name built at run time (as C code's ``PyObject_CallMethod`` does for every call) is
+    a new string each time, so the cache pinned thousands of them, scattered over the
+    arenas of a burst (docs/reliability.md, "Memory after a burst")."""
+
+    class Tz:
+        def utcoffset(self) -> int:
+            return 0
+
+    name = "".join(["utc", "offset"])  # not interned, like a name made from a C string
+    before = sys.getrefcount(name)
+    getattr(Tz(), name)
+    reclaim.reclaim()
+    assert sys.getrefcount(name) == before

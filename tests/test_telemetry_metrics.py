@@ -285,3 +285,15 @@ def test_addresses_are_formatted_at_the_edge() -> None:
         "10.244.0.24:46238",
         "echo.echo.svc.cluster.local:80",
     )
+
+
+def test_the_tracker_counts_ended_connections_for_the_memory_reclaim() -> None:
+    """Proxied connections end seconds after their HBONE connection; the agent's reclaim
+    (ztunnel/hbone/reclaim.py) adds ``tracker.ended`` so it runs after those too."""
+    tracker = ConnectionTracker(Metrics())
+    conns = [tracker.open(outbound(src_addr=SocketAddr.of("10.244.0.24", p))) for p in (1, 2, 3)]
+    assert tracker.ended == 0
+    for conn in conns:
+        conn.close()
+    conns[0].close()  # a second close records nothing
+    assert tracker.ended == 3

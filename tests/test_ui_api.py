@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from html.parser import HTMLParser
 from ipaddress import ip_address
@@ -582,3 +583,23 @@ async def test_ui_is_read_only_and_cross_origin_posts_are_refused(world: World) 
 def test_ip_address_literal_world_is_consistent() -> None:
     world = World()
     assert world.w("echo-1").workload_ips == (ip_address("10.244.1.3"),)
+
+
+def test_history_entries_are_single_malloc_blocks_of_plain_values() -> None:
+    """An entry recorded during a burst must not keep burst-time objects (or pymalloc
+    arenas) alive: it is one bytes block above pymalloc's 512-byte small-object limit,
+    decoded into plain copies on read (docs/reliability.md, "Memory after a burst")."""
+
+    class Port(int):
+        pass
+
+    history = ConnectionHistory(capacity=3)
+    addr = zlog.Bare("10.0.0.1:1234")
+    history.failed({"src.addr": addr, "port": Port(8080)}, Failure(FailureKind.DENIED, "no"))
+    history.closed({"bytesSent": 5}, {"src.addr": addr}, None)
+    assert all(type(b) is bytes and sys.getsizeof(b) > 512 for b in history._entries)
+    failed, closed = list(history)
+    assert failed.log["src.addr"] == "10.0.0.1:1234" and type(failed.log["src.addr"]) is str
+    assert failed.log["port"] == 8080 and type(failed.log["port"]) is int
+    assert (failed.outcome, closed.outcome) == ("denied", "plaintext")
+    assert closed.connection == {"bytesSent": 5} and closed.seq == 2

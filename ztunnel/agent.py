@@ -270,6 +270,9 @@ class Agent:
                 await self.shutdown()
                 return
 
+    def _ended_connections(self) -> int:
+        return reclaim.ended_connections() + self.tracker.ended
+
     async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
         """Start every service; ``task_status.started(self)`` once all listeners are bound."""
         with trio.CancelScope() as scope:
@@ -277,7 +280,8 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 await nursery.start(self.secrets.run)
-                nursery.start_soon(reclaim.run)  # this process's HBONE connections, if any
+                # After a burst of this process's HBONE or proxied connections.
+                nursery.start_soon(partial(reclaim.run, count=self._ended_connections))
                 if self.worker_count > 1:
                     self.workers = self._worker_pool()
                 # Admin first: while workers start, readiness answers 503 with "worker N:

@@ -10,11 +10,22 @@ collection of the oldest generation frees. CPython runs that one rarely on a lar
 burst"). Freed objects alone do not lower RSS either: glibc keeps freed heap until it is
 trimmed, and pymalloc keeps every arena with one live object.
 
-So a ``Reclaimer`` counts ended HBONE connections; once ``min_ended`` have ended since
-the last reclaim and the burst is over (none ended during the last check interval), or
-``max_delay`` passed while connections keep ending, it runs ``gc.collect()`` and
-``malloc_trim(0)`` (glibc only). Both take milliseconds to tens of milliseconds on the
-event loop, at most once per ``interval`` and only after a burst, never per connection.
+What pins the arenas after a burst is found by scanning pymalloc's pools (see
+docs/reliability.md): CPython 3.11's type attribute cache (4,096 entries) keeps a strong
+reference to every attribute *name* it caches, and names built at run time by C code
+(``PyObject_CallMethod(tzinfo, "utcoffset")`` in datetime, and others) are new,
+non-interned strings keyed by address, so each call fills another entry. After a burst
+a few thousand such 10-byte strings sat scattered over a hundred 1 MiB arenas, which
+pymalloc cannot return while one object in them lives. ``sys._clear_type_cache()``
+drops them (the cache refills from the next lookups).
+
+So a ``Reclaimer`` counts ended connections (HBONE connections and, from the caller,
+the proxied connections the tracker closed: those can end seconds later); once
+``min_ended`` have ended since the last reclaim and the burst is over (none ended during
+the last check interval), or ``max_delay`` passed while connections keep ending, it
+clears the type cache, runs ``gc.collect()`` and ``malloc_trim(0)`` (glibc only). That
+takes milliseconds to tens of milliseconds on the event loop, at most once per
+``interval`` and only after a burst, never per connection.
 """
 
 from __future__ import annotations
@@ -25,10 +36,15 @@ import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# Documented in ``sys`` (CPython-specific, hence the underscore).
+from sys import _clear_type_cache
+
 import structlog
 import trio
 
 from ztunnel.hbone.connection import ended_connections
+
+__all__ = ["Reclaimer", "ended_connections", "reclaim", "run"]
 
 log = structlog.get_logger("ztunnel.hbone.reclaim")
 
@@ -79,7 +95,9 @@ _trim = _malloc_trim()
 
 
 def reclaim() -> int:
-    """Collect every generation and trim the C heap; returns the objects collected."""
+    """Drop the type cache's names, collect every generation and trim the C heap;
+    returns the objects collected."""
+    _clear_type_cache()
     collected = gc.collect()
     if _trim is not None:
         _trim(0)

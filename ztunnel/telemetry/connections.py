@@ -217,6 +217,7 @@ class TrackedConnection:
         if self.closed:
             return
         self.closed = True
+        self._tracker.ended += 1
         self._tracker._closed(self, failure)
 
     def labels(self, response_flags: ResponseFlag = ResponseFlag.NONE) -> tuple[str, ...]:
@@ -286,6 +287,7 @@ class ConnectionTracker:
         self.history = history if history is not None else ConnectionHistory()
         self._log: AccessLogger = logger if logger is not None else get_logger(ACCESS_LOGGER)
         self._open: dict[int, TrackedConnection] = {}
+        self.ended = 0  # connections closed so far (the memory reclaimer watches it)
         # prometheus-client's labels() validates all 27 values on every call; connections
         # between the same workloads share label sets, so resolve each child once.
         self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}

@@ -8,11 +8,22 @@ line each produced. Memory is bounded twice: by the number of entries and by the
 length of every string kept (values can come from the network or from config).
 Evictions are counted so a reader knows how much it is not seeing.
 
+Each entry is kept as one ``marshal``-ed block of at least ``MIN_BLOCK`` bytes and
+decoded when read (rarely: the admin UI). Why: the entries that outlive a burst of
+connections are recorded while the burst's objects are being freed, so as ten small
+Python objects each (dicts, strings, floats) they landed in a hundred different
+pymalloc arenas and kept every one of them (pymalloc returns a 1 MiB arena only when
+nothing in it is alive): +100 MiB of RSS after 5,000 connections for 1,000 entries of
+~1 KiB (docs/reliability.md, "Memory after a burst"). One block above pymalloc's
+512-byte small-object limit comes from the C heap instead, where ``malloc_trim`` gives
+back the free pages around it.
+
 Pure data structure: no I/O, no trio; the caller supplies the wall clock.
 """
 
 from __future__ import annotations
 
+import marshal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +38,9 @@ DEFAULT_CAPACITY = 1000
 # quoting a peer's bytes must not let one entry hold megabytes).
 MAX_FIELD_CHARS = 512
 TRUNCATED = "…"
+# Smallest stored entry in bytes: a bytes object this long (plus its 33-byte header) is
+# above pymalloc's 512-byte limit, so it is malloc'd and never pins a pymalloc arena.
+MIN_BLOCK = 512
 
 # How a connection ended, as the UI colours it.
 Outcome = Literal["mtls", "plaintext", "denied", "failed"]
@@ -45,9 +59,15 @@ def classify(security_policy: object, failure: Failure | None) -> Outcome:
 
 
 def _bounded(value: object) -> object:
-    if isinstance(value, bool | int | float) or value is None:
+    """The value as a plain bool, int, float, None or bounded str (exact types: marshal
+    stores no subclasses, and a copy holds nothing of the caller's objects)."""
+    if value is None or isinstance(value, bool):
         return value
-    text = value if isinstance(value, str) else str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    text = str(value)  # also an exact copy of a str subclass (logging.Bare)
     if len(text) > MAX_FIELD_CHARS:
         return text[: MAX_FIELD_CHARS - 1] + TRUNCATED
     return text
@@ -83,6 +103,19 @@ class HistoryEntry:
         }
 
 
+def _pack(entry: HistoryEntry) -> bytes:
+    block = marshal.dumps(
+        (entry.seq, entry.ended_at, entry.outcome, dict(entry.connection), dict(entry.log))
+    )
+    # marshal.loads ignores trailing bytes: the padding only moves the block to malloc.
+    return block + b"\0" * (MIN_BLOCK - len(block)) if len(block) < MIN_BLOCK else block
+
+
+def _unpack(block: bytes) -> HistoryEntry:
+    seq, ended_at, outcome, connection, log = marshal.loads(block)
+    return HistoryEntry(seq, ended_at, outcome, connection, log)
+
+
 class ConnectionHistory:
     """The last ``capacity`` ended connections, oldest first."""
 
@@ -93,14 +126,14 @@ class ConnectionHistory:
             raise ValueError(f"history capacity must be at least 1, got {capacity}")
         self.capacity = capacity
         self._clock = clock
-        self._entries: deque[HistoryEntry] = deque(maxlen=capacity)
+        self._entries: deque[bytes] = deque(maxlen=capacity)  # _pack()ed entries
         self.recorded = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __iter__(self) -> Iterator[HistoryEntry]:
-        return iter(tuple(self._entries))
+        return map(_unpack, tuple(self._entries))
 
     @property
     def evicted(self) -> int:
@@ -138,9 +171,8 @@ class ConnectionHistory:
             "message": message,
             **_bounded_map(fields),
         }
-        self._entries.append(
-            HistoryEntry(self.recorded, now, outcome, _bounded_map(connection), log)
-        )
+        entry = HistoryEntry(self.recorded, now, outcome, _bounded_map(connection), log)
+        self._entries.append(_pack(entry))
 
     def stats(self) -> dict[str, int]:
         return {

@@ -22,6 +22,7 @@ import itertools
 import os
 import signal
 import socket
+from functools import partial
 
 import structlog
 import trio
@@ -97,7 +98,9 @@ class Worker:
             self.nursery = nursery
             nursery.start_soon(self._write)
             nursery.start_soon(self.tracker.run)
-            nursery.start_soon(reclaim.run)
+            nursery.start_soon(
+                partial(reclaim.run, count=lambda: reclaim.ended_connections() + self.tracker.ended)
+            )
             await nursery.start(self._host_proxies)
             self.channel.post(Ready(os.getpid()))
             if await self._serve():
