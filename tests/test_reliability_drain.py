@@ -16,6 +16,7 @@ Here, with real sockets end to end (app ↔ agent A ↔ HBONE ↔ agent B ↔ ap
 
 from __future__ import annotations
 
+import datetime
 import errno
 import socket
 import struct
@@ -32,8 +33,14 @@ import trio.testing
 from proxy_fakes import Bench
 
 from ztunnel.agent import Agent
+from ztunnel.hbone.connection import HboneClientConnection
 from ztunnel.hbone.errors import StreamRefusedError
+from ztunnel.hbone.tlsstream import tls_handshake
+from ztunnel.identity.certificate import WorkloadCertificate, new_csr
+from ztunnel.identity.tls import client_context
 from ztunnel.model.address import SocketAddr
+from ztunnel.model.identity import Identity
+from ztunnel.model.workload import HBONE_PORT
 from ztunnel.proxy.outbound import proxy_outbound
 from ztunnel.proxy.workload_proxy import WorkloadProxy
 from ztunnel.testing.loopback import (
@@ -242,6 +249,46 @@ async def test_client_abort_is_logged_as_the_clients_with_the_bytes_carried() ->
                 assert str(record["error"]).startswith("connection aborted by the client: ")
                 assert (record["bytes_sent"], record["bytes_recv"]) == (10, 10)
             assert "connection reset by peer" in last_error(mesh.client_agent)
+
+
+async def test_streams_a_hbone_client_resets_and_leaves_are_the_clients_not_the_agents() -> None:
+    """A peer that resets its streams (RST_STREAM CANCEL) and closes its HBONE connection
+    while the server agent still relays (bench/flood.py burst does this 5,000 times):
+    the access log must say the client ended them, never "closed by the agent"."""
+    with trio.fail_after(30):
+        async with mesh_with_app() as (mesh, _app):
+            identity = Identity("cluster.local", "default", "burst-client")
+            key, csr = new_csr(identity)
+            chain = await mesh.ca.create_certificate(csr, datetime.timedelta(hours=1))
+            ctx = client_context(WorkloadCertificate.from_chain(identity, key, chain))
+            sock = socket.socket()
+            sock.setblocking(False)
+            await trio.socket.from_stdlib_socket(sock).connect((mesh.server_ip, HBONE_PORT))
+            tls = await tls_handshake(sock, ctx, server_side=False, timeout=10)
+            client = HboneClientConnection(tls)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(client.run)
+                streams = [
+                    await client.open_stream(f"{mesh.server_ip}:{APP_PORT}") for _ in range(5)
+                ]
+                for stream in streams:
+                    await echo(stream, b"x" * 1024)
+                for stream in streams:
+                    stream.close()  # RST_STREAM(CANCEL), as aclose
+                client.close()
+            await wait_logged(mesh.server_agent)
+            with trio.fail_after(10):
+                while True:
+                    errors = [
+                        str(e.log.get("error"))
+                        for e in mesh.server_agent.tracker.history
+                        if e.log.get("message") == "connection complete"
+                    ]
+                    if len(errors) == 5:
+                        break
+                    await trio.sleep(0.01)
+            aborted = "connection aborted by the client: HBONE stream reset by peer (code 8)"
+            assert errors == [aborted] * 5
 
 
 async def test_upstream_abort_is_logged_as_the_upstreams_and_reaches_the_client() -> None:

@@ -180,9 +180,18 @@ class HboneStream(trio.abc.HalfCloseableStream):
         Lets a relay cancelled together with a dying connection still say who ended it.
         """
         fault = self._fault
-        if fault is None or fault.closed or (fault.lost is None and self._reset_code is None):
-            return None
-        return fault.message
+        if (
+            fault is not None
+            and not fault.closed
+            and (fault.lost is not None or self._reset_code is not None)
+        ):
+            return fault.message
+        if self._reset_code is not None:
+            # RST_STREAM(CANCEL or NO_ERROR) reads as EOF, so it leaves no fault, and the
+            # stream is finished, so the connection's end does not reach it either: a relay
+            # cut off afterwards was still ended by the peer.
+            return f"HBONE stream reset by peer (code {self._reset_code})"
+        return None
 
     @property
     def finished(self) -> bool:
